@@ -36,6 +36,7 @@ import signal
 import string
 import struct
 import sys
+import threading
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -1141,12 +1142,15 @@ class TokenCounter:
         self._loader = loader or _load_encoding
         self._enc: Any = None
         self._loaded = False
+        self._lock = threading.Lock()
         self.method = "not loaded"
 
     def encoding(self) -> Any:
         if not self._loaded:
-            self._loaded = True
-            self._enc, self.method = self._loader()
+            with self._lock:               # loaded once, from a worker thread or the caller
+                if not self._loaded:
+                    self._enc, self.method = self._loader()
+                    self._loaded = True
         return self._enc
 
     def text(self, s: str) -> int:
@@ -2000,7 +2004,8 @@ def _tool_input(args: Any, name: str) -> Json:
     return value if isinstance(value, dict) else {"value": value}
 
 
-def from_openai(data: Json, model: str, names: dict[str, str], secret: bytes) -> Json:
+def from_openai(data: Json, model: str, names: dict[str, str], secret: bytes,
+                stops: list[str] | None = None) -> Json:
     """A Chat Completions response as an Anthropic message (PROTOCOL.md §3)."""
     choices = data.get("choices") if isinstance(data.get("choices"), list) else []
     choice = choices[0] if choices and isinstance(choices[0], dict) else {}
@@ -2026,11 +2031,16 @@ def from_openai(data: Json, model: str, names: dict[str, str], secret: bytes) ->
                         "input": _tool_input(fn.get("arguments"), name)})
     had_tools = any(b["type"] == "tool_use" for b in content)
     stop = "refusal" if refusal else _stop_reason(choice.get("finish_reason"), had_tools)
+    matched = choice.get("stop_reason", choice.get("matched_stop"))   # vLLM / SGLang report it
+    stop_sequence = matched if stop == "end_turn" and isinstance(matched, str) and \
+        matched in (stops or []) else None
+    if stop_sequence:
+        stop = "stop_sequence"
     usage = openai_usage(data.get("usage")) or {"input_tokens": 0, "output_tokens": 0}
     usage.setdefault("cache_read_input_tokens", 0)
     usage.setdefault("cache_creation_input_tokens", 0)
     return {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": model,
-            "content": content, "stop_reason": stop, "stop_sequence": None, "usage": usage}
+            "content": content, "stop_reason": stop, "stop_sequence": stop_sequence, "usage": usage}
 
 
 # --- 10e. Chat Completions stream -> Anthropic events (PROTOCOL.md §4) ----------------------
@@ -2056,7 +2066,7 @@ class OpenAIStream:
         self.names = names
         self.secret = secret
         self.stops = stops or []
-        self.counter = counter
+        self.counter = counter or COUNTER
         self.decoder = SSEDecoder()
         self.msg_id = new_id("msg_")
         self.input_estimate = input_tokens
@@ -2072,7 +2082,7 @@ class OpenAIStream:
         self.finish: Any = None
         self.matched_stop: str | None = None
         self.usage: Json = {}
-        self.out_chars = 0
+        self.out_parts: list[str] = []   # what was generated, counted if usage is missing
         self.saw_done = False
         self.upstream_id = ""
 
@@ -2207,13 +2217,13 @@ class OpenAIStream:
         if self.open != "thinking":
             self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""}, out)
         self.thinking += text
-        self.out_chars += len(text)
+        self.out_parts.append(text)
         self._delta({"type": "thinking_delta", "thinking": text}, out)
 
     def _text(self, text: str, out: list[bytes]) -> None:
         if self.open != "text":
             self._open("text", {"type": "text", "text": ""}, out)
-        self.out_chars += len(text)
+        self.out_parts.append(text)
         self._delta({"type": "text_delta", "text": text}, out)
 
     # ---- tool calls --------------------------------------------------------------------
@@ -2237,12 +2247,12 @@ class OpenAIStream:
         if call is self.open_call:
             if piece:
                 call.args += piece
-                self.out_chars += len(piece)
+                self.out_parts.append(piece)
                 self._delta({"type": "input_json_delta", "partial_json": piece}, out)
             self._maybe_switch(out)
             return
         call.args += piece
-        self.out_chars += len(piece)
+        self.out_parts.append(piece)
         if self.open_call is None and call.name and not call.closed:
             self._open_call(call, out)
 
@@ -2311,7 +2321,7 @@ class OpenAIStream:
         if not u or (u["input_tokens"] == 0 and u["output_tokens"] == 0
                      and u["cache_read_input_tokens"] == 0):
             # The upstream sent no usage: fill it from ccm's own counts (never zeros).
-            out_tokens = max(1, -(-self.out_chars // CHARS_PER_TOKEN)) if self.out_chars else 0
+            out_tokens = self.counter.text("".join(self.out_parts)) if self.out_parts else 0
             u = {"input_tokens": self.input_estimate, "output_tokens": out_tokens,
                  "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
         return u
@@ -3126,6 +3136,12 @@ RECENT_REQUESTS = 500
 COUNT_TOKENS_TIMEOUT_S = 5.0
 
 
+async def _encoding_ready() -> None:
+    """Load the tokenizer in a thread the first time, so the event loop never stalls on it."""
+    if not COUNTER._loaded:
+        await asyncio.get_running_loop().run_in_executor(None, COUNTER.encoding)
+
+
 def message_to_events(msg: Json) -> list[bytes]:
     """A whole Anthropic message as the SSE events a stream of it would have carried."""
     start = dict(msg, content=[], stop_reason=None, stop_sequence=None,
@@ -3302,6 +3318,7 @@ class App:
     async def count_tokens(self, req: Request) -> Response:
         body = _json_body(req)
         validate_messages(body, need_max_tokens=False)
+        await _encoding_ready()
         cfg = self.cfg
         with contextlib.suppress(RouteError):
             rt = route(body, req.headers, cfg)
@@ -3335,6 +3352,7 @@ class App:
     async def messages(self, req: Request) -> Response | StreamResponse:
         body = _json_body(req)
         validate_messages(body)
+        await _encoding_ready()
         cfg = self.cfg                      # in-flight requests keep the config they started with
         rt = route(body, req.headers, cfg, count=COUNTER.count, raw_len=len(req.body))
         call = _Exchange(req, rt, cfg, body.get("stream") is True, time.monotonic(), body["model"])
@@ -3460,9 +3478,9 @@ class App:
             except ValueError:
                 raise UpstreamError(502, f"{p.name}: upstream answered with invalid JSON",
                                     "api_error", provider=p.name, retryable=True)
-            msg = from_openai(data, call.requested, names or {}, self.up.secret)
-            if not (data.get("usage") or {}).get("prompt_tokens"):
-                msg["usage"]["input_tokens"] = COUNTER.count(call.route.body)[0]
+            msg = from_openai(data, call.requested, names or {}, self.up.secret,
+                              call.route.body.get("stop_sequences"))
+            _fill_usage(msg, data, call.route.body)
             usage = _usage_of(msg["usage"])
             if call.stream:
                 return self._as_stream(call, p, target, msg, headers, usage)
@@ -3537,6 +3555,17 @@ class App:
                   "in=%d out=%d%s", call.req.id, "stream" if call.stream else "json",
                   call.route.rule, call.route.model, entry["provider"] or "-", status, chain, ms,
                   usage.input_tokens, usage.output_tokens, f" error={error!r}" if error else "")
+
+
+def _fill_usage(msg: Json, data: Json, body: Json) -> None:
+    """An upstream that sent no usage gets ccm's own counts, never zeros."""
+    u = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    if not u.get("prompt_tokens"):
+        msg["usage"]["input_tokens"] = COUNTER.count(body)[0]
+    if not u.get("completion_tokens"):
+        parts = [b.get("text") or b.get("thinking") or dumps(b.get("input", {}))
+                 for b in msg["content"]]
+        msg["usage"]["output_tokens"] = COUNTER.text("".join(parts)) if parts else 0
 
 
 def _usage_of(u: Json) -> Usage:
@@ -3711,6 +3740,8 @@ def _cmd(sub: Any, name: str, fn: Callable[..., int], help_: str, example: str) 
     p = sub.add_parser(name, help=help_, description=help_,
                        epilog=f"Example:\n  {example}", formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(fn=fn)
+    p.add_argument("--config", "-c", default=argparse.SUPPRESS, help="config file")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
