@@ -387,6 +387,7 @@ class Mapping:
 class ModelMap:
     name: str
     mappings: list[Mapping]
+    max_retries: int = 1               # extra tries of the last provider in the chain
 
 
 @dataclass(slots=True)
@@ -421,7 +422,11 @@ class ServerCfg:
     body_timeout_ms: int = int(BODY_TIMEOUT_S * 1000)
     keepalive_timeout_ms: int = int(KEEPALIVE_S * 1000)
     shutdown_grace_ms: int = int(SHUTDOWN_GRACE_S * 1000)
+    write_timeout_ms: int = 60_000
+    retry_after_max_ms: int = 2_000
     max_connections: int = MAX_CONNECTIONS
+    breaker_failures: int = 3
+    breaker_cooldown_ms: int = 30_000
 
 
 @dataclass(slots=True)
@@ -441,16 +446,16 @@ class Config:
 _MODEL_OPTIONS: dict[str, tuple[type, ...]] = {
     "max_output_tokens": (int,), "reasoning": (bool,), "reasoning_echo": (bool,),
     "extra_body": (dict,), "stream_options": (bool,), "schema_profile": (str,),
-    "max_retries": (int,),
 }
 _SERVER_KEYS: dict[str, tuple[type, ...]] = {
     "host": (str,), "port": (int,), "api_key": (str,), "admin_token": (str,),
     "log_level": (str,), "max_body_bytes": (int,), "ping_interval_s": (int, float),
-    "max_connections": (int,),
+    "max_connections": (int,), "breaker_failures": (int,), "breaker_cooldown_ms": (int,),
 }
 _TIMEOUT_KEYS = ("api_timeout_ms", "connect_timeout_ms", "first_byte_timeout_ms",
                  "idle_timeout_ms", "header_timeout_ms", "body_timeout_ms",
-                 "keepalive_timeout_ms", "shutdown_grace_ms")
+                 "keepalive_timeout_ms", "shutdown_grace_ms", "write_timeout_ms",
+                 "retry_after_max_ms")
 _ROUTER_MODEL_KEYS = ("default", "think", "background", "websearch", "subagent", "image",
                       "long_context")
 _PROVIDER_KEYS: dict[str, tuple[type, ...]] = {
@@ -540,6 +545,8 @@ def _parse_server(ck: _Checker, raw: Json) -> ServerCfg:
         ck.errors.append("server.max_body_bytes: must be positive")
     if cfg.ping_interval_s <= 0:
         ck.errors.append("server.ping_interval_s: must be positive")
+    if cfg.breaker_failures < 1 or cfg.breaker_cooldown_ms < 1:
+        ck.errors.append("server.breaker_failures / breaker_cooldown_ms: must be positive")
     timeouts = ck.table(t.get("timeouts"), "server.timeouts")
     ck.unknown(timeouts, _TIMEOUT_KEYS, "server.timeouts")
     for key in _TIMEOUT_KEYS:
@@ -620,9 +627,10 @@ def _parse_provider(ck: _Checker, t: Json, where: str) -> Provider | None:
         name=name, provider_type=ptype, base_url=base_url.rstrip("/"), family=family,
         auth_type=auth, api_key=api_key, api_keys=[k for k in keys if k],
         enabled=True if vals["enabled"] is None else vals["enabled"],
-        models=[str(m) for m in vals["models"] or []], headers=headers,
-        oauth_provider=vals["oauth_provider"], project_id=vals["project_id"],
-        location=vals["location"], missing_env=missing,
+        models=[str(m) for m in ck.expand(vals["models"] or [], f"{where}.models")], headers=headers,
+        oauth_provider=ck.expand(vals["oauth_provider"], f"{where}.oauth_provider"),
+        project_id=ck.expand(vals["project_id"], f"{where}.project_id"),
+        location=ck.expand(vals["location"], f"{where}.location"), missing_env=missing,
         options=_parse_options(ck, t, where))
     for key in ("connect_timeout_ms", "first_byte_timeout_ms", "idle_timeout_ms", "api_timeout_ms"):
         if vals[key] is not None:
@@ -640,8 +648,11 @@ def _parse_models(ck: _Checker, raw: Any, providers: dict[str, Provider]) -> dic
     for i, t in enumerate(raw):
         where = f"models[{i}]"
         t = ck.table(t, where)
-        ck.unknown(t, ["name", "mappings"], where)
+        ck.unknown(t, ["name", "mappings", "max_retries"], where)
         name = ck.typed(t, "name", (str,), where)
+        retries = ck.typed(t, "max_retries", (int,), where)
+        if retries is not None and not 0 <= retries <= 10:
+            ck.errors.append(f"{where}.max_retries: must be between 0 and 10")
         if not name:
             ck.errors.append(f"{where}.name: required")
             continue
@@ -668,7 +679,8 @@ def _parse_models(ck: _Checker, raw: Any, providers: dict[str, Provider]) -> dic
         if not mappings:
             ck.errors.append(f"{where}.mappings: at least one [[models.mappings]] is required")
         mappings.sort(key=lambda mp: mp.priority)
-        models[name] = ModelMap(name=name, mappings=mappings)
+        models[name] = ModelMap(name=name, mappings=mappings,
+                                max_retries=1 if retries is None else retries)
     return models
 
 
@@ -2067,6 +2079,7 @@ class OpenAIStream:
         self.secret = secret
         self.stops = stops or []
         self.counter = counter or COUNTER
+        self.label = "upstream"            # the provider's name, for error messages
         self.decoder = SSEDecoder()
         self.msg_id = new_id("msg_")
         self.input_estimate = input_tokens
@@ -2106,8 +2119,8 @@ class OpenAIStream:
         if self.saw_done or self.finish is not None:
             self._close_message(out)
         else:
-            self._fail(UpstreamError(529, "upstream stream ended before the message was complete",
-                                     "overloaded_error", retryable=True), out)
+            self._fail(UpstreamError(529, f"{self.label}: upstream stream ended before the "
+                                     "message was complete", "overloaded_error", retryable=True), out)
         return out
 
     def fail(self, exc: UpstreamError) -> list[bytes]:
@@ -2134,7 +2147,7 @@ class OpenAIStream:
         try:
             chunk = json.loads(data)
         except ValueError:
-            self._fail(UpstreamError(502, f"upstream sent invalid JSON in its stream: {data[:120]}",
+            self._fail(UpstreamError(502, f"{self.label}: invalid JSON in the stream: {data[:120]}",
                                      "api_error"), out)
             return
         if not isinstance(chunk, dict):
@@ -2167,8 +2180,8 @@ class OpenAIStream:
                 self._tool_fragment(frag, pos, out)
         if choice.get("finish_reason"):
             if choice["finish_reason"] == "error":
-                self._fail(UpstreamError(502, "upstream reported an error in the stream",
-                                         "api_error"), out)
+                self._fail(UpstreamError(502, f"{self.label}: the upstream reported an error "
+                                         "in the stream", "api_error"), out)
                 return
             self.finish = choice["finish_reason"]
             matched = choice.get("stop_reason", choice.get("matched_stop"))
@@ -2335,7 +2348,7 @@ class OpenAIStream:
         mapped, etype = _mapped_status(status)
         if status == 500 and "overload" in str(err.get("message", "")).lower():
             mapped, etype = 529, "overloaded_error"
-        return UpstreamError(mapped, str(err.get("message") or "upstream stream error"), etype)
+        return UpstreamError(mapped, f"{self.label}: {err.get('message') or 'stream error'}", etype)
 
     def _fail(self, exc: UpstreamError, out: list[bytes]) -> None:
         self.failed = exc
@@ -2377,13 +2390,15 @@ class Attempt:
 
 
 class Health:
-    """A circuit breaker per provider plus the counters /health shows."""
+    """A circuit breaker per provider (closed -> open after N consecutive failures -> one
+    half-open probe after the cooldown -> closed on success) plus failure counters."""
 
     def __init__(self, failures: int = BREAKER_FAILURES, cooldown_s: float = BREAKER_COOLDOWN_S) -> None:
         self.failures = failures
         self.cooldown_s = cooldown_s
         self.consecutive: dict[str, int] = collections.defaultdict(int)
         self.open_until: dict[str, float] = {}
+        self.probing: set[str] = set()
         self.counters: collections.Counter[str] = collections.Counter()
 
     def state(self, provider: str, now: float | None = None) -> str:
@@ -2392,26 +2407,78 @@ class Health:
             return "closed"
         return "open" if (now or time.monotonic()) < until else "half-open"
 
+    def _blocked(self, provider: str, now: float) -> bool:
+        st = self.state(provider, now)
+        return st == "open" or (st == "half-open" and provider in self.probing)
+
     def order(self, targets: list[Target]) -> list[Target]:
-        """Providers with an open breaker go last, not never."""
+        """Providers whose breaker is open go last, not never (a stable sort keeps priority)."""
         now = time.monotonic()
-        return sorted(targets, key=lambda t: self.state(t.provider, now) == "open")
+        return sorted(targets, key=lambda t: self._blocked(t.provider, now))
+
+    def begin(self, provider: str) -> None:
+        if self.state(provider) == "half-open":
+            self.probing.add(provider)      # this request is the probe
 
     def success(self, provider: str) -> None:
         self.consecutive[provider] = 0
         self.open_until.pop(provider, None)
+        self.probing.discard(provider)
 
     def failure(self, provider: str) -> None:
         self.consecutive[provider] += 1
         self.counters[f"failures.{provider}"] += 1
-        if self.consecutive[provider] >= self.failures:
+        was_probe = provider in self.probing
+        self.probing.discard(provider)
+        if was_probe or self.consecutive[provider] >= self.failures:
+            if provider not in self.open_until or was_probe or self.state(provider) != "open":
+                self.counters[f"breaker_opened.{provider}"] += 1
             self.open_until[provider] = time.monotonic() + self.cooldown_s
 
     def snapshot(self) -> Json:
         now = time.monotonic()
         names = set(self.consecutive) | set(self.open_until)
-        return {n: {"state": self.state(n, now), "consecutive_failures": self.consecutive[n]}
-                for n in sorted(names)}
+        out = {}
+        for n in sorted(names):
+            st = self.state(n, now)
+            entry: Json = {"state": st, "consecutive_failures": self.consecutive[n]}
+            if st == "open":
+                entry["retry_in_s"] = round(self.open_until[n] - now, 1)
+            out[n] = entry
+        return out
+
+
+class KeyPool:
+    """Rotates a provider's keys; a key that got 429 or 401 cools down while the others work."""
+
+    def __init__(self) -> None:
+        self.turn: collections.Counter[str] = collections.Counter()
+        self.cool_until: dict[tuple[str, str], float] = {}
+
+    def pick(self, p: Provider) -> str | None:
+        keys = p.keys()
+        if len(keys) <= 1:
+            return keys[0] if keys else None
+        now = time.monotonic()
+        start = self.turn[p.name]
+        self.turn[p.name] += 1
+        for k in range(len(keys)):
+            key = keys[(start + k) % len(keys)]
+            if self.cool_until.get((p.name, key), 0) <= now:
+                return key
+        return min(keys, key=lambda key: self.cool_until.get((p.name, key), 0))
+
+    def cool(self, p: Provider, key: str | None, seconds: float) -> None:
+        if key and len(p.keys()) > 1:
+            self.cool_until[(p.name, key)] = time.monotonic() + seconds
+
+    def has_fresh(self, p: Provider) -> bool:
+        now = time.monotonic()
+        return sum(self.cool_until.get((p.name, k), 0) <= now for k in p.keys()) >= 1
+
+    def cooling(self, p: Provider) -> int:
+        now = time.monotonic()
+        return sum(self.cool_until.get((p.name, k), 0) > now for k in p.keys())
 
 
 class Upstreams:
@@ -2425,23 +2492,20 @@ class Upstreams:
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64,
                                 keepalive_expiry=30),
             trust_env=True, mounts=loopback, follow_redirects=False)
-        self.health = Health()
+        self.health = Health(cfg.server.breaker_failures, cfg.server.breaker_cooldown_ms / 1000)
+        self.keys = KeyPool()
         self.secret = b""
 
     async def aclose(self) -> None:
         await self.client.aclose()
 
-    def key_for(self, p: Provider) -> str | None:
-        keys = p.keys()
-        return keys[0] if keys else None
-
     def build(self, p: Provider, target: Target, req: Request, route: Route,
-              proxy_has_key: bool, opts: Json) -> tuple[httpx.Request, Any]:
-        """The upstream request and the translator for its answer."""
+              proxy_has_key: bool, opts: Json, key: str | None = None) -> tuple[httpx.Request, Any]:
+        """The upstream request and the tool-name map for translating its answer."""
         if p.missing_env and not p.keys():
             raise UpstreamError(401, f"{p.name}: api_key uses ${p.missing_env[0]}, which is not set",
                                 "authentication_error", provider=p.name, retryable=True)
-        key = self.key_for(p)
+        key = key or (p.keys() or [None])[0]
         if p.family == "anthropic":
             headers = passthrough_headers(req.headers, p, key, proxy_has_key)
             url = p.base_url + req.path + (f"?{req.query}" if req.query else "")
@@ -2480,6 +2544,7 @@ class PassthroughStream:
         self.failed: UpstreamError | None = None
         self.usage = Usage()
         self.stop_seen = False
+        self.label = "upstream"
 
     def feed(self, chunk: bytes) -> list[bytes]:
         self.buf += chunk
@@ -2503,7 +2568,7 @@ class PassthroughStream:
                 self.done = True
             elif ev.event == "error":
                 self.done = True
-                self.failed = UpstreamError(529, "upstream error event", "overloaded_error")
+                self.failed = UpstreamError(529, f"{self.label}: error event", "overloaded_error")
             elif ev.event in ("message_start", "message_delta"):
                 with contextlib.suppress(ValueError, AttributeError, TypeError):
                     data = json.loads(ev.data)
@@ -2524,8 +2589,8 @@ class PassthroughStream:
             self._inspect(out[0])
         self.buf = b""
         if not self.done and not self.stop_seen:
-            return out + self.fail(UpstreamError(529, "upstream stream ended before message_stop",
-                                                 "overloaded_error", retryable=True))
+            return out + self.fail(UpstreamError(529, f"{self.label}: stream ended before "
+                                                 "message_stop", "overloaded_error", retryable=True))
         self.done = True
         return out
 
@@ -2808,8 +2873,15 @@ class FlowControl:
         self._writable = asyncio.Event()
         self._writable.set()
 
-    async def drain(self) -> None:
-        await self._writable.wait()
+    async def drain(self, timeout_s: float | None = None) -> bool:
+        """Wait until the client has read enough; False if it stalled past the timeout."""
+        if self._writable.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._writable.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     def pause(self) -> None:
         self._writable.clear()
@@ -2942,6 +3014,9 @@ class HTTPProtocol(asyncio.Protocol):
         self.timer = None
         if self.busy:
             return                         # never while a response is in flight
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()         # a client that never reads its last answer
+            return
         if self.head is not None or self.buf:
             self._refuse(408, "timed out reading the request")
         else:
@@ -3078,7 +3153,10 @@ class HTTPProtocol(asyncio.Protocol):
                     break
                 if data:
                     self.transport.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
-                    await self.flow.drain()
+                    if not await self.flow.drain(self.cfg.write_timeout_ms / 1000):
+                        _log.warning("request %s: client stopped reading; closing", request.id)
+                        self.transport.abort()   # connection_lost cancels the relay
+                        break
         except Exception as exc:            # boundary: after the head, errors become an event
             _log.exception("request %s: stream failed", request.id)
             if not self.disconnected:
@@ -3215,6 +3293,8 @@ class _Exchange:
     started: float
     requested: str
     attempts: list[Attempt] = field(default_factory=list)
+    deadline: float = 0.0
+    finished: bool = False
 
 
 class App:
@@ -3258,7 +3338,8 @@ class App:
 
     def _error(self, req: Request, exc: BaseException) -> Response:
         resp = error_response(exc)
-        resp.headers.append(("request-id", req.id))
+        if not any(k == "request-id" for k, _ in resp.headers):
+            resp.headers.append(("request-id", req.id))
         return resp
 
     def _no_route(self, method: str, path: str) -> ProxyError:
@@ -3356,32 +3437,83 @@ class App:
         cfg = self.cfg                      # in-flight requests keep the config they started with
         rt = route(body, req.headers, cfg, count=COUNTER.count, raw_len=len(req.body))
         call = _Exchange(req, rt, cfg, body.get("stream") is True, time.monotonic(), body["model"])
+        call.deadline = call.started + cfg.server.api_timeout_ms / 1000
         self.counters["requests"] += 1
         self.counters[f"route.{rt.rule}"] += 1
+        self.counters["in_flight"] += 1
+        try:
+            return await self._failover(call)
+        except asyncio.CancelledError:
+            self._finish(call, 499, Usage(), "client aborted")
+            raise
+        except BaseException as exc:
+            self._finish(call, getattr(exc, "status", 500), Usage(), str(exc))
+            raise
+
+    async def _failover(self, call: _Exchange) -> Response | StreamResponse:
+        """Try the model's providers in order (open breakers last) until one answers."""
+        cfg, rt = call.cfg, call.route
+        chain = self.up.health.order(rt.targets)
+        mm = cfg.models.get(rt.model) or _model_ci(rt.model, cfg)
+        max_retries = mm.max_retries if mm else 1
         last: ProxyError | None = None
-        for target in self.up.health.order(rt.targets):
+        for n, target in enumerate(chain):
             p = cfg.providers.get(target.provider)
             if p is None or not p.enabled:
                 rt.trace.append(f"{target.provider}: skipped ({'disabled' if p else 'unknown'})")
                 continue
-            try:
-                return await self._attempt(call, p, target)
-            except ProxyError as exc:
-                last = exc
-                retry = isinstance(exc, UpstreamError) and exc.retryable
-                if not retry:
+            if n and last is not None:
+                self.counters[f"failovers.{chain[n - 1].provider}"] += 1
+            tries = 0
+            while True:
+                key = self.up.keys.pick(p)
+                try:
+                    return await self._attempt(call, p, target, key)
+                except ProxyError as exc:
+                    last = exc
+                    wait = self._retry_wait(call, p, exc, key, tries, n == len(chain) - 1, max_retries)
+                if wait is None:
                     break
-                self.counters[f"failovers.{p.name}"] += 1
+                tries += 1
+                rt.trace.append(f"{p.name}: retrying in {wait:.2f} s (try {tries + 1})")
+                self.counters[f"retries.{p.name}"] += 1
+                await asyncio.sleep(wait)
+            if not (isinstance(last, UpstreamError) and last.retryable):
+                break
         if last is None:
             last = ProxyError(503, f"no enabled provider for model {rt.model!r}", "overloaded_error")
         self._finish(call, last.status, Usage(), str(last.message))
         raise last
 
+    def _retry_wait(self, call: _Exchange, p: Provider, exc: ProxyError, key: str | None,
+                    tries: int, is_last: bool, max_retries: int) -> float | None:
+        """How long to wait before trying the same provider again, or None to move on."""
+        if not isinstance(exc, UpstreamError):
+            return None
+        ra = exc.retry_after_s
+        if exc.status in (401, 403, 429) and key and len(p.keys()) > 1:
+            self.up.keys.cool(p, key, ra if ra else (60.0 if exc.status != 429 else 30.0))
+            if self.up.keys.has_fresh(p) and tries < len(p.keys()):
+                exc.retryable = True
+                return 0.0                  # the next key of the pool, at once
+        if not exc.retryable:
+            return None
+        remaining = call.deadline - time.monotonic()
+        limit = call.cfg.server.retry_after_max_ms / 1000
+        if exc.status in (429, 529) and ra is not None:
+            ok = ra <= limit and tries < max(1, max_retries) and ra < remaining
+            return float(ra) if ok else None
+        if is_last and tries < max_retries:
+            wait = random.uniform(0, min(2.0, 0.25 * 2 ** tries))   # full jitter
+            return wait if wait < remaining else None
+        return None
+
     def _route_header(self, call: _Exchange, target: Target) -> tuple[str, str]:
         return ("x-ccm-route", f"{call.route.rule}; model={call.route.model}; "
                                f"provider={target.provider}; upstream_model={target.model}")
 
-    async def _attempt(self, call: _Exchange, p: Provider, target: Target) -> Response | StreamResponse:
+    async def _attempt(self, call: _Exchange, p: Provider, target: Target,
+                       key: str | None) -> Response | StreamResponse:
         cfg = call.cfg
         opts = {**p.options, **target.options}
         att = Attempt(p.name, target.model)
@@ -3389,16 +3521,18 @@ class App:
         t0 = time.monotonic()
         first_byte_s = (p.first_byte_timeout_ms or cfg.server.first_byte_timeout_ms) / 1000
         total_s = (p.api_timeout_ms or cfg.server.api_timeout_ms) / 1000
+        total_s = max(0.05, min(total_s, call.deadline - t0))
+        self.up.health.begin(p.name)
         try:
             hreq, names = self.up.build(p, target, call.req, call.route,
-                                        cfg.server.api_key is not None, opts)
+                                        cfg.server.api_key is not None, opts, key)
             connect_s = (p.connect_timeout_ms or cfg.server.connect_timeout_ms) / 1000
             hreq.extensions["timeout"] = {"connect": connect_s, "read": None, "write": 60.0,
                                           "pool": connect_s}
             resp = await asyncio.wait_for(self.up.client.send(hreq, stream=True),
                                           min(first_byte_s, total_s))
         except (httpx.HTTPError, OSError, asyncio.TimeoutError) as exc:
-            err = self._transport_error(p, exc, first_byte_s)
+            err = self._transport_error(p, exc, min(first_byte_s, total_s))
             att.status, att.error, att.ms = err.status, err.message, (time.monotonic() - t0) * 1000
             self.up.health.failure(p.name)
             call.route.trace.append(f"{p.name}: {err.message}")
@@ -3406,13 +3540,14 @@ class App:
         except UpstreamError as exc:
             att.status, att.error = exc.status, exc.message
             call.route.trace.append(f"{p.name}: {exc.message}")
+            self.up.health.failure(p.name)
             raise
         att.status = resp.status_code
         try:
             if resp.status_code >= 400:
                 raise await self._upstream_error(p, resp, total_s)
             if call.stream and "text/event-stream" in resp.headers.get("content-type", ""):
-                return await self._stream(call, p, target, resp, names, first_byte_s, t0)
+                return await self._stream(call, p, target, resp, names, min(first_byte_s, total_s), t0)
             return await self._whole(call, p, target, resp, names, total_s, t0)
         except BaseException as exc:
             if isinstance(exc, UpstreamError):
@@ -3420,6 +3555,10 @@ class App:
                 call.route.trace.append(f"{p.name}: {exc.status} {exc.message}")
                 if exc.retryable:
                     self.up.health.failure(p.name)
+                else:
+                    self.up.health.probing.discard(p.name)
+            else:
+                self.up.health.probing.discard(p.name)
             att.ms = (time.monotonic() - t0) * 1000
             await resp.aclose()
             raise
@@ -3511,6 +3650,7 @@ class App:
             stops = call.route.body.get("stop_sequences") or []
             tr = OpenAIStream(call.requested, names or {}, self.up.secret,
                               COUNTER.count(call.route.body)[0], stops)
+        tr.label = p.name
         it = resp.aiter_raw()
         remaining = max(0.1, first_byte_s - (time.monotonic() - t0))
         try:
@@ -3531,7 +3671,8 @@ class App:
             headers += _relay_headers(resp.headers)
 
         def on_end(tr: Any, outcome: str) -> None:
-            status = 200 if outcome == "ok" else (tr.failed.status if tr.failed else 499)
+            status = 200 if outcome == "ok" else (tr.failed.status if tr.failed and
+                                                   outcome == "error" else 499)
             self._finish(call, status, tr.final_usage(), outcome if outcome != "ok" else "", target)
         chunks = relay_stream(first, it, tr, ping_s=cfg.server.ping_interval_s, idle_s=idle_s,
                               provider=p.name, on_end=on_end, close=resp.aclose)
@@ -3540,6 +3681,13 @@ class App:
     # ---- bookkeeping -------------------------------------------------------------------
     def _finish(self, call: _Exchange, status: int, usage: Usage, error: str,
                 target: Target | None = None) -> None:
+        """Record one request's outcome exactly once: log line, recent list, counters."""
+        if call.finished:
+            return
+        call.finished = True
+        self.counters["in_flight"] -= 1
+        outcome = "ok" if status < 400 else "client_aborted" if status == 499 else "error"
+        self.counters[f"responses.{outcome}"] += 1
         ms = (time.monotonic() - call.started) * 1000
         chain = " > ".join(f"{a.provider}:{a.status or '-'}" for a in call.attempts) or "-"
         entry = {"id": call.req.id, "time": time.time(), "rule": call.route.rule,
