@@ -42,7 +42,26 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
 
-import httpx
+import importlib.util
+
+
+def _lazy_import(name: str) -> Any:
+    """Import a module on first attribute access (importlib's LazyLoader): httpx and its TLS
+    setup cost ~10 MB that an idle daemon does not need."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"No module named {name!r}")
+    loader = importlib.util.LazyLoader(spec.loader)
+    spec.loader = loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    loader.exec_module(module)
+    return module
+
+
+httpx = _lazy_import("httpx")
 
 if __name__ == "__main__":  # `python ccm.py` and `import ccm` are the same module (bottle.py)
     sys.modules.setdefault("ccm", sys.modules["__main__"])
@@ -705,7 +724,8 @@ def parse_config(raw: Json, path: str = "<config>") -> Config:
     models = _parse_models(ck, raw.get("models"), providers)
     for key in _ROUTER_MODEL_KEYS:
         name = getattr(router, key)
-        if name and name not in models and not _explicit_pair(name, providers):
+        if name and name.lower() not in {m.lower() for m in models} and \
+                not _explicit_pair(name, providers):
             ck.errors.append(f"router.{key}: no model named {name!r} "
                              f"(configured: {', '.join(models) or 'none'})")
     auto_re = ck.regex(router.auto_map_regex, "router.auto_map_regex")
@@ -898,7 +918,7 @@ def find_subagent_tag(body: Json) -> tuple[str, str] | None:
         for text in _texts(place):
             if "-SUBAGENT-MODEL>" in text:
                 m = _TAG_RE.search(text)
-                if m:
+                if m and m.group(2):
                     return m.group(1), m.group(2)
     return None
 
@@ -954,11 +974,11 @@ def _plan_mode(body: Json) -> bool:
     for msg in reversed(body.get("messages") or []):
         if not isinstance(msg, dict) or msg.get("role") == "assistant":
             continue
-        for text in _texts(msg.get("content")):
-            if any(mark in text for mark in _PLAN_OFF):
-                return False
-            if _PLAN_ON in text:
-                return True
+        for text in reversed(list(_texts(msg.get("content")))):
+            on = text.rfind(_PLAN_ON)
+            off = max(text.rfind(mark) for mark in _PLAN_OFF)
+            if on >= 0 or off >= 0:
+                return on > off
     return False
 
 
@@ -2486,18 +2506,27 @@ class Upstreams:
     except for loopback, so local models and tests are never sent through HTTP(S)_PROXY."""
 
     def __init__(self, cfg: Config) -> None:
-        loopback = {f"all://{h}": None for h in ("127.0.0.1", "localhost", "[::1]")}
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(None, connect=cfg.server.connect_timeout_ms / 1000),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64,
-                                keepalive_expiry=30),
-            trust_env=True, mounts=loopback, follow_redirects=False)
+        self._client: Any = None
+        self.connect_s = cfg.server.connect_timeout_ms / 1000
         self.health = Health(cfg.server.breaker_failures, cfg.server.breaker_cooldown_ms / 1000)
         self.keys = KeyPool()
         self.secret = b""
 
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """Made on first use: an idle daemon never loads httpx and its TLS context."""
+        if self._client is None:
+            loopback = {f"all://{h}": None for h in ("127.0.0.1", "localhost", "[::1]")}
+            self._client = httpx.AsyncClient(
+                timeout=httpx.Timeout(None, connect=self.connect_s),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64,
+                                    keepalive_expiry=30),
+                trust_env=True, mounts=loopback, follow_redirects=False)
+        return self._client
+
     async def aclose(self) -> None:
-        await self.client.aclose()
+        if self._client is not None:
+            await self._client.aclose()
 
     def build(self, p: Provider, target: Target, req: Request, route: Route,
               proxy_has_key: bool, opts: Json, key: str | None = None) -> tuple[httpx.Request, Any]:
@@ -3772,6 +3801,13 @@ def load_secret(cfg_path: str) -> bytes:
     return data
 
 
+def release_memory() -> None:
+    """Hand the heap freed after start-up (compiling this file, parsing config) back to the OS."""
+    with contextlib.suppress(Exception):
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def pidfile_path(cfg_path: str) -> str:
     return os.path.join(state_dir(cfg_path), "ccm.pid")
 
@@ -3846,6 +3882,7 @@ async def _serve(cfg: Config) -> int:
     url = f"http://{cfg.server.host}:{svc.port}"
     _log.info("ccm %s listening on %s (config %s)", __version__, url, cfg.path)
     print(f"ccm {__version__} listening on {url}\n  export ANTHROPIC_BASE_URL={url}", file=sys.stderr)
+    release_memory()
     try:
         await svc.stopped.wait()
     finally:
@@ -3942,9 +3979,7 @@ def explain(raw: bytes, headers: dict[str, str], cfg: Config) -> Json:
     rt = route(body, headers, cfg, count=COUNTER.count, raw_len=len(raw))
     if rt.tokens is None:
         rt.tokens, rt.token_method = COUNTER.count(body)
-    up = Upstreams.__new__(Upstreams)          # builds requests only; no client, no network
-    up.client = httpx.AsyncClient()
-    up.secret = b""
+    up = Upstreams(cfg)                        # builds requests only; nothing is sent
     chain = []
     for t in rt.targets:
         p = cfg.providers.get(t.provider)
@@ -4021,6 +4056,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def _masked_raw(raw: Any, key: str = "") -> Any:
     if isinstance(raw, dict):
+        if key == "headers":
+            return {k: mask_secret(v) if isinstance(v, str) else v for k, v in raw.items()}
         return {k: _masked_raw(v, k) for k, v in raw.items()}
     if isinstance(raw, list):
         return [_masked_raw(v, key) for v in raw]
