@@ -1579,11 +1579,14 @@ def strip_foreign_thinking(body: Json) -> tuple[Json, int]:
     return (dict(body, messages=messages), removed) if removed else (body, 0)
 
 
+_EMPTY_SIGNATURE = re.compile(rb'"signature"\s*:\s*""')
+
+
 def passthrough_body(raw: bytes, route_body: Json, model: str, requested: str) -> bytes:
     """The bytes an Anthropic-format upstream receives: the client's, with the model replaced;
     re-serialised only when ccm must edit content (a subagent tag, invented thinking)."""
     edited = route_body
-    if SIGNATURE_PREFIX.encode() in raw or b'"signature":""' in raw:
+    if SIGNATURE_PREFIX.encode() in raw or _EMPTY_SIGNATURE.search(raw):
         edited, removed = strip_foreign_thinking(route_body)
         if removed:
             return dumps(dict(edited, model=model)).encode()
@@ -1773,7 +1776,10 @@ class _OpenAIRequestBuilder:
         if isinstance(content, str):
             self._flush_deferred()
             if content:
-                self.out.append({"role": "assistant", "content": content})
+                item: Json = {"role": "assistant", "content": content}
+                if self.echo:
+                    item["reasoning_content"] = ""
+                self.out.append(item)
             return
         texts, calls, thinking = [], [], []
         for b in content or []:
@@ -2139,8 +2145,8 @@ class OpenAIStream:
         if self.saw_done or self.finish is not None:
             self._close_message(out)
         else:
-            self._fail(UpstreamError(529, f"{self.label}: upstream stream ended before the "
-                                     "message was complete", "overloaded_error", retryable=True), out)
+            self._fail(UpstreamError(502, f"{self.label}: upstream stream ended before the "
+                                     "message was complete", "api_error", retryable=True), out)
         return out
 
     def fail(self, exc: UpstreamError) -> list[bytes]:
@@ -2288,6 +2294,8 @@ class OpenAIStream:
         self.out_parts.append(piece)
         if self.open_call is None and call.name and not call.closed:
             self._open_call(call, out)
+        elif self.open_call is not None:
+            self._maybe_switch(out)
 
     def _open_call(self, call: _Call, out: list[bytes]) -> None:
         name = self.names.get(call.name, call.name)
@@ -2618,8 +2626,8 @@ class PassthroughStream:
             self._inspect(out[0])
         self.buf = b""
         if not self.done and not self.stop_seen:
-            return out + self.fail(UpstreamError(529, f"{self.label}: stream ended before "
-                                                 "message_stop", "overloaded_error", retryable=True))
+            return out + self.fail(UpstreamError(502, f"{self.label}: stream ended before "
+                                                 "message_stop", "api_error", retryable=True))
         self.done = True
         return out
 
@@ -2691,7 +2699,7 @@ async def relay_stream(first: list[bytes], it: AsyncIterator[bytes], tr: Any, *,
                 out = tr.finish_stream()
             except (httpx.HTTPError, OSError) as exc:
                 msg = f"{provider}: upstream connection lost ({type(exc).__name__})"
-                out = tr.fail(UpstreamError(529, msg, "overloaded_error"))
+                out = tr.fail(UpstreamError(502, msg, "api_error"))
             else:
                 last_data = loop.time()
                 out = tr.feed(chunk)

@@ -25,6 +25,10 @@ import stat
 import sys
 import tomllib
 from typing import Any
+import email.utils
+import hashlib
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import ccm
 
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
@@ -1299,3 +1303,1161 @@ def test_cli_route_dry_run_unknown_model_fails_cleanly(capsys: Any, tmp_home: An
     write_cfg(tmp_home, CLI_CFG)
     code, out, err = cli(capsys, "route", "--dry-run", _req_file(tmp_home, dict(BASIC_REQ, model="zzz")))
     assert code != 0 and "ccm: error" in err and "zzz" in err and "Traceback" not in err
+
+
+# ============================================================================================
+# Translation: Anthropic <-> OpenAI Chat Completions
+# ============================================================================================
+
+# ============================================================================================
+# 10. Translation: shared helpers for these tests
+# ============================================================================================
+
+SECRET = b"test-secret-0123456789abcdef0123"
+MODEL = "claude-sonnet-4-5"
+TOOL_ID_RE = re.compile(r"toolu_[A-Za-z0-9]{24}")
+MSG_ID_RE = re.compile(r"msg_[A-Za-z0-9]{24}")
+LONG_NAME = "mcp__very_long_server_name_for_testing__" + "do_something_really_specific_" * 2
+ZERO_USAGE = {"input_tokens": 0, "output_tokens": 0, "cache_creation_input_tokens": 0,
+              "cache_read_input_tokens": 0}
+
+
+def expected_short(name: str) -> str:
+    """The LiteLLM scheme of PROTOCOL.md §3, written independently of ccm."""
+    return name[:55] + "_" + hashlib.sha256(name.encode()).hexdigest()[:8]
+
+
+def req(messages: list[Any], **kw: Any) -> dict[str, Any]:
+    body = {"model": MODEL, "max_tokens": 1000, "messages": messages}
+    body.update(kw)
+    return body
+
+
+def parsed_args(chat: dict[str, Any]) -> dict[str, Any]:
+    """The request with every tool_calls[].function.arguments JSON string parsed (the exact
+    spacing of json.dumps is not part of the contract, the value is)."""
+    chat = json.loads(json.dumps(chat))
+    for m in chat["messages"]:
+        for c in m.get("tool_calls") or []:
+            assert isinstance(c["function"]["arguments"], str)
+            c["function"]["arguments"] = json.loads(c["function"]["arguments"])
+    return chat
+
+
+def without_id(msg: dict[str, Any]) -> dict[str, Any]:
+    assert MSG_ID_RE.fullmatch(msg["id"]), msg["id"]
+    return {k: v for k, v in msg.items() if k != "id"}
+
+
+def sse_stream(*chunks: Any, done: bool = True) -> bytes:
+    """An OpenAI Chat Completions SSE body: dicts become `data:` events, bytes pass verbatim."""
+    out = b""
+    for c in chunks:
+        out += c if isinstance(c, bytes) else b"data: " + json.dumps(c, ensure_ascii=False).encode() + b"\n\n"
+    return out + (b"data: [DONE]\n\n" if done else b"")
+
+
+def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, **kw: Any) -> dict[str, Any]:
+    c = {"id": "chatcmpl-abc", "object": "chat.completion.chunk", "created": 1, "model": "gpt",
+         "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}]}
+    c.update(kw)
+    return c
+
+
+def usage_chunk(prompt: int = 20, completion: int = 5, **extra: Any) -> dict[str, Any]:
+    u = {"prompt_tokens": prompt, "completion_tokens": completion,
+         "total_tokens": prompt + completion, **extra}
+    return {"id": "chatcmpl-abc", "object": "chat.completion.chunk", "created": 1, "model": "gpt",
+            "choices": [], "usage": u}
+
+
+def call(index: int, id: str | None = None, name: str | None = None,
+         args: str | None = None) -> dict[str, Any]:
+    frag: dict[str, Any] = {"index": index}
+    if id is not None:
+        frag["id"] = id
+        frag["type"] = "function"
+    fn: dict[str, Any] = {}
+    if name is not None:
+        fn["name"] = name
+    if args is not None:
+        fn["arguments"] = args
+    frag["function"] = fn
+    return frag
+
+
+def split(raw: bytes, cuts: list[int]) -> list[bytes]:
+    edges = [0, *sorted(set(cuts)), len(raw)]
+    return [raw[a:b] for a, b in zip(edges, edges[1:])]
+
+
+def run_stream(pieces: list[bytes], names: dict[str, str] | None = None, input_tokens: int = 0,
+               eof: bool = True) -> tuple[bytes, ccm.OpenAIStream]:
+    s = ccm.OpenAIStream(MODEL, names or {}, SECRET, input_tokens=input_tokens)
+    out: list[bytes] = []
+    for p in pieces:
+        got = s.feed(p)
+        assert all(isinstance(b, bytes) for b in got)
+        out += got
+    if eof:
+        out += s.finish_stream()
+    return b"".join(out), s
+
+
+def decode(out: bytes) -> list[tuple[str, dict[str, Any]]]:
+    """Anthropic SSE bytes -> (event, data) pairs, with the random message id normalised."""
+    dec = ccm.SSEDecoder()
+    evs = dec.feed(out) + dec.flush()
+    pairs = []
+    for ev in evs:
+        data = json.loads(ev.data)
+        assert data["type"] == ev.event, ev       # the event: line is mandatory and matches
+        if ev.event == "message_start":
+            assert MSG_ID_RE.fullmatch(data["message"]["id"]), data
+            data["message"]["id"] = "msg_X"
+        pairs.append((ev.event, data))
+    return pairs
+
+
+def events_of(raw: bytes, **kw: Any) -> list[tuple[str, dict[str, Any]]]:
+    out, _ = run_stream([raw], **kw)
+    return decode(out)
+
+
+def check_invariants(evs: list[tuple[str, dict[str, Any]]]) -> dict[int, str]:
+    """PROTOCOL.md §2/§4 invariants; returns block index -> concatenated partial_json."""
+    names = [e for e, _ in evs]
+    assert names[:2] == ["message_start", "ping"], names
+    open_idx: int | None = None
+    next_idx = 0
+    kinds: dict[int, str] = {}
+    jsons: dict[int, str] = {}
+    last_delta: dict[int, str] = {}
+    for i, (name, d) in enumerate(evs):
+        if name == "content_block_start":
+            assert open_idx is None, f"two blocks open at event {i}"
+            assert d["index"] == next_idx, (d, next_idx)
+            open_idx, next_idx = d["index"], next_idx + 1
+            kinds[open_idx] = d["content_block"]["type"]
+            if kinds[open_idx] == "tool_use":
+                jsons[open_idx] = ""
+                assert d["content_block"]["input"] == {}
+        elif name == "content_block_delta":
+            assert d["index"] == open_idx, (i, d)
+            dt = d["delta"]["type"]
+            if dt == "input_json_delta":
+                jsons[open_idx] += d["delta"]["partial_json"]
+            if kinds[open_idx] == "thinking":
+                assert last_delta.get(open_idx) != "signature_delta", "delta after signature"
+            last_delta[open_idx] = dt
+        elif name == "content_block_stop":
+            assert d["index"] == open_idx
+            if kinds[open_idx] == "thinking":
+                assert last_delta[open_idx] == "signature_delta"
+            open_idx = None
+        elif name == "message_delta":
+            assert open_idx is None
+            assert isinstance(d["usage"]["output_tokens"], int)
+    if "error" in names:
+        assert names[-1] == "error" and names.count("error") == 1
+        assert "message_stop" not in names and "message_delta" not in names
+    else:
+        assert names[-2:] == ["message_delta", "message_stop"], names
+        assert names.count("message_delta") == 1
+    for idx, text in jsons.items():
+        assert isinstance(json.loads(text), dict), (idx, text)
+    return jsons
+
+
+def msg_start(input_tokens: int = 0) -> tuple[str, dict[str, Any]]:
+    return ("message_start", {"type": "message_start", "message": {
+        "id": "msg_X", "type": "message", "role": "assistant", "content": [], "model": MODEL,
+        "stop_reason": None, "stop_sequence": None,
+        "usage": dict(ZERO_USAGE, input_tokens=input_tokens)}})
+
+
+PING = ("ping", {"type": "ping"})
+
+
+def block_start(i: int, block: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    return ("content_block_start", {"type": "content_block_start", "index": i, "content_block": block})
+
+
+def block_delta(i: int, delta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    return ("content_block_delta", {"type": "content_block_delta", "index": i, "delta": delta})
+
+
+def block_stop(i: int) -> tuple[str, dict[str, Any]]:
+    return ("content_block_stop", {"type": "content_block_stop", "index": i})
+
+
+def text_d(i: int, t: str) -> tuple[str, dict[str, Any]]:
+    return block_delta(i, {"type": "text_delta", "text": t})
+
+
+def json_d(i: int, t: str) -> tuple[str, dict[str, Any]]:
+    return block_delta(i, {"type": "input_json_delta", "partial_json": t})
+
+
+def msg_end(stop: str, usage: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [("message_delta", {"type": "message_delta",
+                               "delta": {"stop_reason": stop, "stop_sequence": None}, "usage": usage}),
+            ("message_stop", {"type": "message_stop"})]
+
+
+def usage(inp: int = 20, out: int = 5, read: int = 0, write: int = 0) -> dict[str, Any]:
+    return {"input_tokens": inp, "output_tokens": out, "cache_read_input_tokens": read,
+            "cache_creation_input_tokens": write}
+
+
+# ============================================================================================
+# 10a. Anthropic pass-through and thinking across providers
+# ============================================================================================
+
+GENUINE_SIG = "EqQBCkgIARABGAIiQK5nN0zTWv4dXHhD1xF+Zq0xR2b3c4d5e6f7g8h9i0jA=="
+
+
+def test_translate_replace_model_keeps_every_other_byte() -> None:
+    raw = ('{ "metadata" : {"model":"inner", "k\\u00e9y":"√ ünïcode"},\t\r\n'
+           '  "model"\n:\t "claude-opus-4-1" ,  "messages":[{"role":"user","content":"h\u2028é ✓ 😀"}]'
+           ' , "x": [1 ,2] }\n').encode()
+    out = ccm.replace_model(raw, "real-model/ü")
+    expected = raw.replace(b'"claude-opus-4-1"', json.dumps("real-model/ü").encode(), 1)
+    assert out == expected
+    assert json.loads(out)["metadata"]["model"] == "inner"
+
+
+def test_translate_replace_model_after_nonascii_keys() -> None:
+    raw = '{"ké✓":"💥x","model":"a","tail":"é"}'.encode()
+    assert ccm.replace_model(raw, "b") == '{"ké✓":"💥x","model":"b","tail":"é"}'.encode()
+
+
+def test_translate_sign_thinking_is_ccm_prefixed_and_deterministic() -> None:
+    sig = ccm.sign_thinking(SECRET, "because")
+    assert sig.startswith("ccm1.")
+    assert sig == ccm.sign_thinking(SECRET, "because")
+    assert sig != ccm.sign_thinking(SECRET, "because!")
+    assert sig != ccm.sign_thinking(b"other-secret", "because")
+
+
+def _history(blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"model": MODEL, "max_tokens": 100, "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": blocks},
+        {"role": "user", "content": "next"}]}
+
+
+def test_translate_strip_foreign_thinking_removes_ccm_and_empty_signatures() -> None:
+    ours = {"type": "thinking", "thinking": "mine", "signature": ccm.sign_thinking(SECRET, "mine")}
+    empty = {"type": "thinking", "thinking": "unsigned", "signature": ""}
+    genuine = {"type": "thinking", "thinking": "real", "signature": GENUINE_SIG}
+    text = {"type": "text", "text": "answer"}
+    tool = {"type": "tool_use", "id": "toolu_1", "name": "Bash", "input": {"command": "ls"}}
+    body = _history([ours, empty, text, tool])
+    body["messages"].append({"role": "assistant", "content": [genuine, text]})
+    snapshot = json.loads(json.dumps(body))
+    out, removed = ccm.strip_foreign_thinking(body)
+    assert removed == 2
+    assert out == {"model": MODEL, "max_tokens": 100, "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": [text, tool]},
+        {"role": "user", "content": "next"},
+        {"role": "assistant", "content": [genuine, text]}]}
+    assert body == snapshot                     # pure: the input is not modified
+
+
+def test_translate_strip_foreign_thinking_keeps_genuine_body_as_is() -> None:
+    genuine = {"type": "thinking", "thinking": "real", "signature": GENUINE_SIG}
+    redacted = {"type": "redacted_thinking", "data": "opaque"}
+    body = _history([genuine, redacted, {"type": "text", "text": "a"}])
+    out, removed = ccm.strip_foreign_thinking(body)
+    assert removed == 0
+    assert out == body
+
+
+def test_translate_passthrough_body_genuine_thinking_is_byte_identical_but_model() -> None:
+    raw = ('{"model":"claude-opus-4-1",  "max_tokens":100,\n "messages":[{"role":"user","content":"é ✓"},'
+           '{"role":"assistant","content":[{"type":"thinking","thinking":"hmm\u2028ü",'
+           f'"signature":"{GENUINE_SIG}"}},{{"type":"text","text":"ok"}}]}},'
+           '{"role":"user","content":"go"}],\t"unknown_field":{"z":1} }').encode()
+    body = json.loads(raw)
+    out = ccm.passthrough_body(raw, body, "glm-4.6", "claude-opus-4-1")
+    assert out == raw.replace(b'"claude-opus-4-1"', b'"glm-4.6"', 1)
+    assert ccm.passthrough_body(raw, body, "claude-opus-4-1", "claude-opus-4-1") == raw
+
+
+def test_translate_passthrough_body_removes_ccm_signed_thinking() -> None:
+    sig = ccm.sign_thinking(SECRET, "hmm")
+    body = _history([{"type": "thinking", "thinking": "hmm", "signature": sig},
+                     {"type": "text", "text": "ok"}])
+    body["model"] = "claude-opus-4-1"
+    raw = json.dumps(body).encode()
+    out = ccm.passthrough_body(raw, json.loads(raw), "glm-4.6", "claude-opus-4-1")
+    assert json.loads(out) == {"model": "glm-4.6", "max_tokens": 100, "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": [{"type": "text", "text": "ok"}]},
+        {"role": "user", "content": "next"}]}
+
+
+def test_translate_passthrough_body_removes_empty_signature_in_spaced_json() -> None:
+    """strip_foreign_thinking treats an empty signature as invented; pass-through must apply it
+    whatever whitespace the client's JSON encoder used."""
+    body = _history([{"type": "thinking", "thinking": "hmm", "signature": ""},
+                     {"type": "text", "text": "ok"}])
+    raw = json.dumps(body, indent=1).encode()       # "signature": "" (with a space)
+    out = ccm.passthrough_body(raw, json.loads(raw), MODEL, MODEL)
+    assert json.loads(out)["messages"][1]["content"] == [{"type": "text", "text": "ok"}]
+
+
+# ============================================================================================
+# 10b. Errors and retry hints (PROTOCOL.md §4)
+# ============================================================================================
+
+def _oa_err(message: str, etype: str = "invalid_request_error") -> bytes:
+    return json.dumps({"error": {"message": message, "type": etype, "code": None,
+                                 "param": None}}).encode()
+
+
+@pytest.mark.parametrize("status,mapped,etype", [
+    (400, 400, "invalid_request_error"),
+    (401, 401, "authentication_error"),
+    (403, 403, "permission_error"),
+    (404, 404, "not_found_error"),
+    (408, 504, "timeout_error"),
+    (422, 400, "invalid_request_error"),
+    (429, 429, "rate_limit_error"),
+    (500, 500, "api_error"),
+    (502, 502, "api_error"),
+    (503, 529, "overloaded_error"),
+], ids=lambda v: str(v))
+def test_translate_openai_error_status_and_type(status: int, mapped: int, etype: str) -> None:
+    err = ccm.openai_error(status, _oa_err("Something went wrong here"), {}, "prov")
+    assert isinstance(err, ccm.UpstreamError)
+    assert (err.status, err.etype) == (mapped, etype)
+    assert "Something went wrong here" in err.message
+
+
+def test_translate_openai_error_message_is_the_upstream_text() -> None:
+    """PROTOCOL.md §4: the upstream message text is kept, named by its provider (issue 4 §5)."""
+    err = ccm.openai_error(401, _oa_err("Incorrect API key provided: sk-***"), {}, "prov")
+    assert err.message == "prov: Incorrect API key provided: sk-***"
+
+
+def test_translate_openai_error_openrouter_shape() -> None:
+    body = json.dumps({"error": {"code": 429, "message": "Rate limit exceeded: free-models",
+                                 "metadata": {"x": 1}}}).encode()
+    err = ccm.openai_error(429, body, {"retry-after": "7"}, "openrouter")
+    assert (err.status, err.etype) == (429, "rate_limit_error")
+    assert "Rate limit exceeded: free-models" in err.message
+    assert ("retry-after", "7") in err.headers
+
+
+def test_translate_openai_error_retry_after_ms_rounds_up() -> None:
+    err = ccm.openai_error(429, _oa_err("slow down", "rate_limit"), {"retry-after-ms": "1500"}, "p")
+    assert (err.status, err.etype) == (429, "rate_limit_error")
+    assert ("retry-after", "2") in err.headers
+    assert ccm.retry_after_seconds({"retry-after-ms": "1500"}) == 2
+    assert ccm.retry_after_seconds(httpx.Headers({"Retry-After-Ms": "1500"})) == 2
+
+
+def test_translate_openai_error_retry_after_http_date() -> None:
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    got = ccm.retry_after_seconds({"retry-after": when})
+    assert isinstance(got, int) and 27 <= got <= 30
+    err = ccm.openai_error(429, _oa_err("slow"), {"retry-after": when}, "p")
+    values = [v for k, v in err.headers if k == "retry-after"]
+    assert len(values) == 1 and values[0].isdigit() and 27 <= int(values[0]) <= 30
+
+
+@pytest.mark.parametrize("headers,expected", [
+    ({"retry-after": "3"}, 3),
+    ({"retry-after": "2.1"}, 3),
+    ({"retry-after-ms": "1500", "retry-after": "9"}, 2),
+    ({}, None),
+], ids=["seconds", "fraction-ceil", "ms-wins", "none"])
+def test_translate_retry_after_seconds(headers: dict[str, str], expected: int | None) -> None:
+    assert ccm.retry_after_seconds(headers) == expected
+
+
+def test_translate_openai_error_copies_x_should_retry() -> None:
+    err = ccm.openai_error(500, _oa_err("boom", "server_error"), {"x-should-retry": "false"}, "p")
+    assert ("x-should-retry", "false") in err.headers
+    assert (err.status, err.etype) == (500, "api_error")
+
+
+# ============================================================================================
+# 10c. Anthropic -> Chat Completions request (PROTOCOL.md §3)
+# ============================================================================================
+
+def test_translate_to_openai_system_string() -> None:
+    chat, names = ccm.to_openai(req([{"role": "user", "content": "hi"}], system="Be brief."),
+                                "gpt-4o", {})
+    assert chat == {"model": "gpt-4o", "max_tokens": 1000, "messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]}
+    assert names == {}
+
+
+def test_translate_to_openai_system_blocks_drop_billing_header() -> None:
+    system = [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.0.1; cc_entrypoint=cli;"},
+              {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}},
+              {"type": "text", "text": "Be careful.", "cache_control": {"type": "ephemeral", "ttl": "1h"}}]
+    chat, _ = ccm.to_openai(req([{"role": "user", "content": "hi"}], system=system), "gpt-4o", {})
+    assert chat == {"model": "gpt-4o", "max_tokens": 1000, "messages": [
+        {"role": "system", "content": "You are Claude Code.\n\nBe careful."},
+        {"role": "user", "content": "hi"}]}
+
+
+def test_translate_to_openai_system_only_billing_header_is_omitted() -> None:
+    system = [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.0.1;"}]
+    chat, _ = ccm.to_openai(req([{"role": "user", "content": "hi"}], system=system), "gpt-4o", {})
+    assert chat["messages"] == [{"role": "user", "content": "hi"}]
+
+
+def test_translate_to_openai_user_text_blocks_joined() -> None:
+    content = [{"type": "text", "text": "first"}, {"type": "text", "text": ""},
+               {"type": "text", "text": "second", "cache_control": {"type": "ephemeral"}}]
+    chat, _ = ccm.to_openai(req([{"role": "user", "content": content}]), "gpt-4o", {})
+    assert chat == {"model": "gpt-4o", "max_tokens": 1000,
+                    "messages": [{"role": "user", "content": "first\n\nsecond"}]}
+
+
+def test_translate_to_openai_user_images_and_documents() -> None:
+    content = [{"type": "text", "text": "look"},
+               {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": "QUJD"}},
+               {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}},
+               {"type": "document", "source": {"type": "base64", "media_type": "application/pdf",
+                                                "data": "JVBERi0="}},
+               {"type": "image", "source": {"type": "file", "file_id": "file_1"}},
+               {"type": "text", "text": "thanks", "cache_control": {"type": "ephemeral"}}]
+    chat, _ = ccm.to_openai(req([{"role": "user", "content": content}]), "gpt-4o", {})
+    assert chat == {"model": "gpt-4o", "max_tokens": 1000, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "look"},
+        {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,QUJD"}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+        {"type": "file", "file": {"filename": "document.pdf",
+                                  "file_data": "data:application/pdf;base64,JVBERi0="}},
+        {"type": "text", "text": "[image omitted]"},
+        {"type": "text", "text": "thanks"}]}]}
+
+
+def test_translate_to_openai_tool_use_and_results_ordering() -> None:
+    messages = [
+        {"role": "user", "content": "list files"},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "plan", "signature": "sig"},
+            {"type": "text", "text": "Running two tools."},
+            {"type": "tool_use", "id": "toolu_01", "name": "Bash",
+             "input": {"command": "ls -la", "timeout": 5, "nested": {"é": [1, None]}}},
+            {"type": "tool_use", "id": "toolu_02", "name": "Read", "input": {}}]},
+        {"role": "user", "content": [
+            {"type": "text", "text": "and here is more context"},
+            {"type": "tool_result", "tool_use_id": "toolu_01", "content": "a\nb",
+             "cache_control": {"type": "ephemeral"}},
+            {"type": "tool_result", "tool_use_id": "toolu_02", "is_error": True,
+             "content": [{"type": "text", "text": "line1"}, {"type": "text", "text": "line2"}]}]},
+    ]
+    chat, _ = ccm.to_openai(req(messages), "gpt-4o", {})
+    assert parsed_args(chat) == {"model": "gpt-4o", "max_tokens": 1000, "messages": [
+        {"role": "user", "content": "list files"},
+        {"role": "assistant", "content": "Running two tools.", "tool_calls": [
+            {"id": "toolu_01", "type": "function", "function": {
+                "name": "Bash", "arguments": {"command": "ls -la", "timeout": 5, "nested": {"é": [1, None]}}}},
+            {"id": "toolu_02", "type": "function", "function": {"name": "Read", "arguments": {}}}]},
+        {"role": "tool", "tool_call_id": "toolu_01", "content": "a\nb"},
+        {"role": "tool", "tool_call_id": "toolu_02", "content": "Error: line1\nline2"},
+        {"role": "user", "content": "and here is more context"}]}
+
+
+def test_translate_to_openai_tool_calls_only_has_null_content_and_empty_result() -> None:
+    messages = [
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "call_9", "name": "Glob",
+                                           "input": {"pattern": "*.py"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_9"}]},
+    ]
+    chat, _ = ccm.to_openai(req(messages), "gpt-4o", {})
+    assert parsed_args(chat)["messages"] == [
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_9", "type": "function", "function": {"name": "Glob",
+                                                              "arguments": {"pattern": "*.py"}}}]},
+        {"role": "tool", "tool_call_id": "call_9", "content": ""}]
+
+
+def test_translate_to_openai_tool_result_images_follow_tool_messages() -> None:
+    png = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBO"}}
+    url = {"type": "image", "source": {"type": "url", "url": "https://x.test/s.png"}}
+    messages = [
+        {"role": "user", "content": "screenshot"},
+        {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "t1", "name": "Shot", "input": {}},
+            {"type": "tool_use", "id": "t2", "name": "Shot", "input": {"n": 2}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t1", "content": [png]},
+            {"type": "tool_result", "tool_use_id": "t2", "content": [{"type": "text", "text": "see"}, url]},
+            {"type": "text", "text": "what do you see?"}]},
+    ]
+    chat, _ = ccm.to_openai(req(messages), "gpt-4o", {})
+    assert chat["messages"][2:] == [
+        {"role": "tool", "tool_call_id": "t1", "content": "[image]"},
+        {"role": "tool", "tool_call_id": "t2", "content": "see"},
+        {"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}},
+            {"type": "image_url", "image_url": {"url": "https://x.test/s.png"}}]},
+        {"role": "user", "content": "what do you see?"}]
+
+
+def test_translate_to_openai_orphan_tool_result_becomes_user_text() -> None:
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_gone", "content": "stale output"},
+            {"type": "text", "text": "continue"}]},
+    ]
+    chat, _ = ccm.to_openai(req(messages), "gpt-4o", {})
+    assert chat["messages"] == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "Tool result for toolu_gone: stale output\n\ncontinue"}]
+
+
+def test_translate_to_openai_orphan_result_of_an_older_turn() -> None:
+    """A result whose tool_use is not in the *preceding* assistant turn is an orphan too."""
+    messages = [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "old", "name": "A", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "old", "content": "1"}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "new", "name": "A", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "new", "content": "2"},
+                                     {"type": "tool_result", "tool_use_id": "old", "content": "again"}]},
+    ]
+    chat, _ = ccm.to_openai(req(messages), "gpt-4o", {})
+    assert [m["role"] for m in chat["messages"]] == ["assistant", "tool", "assistant", "tool", "user"]
+    assert chat["messages"][3] == {"role": "tool", "tool_call_id": "new", "content": "2"}
+    assert chat["messages"][4] == {"role": "user", "content": "Tool result for old: again"}
+
+
+def test_translate_to_openai_mid_conversation_system_moved_after_tool_results() -> None:
+    messages = [
+        {"role": "user", "content": "go"},
+        {"role": "system", "content": "Reminder one."},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "c1", "name": "Bash",
+                                           "input": {"command": "pwd"}}]},
+        {"role": "system", "content": [{"type": "text", "text": "Reminder two.",
+                                        "cache_control": {"type": "ephemeral"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "c1", "content": "/w"},
+                                     {"type": "text", "text": "next"}]},
+    ]
+    chat, _ = ccm.to_openai(req(messages), "gpt-4o", {})
+    assert parsed_args(chat)["messages"] == [
+        {"role": "user", "content": "go"},
+        {"role": "system", "content": "Reminder one."},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "Bash", "arguments": {"command": "pwd"}}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "/w"},
+        {"role": "system", "content": "Reminder two."},
+        {"role": "user", "content": "next"}]
+
+
+BASH_SCHEMA = {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object",
+               "properties": {"command": {"type": "string", "description": "cmd"},
+                              "opts": {"type": "object", "$schema": "nested",
+                                       "properties": {"u": {"type": "string", "format": "uri"}}},
+                              "alt": {"anyOf": [{"$schema": "x", "type": "string"}, {"type": "null"}]}},
+               "required": ["command"], "additionalProperties": False}
+BASH_PARAMS = {"type": "object",
+               "properties": {"command": {"type": "string", "description": "cmd"},
+                              "opts": {"type": "object",
+                                       "properties": {"u": {"type": "string", "format": "uri"}}},
+                              "alt": {"anyOf": [{"type": "string"}, {"type": "null"}]}},
+               "required": ["command"], "additionalProperties": False}
+TOOLS = [{"name": "Bash", "description": "Run a command", "input_schema": BASH_SCHEMA,
+          "cache_control": {"type": "ephemeral"}, "strict": True, "defer_loading": False},
+         {"type": "web_search_20250305", "name": "web_search", "max_uses": 5},
+         {"type": "custom", "name": "NoSchema"}]
+
+
+def test_translate_to_openai_tools_to_functions() -> None:
+    chat, names = ccm.to_openai(req([{"role": "user", "content": "hi"}], tools=TOOLS,
+                                    tool_choice={"type": "auto"}), "gpt-4o", {})
+    assert chat == {"model": "gpt-4o", "max_tokens": 1000,
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "tools": [{"type": "function", "function": {"name": "Bash", "description": "Run a command",
+                                                                "parameters": BASH_PARAMS}},
+                              {"type": "function", "function": {"name": "NoSchema", "parameters": {
+                                  "type": "object", "properties": {}}}}],
+                    "tool_choice": "auto"}
+    assert names.get("Bash", "Bash") == "Bash"
+    assert "$schema" in BASH_SCHEMA               # the caller's schema is not modified
+
+
+@pytest.mark.parametrize("choice", [{"type": "auto"}, {"type": "any", "disable_parallel_tool_use": True},
+                                    {"type": "tool", "name": "web_search"}, None],
+                         ids=["auto", "any-no-parallel", "tool", "absent"])
+def test_translate_to_openai_only_server_tools_sends_no_tools(choice: Any) -> None:
+    body = req([{"role": "user", "content": "search"}],
+               tools=[{"type": "web_search_20250305", "name": "web_search", "max_uses": 8}])
+    if choice is not None:
+        body["tool_choice"] = choice
+    chat, _ = ccm.to_openai(body, "gpt-4o", {})
+    assert chat == {"model": "gpt-4o", "max_tokens": 1000,
+                    "messages": [{"role": "user", "content": "search"}]}
+
+
+@pytest.mark.parametrize("choice,expected", [
+    ({"type": "auto"}, {"tool_choice": "auto"}),
+    ({"type": "any"}, {"tool_choice": "required"}),
+    ({"type": "tool", "name": "Bash"}, {"tool_choice": {"type": "function", "function": {"name": "Bash"}}}),
+    ({"type": "none"}, {"tool_choice": "none"}),
+    ({"type": "auto", "disable_parallel_tool_use": True}, {"tool_choice": "auto", "parallel_tool_calls": False}),
+    ({"type": "any", "disable_parallel_tool_use": True},
+     {"tool_choice": "required", "parallel_tool_calls": False}),
+    ({"type": "tool", "name": "Bash", "disable_parallel_tool_use": False},
+     {"tool_choice": {"type": "function", "function": {"name": "Bash"}}}),
+], ids=["auto", "any", "tool", "none", "auto-no-parallel", "any-no-parallel", "tool-parallel-false"])
+def test_translate_to_openai_tool_choice(choice: dict[str, Any], expected: dict[str, Any]) -> None:
+    tools = [{"name": "Bash", "input_schema": {"type": "object", "properties": {}}}]
+    chat, _ = ccm.to_openai(req([{"role": "user", "content": "x"}], tools=tools, tool_choice=choice),
+                            "gpt-4o", {})
+    assert chat == {"model": "gpt-4o", "max_tokens": 1000, "messages": [{"role": "user", "content": "x"}],
+                    "tools": [{"type": "function", "function": {"name": "Bash", "parameters": {
+                        "type": "object", "properties": {}}}}], **expected}
+
+
+def test_translate_short_tool_name() -> None:
+    assert len(LONG_NAME) > 64
+    assert ccm.short_tool_name("mcp__github__create_issue") == "mcp__github__create_issue"
+    assert ccm.short_tool_name("a" * 64) == "a" * 64
+    short = ccm.short_tool_name(LONG_NAME)
+    assert short == expected_short(LONG_NAME)
+    assert len(short) == 64 and re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", short)
+    odd = ccm.short_tool_name("my.tool:v2")
+    assert re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", odd)
+    assert odd.endswith("_" + hashlib.sha256(b"my.tool:v2").hexdigest()[:8])
+
+
+def test_translate_to_openai_long_tool_names_shortened_everywhere() -> None:
+    short = expected_short(LONG_NAME)
+    messages = [{"role": "user", "content": "x"},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": LONG_NAME,
+                                                   "input": {"q": 1}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "r"}]}]
+    chat, names = ccm.to_openai(req(messages, tools=[{"name": LONG_NAME, "input_schema": {"type": "object"}}],
+                                    tool_choice={"type": "tool", "name": LONG_NAME}), "gpt-4o", {})
+    assert parsed_args(chat) == {"model": "gpt-4o", "max_tokens": 1000, "messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "toolu_1", "type": "function", "function": {"name": short, "arguments": {"q": 1}}}]},
+        {"role": "tool", "tool_call_id": "toolu_1", "content": "r"}],
+        "tools": [{"type": "function", "function": {"name": short, "parameters": {"type": "object"}}}],
+        "tool_choice": {"type": "function", "function": {"name": short}}}
+    assert names == {short: LONG_NAME}
+
+
+@pytest.mark.parametrize("max_tokens,cap,expected", [(32000, 8192, 8192), (1000, 8192, 1000),
+                                                     (64000, None, 64000)], ids=["clamped", "below", "no-cap"])
+def test_translate_to_openai_max_tokens_clamp(max_tokens: int, cap: int | None, expected: int) -> None:
+    opts = {"max_output_tokens": cap} if cap else {}
+    chat, _ = ccm.to_openai(req([{"role": "user", "content": "x"}], max_tokens=max_tokens), "gpt-4o", opts)
+    assert chat == {"model": "gpt-4o", "max_tokens": expected, "messages": [{"role": "user", "content": "x"}]}
+
+
+@pytest.mark.parametrize("thinking,output_config,effort", [
+    ({"type": "enabled", "budget_tokens": 1024}, None, "low"),
+    ({"type": "enabled", "budget_tokens": 4095}, None, "low"),
+    ({"type": "enabled", "budget_tokens": 4096}, None, "medium"),
+    ({"type": "enabled", "budget_tokens": 16383}, None, "medium"),
+    ({"type": "enabled", "budget_tokens": 16384}, None, "high"),
+    ({"type": "enabled", "budget_tokens": 31999}, None, "high"),
+    ({"type": "adaptive"}, {"effort": "low"}, "low"),
+    ({"type": "adaptive"}, {"effort": "medium"}, "medium"),
+    ({"type": "adaptive"}, {"effort": "high"}, "high"),
+    ({"type": "adaptive"}, {"effort": "max"}, "high"),
+    ({"type": "adaptive"}, None, "medium"),
+    ({"type": "disabled"}, None, None),
+    (None, None, None),
+], ids=["1024", "4095", "4096", "16383", "16384", "31999", "adaptive-low", "adaptive-medium",
+        "adaptive-high", "adaptive-max", "adaptive-default", "disabled", "absent"])
+def test_translate_to_openai_reasoning_effort(thinking: Any, output_config: Any, effort: str | None) -> None:
+    body = req([{"role": "user", "content": "x"}], max_tokens=32000, temperature=1, top_p=0.9, top_k=5)
+    if thinking is not None:
+        body["thinking"] = thinking
+    if output_config is not None:
+        body["output_config"] = output_config
+    chat, _ = ccm.to_openai(body, "gpt-5", {})
+    expected: dict[str, Any] = {"model": "gpt-5", "max_completion_tokens": 32000,
+                                "messages": [{"role": "user", "content": "x"}]}
+    if effort:
+        expected["reasoning_effort"] = effort
+    assert chat == expected
+
+
+@pytest.mark.parametrize("model,opts", [("o3", {}), ("o4-mini", {}), ("gpt-5-codex", {}),
+                                        ("deepseek-reasoner", {"reasoning": True})],
+                         ids=["o3", "o4-mini", "gpt-5-codex", "opts-reasoning"])
+def test_translate_to_openai_reasoning_models(model: str, opts: dict[str, Any]) -> None:
+    body = req([{"role": "user", "content": "x"}], max_tokens=20000, temperature=0.3, top_p=0.5,
+               thinking={"type": "enabled", "budget_tokens": 8000})
+    chat, _ = ccm.to_openai(body, model, dict(opts, max_output_tokens=16000))
+    assert chat == {"model": model, "max_completion_tokens": 16000, "reasoning_effort": "medium",
+                    "messages": [{"role": "user", "content": "x"}]}
+
+
+def test_translate_to_openai_non_reasoning_model_gets_no_reasoning_effort() -> None:
+    body = req([{"role": "user", "content": "x"}], max_tokens=20000, temperature=0.3, top_p=0.5,
+               thinking={"type": "enabled", "budget_tokens": 31999},
+               output_config={"effort": "high"})
+    chat, _ = ccm.to_openai(body, "gpt-4o", {})
+    assert chat == {"model": "gpt-4o", "max_tokens": 20000, "temperature": 0.3, "top_p": 0.5,
+                    "messages": [{"role": "user", "content": "x"}]}
+
+
+def test_translate_to_openai_reasoning_echo() -> None:
+    messages = [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "I should list.", "signature": "ccm1.abc"},
+            {"type": "redacted_thinking", "data": "zzz"},
+            {"type": "tool_use", "id": "c1", "name": "Bash", "input": {"command": "ls"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "c1", "content": "f"}]},
+        {"role": "assistant", "content": [
+            {"type": "text", "text": "Now read."},
+            {"type": "tool_use", "id": "c2", "name": "Read", "input": {"p": "f"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "c2", "content": "data"}]},
+    ]
+    expected_msgs = [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": None, "reasoning_content": "I should list.", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "Bash", "arguments": {"command": "ls"}}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "f"},
+        {"role": "assistant", "content": "Now read.", "reasoning_content": "", "tool_calls": [
+            {"id": "c2", "type": "function", "function": {"name": "Read", "arguments": {"p": "f"}}}]},
+        {"role": "tool", "tool_call_id": "c2", "content": "data"}]
+    chat, _ = ccm.to_openai(req(messages), "deepseek-chat", {"reasoning_echo": True})
+    assert parsed_args(chat) == {"model": "deepseek-chat", "max_tokens": 1000, "messages": expected_msgs}
+    plain, _ = ccm.to_openai(req(messages), "deepseek-chat", {})
+    for m in expected_msgs:
+        m.pop("reasoning_content", None)
+    assert parsed_args(plain) == {"model": "deepseek-chat", "max_tokens": 1000, "messages": expected_msgs}
+
+
+def test_translate_to_openai_stop_user_stream_and_dropped_fields() -> None:
+    long_user = "user_" + "a1b2" * 30 + "_account__session_x"
+    body = req([{"role": "user", "content": [{"type": "text", "text": "x",
+                                              "cache_control": {"type": "ephemeral"}}]}],
+               stop_sequences=["A", "B", "C", "D", "E"], metadata={"user_id": long_user},
+               stream=True, top_k=40, temperature=0.7, context_management={"edits": []},
+               service_tier="auto", container="c1", mcp_servers=[], output_config={"effort": "low"})
+    chat, _ = ccm.to_openai(body, "gpt-4o", {})
+    assert chat == {"model": "gpt-4o", "max_tokens": 1000, "temperature": 0.7,
+                    "messages": [{"role": "user", "content": "x"}],
+                    "stop": ["A", "B", "C", "D"],
+                    "user": hashlib.sha256(long_user.encode()).hexdigest()[:32],
+                    "stream": True, "stream_options": {"include_usage": True}}
+
+
+def test_translate_to_openai_short_user_empty_stops_and_stream_options_off() -> None:
+    body = req([{"role": "user", "content": "x"}], stop_sequences=[], metadata={"user_id": "u-1"},
+               stream=True)
+    chat, _ = ccm.to_openai(body, "gpt-4o", {"stream_options": False})
+    assert chat == {"model": "gpt-4o", "max_tokens": 1000, "messages": [{"role": "user", "content": "x"}],
+                    "user": "u-1", "stream": True}
+
+
+def test_translate_to_openai_extra_body_merged() -> None:
+    body = req([{"role": "user", "content": "x"}])
+    chat, _ = ccm.to_openai(body, "qwen", {"extra_body": {"provider": {"order": ["a", "b"]},
+                                                          "chat_template_kwargs": {"thinking": True}}})
+    assert chat == {"model": "qwen", "max_tokens": 1000, "messages": [{"role": "user", "content": "x"}],
+                    "provider": {"order": ["a", "b"]}, "chat_template_kwargs": {"thinking": True}}
+
+
+# ============================================================================================
+# 10d. Chat Completions response -> Anthropic message (PROTOCOL.md §3)
+# ============================================================================================
+
+def test_translate_from_openai_text_golden() -> None:
+    msg = ccm.from_openai(openai_completion("Hello there"), MODEL, {}, SECRET)
+    assert without_id(msg) == {"type": "message", "role": "assistant", "model": MODEL,
+                               "content": [{"type": "text", "text": "Hello there"}],
+                               "stop_reason": "end_turn", "stop_sequence": None, "usage": usage(20, 5)}
+
+
+@pytest.mark.parametrize("finish,stop", [("stop", "end_turn"), ("length", "max_tokens"),
+                                         ("tool_calls", "tool_use"), ("function_call", "tool_use"),
+                                         ("content_filter", "refusal"), (None, "end_turn"),
+                                         ("something_new", "end_turn")],
+                         ids=lambda v: str(v))
+def test_translate_from_openai_finish_reason(finish: Any, stop: str) -> None:
+    msg = ccm.from_openai(openai_completion("x", finish=finish), MODEL, {}, SECRET)
+    assert msg["stop_reason"] == stop
+    assert msg["stop_sequence"] is None
+
+
+@pytest.mark.parametrize("key", ["reasoning_content", "reasoning"])
+def test_translate_from_openai_reasoning_tools_and_names(key: str) -> None:
+    short = expected_short(LONG_NAME)
+    data = openai_completion("Let me check.", finish="stop", tool_calls=[
+        {"id": "call_AbC-12_x", "type": "function", "function": {"name": "Bash", "arguments": '{"command":"ls"}'}},
+        {"id": "functions.Bash:0", "type": "function", "function": {"name": short, "arguments": '{"a": 1'}},
+        {"id": "functions.Read:1", "type": "function", "function": {"name": "Read", "arguments": ""}},
+        {"id": "call_z", "type": "function", "function": {"name": "Read", "arguments": "not json at all"}}])
+    data["choices"][0]["message"][key] = "Thinking about ü\u2028."
+    msg = ccm.from_openai(data, MODEL, {short: LONG_NAME}, SECRET)
+    body = without_id(msg)
+    ids = [b.get("id") for b in body["content"]]
+    assert TOOL_ID_RE.fullmatch(ids[3]) and TOOL_ID_RE.fullmatch(ids[4]) and ids[3] != ids[4]
+    assert body == {"type": "message", "role": "assistant", "model": MODEL, "content": [
+        {"type": "thinking", "thinking": "Thinking about ü\u2028.",
+         "signature": ccm.sign_thinking(SECRET, "Thinking about ü\u2028.")},
+        {"type": "text", "text": "Let me check."},
+        {"type": "tool_use", "id": "call_AbC-12_x", "name": "Bash", "input": {"command": "ls"}},
+        {"type": "tool_use", "id": ids[3], "name": LONG_NAME, "input": {"a": 1}},
+        {"type": "tool_use", "id": ids[4], "name": "Read", "input": {}},
+        {"type": "tool_use", "id": "call_z", "name": "Read", "input": {}}],
+        "stop_reason": "tool_use", "stop_sequence": None, "usage": usage(20, 5)}
+    assert body["content"][0]["signature"].startswith("ccm1.")
+
+
+def test_translate_from_openai_tool_calls_only_null_content() -> None:
+    data = openai_completion(None, finish="tool_calls", tool_calls=[
+        {"id": "call_1", "type": "function", "function": {"name": "Glob", "arguments": None}}])
+    msg = ccm.from_openai(data, MODEL, {}, SECRET)
+    assert without_id(msg) == {"type": "message", "role": "assistant", "model": MODEL, "content": [
+        {"type": "tool_use", "id": "call_1", "name": "Glob", "input": {}}],
+        "stop_reason": "tool_use", "stop_sequence": None, "usage": usage(20, 5)}
+
+
+def test_translate_from_openai_empty_text_gives_empty_content() -> None:
+    msg = ccm.from_openai(openai_completion(""), MODEL, {}, SECRET)
+    assert msg["content"] == []
+
+
+def test_translate_from_openai_refusal() -> None:
+    data = openai_completion(None, finish="stop")
+    data["choices"][0]["message"]["refusal"] = "I can't help with that."
+    msg = ccm.from_openai(data, MODEL, {}, SECRET)
+    assert without_id(msg) == {"type": "message", "role": "assistant", "model": MODEL,
+                               "content": [{"type": "text", "text": "I can't help with that."}],
+                               "stop_reason": "refusal", "stop_sequence": None, "usage": usage(20, 5)}
+
+
+@pytest.mark.parametrize("u,expected", [
+    ({"prompt_tokens": 100, "completion_tokens": 7, "total_tokens": 107,
+      "prompt_tokens_details": {"cached_tokens": 60}}, usage(40, 7, 60, 0)),
+    ({"prompt_tokens": 100, "completion_tokens": 7, "prompt_cache_hit_tokens": 30,
+      "prompt_cache_miss_tokens": 70}, usage(70, 7, 30, 0)),
+    ({"prompt_tokens": 100, "completion_tokens": 7,
+      "prompt_tokens_details": {"cached_tokens": 50, "cache_write_tokens": 20}}, usage(30, 7, 50, 20)),
+    ({"prompt_tokens": 10, "completion_tokens": 3, "prompt_tokens_details": None}, usage(10, 3)),
+], ids=["openai-cached", "deepseek-hit", "openrouter-write", "details-null"])
+def test_translate_from_openai_usage(u: dict[str, Any], expected: dict[str, Any]) -> None:
+    msg = ccm.from_openai(openai_completion("x", usage=u), MODEL, {}, SECRET)
+    assert msg["usage"] == expected
+
+
+@pytest.mark.parametrize("text,expected", [('{"a": 1', {"a": 1}), ('{"a": "x', {"a": "x"}),
+                                           ('{"a": [1, 2', {"a": [1, 2]}), ('{"a": 1,}', {"a": 1}),
+                                           ("", {}), ('{"a": {"b": true}}', {"a": {"b": True}})],
+                         ids=["open-object", "open-string", "open-array", "trailing-comma", "empty", "valid"])
+def test_translate_repair_json(text: str, expected: Any) -> None:
+    assert ccm.repair_json(text) == expected
+
+
+def test_translate_repair_json_unrepairable_raises() -> None:
+    with pytest.raises(ValueError):
+        ccm.repair_json("definitely not json")
+
+
+# ============================================================================================
+# 10e. Chat Completions stream -> Anthropic events (PROTOCOL.md §4)
+# ============================================================================================
+
+def test_translate_stream_text_exact_events() -> None:
+    raw = sse_stream(*openai_chunks(["hel", "lo"]))
+    evs = events_of(raw, input_tokens=12)
+    assert evs == [msg_start(12), PING, block_start(0, {"type": "text", "text": ""}),
+                   text_d(0, "hel"), text_d(0, "lo"), block_stop(0), *msg_end("end_turn", usage(20, 5))]
+    check_invariants(evs)
+
+
+REASONING_TOOLS_CHUNKS = [
+    chunk({"role": "assistant", "content": ""}),
+    chunk({"reasoning_content": "Let me "}),
+    chunk({"reasoning_content": "think ü\u2028."}),
+    chunk({"content": "Sure — "}),
+    chunk({"content": "running\u2028 two 😀."}),
+    chunk({"tool_calls": [call(0, "call_a", "Bash", "")]}),
+    chunk({"tool_calls": [call(0, args='{"comm')]}),
+    chunk({"tool_calls": [call(0, args='and": "ls é"}')]}),
+    chunk({"tool_calls": [call(1, "functions.Read:1", "Read", '{"path"')]}),
+    chunk({"tool_calls": [call(1, args=': "/tmp/✓"}')]}),
+    chunk({}, "tool_calls"),
+    usage_chunk(30, 9),
+]
+
+
+def reasoning_tools_expected(first_id_b: str) -> list[tuple[str, dict[str, Any]]]:
+    thinking = "Let me think ü\u2028."
+    return [msg_start(), PING,
+            block_start(0, {"type": "thinking", "thinking": "", "signature": ""}),
+            block_delta(0, {"type": "thinking_delta", "thinking": "Let me "}),
+            block_delta(0, {"type": "thinking_delta", "thinking": "think ü\u2028."}),
+            block_delta(0, {"type": "signature_delta", "signature": ccm.sign_thinking(SECRET, thinking)}),
+            block_stop(0),
+            block_start(1, {"type": "text", "text": ""}),
+            text_d(1, "Sure — "), text_d(1, "running\u2028 two 😀."), block_stop(1),
+            block_start(2, {"type": "tool_use", "id": "call_a", "name": "Bash", "input": {}}),
+            json_d(2, '{"comm'), json_d(2, 'and": "ls é"}'), block_stop(2),
+            block_start(3, {"type": "tool_use", "id": first_id_b, "name": "Read", "input": {}}),
+            json_d(3, '{"path"'), json_d(3, ': "/tmp/✓"}'), block_stop(3),
+            *msg_end("tool_use", usage(30, 9))]
+
+
+def test_translate_stream_reasoning_text_and_parallel_tools_exact_events() -> None:
+    """Each fragment is forwarded when it arrives (PROTOCOL.md §4): the second call opens its
+    block as soon as its first fragment arrives, since the first call's block cannot get more."""
+    evs = events_of(sse_stream(*REASONING_TOOLS_CHUNKS))
+    jsons = check_invariants(evs)
+    assert json.loads(jsons[2]) == {"command": "ls é"}
+    assert json.loads(jsons[3]) == {"path": "/tmp/✓"}
+    read_id = next(d["content_block"]["id"] for e, d in evs
+                   if e == "content_block_start" and d["index"] == 3)
+    assert TOOL_ID_RE.fullmatch(read_id)
+    assert evs == reasoning_tools_expected(read_id)
+
+
+def test_translate_stream_reasoning_text_and_parallel_tools_blocks() -> None:
+    """The same stream, checking only the blocks' content, not when the fragments were sent."""
+    evs = events_of(sse_stream(*REASONING_TOOLS_CHUNKS))
+    jsons = check_invariants(evs)
+    starts = [d["content_block"] for e, d in evs if e == "content_block_start"]
+    assert [(b["type"], b.get("name")) for b in starts] == [("thinking", None), ("text", None),
+                                                           ("tool_use", "Bash"), ("tool_use", "Read")]
+    assert starts[2]["id"] == "call_a" and TOOL_ID_RE.fullmatch(starts[3]["id"])
+    assert {i: json.loads(t) for i, t in jsons.items()} == {2: {"command": "ls é"}, 3: {"path": "/tmp/✓"}}
+    assert evs[-2:] == msg_end("tool_use", usage(30, 9))
+
+
+def test_translate_stream_provider_repeating_name_and_id_does_not_duplicate() -> None:
+    raw = sse_stream(
+        chunk({"tool_calls": [call(0, "call_1", "Bash", "")]}),
+        chunk({"tool_calls": [call(0, "call_1", "Bash", '{"command":')]}),
+        chunk({"tool_calls": [call(0, "call_1", "Bash", ' "ls"}')]}),
+        chunk({"tool_calls": [call(1, "call_2", "Read", '{"p":')]}),
+        chunk({"tool_calls": [call(1, "call_2", "Read", ' 1}')]}),
+        chunk({}, "tool_calls"), usage_chunk())
+    evs = events_of(raw)
+    jsons = check_invariants(evs)
+    starts = [d["content_block"] for e, d in evs if e == "content_block_start"]
+    assert starts == [{"type": "tool_use", "id": "call_1", "name": "Bash", "input": {}},
+                      {"type": "tool_use", "id": "call_2", "name": "Read", "input": {}}]
+    assert {i: json.loads(t) for i, t in jsons.items()} == {0: {"command": "ls"}, 1: {"p": 1}}
+    assert evs[-2:] == msg_end("tool_use", usage())
+
+
+def test_translate_stream_everything_in_one_chunk() -> None:
+    one = chunk({"role": "assistant", "content": "Hi", "tool_calls": [
+        call(0, "call_1", "Bash", '{"command":"ls"}')]}, "tool_calls",
+        usage={"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15})
+    evs = events_of(sse_stream(one))
+    assert evs == [msg_start(), PING, block_start(0, {"type": "text", "text": ""}), text_d(0, "Hi"),
+                   block_stop(0),
+                   block_start(1, {"type": "tool_use", "id": "call_1", "name": "Bash", "input": {}}),
+                   json_d(1, '{"command":"ls"}'), block_stop(1), *msg_end("tool_use", usage(11, 4))]
+
+
+def test_translate_stream_several_calls_in_one_chunk_and_finish_stop() -> None:
+    short = expected_short(LONG_NAME)
+    one = chunk({"tool_calls": [call(0, "call_1", "Bash", '{"command":"ls"}'),
+                                call(1, "call_2", short, '{"q":"x"}'),
+                                call(2, "call_3", "Noop", "")]}, "stop")
+    evs = events_of(sse_stream(one, usage_chunk(8, 2)), names={short: LONG_NAME})
+    assert evs == [msg_start(), PING,
+                   block_start(0, {"type": "tool_use", "id": "call_1", "name": "Bash", "input": {}}),
+                   json_d(0, '{"command":"ls"}'), block_stop(0),
+                   block_start(1, {"type": "tool_use", "id": "call_2", "name": LONG_NAME, "input": {}}),
+                   json_d(1, '{"q":"x"}'), block_stop(1),
+                   block_start(2, {"type": "tool_use", "id": "call_3", "name": "Noop", "input": {}}),
+                   json_d(2, "{}"), block_stop(2),
+                   *msg_end("tool_use", usage(8, 2))]
+
+
+def test_translate_stream_call_without_arguments_emits_empty_object() -> None:
+    raw = sse_stream(chunk({"tool_calls": [call(0, "call_1", "ExitPlanMode")]}),
+                     chunk({}, "tool_calls"), usage_chunk())
+    evs = events_of(raw)
+    assert evs == [msg_start(), PING,
+                   block_start(0, {"type": "tool_use", "id": "call_1", "name": "ExitPlanMode", "input": {}}),
+                   json_d(0, "{}"), block_stop(0), *msg_end("tool_use", usage())]
+
+
+def test_translate_stream_long_name_restored() -> None:
+    short = expected_short(LONG_NAME)
+    raw = sse_stream(chunk({"tool_calls": [call(0, "call_1", short, "")]}),
+                     chunk({"tool_calls": [call(0, args='{"x": 1}')]}),
+                     chunk({}, "tool_calls"), usage_chunk())
+    evs = events_of(raw, names={short: LONG_NAME})
+    check_invariants(evs)
+    assert evs[2] == block_start(0, {"type": "tool_use", "id": "call_1", "name": LONG_NAME, "input": {}})
+
+
+def test_translate_stream_cached_usage_in_final_chunk() -> None:
+    raw = sse_stream(*openai_chunks(["ok"], usage=False),
+                     usage_chunk(100, 6, prompt_tokens_details={"cached_tokens": 64}))
+    evs = events_of(raw)
+    assert evs[-2:] == msg_end("end_turn", usage(36, 6, 64, 0))
+
+
+@pytest.mark.parametrize("finish,stop", [("stop", "end_turn"), ("length", "max_tokens"),
+                                         ("content_filter", "refusal"), ("tool_calls", "tool_use")])
+def test_translate_stream_finish_reason(finish: str, stop: str) -> None:
+    evs = events_of(sse_stream(*openai_chunks(["x"], finish=finish)))
+    check_invariants(evs)
+    assert evs[-2][1]["delta"] == {"stop_reason": stop, "stop_sequence": None}
+
+
+def test_translate_stream_done_without_finish_reason_is_end_turn() -> None:
+    evs = events_of(sse_stream(chunk({"content": "x"})))
+    check_invariants(evs)
+    assert evs[-2][1]["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
+
+
+def test_translate_stream_missing_done_with_finish_ends_normally() -> None:
+    raw = sse_stream(*openai_chunks(["hel", "lo"]), done=False)
+    out, s = run_stream([raw], eof=False)
+    assert b"message_stop" not in out          # nothing final before EOF
+    out += b"".join(s.finish_stream())
+    evs = decode(out)
+    assert evs == [msg_start(), PING, block_start(0, {"type": "text", "text": ""}),
+                   text_d(0, "hel"), text_d(0, "lo"), block_stop(0), *msg_end("end_turn", usage(20, 5))]
+    assert s.done and s.failed is None
+
+
+def test_translate_stream_eof_without_finish_or_done_is_an_error() -> None:
+    raw = sse_stream(chunk({"role": "assistant"}), chunk({"content": "partial"}), done=False)
+    out, s = run_stream([raw])
+    evs = decode(out)
+    check_invariants(evs)
+    assert [e for e, _ in evs] == ["message_start", "ping", "content_block_start",
+                                   "content_block_delta", "error"]
+    err = evs[-1][1]
+    assert err["type"] == "error" and set(err) == {"type", "error"}
+    assert set(err["error"]) == {"type", "message"}
+    assert err["error"]["type"] in {"api_error", "overloaded_error"} and err["error"]["message"]
+    assert s.done and s.failed is not None
+    assert s.feed(b"data: [DONE]\n\n") == [] and s.finish_stream() == []
+
+
+def test_translate_stream_eof_error_type_defaults_to_api_error() -> None:
+    """PROTOCOL.md §4.4: the type is mapped from code/status, default "api_error"; a bare EOF
+    has neither."""
+    out, _ = run_stream([sse_stream(chunk({"content": "partial"}), done=False)])
+    assert decode(out)[-1][1]["error"]["type"] == "api_error"
+
+
+@pytest.mark.parametrize("payload,etype,message", [
+    ({"error": {"message": "Rate limit exceeded", "code": 429}}, "rate_limit_error", "Rate limit exceeded"),
+    ({"error": {"message": "Internal failure", "type": "server_error", "code": "server_error"}},
+     "api_error", "Internal failure"),
+    ({"object": "error", "message": "context length exceeded", "type": "BadRequestError", "code": 400},
+     "invalid_request_error", "context length exceeded"),
+], ids=["openrouter-429", "openai-server-error", "vllm-400"])
+def test_translate_stream_error_payload_mid_stream(payload: dict[str, Any], etype: str, message: str) -> None:
+    raw = sse_stream(chunk({"content": "partial"}), payload, chunk({"content": "never"}),
+                     chunk({}, "stop"))
+    out, s = run_stream([raw])
+    evs = decode(out)
+    check_invariants(evs)
+    assert evs[:4] == [msg_start(), PING, block_start(0, {"type": "text", "text": ""}), text_d(0, "partial")]
+    assert evs[-1][0] == "error" and evs[-1][1]["type"] == "error"
+    assert evs[-1][1]["error"]["type"] == etype
+    assert evs[-1][1]["error"]["message"].endswith(message)   # ccm may prefix the provider's name
+    assert "never" not in out.decode()
+    assert s.done and s.failed is not None
+
+
+def test_translate_stream_finish_reason_error_is_an_error_event() -> None:
+    out, _ = run_stream([sse_stream(chunk({"content": "x"}), chunk({}, "error"))])
+    evs = decode(out)
+    check_invariants(evs)
+    assert evs[-1][0] == "error"
+
+
+def test_translate_stream_fail_emits_error_event() -> None:
+    s = ccm.OpenAIStream(MODEL, {}, SECRET)
+    out = s.feed(sse_stream(chunk({"content": "x"}), done=False))
+    out += s.fail(ccm.UpstreamError(504, "read timeout", "timeout_error"))
+    evs = decode(b"".join(out))
+    check_invariants(evs)
+    assert evs[-1] == ("error", {"type": "error", "error": {"type": "timeout_error", "message": "read timeout"}})
+    assert s.done and s.failed is not None and s.fail(ccm.UpstreamError(500, "again")) == []
+
+
+def test_translate_stream_keepalive_comments_ignored() -> None:
+    chunks = openai_chunks(["a", "b"])
+    plain = sse_stream(*chunks)
+    noisy = b"".join(b": OPENROUTER PROCESSING\n\n" + sse_stream(c, done=False) for c in chunks)
+    noisy += b":\n\n: ping\ndata: [DONE]\n\n"
+    assert events_of(noisy) == events_of(plain)
+
+
+def test_translate_stream_crlf_and_multiline_data() -> None:
+    body = json.dumps(chunk({"content": "hi"}))
+    cut = body.index(", ") + 1
+    multi = body[:cut] + "\ndata:" + body[cut:]      # SSE joins data lines with "\n" (JSON whitespace)
+    raw = (f"data: {multi}\r\n\r\n" + "data: " + json.dumps(chunk({}, "stop")) + "\r\n\r\ndata: [DONE]\r\n\r\n").encode()
+    evs = events_of(raw)
+    assert evs == [msg_start(), PING, block_start(0, {"type": "text", "text": ""}), text_d(0, "hi"),
+                   block_stop(0), *msg_end("end_turn", evs[-2][1]["usage"])]
+
+
+def test_translate_stream_no_usage_is_filled_locally() -> None:
+    evs = events_of(sse_stream(*openai_chunks(["some text ", "that is long enough"], usage=False)),
+                    input_tokens=42)
+    check_invariants(evs)
+    u = evs[-2][1]["usage"]
+    assert u["output_tokens"] > 0
+    assert u["input_tokens"] == 42
+
+
+def test_translate_stream_role_only_and_empty_content_open_no_block() -> None:
+    raw = sse_stream(chunk({"role": "assistant", "content": ""}), chunk({"content": ""}),
+                     chunk({"reasoning_content": ""}), chunk({}, "stop"), usage_chunk(3, 0))
+    evs = events_of(raw)
+    assert evs == [msg_start(), PING, *msg_end("end_turn", usage(3, 0))]
+
+
+# ---- the same fixture fed whole, byte by byte, split at every offset, and split anyhow ----------
+
+SPLIT_RAW = b": keep-alive\n\n" + sse_stream(*REASONING_TOOLS_CHUNKS).replace(b"\n\n", b"\r\n\r\n", 3)
+
+
+def _normalised(pieces: list[bytes]) -> list[tuple[str, dict[str, Any]]]:
+    out, s = run_stream(pieces)
+    assert s.done and s.failed is None
+    return decode(out)
+
+
+WHOLE = _normalised([SPLIT_RAW])
+
+
+def test_translate_stream_split_fixture_has_multibyte_and_u2028() -> None:
+    assert "\u2028".encode() in SPLIT_RAW and "😀".encode() in SPLIT_RAW and b"\r\n" in SPLIT_RAW
+    jsons = check_invariants(WHOLE)
+    assert {i: json.loads(t) for i, t in jsons.items()} == {2: {"command": "ls é"}, 3: {"path": "/tmp/✓"}}
+
+
+def test_translate_stream_byte_by_byte() -> None:
+    assert _normalised([SPLIT_RAW[i:i + 1] for i in range(len(SPLIT_RAW))]) == WHOLE
+
+
+def test_translate_stream_split_at_every_offset() -> None:
+    for i in range(1, len(SPLIT_RAW)):
+        assert _normalised([SPLIT_RAW[:i], SPLIT_RAW[i:]]) == WHOLE, i
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.integers(min_value=1, max_value=len(SPLIT_RAW) - 1), max_size=40))
+def test_translate_stream_any_split_same_events(cuts: list[int]) -> None:
+    assert _normalised(split(SPLIT_RAW, cuts)) == WHOLE

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import platform
@@ -865,6 +866,11 @@ def targets_for(kind: str, fake: int, ccm: int) -> tuple[Target, Target]:
     return direct, via
 
 
+def ccm_digest() -> str:
+    with open(CCM_PY, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:12]
+
+
 def body_len(req: bytes) -> int:
     return len(req) - req.index(b"\r\n\r\n") - 4
 
@@ -903,7 +909,8 @@ async def run(args: argparse.Namespace, fake_port: int, ccm_port: int, fake_pid:
     w(f"ccm benchmark ({'--quick' if quick else 'full'}): {elapsed:.1f} s of measuring")
     w(f"python {platform.python_version()} ({platform.python_implementation()}) | nproc "
       f"{os.cpu_count()} (affinity {len(os.sched_getaffinity(0))}) | {platform.system()} "
-      f"{platform.release()} | ccm {health.get('version', '?')} | /proc tick {1000 / CLK_TCK:g} ms")
+      f"{platform.release()} | ccm {health.get('version', '?')} (ccm.py sha256 {ccm_digest()}) | "
+      f"/proc tick {1000 / CLK_TCK:g} ms")
     w(f"requests: c=1 {n1} per target, direct/ccm interleaved; c=16 {n16} per target; "
       f"warm-up {warm} per target per path")
     w("bodies (bytes sent): " + "; ".join(

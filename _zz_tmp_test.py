@@ -1,5 +1,5 @@
 from _t_e2e import *
-def test_dbg(fake_upstream, ccm_server):
+def test_zzqq(fake_upstream, ccm_server):
     up = fake_upstream("openai")
     err = {"error": {"message": "Rate limit reached"}}
     up.script(Reply(status=429, json=err, headers={"retry-after-ms": "1500"}),
