@@ -1327,7 +1327,7 @@ def expected_short(name: str) -> str:
     return name[:55] + "_" + hashlib.sha256(name.encode()).hexdigest()[:8]
 
 
-def req(messages: list[Any], **kw: Any) -> dict[str, Any]:
+def oa_req(messages: list[Any], **kw: Any) -> dict[str, Any]:
     body = {"model": MODEL, "max_tokens": 1000, "messages": messages}
     body.update(kw)
     return body
@@ -1690,7 +1690,7 @@ def test_translate_openai_error_copies_x_should_retry() -> None:
 # ============================================================================================
 
 def test_translate_to_openai_system_string() -> None:
-    chat, names = ccm.to_openai(req([{"role": "user", "content": "hi"}], system="Be brief."),
+    chat, names = ccm.to_openai(oa_req([{"role": "user", "content": "hi"}], system="Be brief."),
                                 "gpt-4o", {})
     assert chat == {"model": "gpt-4o", "max_tokens": 1000, "messages": [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]}
@@ -1701,7 +1701,7 @@ def test_translate_to_openai_system_blocks_drop_billing_header() -> None:
     system = [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.0.1; cc_entrypoint=cli;"},
               {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}},
               {"type": "text", "text": "Be careful.", "cache_control": {"type": "ephemeral", "ttl": "1h"}}]
-    chat, _ = ccm.to_openai(req([{"role": "user", "content": "hi"}], system=system), "gpt-4o", {})
+    chat, _ = ccm.to_openai(oa_req([{"role": "user", "content": "hi"}], system=system), "gpt-4o", {})
     assert chat == {"model": "gpt-4o", "max_tokens": 1000, "messages": [
         {"role": "system", "content": "You are Claude Code.\n\nBe careful."},
         {"role": "user", "content": "hi"}]}
@@ -1709,14 +1709,14 @@ def test_translate_to_openai_system_blocks_drop_billing_header() -> None:
 
 def test_translate_to_openai_system_only_billing_header_is_omitted() -> None:
     system = [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.0.1;"}]
-    chat, _ = ccm.to_openai(req([{"role": "user", "content": "hi"}], system=system), "gpt-4o", {})
+    chat, _ = ccm.to_openai(oa_req([{"role": "user", "content": "hi"}], system=system), "gpt-4o", {})
     assert chat["messages"] == [{"role": "user", "content": "hi"}]
 
 
 def test_translate_to_openai_user_text_blocks_joined() -> None:
     content = [{"type": "text", "text": "first"}, {"type": "text", "text": ""},
                {"type": "text", "text": "second", "cache_control": {"type": "ephemeral"}}]
-    chat, _ = ccm.to_openai(req([{"role": "user", "content": content}]), "gpt-4o", {})
+    chat, _ = ccm.to_openai(oa_req([{"role": "user", "content": content}]), "gpt-4o", {})
     assert chat == {"model": "gpt-4o", "max_tokens": 1000,
                     "messages": [{"role": "user", "content": "first\n\nsecond"}]}
 
@@ -1729,7 +1729,7 @@ def test_translate_to_openai_user_images_and_documents() -> None:
                                                 "data": "JVBERi0="}},
                {"type": "image", "source": {"type": "file", "file_id": "file_1"}},
                {"type": "text", "text": "thanks", "cache_control": {"type": "ephemeral"}}]
-    chat, _ = ccm.to_openai(req([{"role": "user", "content": content}]), "gpt-4o", {})
+    chat, _ = ccm.to_openai(oa_req([{"role": "user", "content": content}]), "gpt-4o", {})
     assert chat == {"model": "gpt-4o", "max_tokens": 1000, "messages": [{"role": "user", "content": [
         {"type": "text", "text": "look"},
         {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,QUJD"}},
@@ -1756,7 +1756,7 @@ def test_translate_to_openai_tool_use_and_results_ordering() -> None:
             {"type": "tool_result", "tool_use_id": "toolu_02", "is_error": True,
              "content": [{"type": "text", "text": "line1"}, {"type": "text", "text": "line2"}]}]},
     ]
-    chat, _ = ccm.to_openai(req(messages), "gpt-4o", {})
+    chat, _ = ccm.to_openai(oa_req(messages), "gpt-4o", {})
     assert parsed_args(chat) == {"model": "gpt-4o", "max_tokens": 1000, "messages": [
         {"role": "user", "content": "list files"},
         {"role": "assistant", "content": "Running two tools.", "tool_calls": [
@@ -1775,7 +1775,7 @@ def test_translate_to_openai_tool_calls_only_has_null_content_and_empty_result()
                                            "input": {"pattern": "*.py"}}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "call_9"}]},
     ]
-    chat, _ = ccm.to_openai(req(messages), "gpt-4o", {})
+    chat, _ = ccm.to_openai(oa_req(messages), "gpt-4o", {})
     assert parsed_args(chat)["messages"] == [
         {"role": "user", "content": "go"},
         {"role": "assistant", "content": None, "tool_calls": [
@@ -1797,7 +1797,7 @@ def test_translate_to_openai_tool_result_images_follow_tool_messages() -> None:
             {"type": "tool_result", "tool_use_id": "t2", "content": [{"type": "text", "text": "see"}, url]},
             {"type": "text", "text": "what do you see?"}]},
     ]
-    chat, _ = ccm.to_openai(req(messages), "gpt-4o", {})
+    chat, _ = ccm.to_openai(oa_req(messages), "gpt-4o", {})
     assert chat["messages"][2:] == [
         {"role": "tool", "tool_call_id": "t1", "content": "[image]"},
         {"role": "tool", "tool_call_id": "t2", "content": "see"},
@@ -1815,7 +1815,7 @@ def test_translate_to_openai_orphan_tool_result_becomes_user_text() -> None:
             {"type": "tool_result", "tool_use_id": "toolu_gone", "content": "stale output"},
             {"type": "text", "text": "continue"}]},
     ]
-    chat, _ = ccm.to_openai(req(messages), "gpt-4o", {})
+    chat, _ = ccm.to_openai(oa_req(messages), "gpt-4o", {})
     assert chat["messages"] == [
         {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "hello"},
@@ -1831,7 +1831,7 @@ def test_translate_to_openai_orphan_result_of_an_older_turn() -> None:
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "new", "content": "2"},
                                      {"type": "tool_result", "tool_use_id": "old", "content": "again"}]},
     ]
-    chat, _ = ccm.to_openai(req(messages), "gpt-4o", {})
+    chat, _ = ccm.to_openai(oa_req(messages), "gpt-4o", {})
     assert [m["role"] for m in chat["messages"]] == ["assistant", "tool", "assistant", "tool", "user"]
     assert chat["messages"][3] == {"role": "tool", "tool_call_id": "new", "content": "2"}
     assert chat["messages"][4] == {"role": "user", "content": "Tool result for old: again"}
@@ -1848,7 +1848,7 @@ def test_translate_to_openai_mid_conversation_system_moved_after_tool_results() 
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "c1", "content": "/w"},
                                      {"type": "text", "text": "next"}]},
     ]
-    chat, _ = ccm.to_openai(req(messages), "gpt-4o", {})
+    chat, _ = ccm.to_openai(oa_req(messages), "gpt-4o", {})
     assert parsed_args(chat)["messages"] == [
         {"role": "user", "content": "go"},
         {"role": "system", "content": "Reminder one."},
@@ -1878,7 +1878,7 @@ TOOLS = [{"name": "Bash", "description": "Run a command", "input_schema": BASH_S
 
 
 def test_translate_to_openai_tools_to_functions() -> None:
-    chat, names = ccm.to_openai(req([{"role": "user", "content": "hi"}], tools=TOOLS,
+    chat, names = ccm.to_openai(oa_req([{"role": "user", "content": "hi"}], tools=TOOLS,
                                     tool_choice={"type": "auto"}), "gpt-4o", {})
     assert chat == {"model": "gpt-4o", "max_tokens": 1000,
                     "messages": [{"role": "user", "content": "hi"}],
@@ -1895,7 +1895,7 @@ def test_translate_to_openai_tools_to_functions() -> None:
                                     {"type": "tool", "name": "web_search"}, None],
                          ids=["auto", "any-no-parallel", "tool", "absent"])
 def test_translate_to_openai_only_server_tools_sends_no_tools(choice: Any) -> None:
-    body = req([{"role": "user", "content": "search"}],
+    body = oa_req([{"role": "user", "content": "search"}],
                tools=[{"type": "web_search_20250305", "name": "web_search", "max_uses": 8}])
     if choice is not None:
         body["tool_choice"] = choice
@@ -1917,7 +1917,7 @@ def test_translate_to_openai_only_server_tools_sends_no_tools(choice: Any) -> No
 ], ids=["auto", "any", "tool", "none", "auto-no-parallel", "any-no-parallel", "tool-parallel-false"])
 def test_translate_to_openai_tool_choice(choice: dict[str, Any], expected: dict[str, Any]) -> None:
     tools = [{"name": "Bash", "input_schema": {"type": "object", "properties": {}}}]
-    chat, _ = ccm.to_openai(req([{"role": "user", "content": "x"}], tools=tools, tool_choice=choice),
+    chat, _ = ccm.to_openai(oa_req([{"role": "user", "content": "x"}], tools=tools, tool_choice=choice),
                             "gpt-4o", {})
     assert chat == {"model": "gpt-4o", "max_tokens": 1000, "messages": [{"role": "user", "content": "x"}],
                     "tools": [{"type": "function", "function": {"name": "Bash", "parameters": {
@@ -1942,7 +1942,7 @@ def test_translate_to_openai_long_tool_names_shortened_everywhere() -> None:
                 {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": LONG_NAME,
                                                    "input": {"q": 1}}]},
                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "r"}]}]
-    chat, names = ccm.to_openai(req(messages, tools=[{"name": LONG_NAME, "input_schema": {"type": "object"}}],
+    chat, names = ccm.to_openai(oa_req(messages, tools=[{"name": LONG_NAME, "input_schema": {"type": "object"}}],
                                     tool_choice={"type": "tool", "name": LONG_NAME}), "gpt-4o", {})
     assert parsed_args(chat) == {"model": "gpt-4o", "max_tokens": 1000, "messages": [
         {"role": "user", "content": "x"},
@@ -1958,7 +1958,7 @@ def test_translate_to_openai_long_tool_names_shortened_everywhere() -> None:
                                                      (64000, None, 64000)], ids=["clamped", "below", "no-cap"])
 def test_translate_to_openai_max_tokens_clamp(max_tokens: int, cap: int | None, expected: int) -> None:
     opts = {"max_output_tokens": cap} if cap else {}
-    chat, _ = ccm.to_openai(req([{"role": "user", "content": "x"}], max_tokens=max_tokens), "gpt-4o", opts)
+    chat, _ = ccm.to_openai(oa_req([{"role": "user", "content": "x"}], max_tokens=max_tokens), "gpt-4o", opts)
     assert chat == {"model": "gpt-4o", "max_tokens": expected, "messages": [{"role": "user", "content": "x"}]}
 
 
@@ -1979,7 +1979,7 @@ def test_translate_to_openai_max_tokens_clamp(max_tokens: int, cap: int | None, 
 ], ids=["1024", "4095", "4096", "16383", "16384", "31999", "adaptive-low", "adaptive-medium",
         "adaptive-high", "adaptive-max", "adaptive-default", "disabled", "absent"])
 def test_translate_to_openai_reasoning_effort(thinking: Any, output_config: Any, effort: str | None) -> None:
-    body = req([{"role": "user", "content": "x"}], max_tokens=32000, temperature=1, top_p=0.9, top_k=5)
+    body = oa_req([{"role": "user", "content": "x"}], max_tokens=32000, temperature=1, top_p=0.9, top_k=5)
     if thinking is not None:
         body["thinking"] = thinking
     if output_config is not None:
@@ -1996,7 +1996,7 @@ def test_translate_to_openai_reasoning_effort(thinking: Any, output_config: Any,
                                         ("deepseek-reasoner", {"reasoning": True})],
                          ids=["o3", "o4-mini", "gpt-5-codex", "opts-reasoning"])
 def test_translate_to_openai_reasoning_models(model: str, opts: dict[str, Any]) -> None:
-    body = req([{"role": "user", "content": "x"}], max_tokens=20000, temperature=0.3, top_p=0.5,
+    body = oa_req([{"role": "user", "content": "x"}], max_tokens=20000, temperature=0.3, top_p=0.5,
                thinking={"type": "enabled", "budget_tokens": 8000})
     chat, _ = ccm.to_openai(body, model, dict(opts, max_output_tokens=16000))
     assert chat == {"model": model, "max_completion_tokens": 16000, "reasoning_effort": "medium",
@@ -2004,7 +2004,7 @@ def test_translate_to_openai_reasoning_models(model: str, opts: dict[str, Any]) 
 
 
 def test_translate_to_openai_non_reasoning_model_gets_no_reasoning_effort() -> None:
-    body = req([{"role": "user", "content": "x"}], max_tokens=20000, temperature=0.3, top_p=0.5,
+    body = oa_req([{"role": "user", "content": "x"}], max_tokens=20000, temperature=0.3, top_p=0.5,
                thinking={"type": "enabled", "budget_tokens": 31999},
                output_config={"effort": "high"})
     chat, _ = ccm.to_openai(body, "gpt-4o", {})
@@ -2033,9 +2033,9 @@ def test_translate_to_openai_reasoning_echo() -> None:
         {"role": "assistant", "content": "Now read.", "reasoning_content": "", "tool_calls": [
             {"id": "c2", "type": "function", "function": {"name": "Read", "arguments": {"p": "f"}}}]},
         {"role": "tool", "tool_call_id": "c2", "content": "data"}]
-    chat, _ = ccm.to_openai(req(messages), "deepseek-chat", {"reasoning_echo": True})
+    chat, _ = ccm.to_openai(oa_req(messages), "deepseek-chat", {"reasoning_echo": True})
     assert parsed_args(chat) == {"model": "deepseek-chat", "max_tokens": 1000, "messages": expected_msgs}
-    plain, _ = ccm.to_openai(req(messages), "deepseek-chat", {})
+    plain, _ = ccm.to_openai(oa_req(messages), "deepseek-chat", {})
     for m in expected_msgs:
         m.pop("reasoning_content", None)
     assert parsed_args(plain) == {"model": "deepseek-chat", "max_tokens": 1000, "messages": expected_msgs}
@@ -2043,7 +2043,7 @@ def test_translate_to_openai_reasoning_echo() -> None:
 
 def test_translate_to_openai_stop_user_stream_and_dropped_fields() -> None:
     long_user = "user_" + "a1b2" * 30 + "_account__session_x"
-    body = req([{"role": "user", "content": [{"type": "text", "text": "x",
+    body = oa_req([{"role": "user", "content": [{"type": "text", "text": "x",
                                               "cache_control": {"type": "ephemeral"}}]}],
                stop_sequences=["A", "B", "C", "D", "E"], metadata={"user_id": long_user},
                stream=True, top_k=40, temperature=0.7, context_management={"edits": []},
@@ -2057,7 +2057,7 @@ def test_translate_to_openai_stop_user_stream_and_dropped_fields() -> None:
 
 
 def test_translate_to_openai_short_user_empty_stops_and_stream_options_off() -> None:
-    body = req([{"role": "user", "content": "x"}], stop_sequences=[], metadata={"user_id": "u-1"},
+    body = oa_req([{"role": "user", "content": "x"}], stop_sequences=[], metadata={"user_id": "u-1"},
                stream=True)
     chat, _ = ccm.to_openai(body, "gpt-4o", {"stream_options": False})
     assert chat == {"model": "gpt-4o", "max_tokens": 1000, "messages": [{"role": "user", "content": "x"}],
@@ -2065,7 +2065,7 @@ def test_translate_to_openai_short_user_empty_stops_and_stream_options_off() -> 
 
 
 def test_translate_to_openai_extra_body_merged() -> None:
-    body = req([{"role": "user", "content": "x"}])
+    body = oa_req([{"role": "user", "content": "x"}])
     chat, _ = ccm.to_openai(body, "qwen", {"extra_body": {"provider": {"order": ["a", "b"]},
                                                           "chat_template_kwargs": {"thinking": True}}})
     assert chat == {"model": "qwen", "max_tokens": 1000, "messages": [{"role": "user", "content": "x"}],
