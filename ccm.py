@@ -347,6 +347,11 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600, backup: bool = False
             os.close(dfd)
 
 
+def state_dir(cfg_path: str) -> str:
+    """Where ccm keeps its state: beside the config file."""
+    return os.path.dirname(os.path.abspath(cfg_path))
+
+
 def new_id(prefix: str, n: int = 24) -> str:
     return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(n))
 
@@ -2561,6 +2566,47 @@ class Upstreams:
                             "api_error", provider=p.name, retryable=True)
 
 
+def explain(raw: bytes, headers: dict[str, str], cfg: Config, up: Upstreams | None = None) -> Json:
+    """Everything `route --dry-run` prints: the decision, breaker state and what each provider
+    would get. Nothing is sent."""
+    req = Request("POST", "/v1/messages", "beta=true", headers, raw)
+    body = _json_body(req)
+    validate_messages(body)
+    rt = route(body, headers, cfg, count=COUNTER.count, raw_len=len(raw))
+    if rt.tokens is None:
+        rt.tokens, rt.token_method = COUNTER.count(body)
+    up = up or Upstreams(cfg)                  # builds requests only; nothing is sent
+    breakers = up.health.snapshot()
+    chain = []
+    for t in rt.targets:
+        p = cfg.providers.get(t.provider)
+        entry: Json = {"provider": t.provider, "model": t.model}
+        if p is None:
+            entry["error"] = "no such provider"
+        else:
+            entry.update(type=p.provider_type, family=p.family, enabled=p.enabled,
+                         breaker=breakers.get(p.name, {}).get("state", "closed"))
+            entry.update(_dry_request(up, p, t, req, rt, cfg))
+        chain.append(entry)
+    return {"rule": rt.rule, "model": rt.model, "input_tokens": rt.tokens,
+            "token_count_method": rt.token_method, "trace": rt.trace, "providers": chain}
+
+
+def _dry_request(up: Upstreams, p: Provider, t: Target, req: Request, rt: Route, cfg: Config) -> Json:
+    try:
+        hreq, _ = up.build(p, t, req, rt, cfg.server.api_key is not None, {**p.options, **t.options})
+    except ProxyError as exc:
+        return {"error": exc.message}
+    secret_names = {"x-api-key", "authorization", "x-goog-api-key"}
+    headers = {k: (mask_secret(v) if k.lower() in secret_names else v) for k, v in hreq.headers.items()}
+    try:
+        body: Any = json.loads(hreq.content)
+    except ValueError:
+        body = hreq.content.decode("utf-8", "replace")
+    return {"request": {"method": hreq.method, "url": str(hreq.url), "headers": headers, "body": body}}
+
+
+
 # ============================================================================================
 # 12. Relay
 # Exports: PassthroughStream, relay_stream
@@ -2761,10 +2807,10 @@ def parse_head(buf: bytes | bytearray, max_head: int = MAX_HEAD_BYTES) -> tuple[
         start += 2
     end = buf.find(b"\r\n\r\n", start)
     if end < 0:
-        if len(buf) - start > max_head:
+        if len(buf) > max_head:                         # skipped empty lines count too
             raise HTTPError(431, "request header block is larger than 64 KiB")
         return None
-    if end - start > max_head:
+    if end > max_head:
         raise HTTPError(431, "request header block is larger than 64 KiB")
     lines = bytes(buf[start:end]).split(b"\r\n")
     m = _REQUEST_LINE.fullmatch(lines[0])
@@ -2825,7 +2871,7 @@ def _head(method: str, target: str, version: str, headers: dict[str, str],
     tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
     keep_alive = "close" not in tokens and (version == "1.1" or "keep-alive" in tokens)
     path, _, query = target.partition("?")
-    expect = headers.get("expect", "").strip().lower() == "100-continue"
+    expect = version == "1.1" and headers.get("expect", "").strip().lower() == "100-continue"
     return RequestHead(method, target, path, query, version, headers, length, chunked,
                        keep_alive, expect)
 
@@ -3237,8 +3283,598 @@ async def start_server(app: Any, cfg: ServerCfg, sock: Any = None) -> Server:
 
 
 # ============================================================================================
-# 15. Admin page and API: not built yet
+# 15. Admin page and API
+# Exports: ADMIN_HTML, AdminAPI (the admin_* handlers App inherits), load_admin_token,
+#          config_json, merge_config_json
+# Uses: 2-14
 # ============================================================================================
+
+ADMIN_COOKIE = "ccm_admin"
+MASK = "****"
+_LOOPBACK_HOSTS = re.compile(r"^(localhost|127(?:\.\d{1,3}){3}|\[::1\]|::1)(?::\d+)?$", re.I)
+_SECRET_KEYS = ("api_key", "api_keys", "admin_token")
+
+
+def load_admin_token(cfg: Config) -> str:
+    """server.admin_token, else a random token kept in admin_token beside the config (0600)."""
+    if cfg.server.admin_token:
+        return cfg.server.admin_token
+    path = os.path.join(state_dir(cfg.path), "admin_token")
+    with contextlib.suppress(OSError):
+        with open(path) as f:
+            token = f.read().strip()
+        if len(token) >= 16:
+            return token
+    token = secrets.token_urlsafe(24)
+    atomic_write(path, token.encode())
+    return token
+
+
+def admin_mask(value: Any) -> Any:
+    """Never the whole key: **** and its last four characters; $VAR references stay visible."""
+    if isinstance(value, list):
+        return [admin_mask(v) for v in value]
+    if not isinstance(value, str) or not value or value.startswith("$"):
+        return value
+    return MASK + (value[-4:] if len(value) >= 12 else "")
+
+
+def config_json(raw: Json) -> Json:
+    """The config document as the admin page sees it: every secret masked."""
+    out: Json = {}
+    for key, value in raw.items():
+        if key == "server" and isinstance(value, dict):
+            value = {k: admin_mask(v) if k in _SECRET_KEYS else v for k, v in value.items()}
+        elif key == "providers" and isinstance(value, list):
+            value = [_mask_provider(p) for p in value]
+        out[key] = value
+    return out
+
+
+def _mask_provider(p: Any) -> Any:
+    if not isinstance(p, dict):
+        return p
+    out = {k: admin_mask(v) if k in _SECRET_KEYS else v for k, v in p.items()}
+    if isinstance(p.get("headers"), dict):
+        out["headers"] = {k: admin_mask(v) for k, v in p["headers"].items()}
+    return out
+
+
+def _is_masked(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(MASK)
+
+
+def _unmask(new: Any, old: Any) -> Any:
+    """A masked value sent back means "keep what is there"."""
+    if _is_masked(new):
+        return old
+    if isinstance(new, list) and isinstance(old, list):
+        return [old[i] if _is_masked(v) and i < len(old) else v for i, v in enumerate(new)]
+    return new
+
+
+def merge_config_json(new: Json, old_raw: Json) -> Json:
+    """The document to write: the page's edit, with masked secrets restored from the file and
+    every key the page does not know kept."""
+    out = dict(old_raw)
+    for key, value in new.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    if isinstance(out.get("server"), dict):
+        old_server = old_raw.get("server") if isinstance(old_raw.get("server"), dict) else {}
+        out["server"] = {k: _unmask(v, old_server.get(k)) for k, v in out["server"].items()
+                         if v is not None}
+    if isinstance(out.get("providers"), list):
+        old_list = [p for p in old_raw.get("providers") or [] if isinstance(p, dict)]
+        out["providers"] = [_restore_provider(p, i, old_list) for i, p in enumerate(out["providers"])]
+    return _drop_nulls(out)
+
+
+def _restore_provider(p: Any, i: int, old_list: list[Json]) -> Any:
+    if not isinstance(p, dict):
+        return p
+    old = next((o for o in old_list if o.get("name") == p.get("_was", p.get("name"))), None)
+    if old is None and i < len(old_list) and "_was" not in p:
+        old = None
+    old = old or {}
+    out = {k: v for k, v in p.items() if k != "_was"}
+    for key in _SECRET_KEYS:
+        if key in out:
+            out[key] = _unmask(out[key], old.get(key))
+    if isinstance(out.get("headers"), dict):
+        old_h = old.get("headers") if isinstance(old.get("headers"), dict) else {}
+        out["headers"] = {k: _unmask(v, old_h.get(k)) for k, v in out["headers"].items()}
+    for key, value in old.items():                 # keys the page does not know survive
+        if key not in out and key not in p and key not in _PAGE_PROVIDER_KEYS:
+            out[key] = value
+    return out
+
+
+_PAGE_PROVIDER_KEYS = {"name", "provider_type", "auth_type", "api_key", "base_url", "enabled",
+                       "models"}
+
+
+def _drop_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value if v is not None]
+    return value
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7396 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+class AdminAPI:
+    """The admin page and its JSON API (inherited by App): token, Host and Origin checked,
+    secrets masked, config writes atomic and applied live."""
+
+    cfg: Config
+    up: Any
+    recent: collections.deque[Json]
+    counters: collections.Counter[str]
+    started: float
+    admin_token: str
+
+    def admin_routes(self) -> dict[tuple[str, str], Callable[[Request], Awaitable[Any]]]:
+        return {
+            ("GET", "/"): self.admin_page, ("GET", "/admin"): self.admin_page,
+            ("GET", "/api/config"): self.admin_config, ("GET", "/api/config/json"): self.admin_config,
+            ("POST", "/api/config/json"): self.admin_replace, ("PUT", "/api/config"): self.admin_replace,
+            ("PATCH", "/api/config"): self.admin_patch,
+            ("GET", "/api/providers"): self.admin_providers,
+            ("GET", "/api/models-config"): self.admin_models,
+            ("POST", "/api/providers/test"): self.admin_test_provider,
+            ("POST", "/api/route"): self.admin_route, ("POST", "/api/validate"): self.admin_validate,
+            ("POST", "/api/test"): self.admin_test,
+            ("GET", "/api/overview"): self.admin_overview, ("GET", "/api/health"): self.admin_overview,
+            ("GET", "/api/requests"): self.admin_requests,
+        }
+
+    # ---- guards ------------------------------------------------------------------------
+    def admin_guard(self, req: Request) -> None:
+        """DNS rebinding (Host), the admin token (cookie or Bearer), and CSRF (Origin)."""
+        host = req.headers.get("host", "")
+        if _LOOPBACK_HOSTS.match(self.cfg.server.host) or self.cfg.server.host == DEFAULT_HOST:
+            if not _LOOPBACK_HOSTS.match(host):
+                raise ProxyError(403, f"Host {host!r} is not allowed (the admin page answers "
+                                 "loopback names only)", "permission_error")
+        if not self._admin_token_ok(req):
+            raise ProxyError(401, "admin token required: run `python ccm.py admin` for the URL, "
+                             "or send Authorization: Bearer <token>")
+        origin = req.headers.get("origin")
+        if req.method not in ("GET", "HEAD") and origin and origin != f"http://{host}":
+            raise ProxyError(403, f"cross-origin request from {origin!r} refused",
+                             "permission_error")
+
+    def _admin_token_ok(self, req: Request) -> bool:
+        token = self.admin_token.encode()
+        auth = req.headers.get("authorization", "")
+        if auth[:7].lower() == "bearer " and hmac.compare_digest(auth[7:].strip().encode(), token):
+            return True
+        for part in req.headers.get("cookie", "").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == ADMIN_COOKIE and hmac.compare_digest(value.encode(), token):
+                return True
+        return False
+
+    def _json(self, data: Any, status: int = 200) -> Response:
+        return Response(status, [("content-type", "application/json"), *ADMIN_HEADERS],
+                        dumps(data).encode())
+
+    # ---- page --------------------------------------------------------------------------
+    async def admin_page(self, req: Request) -> Response:
+        query = dict(p.partition("=")[::2] for p in req.query.split("&") if p)
+        given = query.get("token", "")
+        if given and hmac.compare_digest(given.encode(), self.admin_token.encode()):
+            cookie = f"{ADMIN_COOKIE}={self.admin_token}; HttpOnly; SameSite=Strict; Path=/"
+            return Response(302, [("location", "/"), ("set-cookie", cookie), *ADMIN_HEADERS])
+        try:
+            self.admin_guard(req)
+        except ProxyError as exc:
+            page = LOGIN_HTML.replace("{message}", exc.message.split(":")[0])
+            return Response(exc.status, [("content-type", "text/html; charset=utf-8"),
+                                         *ADMIN_HEADERS, ("content-security-policy", LOGIN_CSP)],
+                            page.encode())
+        return Response(200, [("content-type", "text/html; charset=utf-8"), *ADMIN_HEADERS,
+                              ("content-security-policy", ADMIN_CSP)], ADMIN_PAGE_BYTES)
+
+    # ---- config ------------------------------------------------------------------------
+    async def admin_config(self, req: Request) -> Response:
+        return self._json(dict(config_json(self.cfg.raw), _meta={
+            "path": self.cfg.path, "provider_types": {
+                t: {"base_url": u, "family": "anthropic" if t in ANTHROPIC_TYPES else
+                    "openai" if t in OPENAI_TYPES else "gemini"} for t, u in PROVIDER_TYPES.items()},
+            "warnings": self.cfg.warnings}))
+
+    async def admin_providers(self, req: Request) -> Response:
+        return self._json(config_json(self.cfg.raw).get("providers") or [])
+
+    async def admin_models(self, req: Request) -> Response:
+        return self._json(self.cfg.raw.get("models") or [])
+
+    async def admin_replace(self, req: Request) -> Response:
+        new = self._body_obj(req)
+        new.pop("_meta", None)
+        return self._save(merge_config_json(new, self.cfg.raw))
+
+    async def admin_patch(self, req: Request) -> Response:
+        patch = self._body_obj(req)
+        masked = config_json(self.cfg.raw)
+        return self._save(merge_config_json(merge_patch(masked, patch), self.cfg.raw))
+
+    def _body_obj(self, req: Request) -> Json:
+        try:
+            data = json.loads(req.body or b"{}")
+        except ValueError as exc:
+            raise ProxyError(400, f"body is not valid JSON: {exc}")
+        if not isinstance(data, dict):
+            raise ProxyError(400, "body must be a JSON object")
+        return data
+
+    def _save(self, raw: Json) -> Response:
+        """Validate, write atomically (with config.toml.bak), then apply live."""
+        path = self.cfg.path
+        try:
+            text = dump_toml(raw)
+            if tomllib.loads(text) != raw:
+                raise ProxyError(400, "config cannot be written as TOML without changing it")
+            cfg = parse_config(raw, path)
+        except ConfigError as exc:
+            return self._json({"type": "error", "error": {"type": "invalid_request_error",
+                               "message": "; ".join(exc.errors)}, "errors": exc.errors}, 400)
+        except (TypeError, tomllib.TOMLDecodeError) as exc:
+            raise ProxyError(400, f"config cannot be written as TOML: {exc}")
+        atomic_write(path, text.encode(), backup=True)
+        self.apply_config(cfg)
+        _log.info("config saved from the admin page to %s", path)
+        return self._json({"status": "success", "message": "Configuration saved and applied",
+                           "warnings": cfg.warnings})
+
+    def apply_config(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    async def admin_validate(self, req: Request) -> Response:
+        """Check one field as the user types (regexes use Python's syntax, not JavaScript's)."""
+        body = self._body_obj(req)
+        field_, value = str(body.get("field", "")), body.get("value")
+        if field_.endswith("regex"):
+            try:
+                re.compile(str(value or ""))
+            except re.error as exc:
+                return self._json({"ok": False, "error": f"{field_}: invalid regex: {exc}"})
+        return self._json({"ok": True})
+
+    # ---- tools -------------------------------------------------------------------------
+    async def admin_route(self, req: Request) -> Response:
+        info = explain(req.body, {k.lower(): v for k, v in (self._body_headers(req)).items()},
+                       self.cfg, self.up)
+        return self._json(info)
+
+    def _body_headers(self, req: Request) -> dict[str, str]:
+        h = req.headers.get("x-ccm-request-headers")
+        with contextlib.suppress(ValueError, AttributeError):
+            return {str(k): str(v) for k, v in json.loads(h or "{}").items()}
+        return {}
+
+    async def admin_test_provider(self, req: Request) -> Response:
+        """A minimal request through one configured provider (never an arbitrary URL)."""
+        body = self._body_obj(req)
+        name = body.get("name")
+        p = self.cfg.providers.get(name) if isinstance(name, str) else None
+        if p is None:
+            raise ProxyError(404, f"no provider named {name!r}", "not_found_error")
+        model = body.get("model") or _first_model_of(self.cfg, p.name) or (p.models or ["test"])[0]
+        probe = {"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": "ping"}]}
+        raw = dumps(probe).encode()
+        treq = Request("POST", "/v1/messages", "", {"anthropic-version": ANTHROPIC_VERSION}, raw)
+        rt = Route("test", model, [Target(p.name, model)], [], probe)
+        t0 = time.monotonic()
+        try:
+            hreq, _ = self.up.build(p, rt.targets[0], treq, rt, True, p.options)
+            resp = await asyncio.wait_for(self.up.client.send(hreq), 20)
+        except (ProxyError, httpx.HTTPError, OSError, asyncio.TimeoutError) as exc:
+            msg = getattr(exc, "message", "") or f"{type(exc).__name__}: {exc}"
+            return self._json({"ok": False, "status": 0, "error": msg,
+                               "latency_ms": round((time.monotonic() - t0) * 1000, 1)})
+        ms = round((time.monotonic() - t0) * 1000, 1)
+        ok = resp.status_code < 400
+        text = resp.text[:300] if not ok else ""
+        return self._json({"ok": ok, "status": resp.status_code, "latency_ms": ms, "model": model,
+                           "error": text})
+
+    async def admin_test(self, req: Request) -> Response | StreamResponse:
+        """The Test tab: a message sent as Claude Code would, through the real router."""
+        body = self._body_obj(req)
+        msg: Json = {"model": body.get("model") or "claude-opus-4-8", "max_tokens":
+                     int(body.get("max_tokens") or 1024), "stream": bool(body.get("stream", True)),
+                     "messages": [{"role": "user", "content": str(body.get("message") or "Hello")}]}
+        if body.get("thinking"):
+            msg["thinking"] = {"type": "enabled", "budget_tokens": 1024}
+            msg["max_tokens"] = max(msg["max_tokens"], 2048)
+        if body.get("websearch"):
+            msg["tools"] = [{"type": "web_search_20250305", "name": "web_search", "max_uses": 1}]
+        if body.get("plan"):
+            msg["messages"][0]["content"] += "\n<system-reminder>Plan mode is active.</system-reminder>"
+        headers = {"anthropic-version": ANTHROPIC_VERSION, "content-type": "application/json"}
+        if body.get("provider"):
+            headers["x-provider"] = str(body["provider"])
+        inner = Request("POST", "/v1/messages", "", headers, dumps(msg).encode(), "1.1",
+                        req.peer, req.id)
+        return await self.messages(inner)  # type: ignore[attr-defined]
+
+    # ---- status ------------------------------------------------------------------------
+    async def admin_overview(self, req: Request) -> Response:
+        by_route = {k[6:]: v for k, v in self.counters.items() if k.startswith("route.")}
+        by_provider: dict[str, Json] = {}
+        for entry in self.recent:
+            p = by_provider.setdefault(entry["provider"] or "(none)", {"requests": 0, "errors": 0})
+            p["requests"] += 1
+            p["errors"] += entry["status"] >= 400
+        return self._json({
+            "version": __version__, "uptime_s": round(time.time() - self.started, 1),
+            "config_path": self.cfg.path, "listen": f"{self.cfg.server.host}:{self.cfg.server.port}",
+            "counters": dict(self.counters), "by_route": by_route, "by_provider": by_provider,
+            "breakers": {n: self.up.health.snapshot().get(n, {"state": "closed"})
+                         for n in self.cfg.providers},
+            "warnings": self.cfg.warnings})
+
+    async def admin_requests(self, req: Request) -> Response:
+        query = dict(p.partition("=")[::2] for p in req.query.split("&") if p)
+        if query.get("id"):
+            for entry in self.recent:
+                if entry["id"] == query["id"]:
+                    return self._json(entry)
+            raise ProxyError(404, f"no recent request {query['id']!r}", "not_found_error")
+        return self._json(list(reversed(self.recent)))
+
+
+def _first_model_of(cfg: Config, provider: str) -> str | None:
+    for mm in cfg.models.values():
+        for m in mm.mappings:
+            if m.provider == provider and m.actual_model:
+                return m.actual_model
+    return None
+
+
+LOGIN_HTML = """<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1"><title>ccm admin</title>
+<style>body{font:15px/1.5 system-ui,sans-serif;max-width:34rem;margin:4rem auto;padding:0 1rem;
+color:#1d2330}code{background:#eef1f6;padding:.1rem .35rem;border-radius:4px}</style></head>
+<body><h1>ccm admin</h1><p>{message}.</p><p>Open the link that <code>python ccm.py admin</code>
+prints (it carries your admin token), or send <code>Authorization: Bearer &lt;token&gt;</code>.
+The token is in <code>~/.claude-code-mux/admin_token</code>.</p></body></html>"""
+LOGIN_CSP = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'"
+ADMIN_HEADERS = [("x-content-type-options", "nosniff"), ("x-frame-options", "DENY"),
+                 ("referrer-policy", "no-referrer"), ("cache-control", "no-store")]
+
+
+ADMIN_STYLE = """
+:root{--bg:#f6f7fb;--card:#fff;--ink:#1d2330;--mute:#667085;--line:#e3e6ee;--acc:#4f46e5;
+--acc2:#eef0ff;--ok:#0f9d58;--bad:#d93025;--warn:#b26a00;--mono:ui-monospace,SFMono-Regular,Menlo,monospace}
+@media (prefers-color-scheme:dark){:root{--bg:#0f1217;--card:#171b22;--ink:#e6e9ef;--mute:#98a2b3;
+--line:#2a303b;--acc:#8b85ff;--acc2:#23264a}}
+*{box-sizing:border-box}body{margin:0;font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;
+background:var(--bg);color:var(--ink)}header{display:flex;align-items:center;gap:1rem;flex-wrap:wrap;
+padding:.7rem 1.2rem;background:var(--card);border-bottom:1px solid var(--line);position:sticky;top:0;z-index:2}
+header h1{font-size:1.05rem;margin:0;white-space:nowrap}header h1 span{color:var(--mute);font-weight:400}
+nav{display:flex;gap:.25rem;flex-wrap:wrap;flex:1}nav button{background:none;border:0;padding:.45rem .75rem;
+border-radius:7px;color:var(--mute);font:inherit;cursor:pointer}nav button[aria-selected=true]{background:var(--acc2);
+color:var(--acc);font-weight:600}nav button:focus-visible,button:focus-visible,input:focus-visible,select:focus-visible,
+textarea:focus-visible,tr:focus-visible{outline:2px solid var(--acc);outline-offset:1px}
+main{max-width:1100px;margin:0 auto;padding:1.2rem}section[hidden]{display:none}
+.card{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:1rem 1.1rem;margin-bottom:1rem}
+.card h2{font-size:.95rem;margin:0 0 .7rem}.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(190px,1fr));gap:.8rem}
+.stat b{display:block;font-size:1.3rem}.stat span{color:var(--mute);font-size:.8rem}
+table{width:100%;border-collapse:collapse}th,td{text-align:left;padding:.45rem .5rem;border-bottom:1px solid var(--line);
+vertical-align:top}th{color:var(--mute);font-weight:500;font-size:.8rem}td code,.mono{font-family:var(--mono);font-size:.82rem}
+tbody tr.click{cursor:pointer}tbody tr.click:hover{background:var(--acc2)}
+button,.btn{font:inherit;border:1px solid var(--line);background:var(--card);color:var(--ink);padding:.35rem .7rem;
+border-radius:7px;cursor:pointer}button.primary{background:var(--acc);border-color:var(--acc);color:#fff}
+button.danger{color:var(--bad)}button:disabled{opacity:.45;cursor:default}
+label{display:block;font-size:.8rem;color:var(--mute);margin:.5rem 0 .2rem}
+input,select,textarea{font:inherit;width:100%;padding:.4rem .5rem;border:1px solid var(--line);border-radius:7px;
+background:var(--bg);color:var(--ink)}textarea{min-height:5rem;font-family:var(--mono)}
+input[type=checkbox]{width:auto}.row{display:flex;gap:.6rem;flex-wrap:wrap;align-items:end}.row>*{flex:1;min-width:150px}
+.pill{display:inline-block;padding:.05rem .5rem;border-radius:99px;font-size:.75rem;background:var(--acc2);color:var(--acc)}
+.ok{color:var(--ok)}.bad{color:var(--bad)}.warn{color:var(--warn)}.err{color:var(--bad);font-size:.8rem;min-height:1em}
+#banner{margin:0 0 1rem;padding:.6rem .9rem;border-radius:8px;display:none}#banner.show{display:block}
+#banner.bad{background:#fde8e7;color:#8a1c14}#banner.ok{background:#e6f5ec;color:#0b6b3a}
+pre{background:var(--bg);border:1px solid var(--line);border-radius:8px;padding:.7rem;overflow:auto;max-height:24rem;
+font:12px/1.45 var(--mono);white-space:pre-wrap;word-break:break-word}.mute{color:var(--mute)}
+.maps li{display:flex;gap:.4rem;align-items:center;margin:.25rem 0}.maps{list-style:none;padding:0;margin:.3rem 0}
+.head{display:flex;justify-content:space-between;align-items:center;gap:.6rem}.head h2{margin:0}
+@media (max-width:640px){main{padding:.7rem}.card{overflow-x:auto}nav{order:3;flex-basis:100%}header{gap:.5rem}}
+"""
+
+ADMIN_BODY = """<header><h1>ccm <span id="ver"></span></h1>
+<nav role="tablist" aria-label="Sections">
+<button role="tab" data-tab="overview" aria-selected="true">Overview</button>
+<button role="tab" data-tab="providers" aria-selected="false">Providers</button>
+<button role="tab" data-tab="models" aria-selected="false">Models</button>
+<button role="tab" data-tab="router" aria-selected="false">Router</button>
+<button role="tab" data-tab="test" aria-selected="false">Test</button>
+<button role="tab" data-tab="requests" aria-selected="false">Requests</button></nav>
+<span id="dirty" class="mute"></span><button id="save" class="primary" disabled>Save</button></header>
+<main><div id="banner" role="status" aria-live="polite"></div>
+<section id="tab-overview" role="tabpanel"></section>
+<section id="tab-providers" role="tabpanel" hidden></section>
+<section id="tab-models" role="tabpanel" hidden></section>
+<section id="tab-router" role="tabpanel" hidden></section>
+<section id="tab-test" role="tabpanel" hidden></section>
+<section id="tab-requests" role="tabpanel" hidden></section></main>"""
+
+ADMIN_SCRIPT = r"""
+'use strict';
+const $=(s,r=document)=>r.querySelector(s);
+function h(tag,attrs,...kids){const e=document.createElement(tag);for(const[k,v]of Object.entries(attrs||{})){
+if(v===null||v===undefined||v===false)continue;if(k.startsWith('on'))e.addEventListener(k.slice(2),v);
+else if(k==='value')e.value=v;else e.setAttribute(k,v===true?'':v)}
+for(const c of kids.flat()){if(c!==null&&c!==undefined&&c!==false)e.append(c.nodeType?c:String(c))}return e}
+const S={cfg:null,meta:{},dirty:false,invalid:new Set(),tab:'overview'};
+async function api(method,path,body,raw){const r=await fetch(path,{method,credentials:'same-origin',
+headers:body===undefined?{}:{'content-type':'application/json'},body:body===undefined?undefined:JSON.stringify(body)});
+if(raw)return r;let d=null;try{d=await r.json()}catch(e){}if(!r.ok){const m=d&&d.error?d.error.message:('HTTP '+r.status);
+const err=new Error(m);err.data=d;throw err}return d}
+function banner(msg,kind){const b=$('#banner');b.textContent=msg;b.className=msg?'show '+kind:''}
+function markDirty(){S.dirty=true;$('#dirty').textContent='unsaved changes';updateSave()}
+function updateSave(){$('#save').disabled=!S.dirty||S.invalid.size>0}
+function models(){return(S.cfg.models||[]).map(m=>m.name)}
+function providers(){return S.cfg.providers||(S.cfg.providers=[])}
+async function load(){const d=await api('GET','/api/config/json');S.meta=d._meta;delete d._meta;S.cfg=d;
+S.cfg.router=S.cfg.router||{};S.dirty=false;S.invalid.clear();$('#dirty').textContent='';updateSave();render()}
+function render(){({overview:rOverview,providers:rProviders,models:rModels,router:rRouter,test:rTest,requests:rRequests})[S.tab]()}
+function show(tab){S.tab=tab;for(const b of document.querySelectorAll('nav button')){const on=b.dataset.tab===tab;
+b.setAttribute('aria-selected',on);b.tabIndex=on?0:-1;$('#tab-'+b.dataset.tab).hidden=!on}render()}
+function panel(id,...kids){const p=$('#tab-'+id);p.replaceChildren(...kids.filter(k=>k));return p}
+function fmtAge(t){const s=Math.round(Date.now()/1000-t);return s<60?s+' s ago':s<3600?Math.round(s/60)+' min ago':new Date(t*1000).toLocaleString()}
+function breaker(st){return h('span',{class:st==='closed'?'ok':st==='open'?'bad':'warn'},st)}
+async function rOverview(){const o=await api('GET','/api/overview');$('#ver').textContent=o.version;
+const c=o.counters||{};const stat=(v,l)=>h('div',{class:'stat'},h('b',{},v),h('span',{},l));
+panel('overview',h('div',{class:'card'},h('div',{class:'grid'},stat(o.version,'version'),stat(Math.round(o.uptime_s)+' s','uptime'),
+stat(c.requests||0,'requests'),stat((c['responses.error']||0),'errors'),stat(c.in_flight||0,'in flight'),stat(o.listen,'listening on')),
+h('p',{class:'mute'},'Config: ',h('code',{},o.config_path))),
+(o.warnings||[]).length?h('div',{class:'card'},h('h2',{},'Config warnings'),h('ul',{},o.warnings.map(w=>h('li',{class:'warn'},w)))):null,
+h('div',{class:'grid'},h('div',{class:'card'},h('h2',{},'Requests by route'),table(['route','requests'],Object.entries(o.by_route).map(([k,v])=>[k,v]))),
+h('div',{class:'card'},h('h2',{},'Recent requests by provider'),table(['provider','requests','errors'],Object.entries(o.by_provider).map(([k,v])=>[k,v.requests,v.errors]))),
+h('div',{class:'card'},h('h2',{},'Circuit breakers'),table(['provider','state','failures'],Object.entries(o.breakers).map(([k,v])=>[k,breaker(v.state),v.consecutive_failures||0])))))}
+function table(cols,rows,onrow){return h('table',{},h('thead',{},h('tr',{},cols.map(c=>h('th',{},c)))),
+h('tbody',{},rows.length?rows.map((r,i)=>{const tr=h('tr',onrow?{class:'click',tabindex:0,onclick:()=>onrow(i),
+onkeydown:e=>{if(e.key==='Enter')onrow(i)}}:{},r.map(c=>h('td',{},c)));return tr}):h('tr',{},h('td',{colspan:cols.length,class:'mute'},'nothing yet'))))}
+function rProviders(){const list=providers();panel('providers',h('div',{class:'card'},h('h2',{},'Providers'),
+table(['name','type','base URL','key','enabled',''],list.map((p,i)=>[h('b',{},p.name),h('span',{class:'pill'},p.provider_type),
+h('code',{},p.base_url||(S.meta.provider_types[p.provider_type]||{}).base_url||''),h('code',{},p.api_key||(p.api_keys?'pool of '+p.api_keys.length:'client credential')),
+h('input',{type:'checkbox','aria-label':'enabled '+p.name,checked:p.enabled!==false,onchange:e=>{p.enabled=e.target.checked;markDirty()}}),
+h('span',{class:'row'},h('button',{onclick:()=>editProvider(i)},'Edit'),h('button',{onclick:e=>testProvider(p.name,e.target)},'Test'),
+h('button',{class:'danger',onclick:()=>{list.splice(i,1);markDirty();rProviders()}},'Delete'))])),
+h('p',{},h('button',{class:'primary',onclick:()=>editProvider(-1)},'Add provider')),h('div',{id:'pform'}),h('div',{id:'ptest',class:'mute'})))}
+async function testProvider(name,btn){btn.disabled=true;$('#ptest').textContent='Testing '+name+'…';
+try{const r=await api('POST','/api/providers/test',{name});$('#ptest').replaceChildren(h('span',{class:r.ok?'ok':'bad'},
+name+': '+(r.ok?'OK':'failed')+' — status '+r.status+', '+r.latency_ms+' ms'+(r.error?' — '+r.error:'')))}
+catch(e){$('#ptest').textContent=e.message}btn.disabled=false}
+function editProvider(i){const list=providers();const p=i>=0?list[i]:{name:'',provider_type:'openai',enabled:true,models:[]};
+const types=Object.keys(S.meta.provider_types);const f={};const hint=h('span',{class:'mute'});
+const setHint=()=>{const t=S.meta.provider_types[f.type.value]||{};f.url.placeholder=t.base_url||'';
+hint.textContent=t.family==='anthropic'?'Anthropic format: key sent as x-api-key (oauth: Bearer)':'OpenAI format: key sent as Authorization: Bearer'};
+const form=h('form',{class:'card',onsubmit:e=>{e.preventDefault();const n=f.name.value.trim();if(!n){f.err.textContent='name is required';return}
+if(list.some((q,j)=>q.name===n&&j!==i)){f.err.textContent='a provider named '+n+' exists';return}
+const q=Object.assign({},p,{name:n,provider_type:f.type.value,auth_type:f.auth.value,enabled:f.en.checked,models:p.models||[]});
+if(i>=0&&p.name!==n)q._was=p._was||p.name;if(f.url.value.trim())q.base_url=f.url.value.trim();else delete q.base_url;
+if(f.key.value)q.api_key=f.key.value;else if(f.nokey.checked)delete q.api_key;
+if(i>=0)list[i]=q;else list.push(q);markDirty();rProviders()}},
+h('h2',{},i>=0?'Edit '+p.name:'Add provider'),h('div',{class:'row'},h('div',{},h('label',{for:'p-name'},'Name'),f.name=h('input',{id:'p-name',value:p.name,required:true})),
+h('div',{},h('label',{for:'p-type'},'Type'),f.type=h('select',{id:'p-type',onchange:setHint},types.map(t=>h('option',{value:t,selected:t===p.provider_type},t)))),
+h('div',{},h('label',{for:'p-auth'},'Auth'),f.auth=h('select',{id:'p-auth'},['apikey','oauth'].map(a=>h('option',{value:a,selected:a===(p.auth_type||'apikey')},a))))),
+h('label',{for:'p-url'},'Base URL (empty: the type\'s default)'),f.url=h('input',{id:'p-url',value:p.base_url||''}),
+h('label',{for:'p-key'},'API key '+(p.api_key?'(set: '+p.api_key+'; leave empty to keep)':'(or $ENV_VAR)')),
+f.key=h('input',{id:'p-key',type:'password',autocomplete:'off'}),
+h('label',{},f.nokey=h('input',{type:'checkbox'}),' no key: pass the client\'s own credential (Anthropic format only)'),
+h('label',{},f.en=h('input',{type:'checkbox',checked:p.enabled!==false}),' enabled'),hint,f.err=h('div',{class:'err'}),
+h('div',{class:'row'},h('button',{class:'primary',type:'submit'},i>=0?'Apply':'Add'),h('button',{type:'button',onclick:()=>rProviders()},'Cancel')));
+$('#pform').replaceChildren(form);setHint();f.name.focus()}
+function rModels(){const ms=S.cfg.models||(S.cfg.models=[]);const pnames=providers().map(p=>p.name);
+const cards=ms.map((m,i)=>{m.mappings=m.mappings||[];const move=(j,d)=>{const a=m.mappings;[a[j],a[j+d]]=[a[j+d],a[j]];
+a.forEach((x,k)=>x.priority=k+1);markDirty();rModels()};return h('div',{class:'card'},h('div',{class:'head'},h('h2',{},m.name),
+h('button',{class:'danger',onclick:()=>{ms.splice(i,1);markDirty();rModels()}},'Delete model')),
+h('ol',{class:'maps'},m.mappings.map((mp,j)=>h('li',{},h('span',{class:'pill'},'#'+(j+1)),h('b',{},mp.provider),' → ',h('code',{},mp.actual_model||'(model as asked)'),
+h('button',{'aria-label':'move up',disabled:j===0,onclick:()=>move(j,-1)},'↑'),h('button',{'aria-label':'move down',disabled:j===m.mappings.length-1,onclick:()=>move(j,1)},'↓'),
+h('button',{class:'danger',onclick:()=>{m.mappings.splice(j,1);m.mappings.forEach((x,k)=>x.priority=k+1);markDirty();rModels()}},'Remove')))),
+addMapping(m,pnames))});
+const nm=h('input',{id:'m-new',placeholder:'model name, e.g. glm'});
+panel('models',...cards,h('div',{class:'card'},h('h2',{},'Add model'),h('div',{class:'row'},nm,h('button',{class:'primary',onclick:()=>{
+const n=nm.value.trim();if(!n||models().includes(n))return;ms.push({name:n,mappings:[]});markDirty();rModels()}},'Add model'))))}
+function addMapping(m,pnames){const sel=h('select',{'aria-label':'provider for '+m.name},pnames.map(p=>h('option',{value:p},p)));
+const am=h('input',{placeholder:'actual model (empty: as asked)','aria-label':'actual model for '+m.name});
+return h('div',{class:'row'},sel,am,h('button',{onclick:()=>{if(!sel.value)return;const mp={priority:m.mappings.length+1,provider:sel.value};
+if(am.value.trim())mp.actual_model=am.value.trim();m.mappings.push(mp);markDirty();rModels()}},'Add fallback'))}
+const ROUTES=['default','think','background','websearch','subagent','image','long_context'];
+function rRouter(){const r=S.cfg.router;const names=models();const fields=ROUTES.map(k=>h('div',{},h('label',{for:'r-'+k},k),
+h('select',{id:'r-'+k,onchange:e=>{if(e.target.value)r[k]=e.target.value;else delete r[k];markDirty()}},
+h('option',{value:''},'(unset: fall through)'),names.concat(r[k]&&!names.includes(r[k])?[r[k]]:[]).map(n=>h('option',{value:n,selected:r[k]===n},n)))));
+const num=h('input',{id:'r-threshold',type:'number',min:1,value:r.long_context_threshold||60000,oninput:e=>{r.long_context_threshold=parseInt(e.target.value)||60000;markDirty()}});
+const trig=h('select',{id:'r-trigger',onchange:e=>{r.think_trigger=e.target.value;markDirty()}},['plan','thinking'].map(t=>h('option',{value:t,selected:(r.think_trigger||'plan')===t},t)));
+panel('router',h('div',{class:'card'},h('h2',{},'Routes'),h('p',{class:'mute'},'Order: explicit provider,model > websearch > subagent > long_context > image > think > background > default.'),
+h('div',{class:'grid'},...fields)),h('div',{class:'card'},h('h2',{},'Rules'),h('div',{class:'row'},h('div',{},h('label',{for:'r-threshold'},'long_context_threshold (tokens)'),num),
+h('div',{},h('label',{for:'r-trigger'},'think_trigger'),trig)),regexField(r,'auto_map_regex','^claude-'),regexField(r,'background_regex','(?i)claude.*haiku')))}
+function regexField(r,k,def){const err=h('div',{class:'err',id:'err-'+k});let timer;const inp=h('input',{id:'r-'+k,class:'mono',value:r[k]||def,
+'aria-describedby':'err-'+k,oninput:e=>{r[k]=e.target.value;markDirty();clearTimeout(timer);timer=setTimeout(async()=>{
+const v=await api('POST','/api/validate',{field:k,value:e.target.value});err.textContent=v.ok?'':v.error;
+if(v.ok)S.invalid.delete(k);else S.invalid.add(k);inp.setAttribute('aria-invalid',!v.ok);updateSave()},250)}});
+return h('div',{},h('label',{for:'r-'+k},k+' (Python regex)'),inp,err)}
+function rTest(){if($('#t-msg'))return;const pnames=providers().map(p=>p.name);const f={};
+const out=h('pre',{id:'t-out','aria-live':'polite'});const info=h('div',{id:'t-info'});
+panel('test',h('div',{class:'card'},h('h2',{},'Send a message as Claude Code would'),h('div',{class:'row'},
+h('div',{},h('label',{for:'t-model'},'Model'),f.model=h('input',{id:'t-model',value:'claude-opus-4-8',list:'t-models'}),
+h('datalist',{id:'t-models'},models().map(m=>h('option',{value:m})))),
+h('div',{},h('label',{for:'t-prov'},'Provider pin (X-Provider)'),f.prov=h('select',{id:'t-prov'},h('option',{value:''},'(router decides)'),pnames.map(p=>h('option',{value:p},p))))),
+h('div',{class:'row'},h('label',{},f.think=h('input',{type:'checkbox',id:'t-think'}),' thinking'),h('label',{},f.web=h('input',{type:'checkbox',id:'t-web'}),' web_search tool'),
+h('label',{},f.plan=h('input',{type:'checkbox',id:'t-plan'}),' plan mode')),
+h('label',{for:'t-msg'},'Message'),f.msg=h('textarea',{id:'t-msg'},'Say hello in five words.'),
+h('p',{class:'row'},h('button',{class:'primary',id:'t-send',onclick:()=>send(f,out,info)},'Send'),h('button',{onclick:()=>dry(f,info)},'Dry run (no request sent)'))),
+h('div',{class:'card'},h('h2',{},'Response'),info,out))}
+function testBody(f){return{model:f.model.value,provider:f.prov.value||undefined,thinking:f.think.checked,websearch:f.web.checked,plan:f.plan.checked,message:f.msg.value,stream:true}}
+async function dry(f,info){const b=testBody(f);const body={model:b.model,max_tokens:1024,messages:[{role:'user',content:b.message+(b.plan?'\nPlan mode is active.':'')}]};
+if(b.thinking)body.thinking={type:'enabled',budget_tokens:1024};if(b.websearch)body.tools=[{type:'web_search_20250305',name:'web_search'}];
+try{const d=await fetch('/api/route',{method:'POST',credentials:'same-origin',headers:{'content-type':'application/json',
+'x-ccm-request-headers':JSON.stringify(b.provider?{'x-provider':b.provider}:{})},body:JSON.stringify(body)});const j=await d.json();
+info.replaceChildren(d.ok?traceView(j.rule,j.model,j.trace,(j.providers||[]).map(p=>p.provider+' → '+p.model)):h('p',{class:'bad'},j.error.message))}catch(e){info.textContent=e.message}}
+function traceView(rule,model,trace,chain){return h('div',{},h('p',{},'Rule ',h('span',{class:'pill'},rule),' → model ',h('b',{},model)),
+chain&&chain.length?h('p',{class:'mono'},chain.join('  ⟶  ')):null,h('ul',{},(trace||[]).map(t=>h('li',{class:'mono'},t))))}
+async function send(f,out,info){const btn=$('#t-send');btn.disabled=true;out.textContent='';info.textContent='Sending…';const t0=performance.now();
+try{const r=await api('POST','/api/test',testBody(f),true);const id=r.headers.get('x-ccm-request-id');
+if(!r.ok){const j=await r.json().catch(()=>({}));info.replaceChildren(h('p',{class:'bad'},'HTTP '+r.status+': '+(j.error?j.error.message:'')));}
+else{info.replaceChildren(h('p',{class:'mono'},r.headers.get('x-ccm-route')||''));const rd=r.body.getReader();const dec=new TextDecoder();let buf='';
+for(;;){const{value,done}=await rd.read();if(done)break;buf+=dec.decode(value,{stream:true});let k;while((k=buf.indexOf('\n\n'))>=0){const ev=buf.slice(0,k);buf=buf.slice(k+2);
+const line=ev.split('\n').find(l=>l.startsWith('data:'));if(!line)continue;let d;try{d=JSON.parse(line.slice(5))}catch(e){continue}
+if(d.type==='content_block_delta'&&d.delta.text)out.textContent+=d.delta.text;else if(d.type==='content_block_delta'&&d.delta.thinking)out.textContent+=d.delta.thinking;
+else if(d.type==='content_block_start'&&d.content_block.type==='tool_use')out.textContent+='\n[tool_use '+d.content_block.name+'] ';
+else if(d.type==='content_block_delta'&&d.delta.partial_json)out.textContent+=d.delta.partial_json;else if(d.type==='error')out.textContent+='\n[error] '+d.error.message}}}
+const ms=Math.round(performance.now()-t0);if(id){const e=await api('GET','/api/requests?id='+encodeURIComponent(id)).catch(()=>null);
+if(e)info.replaceChildren(h('p',{},'Latency ',h('b',{},ms+' ms'),' · status '+e.status+' · tokens '+e.usage.input_tokens+' in / '+e.usage.output_tokens+' out'),
+traceView(e.rule,e.model,e.trace,e.attempts.map(a=>a.provider+' ('+(a.status||'-')+(a.error?': '+a.error:'')+')')))}}
+catch(e){info.textContent=e.message}btn.disabled=false}
+async function rRequests(){const list=await api('GET','/api/requests');const detail=h('div',{id:'req-detail'});
+panel('requests',h('div',{class:'card'},h('h2',{},'Recent requests (newest first, kept in memory)'),
+table(['time','route','model','providers tried','status','latency','tokens in/out'],list.map(e=>[fmtAge(e.time),h('span',{class:'pill'},e.rule),
+e.model,h('span',{class:'mono'},e.attempts.map(a=>a.provider+':'+(a.status||'-')).join(' › ')),h('span',{class:e.status<400?'ok':'bad'},e.status),
+Math.round(e.latency_ms)+' ms',e.usage.input_tokens+' / '+e.usage.output_tokens]),i=>{const e=list[i];
+detail.replaceChildren(h('div',{class:'card'},h('h2',{},e.id),traceView(e.rule,e.model,e.trace,null),e.error?h('p',{class:'bad'},e.error):null,
+h('pre',{},JSON.stringify(e.attempts,null,2))));detail.scrollIntoView({block:'nearest'})})),detail)}
+$('#save').addEventListener('click',async()=>{try{const r=await api('POST','/api/config/json',S.cfg);
+banner(r.message+((r.warnings||[]).length?' ('+r.warnings.length+' warnings)':''),'ok');await load()}
+catch(e){banner('Not saved: '+e.message,'bad')}});
+document.querySelector('nav').addEventListener('click',e=>{if(e.target.dataset.tab)show(e.target.dataset.tab)});
+document.querySelector('nav').addEventListener('keydown',e=>{const tabs=[...document.querySelectorAll('nav button')];
+const i=tabs.indexOf(document.activeElement);if(i<0)return;let j=e.key==='ArrowRight'?i+1:e.key==='ArrowLeft'?i-1:-2;
+if(j===-2)return;j=(j+tabs.length)%tabs.length;tabs[j].focus();show(tabs[j].dataset.tab)});
+window.addEventListener('beforeunload',e=>{if(S.dirty){e.preventDefault();e.returnValue=''}});
+load().catch(e=>banner(e.message,'bad'));
+"""
+
+ADMIN_HTML = ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+              "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
+              "<title>ccm admin</title><style>" + ADMIN_STYLE + "</style></head><body>"
+              + ADMIN_BODY + "<script>" + ADMIN_SCRIPT + "</script></body></html>")
+ADMIN_PAGE_BYTES = ADMIN_HTML.encode()
+ADMIN_CSP = ("default-src 'none'; script-src " + _csp_hash(ADMIN_SCRIPT) + "; style-src "
+             + _csp_hash(ADMIN_STYLE) + "; connect-src 'self'; img-src 'self' data:; "
+             "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
 
 
 # ============================================================================================
@@ -3334,12 +3970,15 @@ class _Exchange:
     finished: bool = False
 
 
-class App:
+class App(AdminAPI):
     """The request table and the one place handler exceptions become Anthropic errors."""
 
-    def __init__(self, cfg: Config, upstreams: Upstreams | None = None) -> None:
+    def __init__(self, cfg: Config, upstreams: Upstreams | None = None,
+                 admin_token: str | None = None) -> None:
         self.cfg = cfg
         self.up = upstreams or Upstreams(cfg)
+        self.admin_token = admin_token or secrets.token_urlsafe(24)
+        self.on_config: Callable[[Config], None] | None = None
         self.started = time.time()
         self.recent: collections.deque[Json] = collections.deque(maxlen=RECENT_REQUESTS)
         self.counters: collections.Counter[str] = collections.Counter()
@@ -3349,19 +3988,26 @@ class App:
             ("GET", "/v1/models"): self.models,
             ("GET", "/health"): self.health,
             ("HEAD", "/"): self.hello,
-            ("GET", "/"): self.hello,
             ("HEAD", "/api/hello"): self.hello,
             ("GET", "/api/hello"): self.hello,
+            ("GET", "/favicon.ico"): self.hello,
         }
+        self.admin = self.admin_routes()
+        self.table.update(self.admin)
         self.paths = {path for _, path in self.table}
 
     # ---- dispatch ----------------------------------------------------------------------
     async def __call__(self, req: Request) -> Response | StreamResponse:
         try:
-            handler = self.table.get((req.method, req.path))
+            key = (req.method, req.path)
+            handler = self.table.get(key)
             if handler is None:
                 raise self._no_route(req.method, req.path)
-            self.check_auth(req.path, req.headers)
+            if key in self.admin:
+                if handler != self.admin_page:
+                    self.admin_guard(req)
+            else:
+                self.check_auth(req.path, req.headers)
             return await handler(req)
         except asyncio.CancelledError:
             raise
@@ -3391,7 +4037,11 @@ class App:
         if (head.method, head.path) not in self.table:
             return self._no_route(head.method, head.path)
         try:
-            self.check_auth(head.path, head.headers)
+            if (head.method, head.path) in self.admin:
+                req = Request(head.method, head.path, head.query, head.headers)
+                self.admin_guard(req)
+            else:
+                self.check_auth(head.path, head.headers)
         except ProxyError as exc:
             return exc
         return None
@@ -3412,8 +4062,14 @@ class App:
 
     # ---- small endpoints ---------------------------------------------------------------
     async def hello(self, req: Request) -> Response:
-        body = b"" if req.path != "/" else f"ccm {__version__} is running\n".encode()
-        return Response(200, [("content-type", "text/plain; charset=utf-8")], body)
+        return Response(200, [("content-type", "text/plain; charset=utf-8")], b"")
+
+    def apply_config(self, cfg: Config) -> None:
+        """A config saved from the admin page: new requests use it, in-flight ones keep theirs."""
+        if self.on_config is not None:
+            self.on_config(cfg)
+        else:
+            self.cfg = cfg
 
     async def models(self, req: Request) -> Response:
         data = [{"type": "model", "id": name, "display_name": name,
@@ -3479,7 +4135,9 @@ class App:
         self.counters[f"route.{rt.rule}"] += 1
         self.counters["in_flight"] += 1
         try:
-            return await self._failover(call)
+            resp = await self._failover(call)
+            resp.headers.append(("x-ccm-request-id", req.id))
+            return resp
         except asyncio.CancelledError:
             self._finish(call, 499, Usage(), "client aborted")
             raise
@@ -3792,10 +4450,6 @@ def setup_logging(level: str, stream: Any = None) -> None:
     _log.propagate = False
 
 
-def state_dir(cfg_path: str) -> str:
-    return os.path.dirname(os.path.abspath(cfg_path))
-
-
 def load_secret(cfg_path: str) -> bytes:
     """The per-install secret that signs thinking ccm invents (created once, mode 0600)."""
     path = os.path.join(state_dir(cfg_path), "secret")
@@ -3825,8 +4479,9 @@ class Service:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.app = App(cfg)
+        self.app = App(cfg, admin_token=load_admin_token(cfg))
         self.app.up.secret = load_secret(cfg.path)
+        self.app.on_config = self.apply
         self.server: Server | None = None
         self.stopped = asyncio.Event()
 
@@ -3851,8 +4506,11 @@ class Service:
         return True
 
     def apply(self, cfg: Config) -> None:
+        cfg.server.host, cfg.server.port = self.cfg.server.host, self.cfg.server.port  # bound
         self.cfg = cfg
         self.app.cfg = cfg
+        if cfg.server.admin_token:
+            self.app.admin_token = cfg.server.admin_token
         setup_logging(cfg.server.log_level)
         if self.server:
             self.server.cfg = cfg.server
@@ -3889,7 +4547,8 @@ async def _serve(cfg: Config) -> int:
         atomic_write(pid, f"{os.getpid()}\n".encode(), 0o644)
     url = f"http://{cfg.server.host}:{svc.port}"
     _log.info("ccm %s listening on %s (config %s)", __version__, url, cfg.path)
-    print(f"ccm {__version__} listening on {url}\n  export ANTHROPIC_BASE_URL={url}", file=sys.stderr)
+    print(f"ccm {__version__} listening on {url}\n  export ANTHROPIC_BASE_URL={url}\n"
+          f"  admin page: {_admin_url(cfg, svc.port)}", file=sys.stderr)
     release_memory()
     try:
         await svc.stopped.wait()
@@ -3959,6 +4618,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _cmd(sub, "config", cmd_config, "Show where the config lives, check it, or print it.",
              "python ccm.py config check")
     p.add_argument("action", choices=["path", "check", "show"])
+    _cmd(sub, "admin", cmd_admin, "Print the admin page URL with its token.", "python ccm.py admin")
     _cmd(sub, "status", cmd_status, "Ask a running ccm for its health.", "python ccm.py status")
     _cmd(sub, "stop", cmd_stop, "Stop the ccm started with this config (SIGTERM).", "python ccm.py stop")
     return parser
@@ -3977,43 +4637,6 @@ def _read_request_file(name: str) -> bytes:
             return f.read()
     except OSError as exc:
         raise ProxyError(400, f"cannot read {name}: {exc.strerror}")
-
-
-def explain(raw: bytes, headers: dict[str, str], cfg: Config) -> Json:
-    """Everything `route --dry-run` prints: the decision and what each provider would get."""
-    req = Request("POST", "/v1/messages", "beta=true", headers, raw)
-    body = _json_body(req)
-    validate_messages(body)
-    rt = route(body, headers, cfg, count=COUNTER.count, raw_len=len(raw))
-    if rt.tokens is None:
-        rt.tokens, rt.token_method = COUNTER.count(body)
-    up = Upstreams(cfg)                        # builds requests only; nothing is sent
-    chain = []
-    for t in rt.targets:
-        p = cfg.providers.get(t.provider)
-        entry: Json = {"provider": t.provider, "model": t.model}
-        if p is None:
-            entry["error"] = "no such provider"
-        else:
-            entry.update(type=p.provider_type, family=p.family, enabled=p.enabled)
-            entry.update(_dry_request(up, p, t, req, rt, cfg))
-        chain.append(entry)
-    return {"rule": rt.rule, "model": rt.model, "input_tokens": rt.tokens,
-            "token_count_method": rt.token_method, "trace": rt.trace, "providers": chain}
-
-
-def _dry_request(up: Upstreams, p: Provider, t: Target, req: Request, rt: Route, cfg: Config) -> Json:
-    try:
-        hreq, _ = up.build(p, t, req, rt, cfg.server.api_key is not None, {**p.options, **t.options})
-    except ProxyError as exc:
-        return {"error": exc.message}
-    secret_names = {"x-api-key", "authorization", "x-goog-api-key"}
-    headers = {k: (mask_secret(v) if k.lower() in secret_names else v) for k, v in hreq.headers.items()}
-    try:
-        body: Any = json.loads(hreq.content)
-    except ValueError:
-        body = hreq.content.decode("utf-8", "replace")
-    return {"request": {"method": hreq.method, "url": str(hreq.url), "headers": headers, "body": body}}
 
 
 def cmd_route(args: argparse.Namespace) -> int:
@@ -4077,6 +4700,19 @@ def _masked_raw(raw: Any, key: str = "") -> Any:
 def _base_url(cfg: Config) -> str:
     host = cfg.server.host if cfg.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     return f"http://{host}:{cfg.server.port}"
+
+
+def _admin_url(cfg: Config, port: int | None = None) -> str:
+    host = cfg.server.host if cfg.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    return f"http://{host}:{port or cfg.server.port}/?token={load_admin_token(cfg)}"
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    """Print the admin page URL with its token (keep it private)."""
+    path = config_path(args.config)
+    ensure_config(path)
+    print(_admin_url(load_config(path)))
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -29,6 +29,8 @@ import email.utils
 import hashlib
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+import select
+import h11
 import ccm
 
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
@@ -2461,3 +2463,1066 @@ def test_translate_stream_split_at_every_offset() -> None:
 @given(st.lists(st.integers(min_value=1, max_value=len(SPLIT_RAW) - 1), max_size=40))
 def test_translate_stream_any_split_same_events(cuts: list[int]) -> None:
     assert _normalised(split(SPLIT_RAW, cuts)) == WHOLE
+
+
+# ============================================================================================
+# SSE codec and HTTP/1.1 server (parse_head, ChunkedReader, sockets)
+# ============================================================================================
+
+# Hostile-HTTP tests for ccm section 14 (parse_head, ChunkedReader, HTTPProtocol) and
+# section 9 (SSEDecoder), in the order of ccm.py: pure sections first, then sockets.
+
+
+
+ANTHROPIC_ERROR_TYPES = {
+    "invalid_request_error", "authentication_error", "billing_error", "permission_error",
+    "not_found_error", "request_too_large", "rate_limit_error", "api_error", "timeout_error",
+    "overloaded_error",
+}
+
+
+def head(*lines: str | bytes) -> bytes:
+    """A request head: the lines joined by CRLF and ended by the empty line."""
+    raw = [ln.encode("latin-1") if isinstance(ln, str) else ln for ln in lines]
+    return b"\r\n".join(raw) + b"\r\n\r\n"
+
+
+def three_ways(data: bytes) -> Iterator[tuple[str, list[bytes]]]:
+    """h11's tr(): whole, one byte at a time, and split in two at every offset."""
+    yield "whole", [data]
+    yield "bytewise", [data[i:i + 1] for i in range(len(data))]
+    for i in range(1, len(data)):
+        yield f"split@{i}", [data[:i], data[i:]]
+
+
+# ============================================================================================
+# 9. SSE codec (pure)
+# ============================================================================================
+
+def sse_run(pieces: list[bytes], flush: bool = True) -> tuple[list[tuple[str, str]], int]:
+    d = ccm.SSEDecoder()
+    out: list[Any] = []
+    for p in pieces:
+        out += d.feed(p)
+    if flush:
+        out += d.flush()
+    return [(e.event, e.data) for e in out], d.comments
+
+
+SSE_CASES = [
+    pytest.param(b'event: a\ndata: {"x":1}\n\nevent: b\ndata: 2\n\n',
+                 [("a", '{"x":1}'), ("b", "2")], 0, id="lf"),
+    pytest.param(b'event: a\r\ndata: {"x":1}\r\n\r\nevent: b\r\ndata: 2\r\n\r\n',
+                 [("a", '{"x":1}'), ("b", "2")], 0, id="crlf"),
+    pytest.param(b'event: a\rdata: {"x":1}\r\revent: b\rdata: 2\r\r',
+                 [("a", '{"x":1}'), ("b", "2")], 0, id="cr"),
+    pytest.param(b'event: a\r\ndata: 1\n\revent: b\rdata: 2\r\n\n',
+                 [("a", "1"), ("b", "2")], 0, id="mixed-endings"),
+    pytest.param('data: {"t":"a\u2028b\u0085c\u2029d"}\n\n'.encode(),
+                 [("message", '{"t":"a\u2028b\u0085c\u2029d"}')], 0, id="u2028-u0085-not-split"),
+    pytest.param(b'data: a\x0bb\x0cc\x1cd\x1de\x1ef\n\n',
+                 [("message", "a\x0bb\x0cc\x1cd\x1de\x1ef")], 0, id="vt-ff-fs-not-split"),
+    pytest.param(b"event: multi\ndata: line1\ndata:line2\ndata\ndata:  x\n\n",
+                 [("multi", "line1\nline2\n\n x")], 0, id="multi-line-data"),
+    pytest.param(b": ping\n\n:\ndata: 1\n: mid\n\n",
+                 [("message", "1")], 3, id="comments-counted"),
+    pytest.param("event: é\ndata: {\"t\":\"héllo €😀 日本\"}\n\n".encode(),
+                 [("é", '{"t":"héllo €😀 日本"}')], 0, id="utf8-multibyte"),
+    pytest.param(b"id: 7\nretry: 10\nfoo: bar\ndata: z\n\n", [("message", "z")], 0,
+                 id="unknown-fields-ignored"),
+    pytest.param(b"\n\n\r\n\rdata: q\n\n\n\n", [("message", "q")], 0, id="extra-blank-lines"),
+]
+
+
+@pytest.mark.parametrize("stream, expected, comments", SSE_CASES)
+def test_sse_decoder_three_ways(stream: bytes, expected: list[tuple[str, str]],
+                                comments: int) -> None:
+    for how, pieces in three_ways(stream):
+        got, n = sse_run(pieces)
+        assert (got, n) == (expected, comments), how
+
+
+@pytest.mark.parametrize("stream, expected, comments", [
+    c for c in SSE_CASES if not c.values[0].endswith(b"\r")])
+def test_sse_decoder_emits_events_before_flush(stream: bytes, expected: list[tuple[str, str]],
+                                               comments: int) -> None:
+    """A stream that ends in LF (or CRLF) yields every event from feed(); flush adds nothing."""
+    for how, pieces in three_ways(stream):
+        assert sse_run(pieces, flush=False)[0] == expected, how
+
+
+@pytest.mark.parametrize("pieces, expected", [
+    pytest.param([b"data: a\r", b"\ndata: b\r\n\r\n"], [("message", "a\nb")], id="crlf-split-in-line"),
+    pytest.param([b"data: a\r\n\r", b"\ndata: b\r\n\r\n"], [("message", "a"), ("message", "b")],
+                 id="crlf-split-in-blank-line"),
+    pytest.param([b"data: a\r", b"\r", b"\n", b"data: b\n\n"], [("message", "a"), ("message", "b")],
+                 id="cr-then-crlf"),
+    pytest.param(["data: €".encode()[:-1], "data: €".encode()[-1:] + b"\n\n"], [("message", "€")],
+                 id="utf8-euro-split"),
+    pytest.param(["data: 😀".encode()[:-3], "data: 😀".encode()[-3:-1], "data: 😀".encode()[-1:],
+                  b"\n\n"], [("message", "😀")], id="utf8-emoji-split-3"),
+])
+def test_sse_decoder_chunk_boundaries(pieces: list[bytes], expected: list[tuple[str, str]]) -> None:
+    got, _ = sse_run(pieces)
+    assert got == expected
+    assert "\ufffd" not in "".join(d for _, d in got)
+
+
+@pytest.mark.parametrize("stream, expected", [
+    pytest.param(b"event: x\ndata: y", [("x", "y")], id="no-newline"),
+    pytest.param(b"event: x\ndata: y\n", [("x", "y")], id="no-blank-line"),
+    pytest.param(b"event: x\ndata: y\r", [("x", "y")], id="trailing-cr"),
+    pytest.param(b"data: a\n\ndata: b", [("message", "a"), ("message", "b")], id="last-of-two"),
+    pytest.param(b"", [], id="empty"),
+    pytest.param(b"data: a\n\n", [("message", "a")], id="complete-stream"),
+])
+def test_sse_decoder_flush_returns_final_event(stream: bytes, expected: list[tuple[str, str]]) -> None:
+    for how, pieces in three_ways(stream):
+        d = ccm.SSEDecoder()
+        fed = [e for p in pieces for e in d.feed(p)]
+        flushed = d.flush()
+        assert [(e.event, e.data) for e in fed + flushed] == expected, how
+        assert d.flush() == [], how          # a second flush has nothing left
+
+
+def test_sse_encoder_round_trips_through_decoder() -> None:
+    data = {"type": "content_block_delta", "delta": {"text": "a\u2028b\nc\r\n😀"}}
+    raw = ccm.sse("content_block_delta", data) * 2
+    for how, pieces in three_ways(raw):
+        got, _ = sse_run(pieces)
+        assert [(e, json.loads(d)) for e, d in got] == [("content_block_delta", data)] * 2, how
+
+
+# ============================================================================================
+# 14. HTTP/1.1 server: parse_head (pure)
+# ============================================================================================
+
+VALID_HEADS = [
+    pytest.param(head("GET /v1/models?beta=true&x=1 HTTP/1.1", "Host: 127.0.0.1", "User-Agent: t"),
+                 dict(method="GET", target="/v1/models?beta=true&x=1", path="/v1/models",
+                      query="beta=true&x=1", version="1.1", keep_alive=True,
+                      content_length=None, chunked=False, expect_continue=False,
+                      headers={"host": "127.0.0.1", "user-agent": "t"}), id="get-with-query"),
+    pytest.param(head("POST /v1/messages HTTP/1.1", "HOST: a", "Content-Type: application/json",
+                      "X-Api-Key: K", "Content-Length: 5"),
+                 dict(method="POST", path="/v1/messages", query="", content_length=5,
+                      headers={"host": "a", "content-type": "application/json", "x-api-key": "K",
+                               "content-length": "5"}), id="post-names-lowercased"),
+    pytest.param(head("GET / HTTP/1.1", "Host: a", "Accept: x", "X-A: 1", "accept: y"),
+                 dict(headers={"host": "a", "accept": "x, y", "x-a": "1"}), id="duplicates-joined"),
+    pytest.param(head("GET / HTTP/1.0"), dict(version="1.0", keep_alive=False, headers={}),
+                 id="http10-no-host-closes"),
+    pytest.param(head("GET / HTTP/1.0", "Connection: Keep-Alive"),
+                 dict(version="1.0", keep_alive=True), id="http10-keep-alive"),
+    pytest.param(head("GET / HTTP/1.1", "Host: a", "Connection: close"),
+                 dict(keep_alive=False), id="http11-connection-close"),
+    pytest.param(head("GET / HTTP/1.1", "Host: a", "Connection: keep-alive, Close"),
+                 dict(keep_alive=False), id="http11-close-in-list"),
+    pytest.param(head("GET / HTTP/1.1", "Host: a", "Connection: keep-alive"),
+                 dict(keep_alive=True), id="http11-keep-alive"),
+    pytest.param(head("POST /v1/messages HTTP/1.1", "Host: a", "Expect: 100-Continue",
+                      "Content-Length: 10"),
+                 dict(expect_continue=True, content_length=10), id="expect-100-continue"),
+    pytest.param(head("POST /v1/messages HTTP/1.1", "Host: a", "Transfer-Encoding: Chunked"),
+                 dict(chunked=True, content_length=None), id="chunked"),
+    pytest.param(head("GET / HTTP/1.1", "Host: a", "X-A: \t v a l \t", "X-Empty:", "X-Obs: caf\xe9"),
+                 dict(headers={"host": "a", "x-a": "v a l", "x-empty": "", "x-obs": "caf\xe9"}),
+                 id="ows-trimmed-empty-and-obs-text"),
+    pytest.param(b"\r\n\r\n" + head("GET /health HTTP/1.1", "Host: a"), dict(path="/health"),
+                 id="leading-empty-lines-ignored"),
+    pytest.param(head("POST / HTTP/1.1", "Host: a", "Content-Length: 5", "Content-Length: 5"),
+                 dict(content_length=5), id="identical-cl-twice"),
+    pytest.param(head("POST / HTTP/1.1", "Host: a", "Content-Length: 999999999999999"),
+                 dict(content_length=999999999999999), id="cl-15-digits"),
+    pytest.param(head("POST / HTTP/1.1", "Host: a", "Content-Length: 0"),
+                 dict(content_length=0), id="cl-zero"),
+    pytest.param(head("GET / HTTP/1.1", "Host: a", *[f"X-{i}: {i}" for i in range(127)]),
+                 dict(), id="128-fields"),
+    pytest.param(head("GET / HTTP/1.1", "Host: a", "Cookie: " + "c" * 60_000),
+                 dict(), id="60k-cookie"),
+]
+
+
+@pytest.mark.parametrize("raw, expected", VALID_HEADS)
+def test_parse_head_valid(raw: bytes, expected: dict[str, Any]) -> None:
+    parsed = ccm.parse_head(raw)
+    assert parsed is not None
+    rh, used = parsed
+    assert used == len(raw)
+    for key, value in expected.items():
+        assert getattr(rh, key) == value, key
+
+
+@pytest.mark.parametrize("raw, expected", VALID_HEADS)
+def test_parse_head_valid_fed_byte_by_byte(raw: bytes, expected: dict[str, Any]) -> None:
+    """Every proper prefix is incomplete (None); the whole head, and the head followed by body
+    bytes or a pipelined request, all give the same result and consume exactly the head."""
+    whole = ccm.parse_head(raw)
+    step = 1 if len(raw) < 2000 else 997
+    for i in range(0, len(raw), step):
+        assert ccm.parse_head(raw[:i]) is None, i
+    assert ccm.parse_head(bytearray(raw)) == whole
+    follow = b"hello" + head("GET / HTTP/1.1", "Host: b")
+    assert ccm.parse_head(raw + follow) == whole
+
+
+def test_parse_head_ignores_expect_in_http10() -> None:
+    """RFC 9110 §10.1.1: a server MUST ignore a 100-continue expectation in an HTTP/1.0
+    request (h11's _has_expect_100_continue does the same)."""
+    rh, _ = ccm.parse_head(head("POST /v1/messages HTTP/1.0", "Expect: 100-continue",
+                                "Content-Length: 2"))
+    assert rh.expect_continue is False
+
+
+REJECTED_HEADS = [
+    pytest.param(head("POST / HTTP/1.1", "Host: a", "Content-Length: 5",
+                      "Transfer-Encoding: chunked"), 400, id="cl-and-te"),
+    pytest.param(head("POST / HTTP/1.1", "Host: a", "Transfer-Encoding: chunked",
+                      "Content-Length: 5"), 400, id="te-and-cl"),
+    pytest.param(head("POST / HTTP/1.1", "Host: a", "Content-Length: 1_0"), 400, id="cl-underscore"),
+    pytest.param(head("POST / HTTP/1.1", "Host: a", "Content-Length:  +10"), 400, id="cl-plus"),
+    pytest.param(head("POST / HTTP/1.1", "Host: a", "Content-Length: -1"), 400, id="cl-negative"),
+    pytest.param(head("POST / HTTP/1.1", "Host: a", "Content-Length: 0x10"), 400, id="cl-hex"),
+    pytest.param(head("POST / HTTP/1.1", "Host: a", "Content-Length: 1234567890123456"), 400,
+                 id="cl-16-digits"),
+    pytest.param(head("POST / HTTP/1.1", "Host: a", "Content-Length: \u0661".encode()), 400,
+                 id="cl-arabic-indic-digit"),
+    pytest.param(head("POST / HTTP/1.1", "Host: a", "Content-Length:"), 400, id="cl-empty"),
+    pytest.param(head("POST / HTTP/1.1", "Host: a", "Content-Length: 1 0"), 400, id="cl-inner-space"),
+    pytest.param(head("POST / HTTP/1.1", "Host: a", "Content-Length: 5", "Content-Length: 6"), 400,
+                 id="cl-conflicting"),
+    pytest.param(head("POST / HTTP/1.1", "Host: a", "Content-Length: 5, 6"), 400, id="cl-list"),
+    pytest.param(head("POST / HTTP/1.1", "Host: a", "Transfer-Encoding: gzip"), 501, id="te-gzip"),
+    pytest.param(head("POST / HTTP/1.1", "Host: a", "Transfer-Encoding: gzip, chunked"), 501,
+                 id="te-gzip-chunked"),
+    pytest.param(head("POST / HTTP/1.1", "Host: a", "Transfer-Encoding: chunked",
+                      "Transfer-Encoding: chunked"), 501, id="te-twice"),
+    pytest.param(head("POST / HTTP/1.1", "Host: a", "Transfer-Encoding: xchunked"), 501,
+                 id="te-xchunked"),
+    pytest.param(head("POST / HTTP/1.0", "Transfer-Encoding: chunked"), 400, id="te-in-http10"),
+    pytest.param(head("GET / HTTP/1.1", "Host: a", "X-A: b", " c"), 400, id="obs-fold-space"),
+    pytest.param(head("GET / HTTP/1.1", "Host: a", "X-A: b", "\tc"), 400, id="obs-fold-tab"),
+    pytest.param(head("GET / HTTP/1.1", "X-A: b"), 400, id="http11-no-host"),
+    pytest.param(head("GET / HTTP/1.1", "Host: a", "Host: b"), 400, id="two-hosts"),
+    pytest.param(head("GET / HTTP/1.0", "Host: a", "host: a"), 400, id="two-hosts-http10"),
+    pytest.param(head("GET / HTTP/2.0", "Host: a"), 505, id="http2"),
+    pytest.param(head("GET / HTTP/3.0", "Host: a"), 505, id="http3"),
+    pytest.param("GET / HTTP/1.\U0001d7d9\r\nHost: a\r\n\r\n".encode(), 400, id="unicode-digit"),
+    pytest.param(head("GET / HTTP/1.1", "Host: a", "X-A: b\nc"), 400, id="bare-lf-in-value"),
+    pytest.param(head("GET / HTTP/1.1", "Host: a\nX-A: b"), 400, id="bare-lf-line-end"),
+    pytest.param(head("GET / HTTP/1.1", "Host: a", "X-A: b\x00c"), 400, id="nul-in-value"),
+    pytest.param(head("GET / HTTP/1.1", "Host: a", "X-A: b\rc"), 400, id="cr-in-value"),
+    pytest.param(head("GET / HTTP/1.1", "Host: a", "X-A: b\x7fc"), 400, id="del-in-value"),
+    pytest.param(head("GET / HTTP/1.1", "Host : a"), 400, id="space-before-colon"),
+    pytest.param(head("GET / HTTP/1.1", "Host\t: a"), 400, id="tab-before-colon"),
+    pytest.param(head("GET / HTTP/1.1", "Host: a", ": v"), 400, id="empty-name"),
+    pytest.param(head("GET / HTTP/1.1", "Host: a", "garbage"), 400, id="no-colon"),
+    pytest.param(head("GET  / HTTP/1.1", "Host: a"), 400, id="double-space-request-line"),
+    pytest.param(head("GET / http/1.1", "Host: a"), 400, id="lowercase-version"),
+    pytest.param(head("GET /a\x00 HTTP/1.1", "Host: a"), 400, id="nul-in-target"),
+    pytest.param(head("GET http://a/ HTTP/1.1", "Host: a"), 400, id="absolute-form-target"),
+    pytest.param(head("GET / HTTP/1.1", "Host: a", "Cookie: " + "c" * 66_000), 431, id="head-over-64k"),
+    pytest.param(head("GET / HTTP/1.1", "Host: a", *[f"X-{i}: {i}" for i in range(128)]), 431,
+                 id="129-fields"),
+]
+
+
+@pytest.mark.parametrize("raw, status", REJECTED_HEADS)
+def test_parse_head_rejects(raw: bytes, status: int) -> None:
+    with pytest.raises(ccm.HTTPError) as ei:
+        ccm.parse_head(raw)
+    assert ei.value.status == status
+    assert ei.value.message
+
+
+@pytest.mark.parametrize("size", [64 * 1024 + 1, 100_000], ids=["64k+1", "100k"])
+def test_parse_head_rejects_incomplete_head_over_64k(size: int) -> None:
+    raw = (b"GET / HTTP/1.1\r\nHost: a\r\nCookie: " + b"c" * size)[:size]
+    with pytest.raises(ccm.HTTPError) as ei:
+        ccm.parse_head(raw)
+    assert ei.value.status == 431
+    assert ccm.parse_head(raw[:60_000]) is None       # still below the limit: just incomplete
+
+
+@pytest.mark.parametrize("raw", [
+    pytest.param(b"\r\n" * 40_000, id="crlf-only"),
+    pytest.param(b"\r\n" * 40_000 + b"GET / HTTP/1.1\r\nHost: a", id="crlf-then-partial-head"),
+])
+def test_parse_head_rejects_endless_leading_empty_lines(raw: bytes) -> None:
+    """RFC 9112 §2.2 says to ignore *at least one* empty line before the request line, not an
+    unbounded number: 80 KB of CRLF must hit the 64 KiB head limit rather than be buffered
+    (and re-scanned on every read) until the header timeout. h11 rejects this too."""
+    with pytest.raises(ccm.HTTPError) as ei:
+        ccm.parse_head(raw)
+    assert ei.value.status in (400, 431)
+
+
+def test_parse_head_rejects_at_every_chunking() -> None:
+    """A rejection does not depend on how the head arrived: prefixes are incomplete (None),
+    never accepted, and the complete head is refused."""
+    for param in REJECTED_HEADS:
+        raw, status = param.values
+        if status == 431:
+            continue
+        for i in range(len(raw)):
+            try:
+                assert ccm.parse_head(raw[:i]) is None, (param.id, i)
+            except ccm.HTTPError:
+                pass                                    # refusing early is fine too
+        with pytest.raises(ccm.HTTPError):
+            ccm.parse_head(raw)
+
+
+# ---- differential test against h11 ----------------------------------------------------------
+
+HOSTILE_CORPUS = {
+    "cl-and-te": head("POST / HTTP/1.1", "Host: a", "Content-Length: 5", "Transfer-Encoding: chunked"),
+    "te-gzip": head("POST / HTTP/1.1", "Host: a", "Transfer-Encoding: gzip"),
+    "te-gzip-chunked": head("POST / HTTP/1.1", "Host: a", "Transfer-Encoding: gzip, chunked"),
+    "te-chunked-gzip": head("POST / HTTP/1.1", "Host: a", "Transfer-Encoding: chunked, gzip"),
+    "te-twice": head("POST / HTTP/1.1", "Host: a", "Transfer-Encoding: chunked",
+                     "Transfer-Encoding: chunked"),
+    "te-xchunked": head("POST / HTTP/1.1", "Host: a", "Transfer-Encoding: xchunked"),
+    "te-http10": head("POST / HTTP/1.0", "Transfer-Encoding: chunked"),
+    "cl-underscore": head("POST / HTTP/1.1", "Host: a", "Content-Length: 1_0"),
+    "cl-plus": head("POST / HTTP/1.1", "Host: a", "Content-Length:  +10"),
+    "cl-negative": head("POST / HTTP/1.1", "Host: a", "Content-Length: -1"),
+    "cl-hex": head("POST / HTTP/1.1", "Host: a", "Content-Length: 0x10"),
+    "cl-21-digits": head("POST / HTTP/1.1", "Host: a", "Content-Length: 123456789012345678901"),
+    "cl-conflict": head("POST / HTTP/1.1", "Host: a", "Content-Length: 5", "Content-Length: 6"),
+    "cl-list-conflict": head("POST / HTTP/1.1", "Host: a", "Content-Length: 5, 6"),
+    "cl-list-same": head("POST / HTTP/1.1", "Host: a", "Content-Length: 5, 5"),
+    "cl-empty": head("POST / HTTP/1.1", "Host: a", "Content-Length:"),
+    "obs-fold": head("GET / HTTP/1.1", "Host: a", "X-A: b", " c"),
+    "first-line-folded": head("GET / HTTP/1.1", " Host: a"),
+    "no-host": head("GET / HTTP/1.1", "X-A: b"),
+    "two-hosts": head("GET / HTTP/1.1", "Host: a", "Host: b"),
+    "two-hosts-http10": head("GET / HTTP/1.0", "Host: a", "Host: b"),
+    "http2": head("GET / HTTP/2.0", "Host: a"),
+    "http-unicode-digit": "GET / HTTP/1.\U0001d7d9\r\nHost: a\r\n\r\n".encode(),
+    "http09": b"GET /\r\n\r\n",
+    "lf-in-value": head("GET / HTTP/1.1", "Host: a", "X-A: b\nc"),
+    "nul-in-value": head("GET / HTTP/1.1", "Host: a", "X-A: b\x00c"),
+    "cr-in-value": head("GET / HTTP/1.1", "Host: a", "X-A: b\rc"),
+    "vt-in-value": head("GET / HTTP/1.1", "Host: a", "X-A: b\x0bc"),
+    "ff-in-value": head("GET / HTTP/1.1", "Host: a", "X-A: b\x0cc"),
+    "space-before-colon": head("GET / HTTP/1.1", "Host : a"),
+    "tab-before-colon": head("GET / HTTP/1.1", "Host\t: a"),
+    "no-colon": head("GET / HTTP/1.1", "Host: a", "garbage"),
+    "empty-name": head("GET / HTTP/1.1", "Host: a", ": v"),
+    "paren-in-name": head("GET / HTTP/1.1", "Host: a", "X(A): v"),
+    "nul-in-name": head("GET / HTTP/1.1", "Host: a", "X\x00A: v"),
+    "latin1-in-name": head("GET / HTTP/1.1", "Host: a", "X\xe9: v"),
+    "nul-in-target": head("GET /\x00 HTTP/1.1", "Host: a"),
+    "space-in-target": head("GET /a b HTTP/1.1", "Host: a"),
+    "lowercase-version": head("GET / http/1.1", "Host: a"),
+    "no-version": head("GET /", "Host: a"),
+    "double-space": head("GET  / HTTP/1.1", "Host: a"),
+    "trailing-space-version": head("GET / HTTP/1.1 ", "Host: a"),
+    "paren-in-method": head("GE(T / HTTP/1.1", "Host: a"),
+    "empty-request-line": b"\r\nX: y\r\n\r\n",
+    "lone-cr-line-end": head("GET / HTTP/1.1", "Host: a\r"),
+    "crlf-flood-80k": b"\r\n" * 40_000,
+    "head-over-64k": head("GET / HTTP/1.1", "Host: a", "Cookie: " + "c" * 70_000),
+    # accepted by h11: ccm must still give a verdict (a RequestHead that agrees, or an HTTPError)
+    "plain-get": head("GET /v1/models?x=1 HTTP/1.1", "Host: a", "Accept: */*"),
+    "post-cl": head("POST /v1/messages HTTP/1.1", "Host: a", "Content-Length: 5"),
+    "dup-header": head("GET / HTTP/1.1", "Host: a", "X-A: 1", "x-a: 2"),
+    "obs-text-value": head("GET / HTTP/1.1", "Host: a", "X-A: caf\xe9"),
+    "http10-no-host": head("GET / HTTP/1.0"),
+    "cl-leading-zeros": head("POST / HTTP/1.1", "Host: a", "Content-Length: 0005"),
+}
+
+
+def h11_verdict(raw: bytes) -> Any:
+    """h11's answer: its Request event, or the RemoteProtocolError it raised, or None (needs data)."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=ccm.MAX_HEAD_BYTES)
+    conn.receive_data(raw)
+    try:
+        for _ in range(3):
+            ev = conn.next_event()
+            if isinstance(ev, h11.Request) or ev is h11.NEED_DATA:
+                return ev if ev is not h11.NEED_DATA else None
+    except h11.RemoteProtocolError as exc:
+        return exc
+    return None
+
+
+def ccm_verdict(raw: bytes) -> Any:
+    try:
+        return ccm.parse_head(raw)
+    except ccm.HTTPError as exc:
+        return exc
+
+
+def test_parse_head_differential_corpus_is_hostile() -> None:
+    """The corpus is worth something only if h11 rejects most of it."""
+    rejected = [k for k, raw in HOSTILE_CORPUS.items()
+                if isinstance(h11_verdict(raw), h11.RemoteProtocolError)]
+    assert len(rejected) >= 30, rejected
+
+
+@pytest.mark.parametrize("raw", list(HOSTILE_CORPUS.values()), ids=list(HOSTILE_CORPUS))
+def test_parse_head_differential_vs_h11(raw: bytes) -> None:
+    theirs = h11_verdict(raw)
+    ours = ccm_verdict(raw)
+    if isinstance(theirs, h11.RemoteProtocolError):
+        assert isinstance(ours, ccm.HTTPError), f"h11 rejects ({theirs}), ccm accepts: {ours!r}"
+        assert 400 <= ours.status <= 505
+        return
+    assert theirs is not None, "corpus heads are complete"
+    # h11 accepts: ccm is allowed to be stricter, but if it accepts, it must agree with h11.
+    if isinstance(ours, ccm.HTTPError):
+        assert 400 <= ours.status <= 505
+        return
+    assert ours is not None, "a complete CRLF-terminated head is never 'incomplete'"
+    rh, used = ours
+    assert used == len(raw)
+    assert rh.method == theirs.method.decode()
+    assert rh.target == theirs.target.decode("latin-1")
+    assert rh.version == theirs.http_version.decode()
+    joined: dict[str, str] = {}
+    for name, value in theirs.headers:
+        k, v = name.decode().lower(), value.decode("latin-1")
+        joined[k] = f"{joined[k]}, {v}" if k in joined else v
+    assert rh.headers == joined
+
+
+# ============================================================================================
+# 14. HTTP/1.1 server: ChunkedReader (pure)
+# ============================================================================================
+
+def dechunk(pieces: list[bytes], max_body: int = 1 << 20) -> tuple[Any, int, bytes]:
+    """Feed pieces the way HTTPProtocol does (append, feed, drop what was consumed)."""
+    r = ccm.ChunkedReader(max_body)
+    buf = bytearray()
+    consumed = 0
+    for p in pieces:
+        buf += p
+        used = r.feed(buf)
+        consumed += used
+        del buf[:used]
+    return r, consumed, bytes(buf)
+
+
+NEXT_REQUEST = b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"
+
+CHUNKED_CASES = [
+    pytest.param(b"5\r\nhello\r\n0\r\n\r\n", b"hello", id="one-chunk"),
+    pytest.param(b"5\r\nhello\r\n1\r\n \r\nA\r\n0123456789\r\na\r\nabcdefghij\r\n0\r\n\r\n",
+                 b"hello 0123456789abcdefghij", id="several-chunks-hex-case"),
+    pytest.param(b"0\r\n\r\n", b"", id="empty-body"),
+    pytest.param(b"005\r\nhello\r\n000\r\n\r\n", b"hello", id="leading-zeros"),
+    pytest.param(b"5;name=value\r\nhello\r\n3 ; a=\"b c\"\r\n!!!\r\n0;last\r\n\r\n", b"hello!!!",
+                 id="chunk-extensions"),
+    pytest.param(b"5\r\nhello\r\n0\r\nX-Trailer: v\r\nX-Other: w x\r\n\r\n", b"hello", id="trailers"),
+    pytest.param(b"4\r\n\r\n\r\n\r\n0\r\n\r\n", b"\r\n\r\n", id="crlf-inside-data"),
+]
+
+
+@pytest.mark.parametrize("data, body", CHUNKED_CASES)
+def test_server_chunked_reader_three_ways(data: bytes, body: bytes) -> None:
+    stream = data + NEXT_REQUEST                  # a pipelined request must be left alone
+    for how, pieces in three_ways(stream):
+        r, consumed, left = dechunk(pieces)
+        assert r.done, how
+        assert bytes(r.body) == body, how
+        assert consumed == len(data), how
+        assert left == NEXT_REQUEST, how
+
+
+def test_server_chunked_reader_incomplete_is_not_done() -> None:
+    data = b"5\r\nhello\r\n0\r\nX-T: v\r\n\r\n"
+    for i in range(len(data)):
+        r, _, _ = dechunk([data[:i]])
+        assert not r.done, i
+
+
+@pytest.mark.parametrize("data, status", [
+    pytest.param(b"5\r\nhelloXX0\r\n\r\n", 400, id="cve-2025-43859-garbage-after-data"),
+    pytest.param(b"5\r\nhello\rX0\r\n\r\n", 400, id="cr-then-garbage-after-data"),
+    pytest.param(b"5\r\nhello\n0\r\n\r\n", 400, id="bare-lf-after-data"),
+    pytest.param(b"5\r\nhello world\r\n0\r\n\r\n", 400, id="data-longer-than-size"),
+    pytest.param(b"x\r\nhello\r\n0\r\n\r\n", 400, id="size-not-hex"),
+    pytest.param(b"\r\nhello\r\n0\r\n\r\n", 400, id="size-empty"),
+    pytest.param(b"-5\r\nhello\r\n0\r\n\r\n", 400, id="size-negative"),
+    pytest.param(b"+5\r\nhello\r\n0\r\n\r\n", 400, id="size-plus"),
+    pytest.param(b"0x5\r\nhello\r\n0\r\n\r\n", 400, id="size-0x-prefix"),
+    pytest.param(b" 5\r\nhello\r\n0\r\n\r\n", 400, id="size-leading-space"),
+    pytest.param(b"5_0\r\nhello\r\n0\r\n\r\n", 400, id="size-underscore"),
+    pytest.param(b"5\nhello\r\n0\r\n\r\n", 400, id="size-bare-lf"),
+    pytest.param(b"11111111111111111\r\n", 400, id="size-17-hex-digits"),
+    pytest.param(b"5;a\nb\r\nhello\r\n0\r\n\r\n", 400, id="lf-in-extension"),
+    pytest.param(b"5;a\x00b\r\nhello\r\n0\r\n\r\n", 400, id="nul-in-extension"),
+    pytest.param(b"5;" + b"a" * 5000 + b"\r\nhello\r\n0\r\n\r\n", 400, id="size-line-too-long"),
+    pytest.param(b"0\r\n folded: x\r\n\r\n", 400, id="trailer-obs-fold"),
+    pytest.param(b"0\r\nBad Name: x\r\n\r\n", 400, id="trailer-bad-name"),
+    pytest.param(b"0\r\nX-T: a\nb\r\n\r\n", 400, id="trailer-bare-lf"),
+    pytest.param(b"0\r\nX-T: " + b"v" * 70_000 + b"\r\n\r\n", 431, id="trailer-over-64k"),
+    pytest.param(b"3e9\r\n", 413, id="size-over-max-body"),
+    pytest.param(b"ffffffffffffffff\r\n", 413, id="size-16-hex-f"),
+    pytest.param(b"200\r\n" + b"a" * 512 + b"\r\n200\r\n" + b"b" * 512 + b"\r\n0\r\n\r\n", 413,
+                 id="sum-over-max-body"),
+])
+def test_server_chunked_reader_rejects(data: bytes, status: int) -> None:
+    ways = list(three_ways(data)) if len(data) < 2000 else [("whole", [data])]
+    for how, pieces in ways:
+        with pytest.raises(ccm.HTTPError) as ei:
+            dechunk(pieces, max_body=1000)
+        assert ei.value.status == status, how
+        if status == 413:
+            assert ei.value.etype == "request_too_large"
+
+
+@pytest.mark.parametrize("size", [999, 1000], ids=["under", "exactly-max"])
+def test_server_chunked_reader_accepts_up_to_max_body(size: int) -> None:
+    data = b"%x\r\n%s\r\n0\r\n\r\n" % (size, b"z" * size)
+    r, _, _ = dechunk([data], max_body=1000)
+    assert r.done and len(r.body) == size
+
+
+# ============================================================================================
+# 14. HTTP/1.1 server over real sockets
+# ============================================================================================
+
+@dataclasses.dataclass
+class Resp:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    version: str
+
+
+def parse_response(buf: bytes, head_only: bool = False,
+                   eof: bool = False) -> tuple[Resp, int] | None:
+    """A small independent HTTP/1.1 response parser (Content-Length, chunked, close-delimited)."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = buf[:end].decode("latin-1").split("\r\n")
+    version, status_s, _ = (lines[0] + " ").split(" ", 2)
+    status = int(status_s)
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        k, sep, v = line.partition(":")
+        assert sep and k == k.strip(), f"malformed response header {line!r}"
+        k, v = k.lower(), v.strip()
+        headers[k] = f"{headers[k]}, {v}" if k in headers else v
+    pos = end + 4
+    if head_only or 100 <= status < 200 or status in (204, 304):
+        return Resp(status, headers, b"", version), pos
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = b""
+        while True:
+            eol = buf.find(b"\r\n", pos)
+            if eol < 0:
+                return None
+            size = int(buf[pos:eol].split(b";")[0], 16)
+            if len(buf) < eol + 4 + size:
+                return None
+            body += buf[eol + 2:eol + 2 + size]
+            assert buf[eol + 2 + size:eol + 4 + size] == b"\r\n", "bad chunk framing"
+            pos = eol + 4 + size
+            if size == 0:
+                return Resp(status, headers, body, version), pos
+    if "content-length" in headers:
+        n = int(headers["content-length"])
+        if len(buf) < pos + n:
+            return None
+        return Resp(status, headers, buf[pos:pos + n], version), pos + n
+    if eof:
+        return Resp(status, headers, buf[pos:], version), len(buf)
+    return None
+
+
+class Client:
+    """A raw socket client that reads whole responses and notices when the server closes."""
+
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock.settimeout(0.2)
+        self.timeout = timeout
+        self.buf = b""
+        self.eof = False
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _recv(self) -> None:
+        try:
+            got = self.sock.recv(65536)
+        except socket.timeout:
+            return
+        except (ConnectionResetError, BrokenPipeError):
+            self.eof = True
+            return
+        if not got:
+            self.eof = True
+        self.buf += got
+
+    def response(self, head_only: bool = False) -> Resp:
+        end = time.monotonic() + self.timeout
+        while True:
+            parsed = parse_response(self.buf, head_only, self.eof)
+            if parsed is not None:
+                resp, used = parsed
+                self.buf = self.buf[used:]
+                return resp
+            if self.eof or time.monotonic() > end:
+                raise AssertionError(f"no complete response (eof={self.eof}): {self.buf[:300]!r}")
+            self._recv()
+
+    def read_until(self, marker: bytes) -> bool:
+        end = time.monotonic() + self.timeout
+        while marker not in self.buf and not self.eof and time.monotonic() < end:
+            self._recv()
+        return marker in self.buf
+
+    def closed(self, timeout: float | None = None) -> bool:
+        """Wait until the server closes the connection (bytes that arrive meanwhile are kept)."""
+        end = time.monotonic() + (timeout or self.timeout)
+        while not self.eof and time.monotonic() < end:
+            self._recv()
+        return self.eof
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def http_req(method: str = "GET", path: str = "/health", *headers: str, body: bytes = b"",
+        version: str = "1.1") -> bytes:
+    lines = [f"{method} {path} HTTP/{version}"]
+    if version == "1.1":
+        lines.append("Host: 127.0.0.1")
+    lines += headers
+    if body and not any(h.lower().startswith(("content-length", "transfer-encoding")) for h in headers):
+        lines.append(f"Content-Length: {len(body)}")
+    return head(*lines) + body
+
+
+def messages_req(stream: bool = False, *headers: str, version: str = "1.1") -> bytes:
+    body = json.dumps(dict(BASIC_REQ, stream=stream)).encode()
+    return http_req("POST", "/v1/messages", "Content-Type: application/json",
+               "anthropic-version: 2023-06-01", *headers, body=body, version=version)
+
+
+def sse_names(body: bytes) -> list[str]:
+    return [ln[len(b"event: "):].decode() for ln in body.split(b"\n") if ln.startswith(b"event: ")]
+
+
+def assert_anthropic_error(resp: Resp, status: int, etype: str | None = None) -> None:
+    assert resp.status == status, resp
+    assert resp.headers.get("content-type", "").startswith("application/json"), resp.headers
+    body = json.loads(resp.body)
+    assert body["type"] == "error" and set(body) == {"type", "error"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"], body
+    assert body["error"]["type"] in ANTHROPIC_ERROR_TYPES, body
+    if etype is not None:
+        assert body["error"]["type"] == etype, body
+
+
+def refused(port: int) -> bool:
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=1)
+    except ConnectionRefusedError:
+        return True
+    s.close()
+    return False
+
+
+@pytest.fixture
+def srv(ccm_server: Callable[[str], CCM],
+        fake_upstream: Callable[[str], FakeUpstream]) -> Callable[..., CCM]:
+    """ccm's real server in front of one fake Anthropic upstream (available as .up)."""
+    def make(extra_server: str = "") -> CCM:
+        up = fake_upstream("anthropic")
+        c = ccm_server(simple_cfg(up, extra_server=extra_server))
+        c.up = up  # type: ignore[attr-defined]
+        return c
+    return make
+
+
+def assert_still_serving(port: int) -> None:
+    cl = Client(port)
+    try:
+        cl.send(http_req("GET", "/health"))
+        resp = cl.response()
+        assert resp.status == 200 and json.loads(resp.body)["status"] == "ok"
+    finally:
+        cl.close()
+
+
+WIRE_REJECTIONS = [
+    *[pytest.param(p.values[0], p.values[1], None, id=p.id) for p in REJECTED_HEADS],
+    pytest.param(http_req("POST", "/v1/messages", "Content-Length: 2000", body=b"x" * 2000), 413,
+                 "request_too_large", id="cl-over-max-body"),
+    pytest.param(http_req("POST", "/v1/messages", "Transfer-Encoding: chunked",
+                     body=b"400\r\n" + b"x" * 1024 + b"\r\n0\r\n\r\n"), 413,
+                 "request_too_large", id="chunked-over-max-body"),
+    pytest.param(http_req("POST", "/v1/messages", "Transfer-Encoding: chunked",
+                     body=b"5\r\nhelloXX0\r\n\r\n"), 400, "invalid_request_error",
+                 id="chunked-cve-2025-43859"),
+    pytest.param(http_req("POST", "/v1/messages", "Transfer-Encoding: chunked",
+                     body=b"zz\r\nhello\r\n0\r\n\r\n"), 400, "invalid_request_error",
+                 id="chunked-bad-size"),
+]
+
+
+@pytest.mark.parametrize("raw, status, etype", WIRE_REJECTIONS)
+def test_server_rejects_hostile_request(srv: Callable[..., CCM], raw: bytes, status: int,
+                                        etype: str | None) -> None:
+    c = srv("max_body_bytes = 1000")
+    cl = Client(c.port)
+    try:
+        cl.send(raw)
+        resp = cl.response()
+        if etype is None and status == 400:
+            etype = "invalid_request_error"
+        assert_anthropic_error(resp, status, etype)
+        assert resp.headers.get("connection", "").lower() == "close"
+        assert cl.closed(), "the connection must be closed after a refusal"
+        assert cl.buf == b"", "nothing may follow the refusal"
+    finally:
+        cl.close()
+    assert c.up.seen == []                      # nothing hostile reached the upstream
+    assert_still_serving(c.port)
+
+
+def test_server_rejects_endless_leading_empty_lines(srv: Callable[..., CCM]) -> None:
+    """80 KB of CRLF must be refused as an oversized head, not buffered until the header
+    timeout fires (it would then be a 408)."""
+    c = srv("[server.timeouts]\nheader_timeout_ms = 2000")
+    cl = Client(c.port)
+    try:
+        cl.send(b"\r\n" * 40_000)
+        resp = cl.response()
+        assert resp.status in (400, 431), resp
+        assert cl.closed()
+    finally:
+        cl.close()
+    assert_still_serving(c.port)
+
+
+def test_server_keep_alive_answers_two_requests_on_one_socket(srv: Callable[..., CCM]) -> None:
+    c = srv()
+    cl = Client(c.port)
+    try:
+        cl.send(http_req("GET", "/health"))
+        first = cl.response()
+        cl.send(messages_req())
+        second = cl.response()
+        assert first.status == 200 and json.loads(first.body)["status"] == "ok"
+        assert "close" not in first.headers.get("connection", "")
+        assert second.status == 200 and json.loads(second.body)["type"] == "message"
+        assert not cl.closed(timeout=0.3)
+    finally:
+        cl.close()
+
+
+def test_server_pipelined_requests_answered_in_order(srv: Callable[..., CCM]) -> None:
+    """The first request is slow (upstream delay); the second, fast one still comes second."""
+    c = srv()
+    c.up.script(Reply(json=anthropic_message(text="slow"), first_byte_delay=0.3))
+    cl = Client(c.port)
+    try:
+        cl.send(messages_req() + http_req("GET", "/v1/models") + http_req("HEAD", "/"))
+        first, second = cl.response(), cl.response()
+        third = cl.response(head_only=True)
+        assert json.loads(first.body)["content"][0]["text"] == "slow"
+        assert "data" in json.loads(second.body)
+        assert third.status == 200
+        assert cl.buf == b""
+    finally:
+        cl.close()
+
+
+def test_server_stops_reading_after_connection_close(srv: Callable[..., CCM]) -> None:
+    """uvicorn#2238: a request pipelined after `Connection: close` is never answered."""
+    c = srv()
+    cl = Client(c.port)
+    try:
+        cl.send(http_req("GET", "/health", "Connection: close") + messages_req())
+        first = cl.response()
+        assert first.status == 200 and first.headers["connection"] == "close"
+        assert cl.closed()
+        assert cl.buf == b""
+    finally:
+        cl.close()
+    assert c.up.seen == []
+
+
+def test_server_expect_100_continue_before_body(srv: Callable[..., CCM]) -> None:
+    c = srv()
+    body = json.dumps(BASIC_REQ).encode()
+    cl = Client(c.port)
+    try:
+        cl.send(head("POST /v1/messages HTTP/1.1", "Host: 127.0.0.1", "Expect: 100-continue",
+                     "Content-Type: application/json", f"Content-Length: {len(body)}"))
+        interim = cl.response()
+        assert interim.status == 100 and interim.version == "HTTP/1.1"
+        assert c.up.seen == []
+        cl.send(body)
+        final = cl.response()
+        assert final.status == 200 and json.loads(final.body)["type"] == "message"
+    finally:
+        cl.close()
+    assert c.up.seen[-1].json["messages"] == BASIC_REQ["messages"]
+
+
+@pytest.mark.parametrize("key_header, status", [
+    pytest.param("x-api-key: wrong-key", 401, id="wrong-key"),
+    pytest.param("Authorization: Bearer nope", 401, id="wrong-bearer"),
+    pytest.param("X-Other: 1", 401, id="no-key"),
+    pytest.param("x-api-key: sk-ccm-right-key-000", 100, id="right-key"),
+    pytest.param("Authorization: Bearer sk-ccm-right-key-000", 100, id="right-bearer"),
+])
+def test_server_expect_100_continue_checks_auth_first(srv: Callable[..., CCM], key_header: str,
+                                                      status: int) -> None:
+    c = srv('api_key = "sk-ccm-right-key-000"')
+    cl = Client(c.port)
+    try:
+        cl.send(head("POST /v1/messages HTTP/1.1", "Host: 127.0.0.1", "Expect: 100-continue",
+                     key_header, "Content-Length: 50"))
+        resp = cl.response()
+        if status == 401:
+            assert_anthropic_error(resp, 401, "authentication_error")
+            assert cl.closed()
+            assert cl.buf == b""
+        else:
+            assert resp.status == 100
+    finally:
+        cl.close()
+    assert c.up.seen == []
+
+
+def test_server_expect_100_continue_ignored_for_http10(srv: Callable[..., CCM]) -> None:
+    """RFC 9110 §10.1.1: no 100 (Continue) in reply to an HTTP/1.0 request."""
+    c = srv()
+    body = json.dumps(BASIC_REQ).encode()
+    cl = Client(c.port)
+    try:
+        cl.send(head("POST /v1/messages HTTP/1.0", "Expect: 100-continue",
+                     f"Content-Length: {len(body)}") + body)
+        assert cl.closed()
+        assert cl.buf.startswith(b"HTTP/1.1 200 "), cl.buf[:200]
+        assert b" 100 " not in cl.buf.split(b"\r\n", 1)[0]
+    finally:
+        cl.close()
+
+
+def test_server_expect_100_continue_refuses_oversized_body_unread(srv: Callable[..., CCM]) -> None:
+    c = srv("max_body_bytes = 1000")
+    cl = Client(c.port)
+    try:
+        cl.send(head("POST /v1/messages HTTP/1.1", "Host: 127.0.0.1", "Expect: 100-continue",
+                     "Content-Length: 5000"))
+        resp = cl.response()
+        assert_anthropic_error(resp, 413, "request_too_large")
+        assert cl.closed()
+    finally:
+        cl.close()
+
+
+@pytest.mark.parametrize("chunks", [
+    pytest.param([1], id="one-byte-chunks-prefix"),
+    pytest.param([7, 13, 1000], id="uneven"),
+    pytest.param([10_000], id="single-chunk"),
+])
+def test_server_chunked_request_body(srv: Callable[..., CCM], chunks: list[int]) -> None:
+    c = srv()
+    body = json.dumps(BASIC_REQ).encode()
+    framed, pos = b"", 0
+    for i, n in enumerate(chunks * len(body)):
+        if pos >= len(body):
+            break
+        piece = body[pos:pos + n]
+        framed += b"%x%s\r\n%s\r\n" % (len(piece), b";i=%d" % i if i % 2 else b"", piece)
+        pos += n
+    framed += b"0\r\nX-Trailer: t\r\n\r\n"
+    cl = Client(c.port)
+    try:
+        cl.send(http_req("POST", "/v1/messages", "Transfer-Encoding: chunked",
+                    "Content-Type: application/json", body=framed))
+        resp = cl.response()
+        assert resp.status == 200, resp
+        assert json.loads(resp.body)["type"] == "message"
+        cl.send(http_req("GET", "/health"))              # framing consumed exactly: keep-alive works
+        assert cl.response().status == 200
+    finally:
+        cl.close()
+    assert c.up.seen[-1].json["messages"] == BASIC_REQ["messages"]
+    assert c.up.seen[-1].json["max_tokens"] == BASIC_REQ["max_tokens"]
+
+
+def test_server_body_at_max_is_accepted(srv: Callable[..., CCM]) -> None:
+    """The 413 limit is exact: a body of max_body_bytes goes through."""
+    c = srv("max_body_bytes = 1000")
+    body = json.dumps(dict(BASIC_REQ, metadata={"user_id": ""}), separators=(",", ":")).encode()
+    body = body.replace(b'"user_id":""', b'"user_id":"' + b"u" * (1000 - len(body)) + b'"')
+    assert len(body) == 1000
+    cl = Client(c.port)
+    try:
+        cl.send(http_req("POST", "/v1/messages", "Content-Type: application/json", body=body))
+        assert cl.response().status == 200
+    finally:
+        cl.close()
+
+
+def test_server_head_returns_200_without_body(srv: Callable[..., CCM]) -> None:
+    c = srv()
+    cl = Client(c.port)
+    try:
+        cl.send(http_req("HEAD", "/") + http_req("GET", "/health"))
+        h = cl.response(head_only=True)
+        assert h.status == 200
+        nxt = cl.response()                        # a body after HEAD would corrupt this one
+        assert nxt.status == 200 and json.loads(nxt.body)["status"] == "ok"
+    finally:
+        cl.close()
+
+
+def test_server_header_timeout_answers_408(srv: Callable[..., CCM]) -> None:
+    c = srv("[server.timeouts]\nheader_timeout_ms = 300\nkeepalive_timeout_ms = 60000")
+    cl = Client(c.port)
+    try:
+        cl.send(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        resp = cl.response()
+        assert_anthropic_error(resp, 408)
+        assert resp.headers["connection"] == "close"
+        assert cl.closed()
+    finally:
+        cl.close()
+    assert_still_serving(c.port)
+
+
+def test_server_header_timeout_not_reset_by_slow_bytes(srv: Callable[..., CCM]) -> None:
+    """Slowloris: one byte every 30 ms keeps uvicorn's keep-alive timer alive forever;
+    ccm's head deadline runs from the first byte, so the 408 comes before the head is done."""
+    c = srv("[server.timeouts]\nheader_timeout_ms = 300\nkeepalive_timeout_ms = 60000")
+    raw = http_req("GET", "/health", "X-Pad: " + "p" * 150)
+    s = socket.create_connection(("127.0.0.1", c.port), timeout=10)
+    sent = 0
+    try:
+        for i in range(len(raw)):
+            try:
+                s.sendall(raw[i:i + 1])
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += 1
+            readable, _, _ = select.select([s], [], [], 0.03)   # paces the client
+            if readable:
+                break
+        assert sent < len(raw), "the server waited for the whole slow head"
+        cl = Client.__new__(Client)
+        cl.sock, cl.timeout, cl.buf, cl.eof = s, 10.0, b"", False
+        s.settimeout(0.2)
+        assert_anthropic_error(cl.response(), 408)
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("first", [
+    pytest.param(b"", id="never-sends"),
+    pytest.param(http_req("GET", "/health"), id="after-a-request"),
+])
+def test_server_idle_keep_alive_connection_closed(srv: Callable[..., CCM], first: bytes) -> None:
+    c = srv("[server.timeouts]\nkeepalive_timeout_ms = 300")
+    cl = Client(c.port)
+    try:
+        if first:
+            cl.send(first)
+            assert cl.response().status == 200
+        assert cl.closed(timeout=5), "idle connection was not closed"
+        assert cl.buf == b"", "an idle close sends nothing (no 408)"
+    finally:
+        cl.close()
+
+
+def test_server_http10_without_keep_alive_closes(srv: Callable[..., CCM]) -> None:
+    c = srv()
+    cl = Client(c.port)
+    try:
+        cl.send(http_req("GET", "/health", version="1.0"))
+        resp = cl.response()
+        assert resp.status == 200 and json.loads(resp.body)["status"] == "ok"
+        assert resp.headers.get("connection", "").lower() == "close"
+        assert cl.closed()
+    finally:
+        cl.close()
+
+
+def test_server_http10_keep_alive_stays_open(srv: Callable[..., CCM]) -> None:
+    c = srv()
+    cl = Client(c.port)
+    try:
+        for _ in range(2):
+            cl.send(http_req("GET", "/health", "Connection: keep-alive", version="1.0"))
+            assert cl.response().status == 200
+    finally:
+        cl.close()
+
+
+def test_server_streaming_response_is_chunked_for_http11(srv: Callable[..., CCM]) -> None:
+    c = srv()
+    cl = Client(c.port)
+    try:
+        cl.send(messages_req(stream=True))
+        resp = cl.response()
+        assert resp.status == 200
+        assert resp.headers["transfer-encoding"] == "chunked"
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        assert "content-length" not in resp.headers
+        assert sse_names(resp.body) == [e for e, _ in anthropic_events()]
+        cl.send(http_req("GET", "/health"))             # the chunked framing ended cleanly
+        assert cl.response().status == 200
+    finally:
+        cl.close()
+
+
+def test_server_streaming_response_for_http10_is_close_delimited(srv: Callable[..., CCM]) -> None:
+    c = srv()
+    cl = Client(c.port)
+    try:
+        cl.send(messages_req(True, version="1.0"))
+        assert cl.closed()
+        resp = cl.response()
+        assert resp.status == 200
+        assert "transfer-encoding" not in resp.headers
+        assert sse_names(resp.body)[-1] == "message_stop"
+    finally:
+        cl.close()
+
+
+def test_server_graceful_shutdown_finishes_inflight_stream(srv: Callable[..., CCM]) -> None:
+    c = srv()
+    c.up.script(Reply(events=anthropic_events(), chunk_delay=0.2))
+    idle = Client(c.port)
+    stream = Client(c.port, timeout=30)
+    stopper: threading.Thread | None = None
+    try:
+        idle.send(http_req("GET", "/health"))
+        assert idle.response().status == 200       # accepted and now idle (keep-alive)
+        stream.send(messages_req(stream=True))
+        assert stream.read_until(b"message_start")
+        assert b"message_stop" not in stream.buf   # the stream really is in flight
+        errors: list[BaseException] = []
+
+        def stop() -> None:
+            try:
+                c.lt.run(c.svc.stop(), timeout=40)
+            except BaseException as exc:           # reported below
+                errors.append(exc)
+        stopper = threading.Thread(target=stop, daemon=True)
+        stopper.start()
+        assert wait_for(lambda: refused(c.port), timeout=5), "still accepting after stop()"
+        assert idle.closed(timeout=5), "idle keep-alive connection not closed on stop"
+        resp = stream.response()
+        assert resp.status == 200
+        assert sse_names(resp.body) == [e for e, _ in anthropic_events()]
+        assert sse_names(resp.body)[-1] == "message_stop"
+        assert stream.closed(timeout=5)
+        stopper.join(40)
+        assert not stopper.is_alive() and errors == []
+    finally:
+        idle.close()
+        stream.close()

@@ -50,6 +50,7 @@ TEXT_PIECES = [
 ]
 USAGE_IN, USAGE_OUT, USAGE_CACHE = 7012, 120, 6500
 MAX_HEAD = 64 * 1024
+REQUEST_TIMEOUT_S = 30.0                      # one request through ccm; longer counts as an error
 
 
 # ============================================================================================
@@ -148,9 +149,11 @@ def openai_answer(model: str, stream: bool) -> list[bytes]:
 class FakeUpstream(asyncio.Protocol):
     """One keep-alive connection of the fake upstream; answers are precomputed per model."""
     cache: dict[tuple[str, str, bool], list[bytes]] = {}
-    stats: dict[str, Any] = {"requests": 0, "by_key": {}, "bad_auth": 0, "last_body_bytes": {}}
+    stats: dict[str, Any] = {"requests": 0, "connections": 0, "by_key": {}, "bad_auth": 0,
+                             "last_body_bytes": {}}
 
     def connection_made(self, transport: Any) -> None:
+        self.stats["connections"] += 1
         self.transport = transport
         self.buf = bytearray()
 
@@ -254,6 +257,7 @@ class Reply:
     status: int
     headers: dict[str, str]
     body: bytes
+    frames: int = 0           # chunked frames (how many pieces the server wrote the body in)
 
 
 class Conn:
@@ -265,10 +269,14 @@ class Conn:
         self.w: asyncio.StreamWriter | None = None
         self.used = False
         self.reconnects = 0
+        self.expired = False
 
     async def connect(self) -> None:
         self.close()
-        self.r, self.w = await asyncio.open_connection(HOST, self.port, limit=MAX_HEAD)
+        try:
+            self.r, self.w = await asyncio.open_connection(HOST, self.port, limit=MAX_HEAD)
+        except OSError as exc:
+            raise HTTPFailure(f"cannot connect to {HOST}:{self.port} ({exc!r})")
         sock = self.w.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -279,7 +287,23 @@ class Conn:
             self.w.close()
         self.r = self.w = None
 
+    def _expire(self) -> None:
+        self.expired = True
+        if self.w is not None:
+            self.w.transport.abort()                # wakes the pending read with an error
+
     async def request(self, data: bytes) -> Reply:
+        self.expired = False
+        timer = asyncio.get_running_loop().call_later(REQUEST_TIMEOUT_S, self._expire)
+        try:
+            return await self._request(data)
+        finally:
+            timer.cancel()
+            if self.expired:
+                self.close()
+                raise HTTPFailure(f"no complete response within {REQUEST_TIMEOUT_S:g} s")
+
+    async def _request(self, data: bytes) -> Reply:
         for attempt in range(2):
             if self.w is None:
                 await self.connect()
@@ -290,7 +314,7 @@ class Conn:
                 head = await self.r.readuntil(b"\r\n\r\n")
             except (asyncio.IncompleteReadError, ConnectionError) as exc:
                 self.close()
-                if reused and attempt == 0 and not getattr(exc, "partial", b""):
+                if reused and attempt == 0 and not self.expired and not getattr(exc, "partial", b""):
                     self.reconnects += 1
                     continue                         # closed while idle: resend once
                 raise HTTPFailure(f"connection closed before a response ({exc!r})")
@@ -311,7 +335,8 @@ class Conn:
         try:
             if headers.get("transfer-encoding", "").lower() == "chunked":
                 body = bytearray()
-                for _ in range(1_000_000):           # bounded: chunks per response
+                frames = 0
+                for frames in range(1_000_000):      # bounded: chunks per response
                     size_line = await r.readuntil(b"\r\n")
                     size = int(size_line.split(b";")[0].strip(), 16)
                     if size == 0:
@@ -324,6 +349,9 @@ class Conn:
                 else:
                     raise HTTPFailure("too many chunks")
                 body = bytes(body)
+                if headers.get("connection", "").lower() == "close":
+                    self.close()
+                return Reply(status, headers, body, frames)
             elif "content-length" in headers:
                 body = await r.readexactly(int(headers["content-length"]))
             else:                                    # read to EOF (SSE without framing)
@@ -593,18 +621,36 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        rest = f.read().rsplit(")", 1)[1].split()
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
     return (int(rest[11]) + int(rest[12])) / CLK_TCK
 
 
-def mem_mb(pid: int) -> dict[str, float]:
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                out[line.split(":")[0]] = int(line.split()[1]) / 1024
+def mem_mb(pid: int | str) -> dict[str, float]:
+    out = {"VmRSS": float("nan"), "VmHWM": float("nan")}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    out[line.split(":")[0]] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return out
+
+
+def bare_python_rss(flags: list[str]) -> float:
+    """RSS of an interpreter that imports nothing: the floor under ccm's idle RSS."""
+    code = "print(open('/proc/self/status').read())"
+    try:
+        out = subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return float("nan")
+    m = re.search(r"^VmRSS:\s+(\d+)", out, re.M)
+    return int(m.group(1)) / 1024 if m else float("nan")
 
 
 def pct(sorted_ms: list[float], q: float) -> float:
@@ -639,6 +685,7 @@ class RunResult:
     cpu_fake: float = 0.0
     cpu_client: float = 0.0
     reconnects: int = 0
+    upstream_conns: int = 0   # TCP connections the fake upstream accepted during the timed run
 
     def p(self, q: float) -> float:
         return pct(sorted(self.lat), q)
@@ -653,6 +700,8 @@ class Bench:
         self.fake_port, self.ccm_port = fake_port, ccm_port
         self.fake_pid, self.ccm_pid = fake_pid, ccm_pid
         self.problems: list[str] = []
+        self.frames: dict[tuple[str, str], float] = {}
+        self.sconn = Conn(fake_port)                 # one kept-open connection for /__stats
 
     async def call(self, conn: Conn, t: Target, kind: str, res: RunResult) -> None:
         t0 = time.perf_counter()
@@ -681,17 +730,20 @@ class Bench:
                 if why:
                     self.problems.append(f"{kind} via {t.name}: {why}")
                     return
+                self.frames[(kind, t.name)] = rep.frames
         finally:
             conn.close()
 
-    def _meters(self) -> tuple[float, float, float]:
+    async def _meters(self) -> tuple[float, float, float, int]:
         c = os.times()
-        return cpu_seconds(self.ccm_pid), cpu_seconds(self.fake_pid), c.user + c.system
+        conns = (await self.stats())["connections"]
+        return cpu_seconds(self.ccm_pid), cpu_seconds(self.fake_pid), c.user + c.system, conns
 
-    def _close_meters(self, res: RunResult, start: tuple[float, float, float], t0: float) -> None:
+    async def _close_meters(self, res: RunResult, start: tuple[float, ...], t0: float) -> None:
         res.wall = time.perf_counter() - t0
-        end = self._meters()
-        res.cpu_ccm, res.cpu_fake, res.cpu_client = (e - s for e, s in zip(end, start))
+        end = await self._meters()
+        res.cpu_ccm, res.cpu_fake, res.cpu_client, res.upstream_conns = \
+            (e - s for e, s in zip(end, start))
 
     async def c1(self, kind: str, direct: Target, ccm: Target, n: int) -> tuple[RunResult, RunResult]:
         """Concurrency 1, direct and ccm interleaved (ABBA) so both see the same conditions."""
@@ -702,19 +754,24 @@ class Bench:
             for _ in range(2):                       # open both connections untimed
                 await self.call(cd, direct, kind, scratch)
                 await self.call(cc, ccm, kind, scratch)
-            start, t0 = self._meters(), time.perf_counter()
+            start = await self._meters()
+            t0 = time.perf_counter()
             for i in range(n):
                 pair = ((cd, direct, rd), (cc, ccm, rc))
                 for conn, t, res in (pair if i % 2 == 0 else pair[::-1]):
                     await self.call(conn, t, kind, res)
-            self._close_meters(rc, start, t0)
+            await self._close_meters(rc, start, t0)
             rd.reconnects, rc.reconnects = cd.reconnects, cc.reconnects
         finally:
             cd.close()
             cc.close()
-        rd.errors += scratch.errors
-        rd.first_error = rd.first_error or scratch.first_error
+        self._setup_errors(kind, 1, scratch)
         return rd, rc
+
+    def _setup_errors(self, kind: str, conc: int, scratch: RunResult) -> None:
+        if scratch.errors:
+            self.problems.append(f"{kind} c={conc}: {scratch.errors} errors while opening "
+                                 f"connections (untimed), first: {scratch.first_error}")
 
     async def cn(self, kind: str, t: Target, n: int, conc: int) -> RunResult:
         conns = [Conn(t.port) for _ in range(conc)]
@@ -730,23 +787,19 @@ class Bench:
         try:
             await asyncio.gather(*(self.call(c, t, kind, scratch) for c in conns))
             await asyncio.gather(*(self.call(c, t, kind, scratch) for c in conns))
-            start, t0 = self._meters(), time.perf_counter()
+            start = await self._meters()
+            t0 = time.perf_counter()
             await asyncio.gather(*(worker(c) for c in conns))
-            self._close_meters(res, start, t0)
+            await self._close_meters(res, start, t0)
             res.reconnects = sum(c.reconnects for c in conns)
         finally:
             for c in conns:
                 c.close()
-        res.errors += scratch.errors
-        res.first_error = res.first_error or scratch.first_error
+        self._setup_errors(kind, conc, scratch)
         return res
 
     async def stats(self) -> dict[str, Any]:
-        conn = Conn(self.fake_port)
-        try:
-            return json.loads((await conn.request(get_request(self.fake_port, "/__stats"))).body)
-        finally:
-            conn.close()
+        return json.loads((await self.sconn.request(get_request(self.fake_port, "/__stats"))).body)
 
 
 # ============================================================================================
@@ -876,7 +929,7 @@ def body_len(req: bytes) -> int:
 
 
 async def run(args: argparse.Namespace, fake_port: int, ccm_port: int, fake_pid: int,
-              ccm_pid: int, health: dict[str, Any]) -> int:
+              ccm_pid: int, health: dict[str, Any], alive: Any) -> int:
     quick = args.quick
     n1, n16, warm = (40, 200, 20) if quick else (400, 2000, 20)
     b = Bench(fake_port, ccm_port, fake_pid, ccm_pid)
@@ -888,6 +941,8 @@ async def run(args: argparse.Namespace, fake_port: int, ccm_port: int, fake_pid:
     upstream_expected: dict[str, int] = {}
     t_start = time.perf_counter()
     for kind in PATHS:
+        if alive() is not None:
+            break                                    # ccm is gone; reported below
         direct, via = targets_for(kind, fake_port, ccm_port)
         sizes[kind] = (body_len(direct.req), body_len(via.req))
         await b.warm(kind, direct, warm)
@@ -908,7 +963,7 @@ async def run(args: argparse.Namespace, fake_port: int, ccm_port: int, fake_pid:
     w("")
     w(f"ccm benchmark ({'--quick' if quick else 'full'}): {elapsed:.1f} s of measuring")
     w(f"python {platform.python_version()} ({platform.python_implementation()}) | nproc "
-      f"{os.cpu_count()} (affinity {len(os.sched_getaffinity(0))}) | {platform.system()} "
+      f"{len(os.sched_getaffinity(0))} (cpu_count {os.cpu_count()}) | {platform.system()} "
       f"{platform.release()} | ccm {health.get('version', '?')} (ccm.py sha256 {ccm_digest()}) | "
       f"/proc tick {1000 / CLK_TCK:g} ms")
     w(f"requests: c=1 {n1} per target, direct/ccm interleaved; c=16 {n16} per target; "
@@ -921,8 +976,9 @@ async def run(args: argparse.Namespace, fake_port: int, ccm_port: int, fake_pid:
     w("")
     hdr = (f"{'path':<17} {'c':>2} {'direct p50':>10} {'p99':>7} {'ccm p50':>8} {'p99':>7} "
            f"{'added p50':>9} {'p99':>7} {'direct rps':>10} {'ccm rps':>8} {'ccm CPU':>8} "
-           f"{'errors':>6}")
-    w("latency in ms; CPU in ms of ccm utime+stime per request through ccm")
+           f"{'up-conn':>7} {'errors':>6}")
+    w("latency in ms; ccm CPU = ms of ccm utime+stime per request through ccm; up-conn = new TCP")
+    w("connections ccm opened to the upstream per request (0 = keep-alive reused)")
     w(hdr)
     w("-" * len(hdr))
     for kind, c, rd, rc in rows:
@@ -932,21 +988,25 @@ async def run(args: argparse.Namespace, fake_port: int, ccm_port: int, fake_pid:
         w(f"{kind:<17} {c:>2} {rd.p(.5):>10.3f} {rd.p(.99):>7.3f} {rc.p(.5):>8.3f} "
           f"{rc.p(.99):>7.3f} {rc.p(.5) - rd.p(.5):>9.3f} {rc.p(.99) - rd.p(.99):>7.3f} "
           f"{'' if c == 1 else f'{drps:.0f}':>10} {'' if c == 1 else f'{crps:.0f}':>8} "
-          f"{cpu:>8.3f} {rd.errors + rc.errors:>6}")
+          f"{cpu:>8.3f} {rc.upstream_conns / max(rc.n, 1):>7.2f} {rd.errors + rc.errors:>6}")
     w("")
     w("where the CPU went during the c=16 runs through ccm (ms per request):")
     for kind, c, rd, rc in rows:
         if c == 16 and rc.n:
             w(f"  {kind:<17} ccm {rc.cpu_ccm * 1000 / rc.n:6.3f} | fake upstream "
               f"{rc.cpu_fake * 1000 / rc.n:6.3f} | bench client {rc.cpu_client * 1000 / rc.n:6.3f}"
-              f" | wall/req x cores {rc.wall * 1000 / rc.n * (os.cpu_count() or 1):6.3f}")
+              f" | ccm busy {100 * rc.cpu_ccm / rc.wall:3.0f}% of one core")
+    w("chunked frames per stream response (the upstream sends one per SSE event): " + "; ".join(
+        f"{k}: upstream {b.frames.get((k, 'direct'), 0)}, relayed by ccm {b.frames.get((k, 'ccm'), 0)}"
+        for k in PATHS if k.endswith("stream")))
     w("")
     w(f"ccm memory (MB): idle after start VmRSS {mem_idle['VmRSS']:.1f} (VmHWM "
-      f"{mem_idle['VmHWM']:.1f})")
+      f"{mem_idle['VmHWM']:.1f}); for scale, a bare `python -c ...` here is "
+      f"{bare_python_rss([]):.1f}, with -S (no site) {bare_python_rss(['-S']):.1f}")
     for kind, m in mem_after.items():
         w(f"  after {kind:<17} VmRSS {m['VmRSS']:6.1f}  VmHWM {m['VmHWM']:6.1f}")
     w(f"  at the end              VmRSS {mem_end['VmRSS']:6.1f}  VmHWM {mem_end['VmHWM']:6.1f}")
-    w(f"ccm CPU while idle before the runs: {cpu_idle0 * 1000:.0f} ms since start (startup cost)")
+    w(f"ccm CPU from start to the first request: {cpu_idle0 * 1000:.0f} ms")
     w("")
     w("upstream calls per request through ccm (1.00 = no retries):")
     by_key = stats.get("by_key", {})
@@ -960,18 +1020,34 @@ async def run(args: argparse.Namespace, fake_port: int, ccm_port: int, fake_pid:
       f"rejected credentials at the fake: {stats.get('bad_auth')}")
     w("")
     c1 = {kind: (rd, rc) for kind, c, rd, rc in rows if c == 1}
-    worst_added = max(rc.p(.5) - rd.p(.5) for rd, rc in c1.values())
-    cpu_all = [rc.cpu_ccm * 1000 / rc.n for _, _, _, rc in rows if rc.n]
+    added = [rc.p(.5) - rd.p(.5) for rd, rc in c1.values()]
+    cpu_all = [rc.cpu_ccm * 1000 / rc.n if rc.n else float("nan") for _, _, _, rc in rows]
+
+    def verdict(values: list[float], limit: float) -> str:
+        return "PASS" if values and all(v < limit for v in values) else "FAIL"   # nan fails
     w("targets:")
     w(f"  p50 added latency at c=1 < {TARGET_ADDED_P50_MS:g} ms : " + ", ".join(
         f"{k} {rc.p(.5) - rd.p(.5):.3f}" for k, (rd, rc) in c1.items()) +
-      f"  -> {'PASS' if worst_added < TARGET_ADDED_P50_MS else 'FAIL'}")
-    w(f"  ccm CPU < {TARGET_CPU_MS:g} ms/request          : max {max(cpu_all):.3f} "
-      f"(min {min(cpu_all):.3f})  -> {'PASS' if max(cpu_all) < TARGET_CPU_MS else 'FAIL'}")
+      f"  -> {verdict(added, TARGET_ADDED_P50_MS)}")
+    w(f"  ccm CPU < {TARGET_CPU_MS:g} ms/request          : " + ", ".join(
+        f"{kind} c={c} {v:.2f}" for (kind, c, _, _), v in zip(rows, cpu_all)) +
+      f"  -> {verdict(cpu_all, TARGET_CPU_MS)}")
     w(f"  idle RSS < {TARGET_IDLE_RSS_MB:g} MB                 : {mem_idle['VmRSS']:.1f}"
-      f"  -> {'PASS' if mem_idle['VmRSS'] < TARGET_IDLE_RSS_MB else 'FAIL'}")
+      f"  -> {verdict([mem_idle['VmRSS']], TARGET_IDLE_RSS_MB)}")
 
+    notes = []
+    for kind, c, rd, rc in rows:
+        if rc.n and rc.upstream_conns / rc.n > 0.05:
+            notes.append(f"{kind} c={c}: ccm opened {rc.upstream_conns} new upstream connections for "
+                         f"{rc.n} requests (keep-alive to the upstream not reused)")
+    if notes:
+        w("")
+        w("NOTES:")
+        for note in notes:
+            w(f"  {note}")
     problems = list(b.problems)
+    if alive() is not None:
+        problems.append(f"ccm exited during the run with status {alive()}")
     for kind, c, rd, rc in rows:
         for name, r in (("direct", rd), ("ccm", rc)):
             if r.errors:
@@ -1017,8 +1093,12 @@ def main_bench(args: argparse.Namespace) -> int:
                 sys.stderr.write(f.read()[-4000:])
             return 1
         time.sleep(0.5)                              # let startup settle before the idle reading
-        rc = asyncio.run(asyncio.wait_for(run(args, fake_port, ccm_port, fake.pid, ccm.pid, health),
-                                          timeout=600))
+        try:
+            rc = asyncio.run(asyncio.wait_for(
+                run(args, fake_port, ccm_port, fake.pid, ccm.pid, health, ccm.poll), timeout=600))
+        except asyncio.TimeoutError:
+            print("bench: gave up after 600 s", file=sys.stderr)
+            rc = 1
         with open(log_path, errors="replace") as f:
             lines = [ln.rstrip() for ln in f if " WARNING " in ln or " ERROR " in ln
                      or "Traceback" in ln]
