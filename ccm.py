@@ -4196,7 +4196,7 @@ class App(AdminAPI):
         remaining = call.deadline - time.monotonic()
         limit = call.cfg.server.retry_after_max_ms / 1000
         if exc.status in (429, 529) and ra is not None:
-            ok = ra <= limit and tries < max(1, max_retries) and ra < remaining
+            ok = ra <= limit and tries < max_retries and ra < remaining
             return float(ra) if ok else None
         if is_last and tries < max_retries:
             wait = random.uniform(0, min(2.0, 0.25 * 2 ** tries))   # full jitter

@@ -31,6 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 import select
 import h11
+import anthropic
 import ccm
 
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
@@ -62,6 +63,13 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stop(self) -> None:
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            self.run(cancel_all(), timeout=5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
 
@@ -277,7 +285,11 @@ class FakeUpstream:
         return pieces
 
     def close(self) -> None:
-        self.server.close()
+        """Close on the server's own loop: Server.close() from another thread races the loop's
+        own bookkeeping of connections ccm just closed."""
+        async def shut() -> None:
+            self.server.close()
+        self.lt.run(shut())
 
 
 @pytest.fixture(scope="module")
@@ -3526,3 +3538,838 @@ def test_server_graceful_shutdown_finishes_inflight_stream(srv: Callable[..., CC
     finally:
         idle.close()
         stream.close()
+
+
+# ============================================================================================
+# App end to end: pass-through, translation, auth, failover, relay
+# ============================================================================================
+
+"""End-to-end tests: the real anthropic SDK and raw httpx against ccm's real server, with fake
+Anthropic- and OpenAI-format upstreams (PROTOCOL.md §0, §2, §4, §7; CLAUDE_CODE.md §7)."""
+
+
+
+
+# ============================================================================================
+# Helpers
+# ============================================================================================
+
+
+def sdk(c: CCM, api_key: str = "client-key") -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=c.base_url, api_key=api_key, max_retries=0, timeout=30)
+
+
+def encode_events(events: list[tuple[str, dict[str, Any]]]) -> bytes:
+    """Exactly the bytes FakeUpstream writes for (event, data) pairs."""
+    return b"".join(f"event: {e}\ndata: {json.dumps(d)}\n\n".encode() for e, d in events)
+
+
+def sse_events(raw: bytes) -> list[tuple[str, str]]:
+    """(event name, data text) for every SSE event in a raw stream body (LF framing)."""
+    out = []
+    for block in raw.replace(b"\r\n", b"\n").split(b"\n\n"):
+        if not block.strip():
+            continue
+        name, data = "", []
+        for line in block.decode("utf-8").split("\n"):
+            if line.startswith("event:"):
+                name = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].lstrip(" "))
+        out.append((name, "\n".join(data)))
+    return out
+
+
+def assert_error_shape(r: httpx.Response, status: int, etype: str) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].split(";")[0].strip() == "application/json"
+    body = r.json()
+    assert body["type"] == "error"
+    assert body["error"]["type"] == etype
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body
+
+
+def no_retry(model: str) -> str:
+    """A [[models]] table with ccm's own retry of the last provider turned off, so each
+    provider is asked exactly once and scripted error replies are not consumed twice."""
+    return model.replace('"\n', '"\nmax_retries = 0\n', 1)
+
+
+NO_RETRY_TIMEOUTS = "[server.timeouts]\nretry_after_max_ms = 1\n"
+
+
+def two_cfg(a: str, b: str, kind_a: str = "anthropic", kind_b: str = "anthropic",
+            timeouts: str = "") -> str:
+    """Model m served by p1 (priority 1) then p2 (priority 2), each asked once."""
+    return (f'[server]\n{NO_RETRY_TIMEOUTS}{timeouts}\n[router]\ndefault = "m"\n\n'
+            + provider_toml("p1", kind_a, a) + provider_toml("p2", kind_b, b)
+            + no_retry(model_toml("m", ("p1", "real-1"), ("p2", "real-2"))))
+
+
+def one_cfg(up: FakeUpstream, kind: str = "anthropic", extra_server: str = "") -> str:
+    """simple_cfg, with model m asking p1 exactly once (no retry, even after retry-after)."""
+    return (f'[server]\n{extra_server}\n{NO_RETRY_TIMEOUTS}\n[router]\ndefault = "m"\n\n'
+            + provider_toml("p1", kind, up.base_url) + no_retry(model_toml("m", ("p1", "real-model"))))
+
+
+def closed_port_url() -> str:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"http://127.0.0.1:{port}"
+
+
+def post(c: CCM, body: Any, path: str = "/v1/messages", **headers: str) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    h = {"content-type": "application/json", "anthropic-version": "2023-06-01", **headers}
+    return c.client.post(path, content=content, headers=h)
+
+
+def stream_raw(c: CCM, body: dict[str, Any], **headers: str) -> tuple[httpx.Response, bytes]:
+    h = {"content-type": "application/json", "anthropic-version": "2023-06-01", **headers}
+    with c.client.stream("POST", "/v1/messages", content=json.dumps(dict(body, stream=True)),
+                         headers=h) as r:
+        raw = r.read()
+    return r, raw
+
+
+STREAM_REQ = dict(BASIC_REQ, stream=True)
+
+
+# ============================================================================================
+# Anthropic pass-through (PROTOCOL.md §7)
+# ============================================================================================
+
+
+def test_relay_passthrough_body_bytes_path_and_headers(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up))
+    raw = ('{ "model" :  "claude-opus-4-8",\n\t"max_tokens":100 , "messages":[{"role":"user",'
+           '"content":"h\u00e9llo \u2028 \u65e5\u672c \U0001F600"}],  "zz_unknown": {"a" : [1, 2.50, true]},'
+           '"system":[{"type":"text","text":"x-anthropic-billing-header: cc_version=1;",'
+           '"cache_control":{"type":"ephemeral"}}] }').encode("utf-8")
+    beta = "claude-code-20250219,interleaved-thinking-2025-05-14, made-up-beta-2099"
+    r = c.client.post("/v1/messages?beta=true", content=raw, headers={
+        "content-type": "application/json", "anthropic-version": "2023-06-01",
+        "anthropic-beta": beta, "x-api-key": "client-key", "authorization": "Bearer client-tok"})
+    assert r.status_code == 200, r.text
+    [seen] = up.seen
+    assert seen.method == "POST"
+    assert seen.path == "/v1/messages?beta=true"
+    assert seen.body == raw.replace(b'"claude-opus-4-8"', b'"real-model"')
+    assert seen.headers["anthropic-version"] == "2023-06-01"
+    assert seen.headers["anthropic-beta"] == beta
+    assert seen.headers["x-api-key"] == PROVIDER_KEY
+    assert "client-key" not in json.dumps(seen.headers)
+    assert "client-tok" not in json.dumps(seen.headers)
+
+
+def test_relay_passthrough_injects_anthropic_version(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up))
+    r = c.client.post("/v1/messages", content=json.dumps(BASIC_REQ),
+                      headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert up.seen[0].headers["anthropic-version"] == "2023-06-01"
+
+
+RELAYED = {"request-id": "req_upstream_123", "retry-after": "7", "retry-after-ms": "7000",
+           "x-should-retry": "false", "anthropic-ratelimit-unified-status": "allowed",
+           "anthropic-ratelimit-requests-remaining": "41"}
+
+
+def test_relay_passthrough_json_response_bytes_and_headers(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    body = ('{"id":"msg_x",  "type":"message","role":"assistant","model":"upstream-model-name",'
+            '"content":[{"type":"text","text":"caf\u00e9 \u2028"}],"stop_reason":"end_turn",'
+            '"stop_sequence":null,"usage":{"input_tokens":3,"output_tokens":2},"extra_field":[1 ,2]}'
+            ).encode()
+    up.script(Reply(raw=body, headers=RELAYED))
+    c = ccm_server(simple_cfg(up))
+    r = post(c, BASIC_REQ)
+    assert r.status_code == 200
+    assert r.content == body
+    for k, v in RELAYED.items():
+        assert r.headers.get(k) == v, k
+    msg = sdk(c).messages.create(**BASIC_REQ)
+    assert msg.content[0].text == "hello"
+
+
+def test_relay_passthrough_sse_bytes_identical(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    events = anthropic_events([{"type": "text", "text": "caf\u00e9 \u2028 \U0001F600"},
+                               {"type": "tool_use", "id": "toolu_01", "name": "Bash",
+                                "input": {"command": "ls -la"}}], stop="tool_use")
+    events.insert(3, ("ping", {"type": "ping"}))
+    payload = encode_events(events)
+    cuts = [1, 7, 40, len(payload) // 2, len(payload) // 2 + 1, len(payload) - 3]
+    up.script(Reply(events=events, headers=RELAYED, split_at=cuts))
+    c = ccm_server(simple_cfg(up))
+    r, raw = stream_raw(c, BASIC_REQ)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["cache-control"] == "no-cache"
+    assert "content-length" not in r.headers
+    assert raw == payload
+    for k, v in RELAYED.items():
+        assert r.headers.get(k) == v, k
+    # and the SDK assembles it
+    up.script(Reply(events=events))
+    with sdk(c).messages.stream(**BASIC_REQ) as s:
+        msg = s.get_final_message()
+    assert msg.stop_reason == "tool_use"
+    assert msg.content[1].input == {"command": "ls -la"}
+
+
+def test_relay_passthrough_error_body_unmodified(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    err = {"type": "error", "error": {"type": "invalid_request_error", "message":
+           "messages.1.content.0: Invalid `signature` in `thinking` block: bound to a different "
+           "conversation"}, "request_id": "req_011"}
+    raw = json.dumps(err, indent=1).encode()
+    up.script(Reply(status=400, raw=raw, headers={"request-id": "req_011"}),
+              Reply(status=400, raw=raw))
+    c = ccm_server(simple_cfg(up))
+    r = post(c, BASIC_REQ)
+    assert r.status_code == 400
+    assert r.content == raw
+    assert r.headers["request-id"] == "req_011"
+    with pytest.raises(anthropic.BadRequestError) as ei:
+        sdk(c).messages.create(**BASIC_REQ)
+    assert "bound to a different conversation" in str(ei.value)
+
+
+# ============================================================================================
+# Client credential pass-through (PROTOCOL.md §7)
+# ============================================================================================
+
+
+def test_relay_client_credentials_forwarded_when_provider_has_no_key(fake_upstream,
+                                                                      ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server('[server]\n[router]\ndefault = "m"\n\n'
+                   + provider_toml("p1", "anthropic", up.base_url, key=None)
+                   + model_toml("m", ("p1", "real-model")))
+    r = post(c, BASIC_REQ, **{"x-api-key": "client-key", "authorization": "Bearer oauth-tok"})
+    assert r.status_code == 200, r.text
+    assert up.seen[0].headers["x-api-key"] == "client-key"
+    assert up.seen[0].headers["authorization"] == "Bearer oauth-tok"
+
+
+def test_relay_client_key_not_forwarded_when_proxy_has_key(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server('[server]\napi_key = "proxy-secret"\n[router]\ndefault = "m"\n\n'
+                   + provider_toml("p1", "anthropic", up.base_url, key=None)
+                   + model_toml("m", ("p1", "real-model")))
+    r = post(c, BASIC_REQ, **{"x-api-key": "proxy-secret"})
+    assert r.status_code == 200, r.text
+    r = post(c, BASIC_REQ, **{"authorization": "Bearer proxy-secret"})
+    assert r.status_code == 200, r.text
+    for seen in up.seen:
+        assert "proxy-secret" not in json.dumps(seen.headers)
+        assert "x-api-key" not in seen.headers
+        assert "authorization" not in seen.headers
+
+
+# ============================================================================================
+# OpenAI provider (PROTOCOL.md §3, §4, §7 header isolation)
+# ============================================================================================
+
+
+def test_relay_openai_header_isolation(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("openai")
+    c = ccm_server(simple_cfg(up, kind="openai"))
+    r = post(c, BASIC_REQ, **{"anthropic-beta": "claude-code-20250219",
+                              "x-claude-code-session-id": "sess-1",
+                              "x-claude-code-agent-id": "agent-1",
+                              "x-api-key": "client-key", "authorization": "Bearer client-tok"})
+    assert r.status_code == 200, r.text
+    [seen] = up.seen
+    assert seen.path == "/v1/chat/completions"
+    names = set(seen.headers)
+    assert not [h for h in names if h.startswith("anthropic-")]
+    assert not [h for h in names if h.startswith("x-claude-code-")]
+    assert "x-api-key" not in names
+    assert seen.headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+    assert "client-key" not in json.dumps(seen.headers)
+    assert "client-tok" not in json.dumps(seen.headers)
+
+
+TOOL_ARGS = {"command": "ls -la", "description": "list \u00e9"}
+
+
+def _tool_chunks() -> list[dict[str, Any]]:
+    base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt"}
+    args = json.dumps(TOOL_ARGS)
+
+    def ch(delta: dict[str, Any], finish: Any = None) -> dict[str, Any]:
+        return dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": finish}])
+    return [
+        ch({"role": "assistant", "content": "Let me look."}),
+        ch({"tool_calls": [{"index": 0, "id": "call_abc", "type": "function",
+                            "function": {"name": "Bash", "arguments": ""}}]}),
+        ch({"tool_calls": [{"index": 0, "function": {"arguments": args[:9]}}]}),
+        ch({"tool_calls": [{"index": 0, "function": {"arguments": args[9:]}}]}),
+        ch({}, "tool_calls"),
+        dict(base, choices=[], usage={"prompt_tokens": 20, "completion_tokens": 5,
+                                      "total_tokens": 25}),
+    ]
+
+
+def test_relay_openai_tool_call_create_equals_stream(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("openai")
+    up.script(
+        Reply(json=openai_completion("Let me look.", tool_calls=[
+            {"id": "call_abc", "type": "function",
+             "function": {"name": "Bash", "arguments": json.dumps(TOOL_ARGS)}}],
+            finish="tool_calls")),
+        Reply(events=_tool_chunks()))
+    c = ccm_server(simple_cfg(up, kind="openai"))
+    cl = sdk(c)
+    made = cl.messages.create(**BASIC_REQ)
+    with cl.messages.stream(**BASIC_REQ) as s:
+        streamed = s.get_final_message()
+    assert made.stop_reason == streamed.stop_reason == "tool_use"
+    assert [b.model_dump() for b in made.content] == [b.model_dump() for b in streamed.content]
+    assert made.content[-1].type == "tool_use"
+    assert made.content[-1].name == "Bash"
+    assert made.content[-1].input == TOOL_ARGS
+    assert made.usage.output_tokens == streamed.usage.output_tokens == 5
+    assert json.loads(up.seen[1].body)["stream"] is True
+
+
+def test_relay_openai_429_retry_after_ms(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("openai")
+    err = {"error": {"message": "Rate limit reached for requests", "type": "requests",
+                     "code": "rate_limit_exceeded"}}
+    up.script(Reply(status=429, json=err, headers={"retry-after-ms": "1500"}),
+              Reply(status=429, json=err, headers={"retry-after-ms": "1500"}))
+    c = ccm_server(one_cfg(up, kind="openai"))
+    r = post(c, BASIC_REQ)
+    body = assert_error_shape(r, 429, "rate_limit_error")
+    assert "Rate limit reached" in body["error"]["message"]
+    assert r.headers["retry-after"] == "2"
+    with pytest.raises(anthropic.RateLimitError) as ei:
+        sdk(c).messages.create(**BASIC_REQ)
+    assert ei.value.response.headers["retry-after"] == "2"
+
+
+# ============================================================================================
+# Proxy auth, validation, endpoints (PROTOCOL.md §0, §7)
+# ============================================================================================
+
+
+@pytest.mark.parametrize("headers,status", [
+    ({}, 401),
+    ({"x-api-key": "wrong"}, 401),
+    ({"authorization": "Bearer wrong"}, 401),
+    ({"authorization": "proxy-secret"}, 401),
+    ({"x-api-key": "proxy-secret"}, 200),
+    ({"authorization": "Bearer proxy-secret"}, 200),
+    ({"x-api-key": "wrong", "authorization": "Bearer proxy-secret"}, 200),
+], ids=["missing", "wrong-x-api-key", "wrong-bearer", "no-bearer-prefix", "x-api-key",
+        "bearer", "wrong-x-api-key-good-bearer"])
+def test_app_proxy_auth(fake_upstream, ccm_server, headers, status) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up, extra_server='api_key = "proxy-secret"'))
+    r = post(c, BASIC_REQ, **headers)
+    if status == 401:
+        assert_error_shape(r, 401, "authentication_error")
+        assert up.seen == []
+    else:
+        assert r.status_code == 200, r.text
+
+
+def test_app_proxy_auth_sdk(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up, extra_server='api_key = "proxy-secret"'))
+    with pytest.raises(anthropic.AuthenticationError):
+        sdk(c, "client-key").messages.create(**BASIC_REQ)
+    assert sdk(c, "proxy-secret").messages.create(**BASIC_REQ).content[0].text == "hello"
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model": "m", "max_tokens": 10, "messages": [',
+    b"not json at all",
+    b"",
+    b"[1, 2]",
+    json.dumps({"max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}).encode(),
+    json.dumps({"model": "m", "max_tokens": 10}).encode(),
+    json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode(),
+], ids=["truncated-json", "not-json", "empty", "array", "no-model", "no-messages",
+        "no-max_tokens"])
+def test_app_validation_400_before_upstream(fake_upstream, ccm_server, body) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up))
+    assert_error_shape(post(c, body), 400, "invalid_request_error")
+    assert_error_shape(post(c, body, path="/v1/messages?beta=true"), 400, "invalid_request_error")
+    assert up.seen == []
+
+
+def test_app_unknown_path_and_wrong_method(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up))
+    assert_error_shape(c.client.get("/v1/nope"), 404, "not_found_error")
+    assert_error_shape(post(c, BASIC_REQ, path="/v1/complete"), 404, "not_found_error")
+    r = c.client.get("/v1/messages")
+    assert r.status_code == 405
+    assert_error_shape(r, 405, r.json()["error"]["type"])
+    assert up.seen == []
+
+
+@pytest.mark.parametrize("path", ["/", "/api/hello"])
+def test_app_head_probe_empty_200(fake_upstream, ccm_server, path) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up))
+    r = c.client.head(path)
+    assert r.status_code == 200
+    assert r.content == b""
+    raw = raw_conn(c.port, f"HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    head, sep, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert sep and rest == b""
+
+
+def test_app_models_list(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up) + model_toml("claude-sonnet-proxy", ("p1", "real-2")))
+    r = c.client.get("/v1/models", params={"limit": 1000})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["has_more"] is False
+    assert [d["id"] for d in body["data"]] == ["m", "claude-sonnet-proxy"]
+    assert all(d["type"] == "model" for d in body["data"])
+
+
+def test_app_health(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up))
+    assert post(c, BASIC_REQ).status_code == 200
+    r = c.client.get("/health")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert "p1" in body["providers"]
+    assert isinstance(body["counters"], dict)
+    assert body["counters"].get("requests") == 1
+
+
+COUNT_REQ = {"model": "claude-opus-4-8", "messages": [{"role": "user", "content": "hello there"}]}
+
+
+def test_app_count_tokens_forwarded_to_anthropic(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up))
+    r = post(c, COUNT_REQ, path="/v1/messages/count_tokens?beta=true", **{"x-api-key": "client-key"})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"input_tokens": 42}
+    [seen] = up.seen
+    assert seen.path == "/v1/messages/count_tokens?beta=true"
+    assert seen.json["model"] == "real-model"
+    assert seen.headers["x-api-key"] == PROVIDER_KEY
+    assert sdk(c).messages.count_tokens(**COUNT_REQ).input_tokens == 42
+
+
+def test_app_count_tokens_local_when_upstream_404(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    up.script(Reply(status=404, json={"type": "error", "error": {"type": "not_found_error",
+                                                                 "message": "Not found"}}))
+    c = ccm_server(simple_cfg(up))
+    r = post(c, COUNT_REQ, path="/v1/messages/count_tokens")
+    assert r.status_code == 200, r.text
+    n = r.json()["input_tokens"]
+    assert isinstance(n, int) and n > 0
+    assert len(up.seen) == 1
+
+
+def test_app_count_tokens_local_for_openai(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("openai")
+    c = ccm_server(simple_cfg(up, kind="openai"))
+    r = post(c, COUNT_REQ, path="/v1/messages/count_tokens")
+    assert r.status_code == 200, r.text
+    n = r.json()["input_tokens"]
+    assert isinstance(n, int) and n > 0
+    assert up.seen == []
+    assert_error_shape(post(c, {"model": "m"}, path="/v1/messages/count_tokens"), 400,
+                       "invalid_request_error")
+
+
+# ============================================================================================
+# Failover (PROTOCOL.md §2 retry semantics, CLAUDE_CODE.md §9)
+# ============================================================================================
+
+
+def _err(status: int, etype: str, message: str) -> Reply:
+    return Reply(status=status, json={"type": "error", "error": {"type": etype, "message": message}})
+
+
+def _route_provider(headers: Any) -> str:
+    route_h = headers["x-ccm-route"]
+    return [p.split("=", 1)[1] for p in route_h.split("; ") if p.startswith("provider=")][0]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("first", ["529", "500", "429", "refused", "hang"])
+def test_failover_to_second_provider(fake_upstream, ccm_server, first, stream) -> None:
+    a, b = fake_upstream("anthropic"), fake_upstream("anthropic")
+    a_url = a.base_url
+    if first == "refused":
+        a_url = closed_port_url()
+    elif first == "hang":
+        a.script(Reply(hang=True))
+    else:
+        etype = {"529": "overloaded_error", "500": "api_error", "429": "rate_limit_error"}[first]
+        a.script(_err(int(first), etype, f"first says {first}"))
+    c = ccm_server(two_cfg(a_url, b.base_url,
+                           timeouts="first_byte_timeout_ms = 300"))
+    if stream:
+        with sdk(c).messages.stream(**BASIC_REQ) as s:
+            msg = s.get_final_message()
+            headers = s.response.headers
+    else:
+        raw = sdk(c).messages.with_raw_response.create(**BASIC_REQ)
+        assert raw.status_code == 200
+        msg, headers = raw.parse(), raw.headers
+    assert msg.content[0].text == "hello"
+    assert _route_provider(headers) == "p2"
+    assert len(b.seen) == 1 and b.seen[0].json["model"] == "real-2"
+    if first != "refused":
+        assert len(a.seen) == 1 and a.seen[0].json["model"] == "real-1"
+
+
+@pytest.mark.parametrize("status,etype", [(400, "invalid_request_error"),
+                                          (401, "authentication_error")])
+def test_failover_not_on_client_errors(fake_upstream, ccm_server, status, etype) -> None:
+    a, b = fake_upstream("anthropic"), fake_upstream("anthropic")
+    raw = json.dumps({"type": "error", "error": {"type": etype, "message": "first refuses"}}).encode()
+    a.script(Reply(status=status, raw=raw))
+    c = ccm_server(two_cfg(a.base_url, b.base_url))
+    r = post(c, BASIC_REQ)
+    assert r.status_code == status
+    assert r.content == raw
+    assert b.seen == []
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_failover_all_fail_returns_last_error(fake_upstream, ccm_server, stream) -> None:
+    a, b = fake_upstream("anthropic"), fake_upstream("anthropic")
+    a.script(_err(529, "overloaded_error", "first overloaded"))
+    last = json.dumps({"type": "error", "error": {"type": "api_error",
+                                                  "message": "second exploded"}}).encode()
+    b.script(Reply(status=500, raw=last))
+    c = ccm_server(two_cfg(a.base_url, b.base_url))
+    r = post(c, dict(BASIC_REQ, stream=stream))
+    assert r.status_code == 500
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.content == last
+    assert len(a.seen) == 1 and len(b.seen) == 1
+
+
+def test_failover_all_fail_sdk_sees_last_status(fake_upstream, ccm_server) -> None:
+    a, b = fake_upstream("anthropic"), fake_upstream("openai")
+    a.script(_err(500, "api_error", "first down"))
+    b.script(Reply(status=429, json={"error": {"message": "slow down", "type": "requests"}},
+                   headers={"retry-after": "3"}))
+    c = ccm_server(two_cfg(a.base_url, b.base_url, kind_b="openai"))
+    with pytest.raises(anthropic.RateLimitError) as ei:
+        sdk(c).messages.create(**BASIC_REQ)
+    assert "slow down" in str(ei.value)
+    assert ei.value.response.headers["retry-after"] == "3"
+
+
+def test_failover_stream_broken_before_first_event(fake_upstream, ccm_server) -> None:
+    a, b = fake_upstream("anthropic"), fake_upstream("anthropic")
+    a.script(Reply(events=anthropic_events(), cut_after_n=0))
+    c = ccm_server(two_cfg(a.base_url, b.base_url))
+    with sdk(c).messages.stream(**BASIC_REQ) as s:
+        msg = s.get_final_message()
+        assert _route_provider(s.response.headers) == "p2"
+    assert msg.content[0].text == "hello"
+    assert msg.stop_reason == "end_turn"
+    assert len(a.seen) == 1 and len(b.seen) == 1
+
+
+# ============================================================================================
+# Mid-stream failures, pings, disconnects, idle timeout (PROTOCOL.md §2, §4)
+# ============================================================================================
+
+
+def _all_data_parses(raw: bytes) -> list[tuple[str, Any]]:
+    evs = []
+    for name, data in sse_events(raw):
+        evs.append((name, json.loads(data)))     # raises on a truncated event
+    return evs
+
+
+@pytest.mark.parametrize("where", ["between-events", "inside-event"])
+def test_relay_midstream_cut_ends_with_error_event(fake_upstream, ccm_server, where) -> None:
+    up = fake_upstream("anthropic")
+    events = anthropic_events([{"type": "text", "text": "a fairly long piece of text " * 5}])
+    if where == "between-events":
+        up.script(Reply(events=events, cut_after_n=3))
+    else:
+        cut = len(encode_events(events[:3])) + 25   # inside content_block_delta
+        up.script(Reply(events=events, split_at=[cut], cut_after_n=1))
+    c = ccm_server(simple_cfg(up))
+    r, raw = stream_raw(c, BASIC_REQ)
+    assert r.status_code == 200
+    evs = _all_data_parses(raw)
+    names = [n for n, _ in evs]
+    assert names[:3] == ["message_start", "ping", "content_block_start"]
+    assert names[-1] == "error"
+    assert "message_stop" not in names and "message_delta" not in names
+    assert names.count("error") == 1
+    err = evs[-1][1]
+    assert err["type"] == "error" and isinstance(err["error"]["type"], str)
+    assert raw.startswith(encode_events(events[:3]))
+
+
+def test_relay_midstream_cut_sdk_raises(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    up.script(Reply(events=anthropic_events(), cut_after_n=4))
+    c = ccm_server(simple_cfg(up))
+    with pytest.raises(anthropic.APIStatusError):
+        with sdk(c).messages.stream(**BASIC_REQ) as s:
+            s.get_final_message()
+
+
+def test_relay_pings_during_upstream_silence(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("openai")
+    base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt"}
+    up.script(Reply(chunk_delay=1.0, events=[
+        dict(base, choices=[{"index": 0, "delta": {"role": "assistant", "content": "hel"},
+                             "finish_reason": None}]),
+        dict(base, choices=[{"index": 0, "delta": {"content": "lo"}, "finish_reason": "stop"}],
+             usage={"prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25}),
+    ]))
+    c = ccm_server(simple_cfg(up, kind="openai", extra_server="ping_interval_s = 0.2"))
+    r, raw = stream_raw(c, BASIC_REQ)
+    assert r.status_code == 200
+    evs = _all_data_parses(raw)
+    names = [n for n, _ in evs]
+    deltas = [i for i, n in enumerate(names) if n == "content_block_delta"]
+    assert len(deltas) == 2, names
+    assert "ping" in names[deltas[0] + 1:deltas[1]], names
+    assert names[-1] == "message_stop"
+    text = "".join(d["delta"]["text"] for n, d in evs if n == "content_block_delta")
+    assert text == "hello"
+    assert b"event: ping\ndata: " in raw
+
+
+def test_relay_client_disconnect_closes_upstream(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    events = anthropic_events([{"type": "text", "text": "x"}])
+    events[3:3] = [("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                            "delta": {"type": "text_delta", "text": f"t{i} "}})
+                   for i in range(40)]
+    up.script(Reply(events=events, chunk_delay=0.5))
+    c = ccm_server(simple_cfg(up))
+    got = b""
+    with httpx.Client(base_url=c.base_url, timeout=10, trust_env=False) as cl:
+        with cl.stream("POST", "/v1/messages", content=json.dumps(STREAM_REQ),
+                       headers={"content-type": "application/json",
+                                "anthropic-version": "2023-06-01"}) as r:
+            assert r.status_code == 200
+            for chunk in r.iter_raw():
+                got += chunk
+                if b"\n\n" in got:
+                    break
+    assert got.startswith(b"event: message_start")
+    assert wait_for(lambda: up.aborted.is_set() or up.open_connections == 0, 3.0)
+    assert wait_for(lambda: len(c.app.recent) == 1, 3.0)
+    entry = c.app.recent[-1]
+    assert entry["stream"] is True
+    assert entry["provider"] == "p1"
+    assert entry["status"] != 200
+
+
+def test_relay_idle_timeout_error_event(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    events = anthropic_events()
+    first = len(encode_events(events[:4]))
+    up.script(Reply(events=events, split_at=[first], chunk_delay=5.0))
+    c = ccm_server(simple_cfg(up, extra_server="[server.timeouts]\nidle_timeout_ms = 400"))
+    r, raw = stream_raw(c, BASIC_REQ)
+    assert r.status_code == 200
+    evs = _all_data_parses(raw)
+    names = [n for n, _ in evs]
+    assert raw.startswith(encode_events(events[:4]))
+    assert names[-1] == "error"
+    assert evs[-1][1]["error"]["type"] == "timeout_error"
+    assert "message_stop" not in names
+
+
+def test_relay_passthrough_429_headers_relayed(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    raw = json.dumps({"type": "error", "error": {"type": "rate_limit_error",
+                                                 "message": "Number of requests exceeded"}}).encode()
+    hdrs = {"retry-after": "2", "x-should-retry": "true",
+            "anthropic-ratelimit-unified-status": "rejected",
+            "anthropic-ratelimit-unified-reset": "1760000000"}
+    up.script(Reply(status=429, raw=raw, headers=hdrs))
+    c = ccm_server(one_cfg(up))
+    r = post(c, BASIC_REQ)
+    assert r.status_code == 429
+    assert r.content == raw
+    for k, v in hdrs.items():
+        assert r.headers.get(k) == v, k
+
+
+@pytest.mark.parametrize("hdrs,expect", [
+    ({"retry-after-ms": "1500"}, 2),
+    ({"retry-after": "3"}, 3),
+    ({"retry-after": "2.2"}, 3),
+], ids=["ms", "seconds", "fraction"])
+def test_relay_openai_retry_after_integer_seconds(fake_upstream, ccm_server, hdrs, expect) -> None:
+    up = fake_upstream("openai")
+    up.script(Reply(status=429, json={"error": {"message": "busy", "type": "requests"}},
+                    headers=hdrs))
+    c = ccm_server(one_cfg(up, kind="openai"))
+    r = post(c, BASIC_REQ)
+    assert_error_shape(r, 429, "rate_limit_error")
+    assert r.headers["retry-after"] == str(expect)
+
+
+def test_relay_openai_retry_after_http_date(fake_upstream, ccm_server) -> None:
+    import email.utils
+    up = fake_upstream("openai")
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    up.script(Reply(status=429, json={"error": {"message": "busy"}}, headers={"retry-after": when}))
+    c = ccm_server(one_cfg(up, kind="openai"))
+    r = post(c, BASIC_REQ)
+    assert_error_shape(r, 429, "rate_limit_error")
+    assert r.headers["retry-after"].isdigit()
+    assert 25 <= int(r.headers["retry-after"]) <= 31
+
+
+def test_app_head_probe_needs_no_proxy_key(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up, extra_server='api_key = "proxy-secret"'))
+    assert c.client.head("/").status_code == 200
+    assert c.client.head("/api/hello").status_code == 200
+    assert_error_shape(post(c, COUNT_REQ, path="/v1/messages/count_tokens"), 401,
+                       "authentication_error")
+
+
+def test_failover_stream_silent_after_headers(fake_upstream, ccm_server) -> None:
+    a, b = fake_upstream("anthropic"), fake_upstream("anthropic")
+    a.script(Reply(events=anthropic_events(), split_at=[0], chunk_delay=5.0))
+    c = ccm_server(two_cfg(a.base_url, b.base_url,
+                           timeouts="first_byte_timeout_ms = 300"))
+    with sdk(c).messages.stream(**BASIC_REQ) as s:
+        msg = s.get_final_message()
+        assert _route_provider(s.response.headers) == "p2"
+    assert msg.content[0].text == "hello"
+
+
+def test_failover_stream_error_event_before_content(fake_upstream, ccm_server) -> None:
+    a, b = fake_upstream("anthropic"), fake_upstream("anthropic")
+    a.script(Reply(events=[("error", {"type": "error", "error": {"type": "overloaded_error",
+                                                                 "message": "Overloaded"}})]))
+    c = ccm_server(two_cfg(a.base_url, b.base_url))
+    r, raw = stream_raw(c, BASIC_REQ)
+    assert r.status_code == 200
+    assert _route_provider(r.headers) == "p2"
+    assert [n for n, _ in _all_data_parses(raw)][-1] == "message_stop"
+
+
+def test_relay_openai_midstream_cut_ends_with_error_event(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("openai")
+    up.script(Reply(events=openai_chunks(["one ", "two ", "three"]), cut_after_n=3))
+    c = ccm_server(simple_cfg(up, kind="openai"))
+    r, raw = stream_raw(c, BASIC_REQ)
+    assert r.status_code == 200
+    names = [n for n, _ in _all_data_parses(raw)]
+    assert names[0] == "message_start"
+    assert "content_block_delta" in names
+    assert names[-1] == "error"
+    assert "message_stop" not in names and "message_delta" not in names
+
+
+def test_relay_openai_error_payload_midstream(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("openai")
+    chunks = openai_chunks(["one ", "two "], usage=False)[:3]
+    chunks.append({"error": {"message": "upstream model crashed", "code": 500}})
+    up.script(Reply(events=chunks, done=False))
+    c = ccm_server(simple_cfg(up, kind="openai"))
+    r, raw = stream_raw(c, BASIC_REQ)
+    evs = _all_data_parses(raw)
+    assert evs[-1][0] == "error"
+    assert "upstream model crashed" in evs[-1][1]["error"]["message"]
+    assert "message_stop" not in [n for n, _ in evs]
+
+
+def test_relay_openai_idle_timeout_error_event(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("openai")
+    up.script(Reply(events=openai_chunks(["a", "b"]), chunk_delay=5.0))
+    c = ccm_server(simple_cfg(up, kind="openai",
+                              extra_server="[server.timeouts]\nidle_timeout_ms = 400"))
+    r, raw = stream_raw(c, BASIC_REQ)
+    evs = _all_data_parses(raw)
+    assert evs[-1][0] == "error"
+    assert evs[-1][1]["error"]["type"] == "timeout_error"
+    assert "message_stop" not in [n for n, _ in evs]
+
+
+def test_relay_passthrough_pings_only_between_whole_events(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    events = anthropic_events([{"type": "text", "text": "split me somewhere in the middle"}])
+    payload = encode_events(events)
+    mid_delta = len(encode_events(events[:3])) + 30
+    up.script(Reply(events=events, split_at=[mid_delta], chunk_delay=0.8))
+    c = ccm_server(simple_cfg(up, extra_server="ping_interval_s = 0.2"))
+    r, raw = stream_raw(c, BASIC_REQ)
+    assert r.status_code == 200
+    evs = _all_data_parses(raw)
+    assert [n for n, _ in evs].count("ping") > 1
+
+    def without_pings(b: bytes) -> bytes:
+        return b"".join(blk + b"\n\n" for blk in b.split(b"\n\n")
+                        if blk and not blk.startswith(b"event: ping\n"))
+    assert without_pings(raw) == without_pings(payload)
+
+
+def test_relay_passthrough_chunked_client_body_byte_identical(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up))
+    raw = json.dumps(dict(BASIC_REQ, messages=[{"role": "user", "content": "\u00e9\u65e5" * 3000}]),
+                     ensure_ascii=False, indent=2).encode()
+
+    def pieces() -> Iterator[bytes]:
+        for i in range(0, len(raw), 997):
+            yield raw[i:i + 997]
+    r = c.client.post("/v1/messages", content=pieces(),
+                      headers={"content-type": "application/json", "anthropic-version": "2023-06-01"})
+    assert r.status_code == 200, r.text
+    assert up.seen[0].body == raw.replace(b'"claude-opus-4-8"', b'"real-model"')
+
+
+def test_relay_passthrough_non_json_upstream_error_is_anthropic_shaped(fake_upstream,
+                                                                         ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    up.script(Reply(status=502, raw=b"<html><body>Bad Gateway</body></html>",
+                    headers={"content-type": "text/html"}))
+    c = ccm_server(one_cfg(up))
+    body = assert_error_shape(post(c, BASIC_REQ), 502, "api_error")
+    assert "Bad Gateway" in body["error"]["message"]
+
+
+def test_relay_client_disconnect_before_first_byte(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    events = anthropic_events()
+    events[3:3] = [("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                            "delta": {"type": "text_delta", "text": "x" * 500}})
+                   for _ in range(200)]
+    up.script(Reply(events=events, first_byte_delay=1.0, chunk_delay=0.05))
+    c = ccm_server(simple_cfg(up))
+    with httpx.Client(base_url=c.base_url, timeout=httpx.Timeout(10, read=0.3),
+                      trust_env=False) as cl:
+        with pytest.raises(httpx.ReadTimeout):
+            cl.post("/v1/messages", content=json.dumps(STREAM_REQ),
+                    headers={"content-type": "application/json", "anthropic-version": "2023-06-01"})
+    assert wait_for(lambda: len(up.seen) == 1, 3.0)
+    assert wait_for(lambda: up.aborted.is_set() or up.open_connections == 0, 5.0)
+    assert wait_for(lambda: len(c.app.recent) == 1, 3.0)
+    assert c.app.recent[-1]["status"] != 200
