@@ -641,6 +641,20 @@ def mem_mb(pid: int | str) -> dict[str, float]:
     return out
 
 
+def smaps_mb(pid: int) -> dict[str, float]:
+    """Pss and private dirty pages: RSS without the shared, file-backed part."""
+    out = {"Pss": float("nan"), "Private_Dirty": float("nan"), "Shared_Clean": float("nan")}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                key = line.split(":")[0]
+                if key in out:
+                    out[key] = int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
 def bare_python_rss(flags: list[str]) -> float:
     """RSS of an interpreter that imports nothing: the floor under ccm's idle RSS."""
     code = "print(open('/proc/self/status').read())"
@@ -806,6 +820,15 @@ class Bench:
 # Process management
 # ============================================================================================
 
+def _die_with_parent() -> None:
+    """Child side of Popen: get SIGTERM if the bench itself is killed (Linux prctl)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
@@ -934,6 +957,7 @@ async def run(args: argparse.Namespace, fake_port: int, ccm_port: int, fake_pid:
     n1, n16, warm = (40, 200, 20) if quick else (400, 2000, 20)
     b = Bench(fake_port, ccm_port, fake_pid, ccm_pid)
     mem_idle = mem_mb(ccm_pid)
+    smaps_idle = smaps_mb(ccm_pid)
     cpu_idle0 = cpu_seconds(ccm_pid)
     mem_after: dict[str, dict[str, float]] = {}
     rows: list[tuple[str, int, RunResult, RunResult]] = []
@@ -1001,8 +1025,10 @@ async def run(args: argparse.Namespace, fake_port: int, ccm_port: int, fake_pid:
         for k in PATHS if k.endswith("stream")))
     w("")
     w(f"ccm memory (MB): idle after start VmRSS {mem_idle['VmRSS']:.1f} (VmHWM "
-      f"{mem_idle['VmHWM']:.1f}); for scale, a bare `python -c ...` here is "
-      f"{bare_python_rss([]):.1f}, with -S (no site) {bare_python_rss(['-S']):.1f}")
+      f"{mem_idle['VmHWM']:.1f}; Pss {smaps_idle['Pss']:.1f}, private dirty "
+      f"{smaps_idle['Private_Dirty']:.1f}, shared clean {smaps_idle['Shared_Clean']:.1f})")
+    w(f"  for scale, a bare `python -c ...` here has VmRSS {bare_python_rss([]):.1f}, with -S "
+      f"(no site-packages .pth) {bare_python_rss(['-S']):.1f}")
     for kind, m in mem_after.items():
         w(f"  after {kind:<17} VmRSS {m['VmRSS']:6.1f}  VmHWM {m['VmHWM']:6.1f}")
     w(f"  at the end              VmRSS {mem_end['VmRSS']:6.1f}  VmHWM {mem_end['VmHWM']:6.1f}")
@@ -1013,10 +1039,10 @@ async def run(args: argparse.Namespace, fake_port: int, ccm_port: int, fake_pid:
     got_a = sum(v for k, v in by_key.items() if k.startswith("/v1/messages bench-model"))
     got_o = sum(v for k, v in by_key.items() if k.startswith("/v1/chat/completions gpt-bench")
                 and not k.endswith(" OpenAI"))
-    sent_a = upstream_expected["anthropic json"] + upstream_expected["anthropic stream"]
-    sent_o = upstream_expected["openai json"] + upstream_expected["openai stream"]
-    w(f"  anthropic: {got_a / sent_a:.2f} ({got_a} upstream / {sent_a} sent); openai: "
-      f"{got_o / sent_o:.2f} ({got_o} upstream / {sent_o} sent); "
+    sent_a = upstream_expected.get("anthropic json", 0) + upstream_expected.get("anthropic stream", 0)
+    sent_o = upstream_expected.get("openai json", 0) + upstream_expected.get("openai stream", 0)
+    w(f"  anthropic: {got_a / max(sent_a, 1):.2f} ({got_a} upstream / {sent_a} sent); openai: "
+      f"{got_o / max(sent_o, 1):.2f} ({got_o} upstream / {sent_o} sent); "
       f"rejected credentials at the fake: {stats.get('bad_auth')}")
     w("")
     c1 = {kind: (rd, rc) for kind, c, rd, rc in rows if c == 1}
@@ -1076,7 +1102,8 @@ def main_bench(args: argparse.Namespace) -> int:
     try:
         fake_port, ccm_port = free_port(), free_port()
         fake = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--fake-upstream",
-                                 str(fake_port)], stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+                                 str(fake_port)], stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                                preexec_fn=_die_with_parent)
         wait_http(fake_port, "/__stats", fake, 15)
         cfg = os.path.join(tmp.name, "config.toml")
         write_config(cfg, ccm_port, fake_port)
@@ -1084,7 +1111,8 @@ def main_bench(args: argparse.Namespace) -> int:
                if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
         with open(log_path, "wb") as log:
             ccm = subprocess.Popen([sys.executable, CCM_PY, "-c", cfg, "serve"], stdin=subprocess.DEVNULL,
-                                   stdout=log, stderr=log, env=env, cwd=tmp.name)
+                                   stdout=log, stderr=log, env=env, cwd=tmp.name,
+                                   preexec_fn=_die_with_parent)
         try:
             health = wait_http(ccm_port, "/health", ccm, 20)
         except RuntimeError as exc:
