@@ -4380,8 +4380,6 @@ def test_relay_client_disconnect_before_first_byte(fake_upstream, ccm_server) ->
 # Token counting, resilience (breakers, key pools, retries, reload, slow readers, SIGTERM), README
 # ============================================================================================
 
-for _n in [n for n in list(globals()) if n.startswith("test_")]:
-    del globals()[_n]
 
 
 
