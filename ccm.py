@@ -21,7 +21,6 @@ import asyncio
 import base64
 import collections
 import contextlib
-import dataclasses
 import email.utils
 import hashlib
 import hmac
@@ -4478,9 +4477,14 @@ class App(AdminAPI):
                  "model": call.route.model, "requested_model": call.requested,
                  "provider": target.provider if target else "",
                  "upstream_model": target.model if target else "",
-                 "attempts": [dataclasses.asdict(a) for a in call.attempts], "status": status,
+                 "attempts": [{"provider": a.provider, "model": a.model, "status": a.status,
+                               "error": a.error, "ms": round(a.ms, 1)} for a in call.attempts],
+                 "status": status,
                  "latency_ms": round(ms, 1), "stream": call.stream, "error": error,
-                 "usage": dataclasses.asdict(usage), "trace": list(call.route.trace)}
+                 "usage": {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
+                           "cache_read_input_tokens": usage.cache_read_input_tokens,
+                           "cache_creation_input_tokens": usage.cache_creation_input_tokens},
+                 "trace": call.route.trace}
         self.recent.append(entry)
         self.counters[f"status.{status}"] += 1
         _log.info("%s %s route=%s model=%s provider=%s status=%s attempts=%s latency_ms=%.0f "
