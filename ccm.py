@@ -324,7 +324,7 @@ def expand_env(value: str, missing: list[str] | None = None) -> str:
 def atomic_write(path: str, data: bytes, mode: int = 0o600, backup: bool = False) -> None:
     """Write a file so that a crash leaves either the old or the new content, never a mix."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    os.makedirs(directory, mode=0o700, exist_ok=True)     # state holds keys: owner only
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
