@@ -151,6 +151,7 @@ AUTH_TYPES = ("apikey", "api_key", "oauth")
 THINK_TRIGGERS = ("plan", "thinking")
 LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error")
 SIGNATURE_PREFIX = "ccm1."
+MASK = "****"                    # a secret is shown as MASK + its last four characters
 
 # ============================================================================================
 # 3. Data model (plain records, no behaviour)
@@ -304,11 +305,10 @@ def dumps(obj: Any) -> str:
 
 
 def mask_secret(value: str | None) -> str:
+    """**** and the last four characters: never enough of a secret to use it."""
     if not value:
         return ""
-    if len(value) <= 12:
-        return "****"
-    return f"{value[:4]}…{value[-4:]}"
+    return MASK + (value[-4:] if len(value) >= 12 else "")
 
 
 def expand_env(value: str, missing: list[str] | None = None) -> str:
@@ -2596,7 +2596,8 @@ def _dry_request(up: Upstreams, p: Provider, t: Target, req: Request, rt: Route,
         hreq, _ = up.build(p, t, req, rt, cfg.server.api_key is not None, {**p.options, **t.options})
     except ProxyError as exc:
         return {"error": exc.message}
-    secret_names = {"x-api-key", "authorization", "x-goog-api-key"}
+    secret_names = {"x-api-key", "authorization", "x-goog-api-key", "cookie"} | \
+        {k.lower() for k in p.headers}
     headers = {k: (mask_secret(v) if k.lower() in secret_names else v) for k, v in hreq.headers.items()}
     try:
         body: Any = json.loads(hreq.content)
@@ -2839,7 +2840,8 @@ async def relay_stream(first: list[bytes], it: AsyncIterator[bytes], tr: Any, *,
 
 
 # ============================================================================================
-# 13. Usage ledger: not built yet (usage is logged per request and kept in App.recent)
+# 13. Usage ledger: none in this build. Each request's usage goes to its log line and to the
+#     in-memory App.recent list (section 16) that the admin page shows.
 # ============================================================================================
 
 
@@ -3366,7 +3368,6 @@ async def start_server(app: Any, cfg: ServerCfg, sock: Any = None) -> Server:
 # ============================================================================================
 
 ADMIN_COOKIE = "ccm_admin"
-MASK = "****"
 _LOOPBACK_HOSTS = re.compile(r"^(localhost|127(?:\.\d{1,3}){3}|\[::1\]|::1)(?::\d+)?$", re.I)
 _SECRET_KEYS = ("api_key", "api_keys", "admin_token")
 
@@ -3392,7 +3393,7 @@ def admin_mask(value: Any) -> Any:
         return [admin_mask(v) for v in value]
     if not isinstance(value, str) or not value or value.startswith("$"):
         return value
-    return MASK + (value[-4:] if len(value) >= 12 else "")
+    return mask_secret(value)
 
 
 def config_json(raw: Json) -> Json:
@@ -3524,13 +3525,18 @@ class AdminAPI:
         }
 
     # ---- guards ------------------------------------------------------------------------
+    def _host_ok(self, req: Request) -> bool:
+        """While ccm listens on loopback, only loopback Host names reach the admin (DNS rebinding)."""
+        if not _LOOPBACK_HOSTS.match(self.cfg.server.host):
+            return True
+        return bool(_LOOPBACK_HOSTS.match(req.headers.get("host", "")))
+
     def admin_guard(self, req: Request) -> None:
         """DNS rebinding (Host), the admin token (cookie or Bearer), and CSRF (Origin)."""
         host = req.headers.get("host", "")
-        if _LOOPBACK_HOSTS.match(self.cfg.server.host) or self.cfg.server.host == DEFAULT_HOST:
-            if not _LOOPBACK_HOSTS.match(host):
-                raise ProxyError(403, f"Host {host!r} is not allowed (the admin page answers "
-                                 "loopback names only)", "permission_error")
+        if not self._host_ok(req):
+            raise ProxyError(403, f"Host {host!r} is not allowed (the admin page answers "
+                             "loopback names only)", "permission_error")
         if not self._admin_token_ok(req):
             raise ProxyError(401, "admin token required: run `python ccm.py admin` for the URL, "
                              "or send Authorization: Bearer <token>")
@@ -3558,7 +3564,8 @@ class AdminAPI:
     async def admin_page(self, req: Request) -> Response:
         query = dict(p.partition("=")[::2] for p in req.query.split("&") if p)
         given = query.get("token", "")
-        if given and hmac.compare_digest(given.encode(), self.admin_token.encode()):
+        if given and hmac.compare_digest(given.encode(), self.admin_token.encode()) and \
+                self._host_ok(req):
             cookie = f"{ADMIN_COOKIE}={self.admin_token}; HttpOnly; SameSite=Strict; Path=/"
             return Response(302, [("location", "/"), ("set-cookie", cookie), *ADMIN_HEADERS])
         try:
@@ -3814,7 +3821,8 @@ function updateSave(){$('#save').disabled=!S.dirty||S.invalid.size>0}
 function models(){return(S.cfg.models||[]).map(m=>m.name)}
 function providers(){return S.cfg.providers||(S.cfg.providers=[])}
 async function load(){const d=await api('GET','/api/config/json');S.meta=d._meta;delete d._meta;S.cfg=d;
-S.cfg.router=S.cfg.router||{};S.dirty=false;S.invalid.clear();$('#dirty').textContent='';updateSave();render()}
+S.cfg.router=S.cfg.router||{};S.dirty=false;S.invalid.clear();$('#dirty').textContent='';updateSave();
+for(const p of document.querySelectorAll('[role=tabpanel]'))p.replaceChildren();render()}
 function render(){({overview:rOverview,providers:rProviders,models:rModels,router:rRouter,test:rTest,requests:rRequests})[S.tab]()}
 function show(tab){S.tab=tab;for(const b of document.querySelectorAll('nav button')){const on=b.dataset.tab===tab;
 b.setAttribute('aria-selected',on);b.tabIndex=on?0:-1;$('#tab-'+b.dataset.tab).hidden=!on}render()}
@@ -3835,11 +3843,13 @@ h('tbody',{},rows.length?rows.map((r,i)=>{const tr=h('tr',onrow?{class:'click',t
 onkeydown:e=>{if(e.key==='Enter')onrow(i)}}:{},r.map(c=>h('td',{},c)));return tr}):h('tr',{},h('td',{colspan:cols.length,class:'mute'},'nothing yet'))))}
 function rProviders(){const list=providers();panel('providers',h('div',{class:'card'},h('h2',{},'Providers'),
 table(['name','type','base URL','key','enabled',''],list.map((p,i)=>[h('b',{},p.name),h('span',{class:'pill'},p.provider_type),
-h('code',{},p.base_url||(S.meta.provider_types[p.provider_type]||{}).base_url||''),h('code',{},p.api_key||(p.api_keys?'pool of '+p.api_keys.length:'client credential')),
+h('code',{},p.base_url||(S.meta.provider_types[p.provider_type]||{}).base_url||''),h('code',{},keyLabel(p)),
 h('input',{type:'checkbox','aria-label':'enabled '+p.name,checked:p.enabled!==false,onchange:e=>{p.enabled=e.target.checked;markDirty()}}),
 h('span',{class:'row'},h('button',{onclick:()=>editProvider(i)},'Edit'),h('button',{onclick:e=>testProvider(p.name,e.target)},'Test'),
 h('button',{class:'danger',onclick:()=>{list.splice(i,1);markDirty();rProviders()}},'Delete'))])),
 h('p',{},h('button',{class:'primary',onclick:()=>editProvider(-1)},'Add provider')),h('div',{id:'pform'}),h('div',{id:'ptest',class:'mute'})))}
+function keyLabel(p){const k=p.api_key;if(!k)return p.api_keys?'pool of '+p.api_keys.length:'client credential';
+return k.startsWith('****')||k.startsWith('$')?k:'new key (saved on Save)'}
 async function testProvider(name,btn){btn.disabled=true;$('#ptest').textContent='Testing '+name+'…';
 try{const r=await api('POST','/api/providers/test',{name});$('#ptest').replaceChildren(h('span',{class:r.ok?'ok':'bad'},
 name+': '+(r.ok?'OK':'failed')+' — status '+r.status+', '+r.latency_ms+' ms'+(r.error?' — '+r.error:'')))}

@@ -33,6 +33,8 @@ import select
 import h11
 import anthropic
 import signal
+import base64
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 import ccm
 
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
@@ -4739,3 +4741,688 @@ def test_cli_readme_help_block_matches(capsys: pytest.CaptureFixture[str], monke
     out = capsys.readouterr().out.strip()
     readme = open(os.path.join(os.path.dirname(ccm.__file__), "README.md")).read()
     assert out in readme
+
+
+# ============================================================================================
+# Leaks and logging
+# ============================================================================================
+
+
+
+def _tasks(c: CCM) -> int:
+    async def count() -> int:
+        return len([t for t in asyncio.all_tasks() if not t.done()])
+    return c.lt.run(count())
+
+
+def _pool(c: CCM) -> int:
+    client = c.app.up._client
+    return len(client._transport._pool.connections) if client else 0
+
+
+def test_resilience_no_leaks_after_faults_and_disconnects(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up, extra_server="[server.timeouts]\nfirst_byte_timeout_ms = 300\n"
+                              "idle_timeout_ms = 300\n"))
+    assert post(c, BASIC_REQ).status_code == 200
+    base_tasks = _tasks(c)
+    faults = [Reply(status=500, json={"error": "x"}), Reply(status=529, json={"error": "x"}),
+              Reply(events=anthropic_events(), cut_after_n=2), Reply(events=anthropic_events(), first_byte_delay=1.0),
+              Reply(events=anthropic_events([{"type": "text", "text": "x"}] * 30), chunk_delay=0.05)]
+    for i in range(10):
+        up.script(faults[i % len(faults)], Reply(events=anthropic_events()))
+        if i % 2:
+            r = post(c, dict(BASIC_REQ, stream=True))
+            assert r.status_code in (200, 500, 504, 529)
+        else:                                       # a client that leaves mid-stream
+            with socket.create_connection(("127.0.0.1", c.port)) as s:
+                body = json.dumps(dict(BASIC_REQ, stream=True)).encode()
+                s.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s"
+                          % (len(body), body))
+                s.settimeout(5)
+                with contextlib.suppress(socket.timeout):
+                    s.recv(100)
+    up.replies.clear()
+    assert wait_for(lambda: c.app.counters["in_flight"] == 0, 15)
+    assert wait_for(lambda: _tasks(c) <= base_tasks, 15), _tasks(c)
+    assert wait_for(lambda: up.open_connections <= _pool(c) <= 64, 15), (up.open_connections, _pool(c))
+    k = c.app.counters
+    assert k["requests"] == k["responses.ok"] + k["responses.error"] + k["responses.client_aborted"]
+
+
+def test_service_log_level_takes_effect(fake_upstream, ccm_server, capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+    up = fake_upstream("anthropic")
+    for level, expect_line in (("warn", False), ("info", True)):
+        buf = io.StringIO()
+        ccm.setup_logging(level, buf)
+        c = ccm_server(simple_cfg(up))
+        post(c, BASIC_REQ)
+        assert wait_for(lambda: c.app.counters["in_flight"] == 0)
+        assert ("route=default" in buf.getvalue()) is expect_line
+        assert "sk-test-provider-key" not in buf.getvalue()
+    ccm.setup_logging("info")
+
+
+# ============================================================================================
+# Admin page and API (headless Chromium via Playwright, security)
+# ============================================================================================
+
+# Tests for the admin page and API (ccm.py section 15, guarded in App.__call__, section 16).
+# The browser is Debian's chromium driven by Playwright; every peer is on 127.0.0.1.
+
+
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+TABS = ["Overview", "Providers", "Models", "Router", "Test", "Requests"]
+OA_KEY = "sk-oa-typed-secret-key-7777"
+AN_KEY = "sk-an-typed-secret-key-8888"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+class AdminPage:
+    """One logged-in page with every console error, page error and /api/* response recorded."""
+
+    def __init__(self, browser: Browser, c: CCM, width: int = 1280, height: int = 800) -> None:
+        self.ctx = browser.new_context(viewport={"width": width, "height": height})
+        self.page: Page = self.ctx.new_page()
+        self.errors: list[str] = []
+        self.api_responses: list[Any] = []
+        self.page.on("console", lambda m: self.errors.append(f"console {m.type}: {m.text}")
+                     if m.type == "error" else None)
+        self.page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
+        self.page.on("response", lambda r: self.api_responses.append(r) if "/api/" in r.url else None)
+        self.page.goto(c.base_url + "/?token=" + c.app.admin_token)
+        expect(self.page).to_have_url(c.base_url + "/")
+        expect(self.page.locator("#tab-overview .card").first).to_be_visible()
+
+    def tab(self, name: str) -> None:
+        self.page.get_by_role("tab", name=name, exact=True).click()
+        expect(self.page.locator(f"#tab-{name.lower()}")).to_be_visible()
+
+    def api_bodies(self) -> list[str]:
+        return [r.text() for r in self.api_responses]
+
+    def close(self) -> None:
+        self.ctx.close()
+
+
+@pytest.fixture
+def admin_page(browser: Browser) -> Iterator[Callable[..., AdminPage]]:
+    made: list[AdminPage] = []
+
+    def make(c: CCM, width: int = 1280, height: int = 800) -> AdminPage:
+        a = AdminPage(browser, c, width, height)
+        made.append(a)
+        return a
+    yield make
+    for a in made:
+        a.close()
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        return tomllib.load(f)
+
+
+def read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def bearer(c: CCM, **extra: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {c.app.admin_token}", **extra}
+
+
+def add_provider(a: AdminPage, name: str, kind: str, url: str, key: str) -> None:
+    page = a.page
+    page.get_by_role("button", name="Add provider", exact=True).click()
+    page.locator("#p-name").fill(name)
+    page.locator("#p-type").select_option(kind)
+    page.locator("#p-url").fill(url)
+    page.locator("#p-key").fill(key)
+    page.get_by_role("button", name="Add", exact=True).click()
+    expect(provider_row(a, name)).to_have_count(1)
+
+
+def provider_row(a: AdminPage, name: str) -> Any:
+    return a.page.locator("#tab-providers tbody tr").filter(
+        has=a.page.locator("td:first-child b", has_text=re.compile(f"^{re.escape(name)}$")))
+
+
+def model_card(a: AdminPage, name: str) -> Any:
+    return a.page.locator("#tab-models .card").filter(
+        has=a.page.get_by_role("heading", name=name, exact=True))
+
+
+def add_mapping(a: AdminPage, model: str, provider: str, actual: str) -> None:
+    card = model_card(a, model)
+    before = card.locator("ol.maps li").count()
+    card.get_by_label(f"provider for {model}").select_option(provider)
+    card.get_by_label(f"actual model for {model}").fill(actual)
+    card.get_by_role("button", name="Add fallback").click()
+    expect(model_card(a, model).locator("ol.maps li")).to_have_count(before + 1)
+
+
+# ============================================================================================
+# 1. The acceptance flow in a browser
+# ============================================================================================
+
+
+def test_admin_browser_flow_add_providers_model_router_save(
+        ccm_server: Any, fake_upstream: Any, admin_page: Any) -> None:
+    up0, oa, an = fake_upstream("anthropic"), fake_upstream("openai"), fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up0))
+    path = c.cfg.path
+    original = read_bytes(path)
+    a = admin_page(c)
+    page = a.page
+
+    a.tab("Providers")
+    add_provider(a, "oa", "openai", oa.base_url, OA_KEY)
+    add_provider(a, "an", "anthropic", an.base_url, AN_KEY)
+    expect(page.locator("#dirty")).to_have_text("unsaved changes")
+    expect(page.locator("#save")).to_be_enabled()
+
+    a.tab("Models")
+    page.locator("#m-new").fill("duo")
+    page.get_by_role("button", name="Add model", exact=True).click()
+    expect(model_card(a, "duo")).to_have_count(1)
+    add_mapping(a, "duo", "oa", "gpt-x")
+    add_mapping(a, "duo", "an", "claude-x")
+    items = model_card(a, "duo").locator("ol.maps li")
+    expect(items.nth(0)).to_contain_text("oa")
+    expect(items.nth(1)).to_contain_text("an")
+    expect(items.nth(0).get_by_role("button", name="move up")).to_be_disabled()
+    items.nth(1).get_by_role("button", name="move up").click()   # an first, oa second
+    items = model_card(a, "duo").locator("ol.maps li")
+    expect(items.nth(0)).to_contain_text("an")
+    expect(items.nth(1)).to_contain_text("oa")
+    items.nth(0).get_by_role("button", name="move down").click()  # and back, then up again
+    items = model_card(a, "duo").locator("ol.maps li")
+    expect(items.nth(0)).to_contain_text("oa")
+    items.nth(1).get_by_role("button", name="move up").click()
+    items = model_card(a, "duo").locator("ol.maps li")
+    expect(items.nth(0)).to_contain_text("an")
+    expect(items.nth(1)).to_contain_text("oa")
+
+    a.tab("Router")
+    page.locator("#r-default").select_option("duo")
+    assert read_bytes(path) == original                  # nothing is written before Save
+    page.locator("#save").click()
+    expect(page.locator("#banner")).to_contain_text("Configuration saved and applied")
+    expect(page.locator("#save")).to_be_disabled()
+    expect(page.locator("#dirty")).to_have_text("")
+
+    # The file on disk
+    doc = read_toml(path)
+    provs = {p["name"]: p for p in doc["providers"]}
+    assert set(provs) == {"p1", "oa", "an"}
+    assert provs["oa"]["provider_type"] == "openai" and provs["oa"]["base_url"] == oa.base_url
+    assert provs["an"]["provider_type"] == "anthropic" and provs["an"]["base_url"] == an.base_url
+    assert provs["oa"]["api_key"] == OA_KEY and provs["an"]["api_key"] == AN_KEY
+    assert provs["p1"]["api_key"] == PROVIDER_KEY           # the masked key was restored
+    duo = next(m for m in doc["models"] if m["name"] == "duo")
+    chain = sorted(duo["mappings"], key=lambda m: m["priority"])
+    assert [(m["provider"], m["actual_model"]) for m in chain] == [("an", "claude-x"), ("oa", "gpt-x")]
+    assert [m["provider"] for m in duo["mappings"]] == ["an", "oa"]   # written in order too
+    assert doc["router"]["default"] == "duo"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert os.path.exists(path + ".bak")
+    assert read_bytes(path + ".bak") == original
+    text = read_bytes(path).decode()
+    assert OA_KEY in text and AN_KEY in text
+
+    # Applied live: the proxy routes as configured (no admin token needed)
+    with httpx.Client(trust_env=False, timeout=30) as client:
+        r = client.post(c.base_url + "/v1/messages", json=BASIC_REQ)
+        assert r.status_code == 200, r.text
+        assert "provider=an" in r.headers["x-ccm-route"]
+        assert "model=duo" in r.headers["x-ccm-route"]
+        assert len(an.seen) == 1 and len(oa.seen) == 0 and len(up0.seen) == 0
+        assert an.seen[0].headers["x-api-key"] == AN_KEY
+        assert an.seen[0].json["model"] == "claude-x"
+
+        an.script(Reply(status=529, json={"type": "error", "error": {
+            "type": "overloaded_error", "message": "busy"}}))
+        r = client.post(c.base_url + "/v1/messages", json=BASIC_REQ)
+        assert r.status_code == 200, r.text
+        assert "provider=oa" in r.headers["x-ccm-route"]
+        assert len(an.seen) == 2 and len(oa.seen) == 1
+        assert oa.seen[0].headers["authorization"] == f"Bearer {OA_KEY}"
+        assert oa.seen[0].json["model"] == "gpt-x"
+        assert r.json()["content"][0]["text"] == "hello"
+
+    # The key is never sent back to the page: not in any /api/* answer, not in the page's HTML
+    # (hidden panels included) after the save, and masked when the Providers tab is shown again.
+    bodies = a.api_bodies()
+    assert any("/api/config/json" in r.url for r in a.api_responses)
+    for body in bodies:
+        for key in (OA_KEY, AN_KEY, PROVIDER_KEY):
+            assert key not in body
+    html = page.content()
+    for key in (OA_KEY, AN_KEY, PROVIDER_KEY):
+        assert key not in html, f"{key} is in the page after Save"
+    a.tab("Providers")
+    expect(provider_row(a, "oa")).to_contain_text("****7777")
+    assert OA_KEY not in page.content() and AN_KEY not in page.content()
+
+    assert a.errors == []
+
+
+def test_admin_typed_key_not_shown_in_page_before_save(
+        ccm_server: Any, fake_upstream: Any, admin_page: Any) -> None:
+    """The key goes into a password field; the providers table must not echo it in clear."""
+    up0, oa = fake_upstream("anthropic"), fake_upstream("openai")
+    c = ccm_server(simple_cfg(up0))
+    a = admin_page(c)
+    a.tab("Providers")
+    add_provider(a, "oa", "openai", oa.base_url, OA_KEY)
+    assert OA_KEY not in a.page.content()
+    assert a.errors == []
+
+
+# ============================================================================================
+# 2. Validation in the page
+# ============================================================================================
+
+
+def test_admin_invalid_regex_shows_error_and_disables_save(
+        ccm_server: Any, fake_upstream: Any, admin_page: Any) -> None:
+    c = ccm_server(simple_cfg(fake_upstream("anthropic")))
+    before = read_bytes(c.cfg.path)
+    a = admin_page(c)
+    page = a.page
+    a.tab("Router")
+    page.locator("#r-trigger").select_option("thinking")          # a valid edit: Save enabled
+    expect(page.locator("#save")).to_be_enabled()
+    field_ = page.locator("#r-auto_map_regex")
+    field_.fill("([")
+    err = page.locator("#err-auto_map_regex")
+    expect(err).to_contain_text("invalid regex", timeout=1000)   # checked by POST /api/validate
+    checks = [r for r in a.api_responses if r.url.endswith("/api/validate")]
+    assert checks and checks[-1].json()["ok"] is False
+    expect(err).to_contain_text("auto_map_regex")
+    expect(field_).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#save")).to_be_disabled()
+    assert read_bytes(c.cfg.path) == before
+    assert not os.path.exists(c.cfg.path + ".bak")
+
+    field_.fill("^claude-(opus|sonnet)")                             # fixed: Save comes back
+    expect(err).to_have_text("", timeout=1000)
+    expect(page.locator("#save")).to_be_enabled()
+    assert read_bytes(c.cfg.path) == before
+    assert a.errors == []
+
+
+# ============================================================================================
+# 3. and 4. The config API: refusals name the field; round trips lose nothing
+# ============================================================================================
+
+
+def test_admin_api_invalid_router_default_refused_naming_field(
+        ccm_server: Any, fake_upstream: Any) -> None:
+    c = ccm_server(simple_cfg(fake_upstream("anthropic")))
+    before = read_bytes(c.cfg.path)
+    doc = c.client.get("/api/config/json", headers=bearer(c)).json()
+    doc["router"]["default"] = "nope"
+    r = c.client.post("/api/config/json", json=doc, headers=bearer(c))
+    assert r.status_code == 400
+    assert "router.default" in r.json()["error"]["message"]
+    assert "nope" in r.json()["error"]["message"]
+    assert read_bytes(c.cfg.path) == before
+    assert not os.path.exists(c.cfg.path + ".bak")
+    assert c.app.cfg.router.default == "m"               # the running config is untouched
+    r = c.client.patch("/api/config", json={"router": {"default": "nope"}}, headers=bearer(c))
+    assert r.status_code == 400 and "router.default" in r.json()["error"]["message"]
+    assert read_bytes(c.cfg.path) == before
+
+
+def test_admin_api_round_trip_keeps_secrets_and_unknown_keys(
+        ccm_server: Any, fake_upstream: Any) -> None:
+    up = fake_upstream("anthropic")
+    text = ('[server]\nadmin_token = "admin-token-long-enough-xyz"\n\n[router]\ndefault = "m"\n\n'
+            + provider_toml("p1", "anthropic", up.base_url,
+                            extra='x_custom = "keep"\nheaders = { x-team = "team-secret-header-1234" }')
+            + provider_toml("p2", "anthropic", up.base_url, key="short")
+            + model_toml("m", ("p1", "real-model"), ("p2", "other"))
+            + '[extra]\nanswer = 42\nnested = { a = [1, 2] }\n')
+    c = ccm_server(text)
+    path = c.cfg.path
+    old = read_toml(path)
+    assert old["extra"] == {"answer": 42, "nested": {"a": [1, 2]}}
+    got = c.client.get("/api/config/json", headers=bearer(c))
+    assert got.status_code == 200
+    doc = got.json()
+    assert PROVIDER_KEY not in got.text and "team-secret-header-1234" not in got.text
+    assert "admin-token-long-enough-xyz" not in got.text
+    assert doc["providers"][0]["api_key"] == "****0001"
+    assert doc["providers"][0]["x_custom"] == "keep"
+    r = c.client.post("/api/config/json", json=doc, headers=bearer(c))
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "success"
+    assert read_toml(path) == old
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+    # The page's own shape: _meta dropped, masked values sent back as-is
+    r = c.client.put("/api/config", json=doc, headers=bearer(c))
+    assert r.status_code == 200, r.text
+    assert read_toml(path) == old
+
+    # PATCH changes only what it names
+    r = c.client.patch("/api/config", json={"router": {"think": "m"}}, headers=bearer(c))
+    assert r.status_code == 200, r.text
+    new = read_toml(path)
+    expected = json.loads(json.dumps(old))
+    expected["router"]["think"] = "m"
+    assert new == expected
+    assert c.app.cfg.router.think == "m"                  # applied live
+
+    # PATCH with null removes a key (RFC 7396) and keeps the rest
+    r = c.client.patch("/api/config", json={"router": {"think": None}}, headers=bearer(c))
+    assert r.status_code == 200, r.text
+    assert read_toml(path) == old
+
+
+def test_admin_api_rename_provider_keeps_its_key(ccm_server: Any, fake_upstream: Any) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up))
+    doc = c.client.get("/api/config/json", headers=bearer(c)).json()
+    doc["providers"][0].update(name="renamed", _was="p1")
+    doc["models"][0]["mappings"][0]["provider"] = "renamed"
+    r = c.client.post("/api/config/json", json=doc, headers=bearer(c))
+    assert r.status_code == 200, r.text
+    p = read_toml(c.cfg.path)["providers"][0]
+    assert p["name"] == "renamed" and p["api_key"] == PROVIDER_KEY and "_was" not in p
+
+
+# ============================================================================================
+# 5. Security
+# ============================================================================================
+
+
+def test_admin_every_route_requires_the_token(ccm_server: Any, fake_upstream: Any) -> None:
+    c = ccm_server(simple_cfg(fake_upstream("anthropic")))
+    with httpx.Client(base_url=c.base_url, trust_env=False, timeout=30) as client:
+        for path in ("/", "/admin"):
+            r = client.get(path)
+            assert r.status_code == 401
+            assert r.headers["content-type"].startswith("text/html")
+            assert "python ccm.py admin" in r.text
+            assert c.app.admin_token not in r.text
+            r = client.get(path + "?token=wrong-token-000000000000")
+            assert r.status_code == 401 and "set-cookie" not in r.headers
+        routes = [k for k in c.app.admin if k not in {("GET", "/"), ("GET", "/admin")}]
+        assert len(routes) >= 12
+        for method, path in routes:
+            r = client.request(method, path, content=b"{}" if method != "GET" else None,
+                               headers={"content-type": "application/json"})
+            assert r.status_code == 401, (method, path, r.status_code, r.text)
+            assert r.headers["content-type"].startswith("application/json"), (method, path)
+            assert r.json()["error"]["type"] == "authentication_error", (method, path)
+            # a wrong token and a wrong cookie are refused as well
+            r = client.request(method, path, content=b"{}" if method != "GET" else None,
+                               headers={"authorization": "Bearer not-the-token",
+                                        "cookie": "ccm_admin=not-the-token"})
+            assert r.status_code == 401, (method, path)
+        # the token works as Bearer and as the cookie
+        assert client.get("/api/overview", headers=bearer(c)).status_code == 200
+        assert client.get("/api/overview",
+                          headers={"cookie": f"ccm_admin={c.app.admin_token}"}).status_code == 200
+
+
+def test_admin_login_link_sets_strict_httponly_cookie(ccm_server: Any, fake_upstream: Any) -> None:
+    c = ccm_server(simple_cfg(fake_upstream("anthropic")))
+    with httpx.Client(base_url=c.base_url, trust_env=False, timeout=30) as client:
+        r = client.get("/?token=" + c.app.admin_token)
+        assert r.status_code == 302 and r.headers["location"] == "/"
+        cookie = r.headers["set-cookie"]
+        assert cookie.startswith(f"ccm_admin={c.app.admin_token};")
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        r = client.get("/", headers={"cookie": f"ccm_admin={c.app.admin_token}"})
+        assert r.status_code == 200 and r.content == ccm.ADMIN_PAGE_BYTES
+
+
+def test_admin_host_and_origin_checks(ccm_server: Any, fake_upstream: Any) -> None:
+    c = ccm_server(simple_cfg(fake_upstream("anthropic")))
+    with httpx.Client(base_url=c.base_url, trust_env=False, timeout=30) as client:
+        r = client.get("/api/config/json", headers=bearer(c, host="evil.example"))
+        assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+        r = client.get("/", headers=bearer(c, host="evil.example"))
+        assert r.status_code == 403
+        body = {"field": "auto_map_regex", "value": "^x"}
+        r = client.post("/api/validate", json=body,
+                        headers=bearer(c, origin="http://evil.example"))
+        assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+        before = read_bytes(c.cfg.path)
+        r = client.patch("/api/config", json={"router": {"think": "m"}},
+                         headers=bearer(c, origin="http://evil.example"))
+        assert r.status_code == 403
+        assert read_bytes(c.cfg.path) == before
+        r = client.post("/api/validate", json=body,
+                        headers=bearer(c, origin=f"http://127.0.0.1:{c.port}"))
+        assert r.status_code == 200 and r.json() == {"ok": True}
+        r = client.patch("/api/config", json={"router": {"think": "m"}},
+                         headers=bearer(c, origin=f"http://127.0.0.1:{c.port}"))
+        assert r.status_code == 200 and read_toml(c.cfg.path)["router"]["think"] == "m"
+        r = client.get("/api/overview", headers=bearer(c, host=f"localhost:{c.port}"))
+        assert r.status_code == 200
+
+
+def test_admin_login_link_refused_for_foreign_host(ccm_server: Any, fake_upstream: Any) -> None:
+    """The Host check (DNS rebinding) covers the login link too: no cookie for evil.example."""
+    c = ccm_server(simple_cfg(fake_upstream("anthropic")))
+    with httpx.Client(base_url=c.base_url, trust_env=False, timeout=30) as client:
+        r = client.get("/?token=" + c.app.admin_token, headers={"host": "evil.example"})
+        assert r.status_code == 403
+        assert "set-cookie" not in r.headers
+
+
+def test_admin_token_file_is_private_and_stable(ccm_server: Any, fake_upstream: Any,
+                                                tmp_path: Any) -> None:
+    up = fake_upstream("anthropic")
+    c1 = ccm_server(simple_cfg(up))
+    token_file = os.path.join(os.path.dirname(c1.cfg.path), "admin_token")
+    assert os.path.exists(token_file)
+    assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+    assert read_bytes(token_file).decode().strip() == c1.app.admin_token
+    assert len(c1.app.admin_token) >= 16
+    c2 = ccm_server(simple_cfg(up))                     # a second start, same directory
+    assert os.path.dirname(c2.cfg.path) == os.path.dirname(c1.cfg.path)
+    assert c2.app.admin_token == c1.app.admin_token
+    assert ccm.load_admin_token(c1.cfg) == ccm.load_admin_token(c1.cfg) == c1.app.admin_token
+    assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+
+
+def test_admin_api_key_never_in_admin_responses(ccm_server: Any, fake_upstream: Any) -> None:
+    up, oa = fake_upstream("anthropic"), fake_upstream("openai")
+    text = ('[router]\ndefault = "m"\n\n' + provider_toml("p1", "anthropic", up.base_url)
+            + provider_toml("p2", "openai", oa.base_url, key=OA_KEY)
+            + model_toml("m", ("p1", "real-model"), ("p2", "gpt-x")))
+    c = ccm_server(text)
+    with httpx.Client(base_url=c.base_url, trust_env=False, timeout=30) as client:
+        assert client.post("/v1/messages", json=BASIC_REQ).status_code == 200
+        up.script(Reply(status=529))
+        assert client.post("/v1/messages", json=BASIC_REQ).status_code == 200   # via p2
+        h = bearer(c)
+        responses = {
+            "config/json": client.get("/api/config/json", headers=h),
+            "config": client.get("/api/config", headers=h),
+            "providers": client.get("/api/providers", headers=h),
+            "models-config": client.get("/api/models-config", headers=h),
+            "overview": client.get("/api/overview", headers=h),
+            "health": client.get("/api/health", headers=h),
+            "requests": client.get("/api/requests", headers=h),
+            "route": client.post("/api/route", json=BASIC_REQ, headers=h),
+            "route-p2": client.post("/api/route", json=BASIC_REQ, headers=bearer(
+                c, **{"x-ccm-request-headers": json.dumps({"x-provider": "p2"})})),
+            "providers/test": client.post("/api/providers/test", json={"name": "p1"}, headers=h),
+            "providers/test-p2": client.post("/api/providers/test", json={"name": "p2"}, headers=h),
+            "test": client.post("/api/test", json={"message": "hi", "stream": False}, headers=h),
+        }
+        rid = responses["requests"].json()[0]["id"]
+        responses["requests?id"] = client.get(f"/api/requests?id={rid}", headers=h)
+    for name, r in responses.items():
+        assert r.status_code == 200, (name, r.text)
+        assert PROVIDER_KEY not in r.text, name
+        assert OA_KEY not in r.text, name
+    provs = {p["name"]: p for p in responses["providers"].json()}
+    assert provs["p1"]["api_key"] == "****" + PROVIDER_KEY[-4:]
+    assert provs["p2"]["api_key"] == "****" + OA_KEY[-4:]
+    route = responses["route"].json()
+    assert route["model"] == "m" and [p["provider"] for p in route["providers"]] == ["p1", "p2"]
+    # the keys were really used upstream, so their absence above means something
+    assert any(s.headers.get("x-api-key") == PROVIDER_KEY for s in up.seen)
+    assert any(s.headers.get("authorization") == f"Bearer {OA_KEY}" for s in oa.seen)
+
+
+def test_admin_provider_header_secrets_masked_in_route_dry_run(
+        ccm_server: Any, fake_upstream: Any) -> None:
+    """config_json masks provider header values as secrets; the routing dry run must not
+    reveal them either."""
+    up = fake_upstream("anthropic")
+    secret = "hdr-secret-value-123456789"
+    text = ('[router]\ndefault = "m"\n\n'
+            + provider_toml("p1", "openai", up.base_url, extra=f'headers = {{ x-auth-token = "{secret}" }}')
+            + model_toml("m", ("p1", "real-model")))
+    c = ccm_server(text)
+    got = c.client.get("/api/config/json", headers=bearer(c))
+    assert secret not in got.text
+    r = c.client.post("/api/route", json=BASIC_REQ, headers=bearer(c))
+    assert r.status_code == 200
+    assert secret not in r.text
+
+
+def test_admin_token_not_needed_for_proxy_and_not_a_proxy_key(
+        ccm_server: Any, fake_upstream: Any) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up))
+    with httpx.Client(base_url=c.base_url, trust_env=False, timeout=30) as client:
+        r = client.post("/v1/messages", json=BASIC_REQ)
+        assert r.status_code == 200 and "provider=p1" in r.headers["x-ccm-route"]
+
+    up2 = fake_upstream("anthropic")
+    c2 = ccm_server(simple_cfg(up2, extra_server='api_key = "proxy-key-abcdef-123456"'))
+    assert c2.app.admin_token != "proxy-key-abcdef-123456"
+    with httpx.Client(base_url=c2.base_url, trust_env=False, timeout=30) as client:
+        r = client.post("/v1/messages", json=BASIC_REQ)
+        assert r.status_code == 401
+        r = client.post("/v1/messages", json=BASIC_REQ, headers=bearer(c2))
+        assert r.status_code == 401
+        r = client.post("/v1/messages", json=BASIC_REQ, headers={"x-api-key": c2.app.admin_token})
+        assert r.status_code == 401
+        r = client.post("/v1/messages", json=BASIC_REQ,
+                        headers={"cookie": f"ccm_admin={c2.app.admin_token}"})
+        assert r.status_code == 401
+        assert len(up2.seen) == 0
+        r = client.post("/v1/messages", json=BASIC_REQ, headers={"x-api-key": "proxy-key-abcdef-123456"})
+        assert r.status_code == 200
+        # and the proxy key does not open the admin API
+        r = client.get("/api/config/json", headers={"authorization": "Bearer proxy-key-abcdef-123456"})
+        assert r.status_code == 401
+
+
+def test_admin_page_security_headers(ccm_server: Any, fake_upstream: Any) -> None:
+    c = ccm_server(simple_cfg(fake_upstream("anthropic")))
+    r = c.client.get("/", headers={"cookie": f"ccm_admin={c.app.admin_token}"})
+    assert r.status_code == 200
+    csp = r.headers["content-security-policy"]
+    directives = {d.strip().split(" ", 1)[0]: d.strip() for d in csp.split(";") if d.strip()}
+    assert "frame-ancestors 'none'" in csp
+    script_src = directives["script-src"]
+    assert re.search(r"'sha256-[A-Za-z0-9+/]+={0,2}'", script_src)
+    assert "'unsafe-inline'" not in script_src and "'unsafe-eval'" not in script_src
+    assert directives["default-src"] == "default-src 'none'"
+    # the hash is the hash of the one inline script the page carries
+    scripts = re.findall(r"<script>(.*?)</script>", r.text, re.S)
+    assert len(scripts) == 1
+    digest = base64.b64encode(hashlib.sha256(scripts[0].encode()).digest()).decode()
+    assert f"'sha256-{digest}'" in script_src
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert r.headers["cache-control"] == "no-store"
+    for resp in (c.client.get("/"), c.client.get("/api/overview", headers=bearer(c))):
+        assert resp.headers["x-content-type-options"] == "nosniff"
+        assert resp.headers["cache-control"] == "no-store"
+    assert "frame-ancestors 'none'" in c.client.get("/").headers["content-security-policy"]
+
+
+def test_admin_provider_test_endpoint(ccm_server: Any, fake_upstream: Any) -> None:
+    up, other = fake_upstream("anthropic"), fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up))
+    h = bearer(c)
+    r = c.client.post("/api/providers/test", json={"name": "unknown"}, headers=h)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    r = c.client.post("/api/providers/test", json={"url": other.base_url}, headers=h)
+    assert r.status_code == 404
+    r = c.client.post("/api/providers/test", json={"name": other.base_url}, headers=h)
+    assert r.status_code == 404
+    r = c.client.post("/api/providers/test",
+                      json={"name": "p1", "base_url": other.base_url, "url": other.base_url},
+                      headers=h)
+    assert r.status_code == 200
+    assert other.seen == []                             # a URL in the body is never used
+    assert len(up.seen) == 1 and up.seen[0].path == "/v1/messages"
+    out = r.json()
+    assert out["ok"] is True and out["status"] == 200
+    assert isinstance(out["latency_ms"], (int, float)) and out["latency_ms"] >= 0
+    assert up.seen[0].json["model"] == "real-model"
+    up.script(Reply(status=401, json={"type": "error", "error": {"type": "authentication_error",
+                                                                 "message": "bad key"}}))
+    out = c.client.post("/api/providers/test", json={"name": "p1"}, headers=h).json()
+    assert out["ok"] is False and out["status"] == 401 and "bad key" in out["error"]
+    assert isinstance(out["latency_ms"], (int, float))
+
+
+# ============================================================================================
+# 6. and 7. Page size, keyboard, screenshots
+# ============================================================================================
+
+
+def test_admin_page_size() -> None:
+    assert len(ccm.ADMIN_PAGE_BYTES) < 100_000
+
+
+def test_admin_tabs_work_by_keyboard(ccm_server: Any, fake_upstream: Any, admin_page: Any) -> None:
+    c = ccm_server(simple_cfg(fake_upstream("anthropic")))
+    a = admin_page(c)
+    page = a.page
+    first = page.get_by_role("tab", name="Overview")
+    first.focus()
+    expect(first).to_be_focused()
+    page.keyboard.press("ArrowRight")
+    expect(page.locator("#tab-providers")).to_be_visible()
+    expect(page.locator("#tab-overview")).to_be_hidden()
+    expect(page.get_by_role("tab", name="Providers")).to_be_focused()
+    expect(page.get_by_role("tab", name="Providers")).to_have_attribute("aria-selected", "true")
+    expect(provider_row(a, "p1")).to_have_count(1)
+    page.keyboard.press("ArrowLeft")
+    page.keyboard.press("ArrowLeft")                     # wraps to the last tab
+    expect(page.locator("#tab-requests")).to_be_visible()
+    expect(page.get_by_role("tab", name="Requests")).to_be_focused()
+    assert a.errors == []
+
+
+@pytest.mark.parametrize("width", [1280, 390], ids=["wide", "narrow"])
+def test_admin_screenshots_of_every_tab(ccm_server: Any, fake_upstream: Any, admin_page: Any,
+                                        tmp_path: Any, width: int) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up))
+    assert c.client.post("/v1/messages", json=BASIC_REQ).status_code == 200   # a Requests row
+    a = admin_page(c, width=width, height=800)
+    for name in TABS:
+        a.tab(name)
+        if name == "Requests":
+            expect(a.page.locator("#tab-requests tbody tr.click")).to_have_count(1)
+        shot = tmp_path / f"admin-{name.lower()}-{width}x800.png"
+        a.page.screenshot(path=str(shot), full_page=True)
+        assert shot.exists() and shot.stat().st_size > 0
+    print(f"screenshots in {tmp_path}")
+    assert a.errors == []
