@@ -5426,3 +5426,35 @@ def test_admin_screenshots_of_every_tab(ccm_server: Any, fake_upstream: Any, adm
         assert shot.exists() and shot.stat().st_size > 0
     print(f"screenshots in {tmp_path}")
     assert a.errors == []
+
+
+# ============================================================================================
+# Slow clients
+# ============================================================================================
+
+for _n in [n for n in list(globals()) if n.startswith("test_")]: del globals()[_n]
+
+
+def test_server_hundreds_of_trickling_clients_do_not_block_others(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up, extra_server="[server.timeouts]\nheader_timeout_ms = 1500\n"))
+    socks = []
+    try:
+        for _ in range(200):
+            s = socket.create_connection(("127.0.0.1", c.port))
+            s.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\n")
+            socks.append(s)
+        t0 = time.monotonic()
+        r = post(c, BASIC_REQ)                      # everyone else is still answered promptly
+        assert r.status_code == 200 and time.monotonic() - t0 < 1.0
+        for s in socks[:50]:
+            s.sendall(b"x-slow: 1\r\n")               # trickling does not extend the deadline
+        answers = []
+        for s in socks:
+            s.settimeout(5)
+            answers.append(s.recv(200))
+        assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers)
+        assert wait_for(lambda: len(c.svc.server.connections) <= 1, 5)
+    finally:
+        for s in socks:
+            s.close()

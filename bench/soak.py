@@ -537,10 +537,16 @@ def fd_breakdown(pid: int, ccm_port: int, upstream_ports: set[int]) -> dict[str,
                 kinds["client"] += 1
             elif rport in upstream_ports:
                 kinds["upstream"] += 1
+                kinds[f"upstream_{TCP_STATES.get(parts[3], parts[3])}"] += 1
             else:
                 kinds["tcp_other"] += 1
     kinds["socket_other"] = len(inodes) - len(seen)
     return dict(kinds)
+
+
+TCP_STATES = {"01": "ESTABLISHED", "02": "SYN_SENT", "04": "FIN_WAIT1", "05": "FIN_WAIT2",
+              "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT", "09": "LAST_ACK",
+              "0B": "CLOSING"}
 
 
 class Sampler:
