@@ -5432,7 +5432,6 @@ def test_admin_screenshots_of_every_tab(ccm_server: Any, fake_upstream: Any, adm
 # Slow clients
 # ============================================================================================
 
-for _n in [n for n in list(globals()) if n.startswith("test_")]: del globals()[_n]
 
 
 def test_server_hundreds_of_trickling_clients_do_not_block_others(fake_upstream, ccm_server) -> None:
