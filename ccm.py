@@ -21,6 +21,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import datetime
 import email.utils
 import gc
 import hashlib
@@ -302,7 +303,13 @@ _ID_ALPHABET = string.ascii_letters + string.digits
 
 def dumps(obj: Any) -> str:
     """Compact JSON as the Anthropic API writes it."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, default=_json_default)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (datetime.date, datetime.time)):
+        return obj.isoformat()             # TOML dates in a config shown as JSON
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
 def mask_secret(value: str | None) -> str:
@@ -559,8 +566,15 @@ def _parse_server(ck: _Checker, raw: Json) -> ServerCfg:
         if value is not None:
             setattr(cfg, key, ck.expand(value, f"server.{key}") if isinstance(value, str) else value)
     for key in ("api_key", "admin_token"):
-        if getattr(cfg, key) == "":
+        value = getattr(cfg, key)
+        if value is not None and not value.strip():
+            if isinstance(t.get(key), str) and "$" in t[key]:
+                # Fail closed: an unset variable must not silently switch client auth off.
+                ck.errors.append(f"server.{key}: {t[key]} expands to an empty value (is the "
+                                 "environment variable set?); remove the key to disable it")
             setattr(cfg, key, None)
+        elif value is not None:
+            setattr(cfg, key, value.strip())
     if not 0 <= cfg.port <= 65535:
         ck.errors.append(f"server.port: {cfg.port} is not a TCP port (0-65535)")
     if cfg.log_level.lower() not in LOG_LEVELS:
@@ -640,12 +654,16 @@ def _parse_provider(ck: _Checker, t: Json, where: str) -> Provider | None:
     if any(not isinstance(k, str) for k in keys):
         ck.errors.append(f"{where}.api_keys: must be a list of strings")
         keys = []
+    api_key = _clean_key(ck, api_key, f"{where}.api_key")
+    keys = [_clean_key(ck, k, f"{where}.api_keys[{n}]") for n, k in enumerate(keys)]
     base_url = ck.expand(vals["base_url"] or PROVIDER_TYPES[ptype], f"{where}.base_url")
     if not re.match(r"^https?://[^\s/]+", base_url):
         ck.errors.append(f"{where}.base_url: {base_url!r} is not an http(s) URL")
     headers = ck.expand(vals["headers"] or {}, f"{where}.headers")
-    if any(not isinstance(v, str) or "\r" in v or "\n" in v for v in headers.values()):
-        ck.errors.append(f"{where}.headers: values must be strings without line breaks")
+    if any(not isinstance(v, str) or re.search(r"[\x00-\x08\x0a-\x1f\x7f]", v) or
+           not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", k) for k, v in headers.items()):
+        ck.errors.append(f"{where}.headers: names must be tokens and values strings without "
+                         "control characters")
         headers = {}
     p = Provider(
         name=name, provider_type=ptype, base_url=base_url.rstrip("/"), family=family,
@@ -660,6 +678,21 @@ def _parse_provider(ck: _Checker, t: Json, where: str) -> Provider | None:
         if vals[key] is not None:
             setattr(p, key, vals[key])
     return p
+
+
+_BAD_KEY_CHARS = re.compile(r"[\x00-\x20\x7f]")
+
+
+def _clean_key(ck: _Checker, key: str | None, where: str) -> str | None:
+    """Keys pasted with a trailing newline or space are trimmed; one with whitespace or control
+    characters inside is refused here (never echoed), not sent as an illegal header."""
+    if key is None:
+        return None
+    key = key.strip()
+    if _BAD_KEY_CHARS.search(key):
+        ck.errors.append(f"{where}: contains whitespace or control characters")
+        return ""
+    return key
 
 
 def _parse_models(ck: _Checker, raw: Any, providers: dict[str, Provider]) -> dict[str, ModelMap]:
@@ -857,6 +890,8 @@ def _toml_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, str):
         return _toml_str(v)
+    if isinstance(v, (datetime.date, datetime.time)):
+        return v.isoformat()               # TOML's own date, time and datetime literals
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
@@ -2014,6 +2049,14 @@ def repair_json(text: str) -> Any:
     raise ValueError("unrepairable JSON")
 
 
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text or "x")
+    except ValueError:
+        return False
+    return True
+
+
 def _json_closer(text: str) -> str | None:
     """The characters that close every open string, array and object of a JSON prefix."""
     stack, in_str, esc = [], False, False
@@ -2128,6 +2171,7 @@ class OpenAIStream:
         self.matched_stop: str | None = None
         self.usage: Json = {}
         self.out_parts: list[str] = []   # what was generated, counted if usage is missing
+        self.held: list[tuple[str, str]] = []   # text waiting for an unfinished tool call
         self.saw_done = False
         self.upstream_id = ""
 
@@ -2258,7 +2302,25 @@ class OpenAIStream:
         out.append(sse("content_block_stop", {"type": "content_block_stop", "index": self.index}))
         self.open = None
 
+    def _hold(self, kind: str, text: str) -> bool:
+        """Text that arrives while a tool call's arguments are unfinished waits for them, so
+        the call's block is never closed with half its JSON (PROTOCOL.md §4 invariant)."""
+        call = self.open_call
+        if self.open != "tool" or call is None or _parses(call.args):
+            return False
+        self.held.append((kind, text))
+        return True
+
+    def _release(self, out: list[bytes], force: bool = False) -> None:
+        if self.held and (force or self.open_call is None or _parses(self.open_call.args)):
+            held, self.held = self.held, []
+            self._close_block(out)
+            for kind, text in held:
+                (self._thinking if kind == "thinking" else self._text)(text, out)
+
     def _thinking(self, text: str, out: list[bytes]) -> None:
+        if self._hold("thinking", text):
+            return
         if self.open != "thinking":
             self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""}, out)
         self.thinking += text
@@ -2266,6 +2328,8 @@ class OpenAIStream:
         self._delta({"type": "thinking_delta", "thinking": text}, out)
 
     def _text(self, text: str, out: list[bytes]) -> None:
+        if self._hold("text", text):
+            return
         if self.open != "text":
             self._open("text", {"type": "text", "text": ""}, out)
         self.out_parts.append(text)
@@ -2294,6 +2358,7 @@ class OpenAIStream:
                 call.args += piece
                 self.out_parts.append(piece)
                 self._delta({"type": "input_json_delta", "partial_json": piece}, out)
+            self._release(out)
             self._maybe_switch(out)
             return
         call.args += piece
@@ -2346,6 +2411,7 @@ class OpenAIStream:
     def _close_message(self, out: list[bytes]) -> None:
         if self.done:
             return
+        self._release(out, force=True)
         self._close_block(out)
         for call in self.calls:                 # calls still buffered, in first-seen order
             if call.block is None:
@@ -2550,7 +2616,9 @@ class Upstreams:
                                 "authentication_error", provider=p.name, retryable=True)
         key = key or (p.keys() or [None])[0]
         if p.family == "anthropic":
-            headers = passthrough_headers(req.headers, p, key, proxy_has_key)
+            # Values go as bytes: the client's header bytes (parsed as latin-1) pass unchanged.
+            headers = {k: v.encode("latin-1", "replace") for k, v in
+                       passthrough_headers(req.headers, p, key, proxy_has_key).items()}
             url = p.base_url + req.path + (f"?{req.query}" if req.query else "")
             body = passthrough_body(req.body, route.body, target.model, route.body.get("model", ""))
             return self.client.build_request("POST", url, headers=headers, content=body), None
@@ -2565,6 +2633,14 @@ class Upstreams:
                                              content=dumps(oreq).encode()), names
         raise UpstreamError(501, f"{p.name}: provider type {p.provider_type!r} is not supported yet",
                             "api_error", provider=p.name, retryable=True)
+
+
+def scrub(text: str, p: Provider) -> str:
+    """Text that may quote a provider's secrets, with each one masked."""
+    for secret in [*p.keys(), *p.headers.values()]:
+        if secret and len(secret) >= 6 and secret in text:
+            text = text.replace(secret, mask_secret(secret))
+    return text
 
 
 def explain(raw: bytes, headers: dict[str, str], cfg: Config, up: Upstreams | None = None) -> Json:
@@ -2618,9 +2694,15 @@ def _dry_request(up: Upstreams, p: Provider, t: Target, req: Request, rt: Route,
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 
+_STATUS_OF_TYPE = {etype: status for status, etype in ERROR_TYPES.items()}
+_EVENT_LINE = re.compile(rb"^event:[ ]?(.*?)\r?$", re.M)
+_DATA_LINE = re.compile(rb"^data:[ ]?(.*?)\r?$", re.M)
+
+
 class PassthroughStream:
-    """Anthropic SSE relayed byte for byte, but only in whole events, so a ping or an error
-    event can always be added without cutting an event in half."""
+    """Anthropic SSE relayed byte for byte, one whole event at a time: every event's JSON is
+    checked, nothing after message_stop is sent, and a ping or an error event can always be
+    added without cutting an event in half (PROTOCOL.md §2, §7)."""
 
     def __init__(self) -> None:
         self.buf = b""
@@ -2633,33 +2715,54 @@ class PassthroughStream:
 
     def feed(self, chunk: bytes) -> list[bytes]:
         self.buf += chunk
-        last = None
-        for last in _EVENT_END.finditer(self.buf):
-            pass
-        if last is None:
-            return []
-        out, self.buf = self.buf[:last.end()], self.buf[last.end():]
-        self._inspect(out)
-        self.started = True
-        return [out]
+        out: list[bytes] = []
+        start = 0
+        for m in _EVENT_END.finditer(self.buf):
+            event = self.buf[start:m.end()]
+            start = m.end()
+            if self._check(event, out):
+                out.append(event)
+            if self.done:
+                break
+        self.buf = b"" if self.done else self.buf[start:]
+        if out:
+            self.started = True
+        return out
 
-    def _inspect(self, events: bytes) -> None:
-        """Read usage and the end of the message from the few events that carry them."""
-        if b"usage" not in events and b"message_stop" not in events and b"error" not in events:
-            return
-        for ev in SSEDecoder().feed(events):
-            if ev.event == "message_stop":
-                self.stop_seen = True
-                self.done = True
-            elif ev.event == "error":
-                self.done = True
-                self.failed = UpstreamError(529, f"{self.label}: error event", "overloaded_error")
-            elif ev.event in ("message_start", "message_delta"):
-                with contextlib.suppress(ValueError, AttributeError, TypeError):
-                    data = json.loads(ev.data)
-                    u = (data.get("message") or {}).get("usage") if ev.event == "message_start" \
-                        else data.get("usage")
-                    self._add_usage(u or {})
+    def _check(self, event: bytes, out: list[bytes]) -> bool:
+        """True to relay the event; a malformed one ends the stream with an error instead."""
+        data_lines = _DATA_LINE.findall(event)
+        if not data_lines:
+            return bool(event.strip())      # comments and blank keep-alives pass unchanged
+        name_m = _EVENT_LINE.search(event)
+        name = name_m.group(1).decode("utf-8", "replace") if name_m else ""
+        raw = b"\n".join(data_lines)
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            out.extend(self.fail(UpstreamError(502, f"{self.label}: invalid JSON in its "
+                                               f"{name or 'stream'} event", "api_error")))
+            return False
+        if name == "message_stop":
+            self.stop_seen = self.done = True
+        elif name == "error":
+            self._error(data, raw)
+        elif name in ("message_start", "message_delta") and isinstance(data, dict):
+            u = (data.get("message") or {}).get("usage") if name == "message_start" \
+                else data.get("usage")
+            if isinstance(u, dict):
+                self._add_usage(u)
+        return True
+
+    def _error(self, data: Any, raw: bytes) -> None:
+        """The upstream's own error event: relayed as it is, and kept with its real status."""
+        err = data.get("error") if isinstance(data, dict) else None
+        err = err if isinstance(err, dict) else {}
+        etype = str(err.get("type") or "api_error")
+        status = _STATUS_OF_TYPE.get(etype, 529 if etype == "overloaded_error" else 500)
+        self.done = True
+        self.failed = UpstreamError(status, f"{self.label}: {err.get('message') or etype}", etype,
+                                    body=raw, retryable=classify(status))
 
     def _add_usage(self, u: Json) -> None:
         for key in ("input_tokens", "output_tokens", "cache_read_input_tokens",
@@ -2668,15 +2771,14 @@ class PassthroughStream:
                 setattr(self.usage, key, u[key])
 
     def finish_stream(self) -> list[bytes]:
-        out = []
-        if self.buf.strip():
-            out.append(self.buf + b"\n\n")
-            self._inspect(out[0])
-        self.buf = b""
-        if not self.done and not self.stop_seen:
-            return out + self.fail(UpstreamError(502, f"{self.label}: stream ended before "
-                                                 "message_stop", "api_error", retryable=True))
-        self.done = True
+        """At upstream EOF: an unfinished event is dropped (as SSE says), never half-sent."""
+        out: list[bytes] = []
+        tail, self.buf = self.buf, b""
+        if tail.strip() and not self.done and self._check(tail + b"\n\n", out) and self.done:
+            out.append(tail + b"\n\n")        # a complete final event without its blank line
+        if not self.done:
+            out += self.fail(UpstreamError(502, f"{self.label}: stream ended before "
+                                           "message_stop", "api_error", retryable=True))
         return out
 
     def fail(self, exc: UpstreamError) -> list[bytes]:
@@ -2693,24 +2795,36 @@ class PassthroughStream:
 _PING = sse("ping", {"type": "ping"})
 
 
+async def _body_chunks(resp: httpx.Response) -> AsyncIterator[bytes]:
+    """A streamed response's raw bytes as they arrive. Unlike aiter_raw() it does not close
+    the response at the end: the relay closes it itself, so cancelling the reader can never
+    interrupt that close and leave the pooled connection half released."""
+    async for chunk in resp.stream:
+        yield chunk
+
+
 async def first_events(it: AsyncIterator[bytes], tr: Any) -> list[bytes]:
-    """Read until the translator has something to send; fail over if it breaks first."""
+    """Read until the first content block starts (or the message ends): an error or a break
+    before then is still a failover or a plain JSON error, as nothing has reached the client."""
+    held: list[bytes] = []
     while True:
         try:
             chunk = await it.__anext__()
         except StopAsyncIteration:
-            out = tr.finish_stream()
-            if tr.failed or not out:
-                raise UpstreamError(502, "upstream stream ended before its first event",
-                                    "api_error", retryable=True)
-            return out
-        out = tr.feed(chunk)
-        if tr.failed and not _sent_content(out):
+            held += tr.finish_stream()
+            if tr.failed is None and held:
+                return held
+            raise tr.failed or UpstreamError(502, f"{tr.label}: stream ended before its first "
+                                             "event", "api_error", retryable=True)
+        held += tr.feed(chunk)
+        if tr.failed is not None:
+            if _sent_content(held):
+                return held
             err = tr.failed
             err.retryable = err.retryable or classify(err.status)
             raise err
-        if out:
-            return out
+        if tr.done or _sent_content(held):
+            return held
 
 
 def _sent_content(out: list[bytes]) -> bool:
@@ -3424,11 +3538,22 @@ def _is_masked(value: Any) -> bool:
 
 
 def _unmask(new: Any, old: Any) -> Any:
-    """A masked value sent back means "keep what is there"."""
+    """A masked value sent back means "keep what is there"; in a list, the old entry whose mask
+    it is (so deleting one key of a pool keeps the right ones)."""
     if _is_masked(new):
         return old
     if isinstance(new, list) and isinstance(old, list):
-        return [old[i] if _is_masked(v) and i < len(old) else v for i, v in enumerate(new)]
+        out = []
+        for v in new:
+            if not _is_masked(v):
+                out.append(v)
+                continue
+            matches = [o for o in old if isinstance(o, str) and mask_secret(o) == v]
+            if len(matches) != 1:
+                raise ProxyError(400, f"api_keys: cannot tell which key {v} is; send the keys "
+                                 "again in full")
+            out.append(matches[0])
+        return out
     return new
 
 
@@ -3675,12 +3800,12 @@ class AdminAPI:
             hreq, _ = self.up.build(p, rt.targets[0], treq, rt, True, p.options)
             resp = await asyncio.wait_for(self.up.client.send(hreq), 20)
         except (ProxyError, httpx.HTTPError, OSError, asyncio.TimeoutError) as exc:
-            msg = getattr(exc, "message", "") or f"{type(exc).__name__}: {exc}"
-            return self._json({"ok": False, "status": 0, "error": msg,
+            msg = getattr(exc, "message", "") or type(exc).__name__
+            return self._json({"ok": False, "status": 0, "error": scrub(msg, p),
                                "latency_ms": round((time.monotonic() - t0) * 1000, 1)})
         ms = round((time.monotonic() - t0) * 1000, 1)
         ok = resp.status_code < 400
-        text = resp.text[:300] if not ok else ""
+        text = scrub(resp.text[:300], p) if not ok else ""
         return self._json({"ok": ok, "status": resp.status_code, "latency_ms": ms, "model": model,
                            "error": text})
 
@@ -4308,18 +4433,30 @@ class App(AdminAPI):
 
     async def _attempt(self, call: _Exchange, p: Provider, target: Target,
                        key: str | None) -> Response | StreamResponse:
-        cfg = call.cfg
         opts = {**p.options, **target.options}
         att = Attempt(p.name, target.model)
         call.attempts.append(att)
         t0 = time.monotonic()
+        self.up.health.begin(p.name)
+        try:
+            return await self._attempt_probe(call, p, target, key, att, t0, opts)
+        finally:
+            self.up.health.probing.discard(p.name)   # a probe never outlives its attempt
+
+    async def _attempt_probe(self, call: _Exchange, p: Provider, target: Target, key: str | None,
+                             att: Attempt, t0: float, opts: Json) -> Response | StreamResponse:
+        cfg = call.cfg
         first_byte_s = (p.first_byte_timeout_ms or cfg.server.first_byte_timeout_ms) / 1000
         total_s = (p.api_timeout_ms or cfg.server.api_timeout_ms) / 1000
         total_s = max(0.05, min(total_s, call.deadline - t0))
-        self.up.health.begin(p.name)
         try:
-            hreq, names = self.up.build(p, target, call.req, call.route,
-                                        cfg.server.api_key is not None, opts, key)
+            try:
+                hreq, names = self.up.build(p, target, call.req, call.route,
+                                            cfg.server.api_key is not None, opts, key)
+            except (ValueError, TypeError, httpx.HTTPError) as exc:
+                raise UpstreamError(502, f"{p.name}: cannot build the upstream request "
+                                    f"({type(exc).__name__})", "api_error", provider=p.name,
+                                    retryable=True)
             connect_s = (p.connect_timeout_ms or cfg.server.connect_timeout_ms) / 1000
             hreq.extensions["timeout"] = {"connect": connect_s, "read": None, "write": 60.0,
                                           "pool": connect_s}
@@ -4362,10 +4499,11 @@ class App(AdminAPI):
             return UpstreamError(504, f"{p.name}: no response within {first_byte_s:g} s",
                                  "timeout_error", provider=p.name, retryable=True)
         if isinstance(exc, httpx.ConnectError):
-            return UpstreamError(529, f"{p.name}: cannot connect ({exc})", "overloaded_error",
-                                 provider=p.name, retryable=True)
-        return UpstreamError(529, f"{p.name}: {type(exc).__name__} {exc}".strip(),
-                             "overloaded_error", provider=p.name, retryable=True)
+            return UpstreamError(529, f"{p.name}: cannot connect ({scrub(str(exc), p)})",
+                                 "overloaded_error", provider=p.name, retryable=True)
+        # Only the class name: a protocol error's text can quote a header value, i.e. a key.
+        return UpstreamError(529, f"{p.name}: {type(exc).__name__}", "overloaded_error",
+                             provider=p.name, retryable=True)
 
     async def _upstream_error(self, p: Provider, resp: httpx.Response, total_s: float) -> UpstreamError:
         try:
@@ -4398,20 +4536,21 @@ class App(AdminAPI):
         finally:
             await resp.aclose()
         headers = [("content-type", "application/json"), self._route_header(call, target)]
-        usage = Usage()
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise ValueError("not an object")
+        except ValueError:                  # a truncated or garbled 200 is a failure, not an answer
+            raise UpstreamError(502, f"{p.name}: upstream answered with invalid JSON",
+                                "api_error", provider=p.name, retryable=True)
         if p.family == "anthropic":
             headers += _relay_headers(resp.headers)
-            with contextlib.suppress(ValueError, AttributeError, TypeError):
-                usage = _usage_of(json.loads(raw).get("usage") or {})
+            u = data.get("usage")
+            usage = _usage_of(u if isinstance(u, dict) else {})
             out = raw
             if call.stream:                 # asked to stream, got JSON: stream it anyway
-                return self._as_stream(call, p, target, json.loads(raw), headers, usage)
+                return self._as_stream(call, p, target, data, headers, usage)
         else:
-            try:
-                data = json.loads(raw)
-            except ValueError:
-                raise UpstreamError(502, f"{p.name}: upstream answered with invalid JSON",
-                                    "api_error", provider=p.name, retryable=True)
             msg = from_openai(data, call.requested, names or {}, self.up.secret,
                               call.route.body.get("stop_sequences"))
             _fill_usage(msg, data, call.route.body)
@@ -4446,14 +4585,16 @@ class App(AdminAPI):
             tr = OpenAIStream(call.requested, names or {}, self.up.secret,
                               COUNTER.count(call.route.body)[0], stops)
         tr.label = p.name
-        it = resp.aiter_raw()
+        it = _body_chunks(resp)
         remaining = max(0.1, first_byte_s - (time.monotonic() - t0))
         try:
             first = await asyncio.wait_for(first_events(it, tr), remaining)
         except asyncio.TimeoutError:
             raise UpstreamError(504, f"{p.name}: no stream data within {first_byte_s:g} s",
                                 "timeout_error", provider=p.name, retryable=True)
-        except (httpx.HTTPError, OSError) as exc:
+        except UpstreamError:
+            raise
+        except Exception as exc:            # httpx/httpcore transport errors, unmapped here
             raise UpstreamError(529, f"{p.name}: stream broke before its first event "
                                 f"({type(exc).__name__})", "overloaded_error", provider=p.name,
                                 retryable=True)

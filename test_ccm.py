@@ -35,6 +35,7 @@ import anthropic
 import signal
 import base64
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+import datetime
 import ccm
 
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
@@ -5457,3 +5458,159 @@ def test_server_hundreds_of_trickling_clients_do_not_block_others(fake_upstream,
     finally:
         for s in socks:
             s.close()
+
+
+# ============================================================================================
+# Review and soak findings
+# ============================================================================================
+
+def _cfg(text: str) -> "ccm.Config":
+    return ccm.parse_config(tomllib.loads(text))
+
+
+PROV = '[[providers]]\nname = "p"\nprovider_type = "openai"\n'
+
+
+def test_config_provider_key_whitespace_trimmed_and_control_chars_refused(monkeypatch) -> None:
+    monkeypatch.setenv("CCM_T_KEY", "sk-pasted-key-0001\n")
+    cfg = _cfg(PROV + 'api_key = "$CCM_T_KEY"\napi_keys = [" sk-pool-0002 "]\n')
+    assert cfg.providers["p"].keys() == ["sk-pasted-key-0001", "sk-pool-0002"]
+    with pytest.raises(ccm.ConfigError) as ei:
+        _cfg(PROV + 'api_key = "sk-bad\\u0001key-0003"\n')
+    assert "providers[0].api_key: contains whitespace or control characters" in ei.value.errors
+    assert "sk-bad" not in str(ei.value)
+    with pytest.raises(ccm.ConfigError):
+        _cfg(PROV + 'headers = { "bad name" = "x" }\n')
+
+
+def test_config_server_api_key_from_unset_variable_fails_closed(monkeypatch) -> None:
+    monkeypatch.delenv("CCM_T_UNSET", raising=False)
+    with pytest.raises(ccm.ConfigError) as ei:
+        _cfg('[server]\napi_key = "$CCM_T_UNSET"\n')
+    assert any(e.startswith("server.api_key:") for e in ei.value.errors)
+    assert _cfg('[server]\napi_key = " sk-proxy-key "\n').server.api_key == "sk-proxy-key"
+
+
+def test_app_transport_errors_never_quote_a_key() -> None:
+    p = _cfg(PROV + 'api_key = "sk-secret-key-abcdef"\n').providers["p"]
+    app = ccm.App(_cfg(PROV))
+    exc = httpx.LocalProtocolError("Illegal header value b'Bearer sk-secret-key-abcdef '")
+    err = app._transport_error(p, exc, 1.0)
+    assert "sk-secret" not in err.message and err.message == "p: LocalProtocolError"
+    assert ccm.scrub("boom sk-secret-key-abcdef", p) == "boom ****cdef"
+
+
+def test_resilience_cancelled_probe_is_released(fake_upstream, ccm_server) -> None:
+    slow = fake_upstream("anthropic").script(Reply(events=anthropic_events(), first_byte_delay=2))
+    good = fake_upstream("anthropic")
+    c = ccm_server(two_cfg(slow.base_url, good.base_url))
+    h = c.app.up.health
+    h.open_until["p1"] = time.monotonic() - 1              # half-open: the next request probes
+    assert h.state("p1") == "half-open"
+    with socket.create_connection(("127.0.0.1", c.port)) as s:
+        body = json.dumps(dict(BASIC_REQ, stream=True)).encode()
+        s.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s"
+                  % (len(body), body))
+        assert wait_for(lambda: "p1" in h.probing, 5)
+    assert wait_for(lambda: c.app.counters["responses.client_aborted"] == 1, 5)
+    assert "p1" not in h.probing
+    assert [t.provider for t in h.order(c.app.cfg.models["m"].mappings and
+                                        [ccm.Target("p1", "a"), ccm.Target("p2", "b")])] == ["p1", "p2"]
+
+
+def test_relay_passthrough_error_event_before_content_keeps_upstream_error(fake_upstream,
+                                                                          ccm_server) -> None:
+    err = {"type": "error", "error": {"type": "invalid_request_error", "message": "Insufficient balance"}}
+    p1 = fake_upstream("anthropic").script(Reply(events=[anthropic_events()[0], ("error", err)]))
+    p2 = fake_upstream("anthropic")
+    c = ccm_server(two_cfg(p1.base_url, p2.base_url))
+    r = post(c, dict(BASIC_REQ, stream=True))
+    assert r.status_code == 400 and r.json() == err
+    assert len(p2.seen) == 0 and len(p1.seen) == 1
+
+
+def test_relay_passthrough_invalid_json_200_fails_over(fake_upstream, ccm_server) -> None:
+    p1 = fake_upstream("anthropic").script(Reply(raw=b"<html>oops</html>"),
+                                           Reply(raw=b'{"id": "msg_1", "content": [{"ty'))
+    p2 = fake_upstream("anthropic")
+    c = ccm_server(two_cfg(p1.base_url, p2.base_url))
+    r = post(c, dict(BASIC_REQ, stream=True))
+    assert r.status_code == 200 and b"message_stop" in r.content
+    r = post(c, BASIC_REQ)
+    assert r.status_code == 200 and r.json()["content"][0]["text"] == "hello"
+    assert len(p2.seen) == 2
+
+
+def test_relay_passthrough_malformed_event_and_events_after_stop(fake_upstream, ccm_server) -> None:
+    evs = anthropic_events()
+    bad = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"te\n\n'
+    up = fake_upstream("anthropic").script(
+        Reply(events=evs[:4] + [bad] + evs[4:]),
+        Reply(events=evs + [("content_block_delta", evs[3][1])]))
+    c = ccm_server(one_cfg(up))
+    r = post(c, dict(BASIC_REQ, stream=True))
+    names = [e for e, _ in sse_events(r.content)]
+    assert names[-1] == "error" and "message_stop" not in names
+    assert all(json.loads(d) for _, d in sse_events(r.content))
+    r = post(c, dict(BASIC_REQ, stream=True))
+    names = [e for e, _ in sse_events(r.content)]
+    assert names[-1] == "message_stop" and names.count("content_block_delta") == 1
+
+
+def test_relay_passthrough_unfinished_event_at_eof_is_dropped() -> None:
+    tr = ccm.PassthroughStream()
+    whole = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{}}\n\n"
+    out = tr.feed(whole + b'event: content_block_delta\ndata: {"type":"content_blo')
+    out += tr.finish_stream()
+    assert out[0] == whole
+    assert b'data: {"type":"content_blo' not in b"".join(out[1:])
+    assert out[-1].startswith(b"event: error")
+
+
+def test_relay_upstream_connection_reused_after_translator_error(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("openai")
+    c = ccm_server(one_cfg(up, "openai"))
+    chunks = openai_chunks(["a", "b", "c"])
+    for _ in range(6):
+        up.script(Reply(events=chunks[:3] + [b"data: {not json\n\n"] + chunks[3:]))
+        r = post(c, dict(BASIC_REQ, stream=True))
+        assert sse_events(r.content)[-1][0] == "error"
+    pool = c.app.up._client._transport._pool
+    assert wait_for(lambda: not pool._requests and up.open_connections <= 1, 5)
+
+
+def test_translate_stream_text_between_tool_fragments_waits_for_the_call() -> None:
+    st = ccm.OpenAIStream("m", {}, b"k")
+
+    def ch(delta: dict, fin: Any = None) -> bytes:
+        return ("data: " + json.dumps({"id": "c", "choices": [{"index": 0, "delta": delta,
+                                                               "finish_reason": fin}]}) + "\n\n").encode()
+    out = st.feed(ch({"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "T", "arguments": '{"x":'}}]}))
+    out += st.feed(ch({"content": "hm"}))
+    out += st.feed(ch({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}))
+    out += st.feed(ch({}, "tool_calls")) + st.feed(b"data: [DONE]\n\n")
+    evs = [(e.event, json.loads(e.data)) for e in ccm.SSEDecoder().feed(b"".join(out))]
+    args = "".join(d["delta"]["partial_json"] for e, d in evs
+                   if e == "content_block_delta" and d["index"] == 0)
+    assert json.loads(args) == {"x": 1}
+    assert [d["content_block"]["type"] for e, d in evs if e == "content_block_start"] == ["tool_use", "text"]
+
+
+def test_admin_pool_key_deleted_by_mask_keeps_the_right_keys() -> None:
+    old = {"providers": [{"name": "p", "provider_type": "openai",
+                          "api_keys": ["sk-first-key-1111", "sk-second-key-2222"]}]}
+    new = ccm.merge_config_json({"providers": [{"name": "p", "provider_type": "openai",
+                                                "api_keys": ["****2222"]}]}, old)
+    assert new["providers"][0]["api_keys"] == ["sk-second-key-2222"]
+
+
+def test_admin_config_with_toml_dates_reads_and_saves(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up) + "\n[extra]\nadded = 2025-01-01\nat = 2025-01-01T10:00:00Z\n")
+    h = {"authorization": f"Bearer {c.app.admin_token}"}
+    doc = c.client.get("/api/config/json", headers=h)
+    assert doc.status_code == 200 and doc.json()["extra"]["added"] == "2025-01-01"
+    r = c.client.patch("/api/config", headers=h, json={"router": {"think": "m"}})
+    assert r.status_code == 200, r.text
+    saved = tomllib.load(open(c.cfg.path, "rb"))
+    assert saved["extra"]["added"] == datetime.date(2025, 1, 1) and saved["router"]["think"] == "m"

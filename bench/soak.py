@@ -799,7 +799,8 @@ async def one_request(client: Any, url: str, plan: Plan) -> Outcome:
     return out
 
 
-def make_plans(rng: random.Random, count: int, start_id: int) -> list[Plan]:
+def make_plans(rng: random.Random, count: int, start_id: int,
+               abort_rate: float = 0.05) -> list[Plan]:
     names, weights = list(FAULTS), list(FAULTS.values())
     plans = []
     for i in range(count):
@@ -808,7 +809,7 @@ def make_plans(rng: random.Random, count: int, start_id: int) -> list[Plan]:
         fault = rng.choices(names, weights)[0]
         n = rng.randint(1, 12)
         k = rng.randint(0, n + 5)
-        abort = stream and rng.random() < 0.05
+        abort = stream and rng.random() < abort_rate
         # a dropped stream's healthy answer is paced (100 ms per event) so the drop lands
         # mid-stream, while ccm is still relaying
         plans.append(Plan(start_id + i, api, stream, fault, n, k, abort, 100 if abort else 0))
@@ -849,7 +850,7 @@ async def run(args: argparse.Namespace, ccm_port: int, ccm: subprocess.Popen[Any
     sampler = Sampler(pid)
 
     # ---- phase 1: fault soak ------------------------------------------------------------
-    plans = make_plans(rng, args.requests, 1)
+    plans = make_plans(rng, args.requests, 1, args.abort_rate)
     results: list[tuple[Plan, Outcome]] = []
     limits = httpx.Limits(max_connections=args.concurrency + 8,
                           max_keepalive_connections=args.concurrency + 8)
@@ -1100,6 +1101,11 @@ def main() -> int:
     ap.add_argument("--streams", type=int, default=500)
     ap.add_argument("--quick", action="store_true", help="2000 requests, c=32, 100 streams")
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--faults", default="", metavar="NAME=W,...",
+                    help="override fault weights (per mille), e.g. none=900,hang=100 "
+                         "(to narrow down a problem)")
+    ap.add_argument("--abort-rate", type=float, default=0.05,
+                    help="share of streams the client drops after the first event")
     ap.add_argument("--fake", nargs=2, metavar=("MODE", "PORT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.fake:
@@ -1108,6 +1114,15 @@ def main() -> int:
             ap.error("--fake MODE must be faulty or healthy")
         asyncio.run(fake_main(mode, int(port)))
         return 0
+    if args.faults:
+        weights = {}
+        for item in args.faults.split(","):
+            name, _, wt = item.partition("=")
+            if name not in FAULTS or not wt.isdigit():
+                ap.error(f"--faults: unknown fault or weight {item!r} (known: {', '.join(FAULTS)})")
+            weights[name] = int(wt)
+        FAULTS.clear()
+        FAULTS.update(weights)
     if args.quick:
         args.requests, args.concurrency, args.streams = 2000, 32, 100
     if args.seed is None:
