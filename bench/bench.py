@@ -667,6 +667,33 @@ def bare_python_rss(flags: list[str]) -> float:
     return int(m.group(1)) / 1024 if m else float("nan")
 
 
+def module_idle_rss(tmpdir: str) -> float:
+    """Idle VmRSS of `python -m ccm serve` run from cached bytecode. `python ccm.py` compiles
+    the whole file at every start, and the compiler's memory stays in the heap."""
+    port = free_port()
+    cfg = os.path.join(tmpdir, "idle.toml")
+    with open(cfg, "w") as f:
+        f.write(f'[server]\nport = {port}\nlog_level = "warn"\n[router]\ndefault = "m"\n'
+                '[[providers]]\nname = "a"\nprovider_type = "anthropic"\n'
+                '[[models]]\nname = "m"\n[[models.mappings]]\nprovider = "a"\n')
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env.update(PYTHONPATH=os.path.dirname(CCM_PY), PYTHONPYCACHEPREFIX=os.path.join(tmpdir, "pyc"))
+    rss = float("nan")
+    for _ in range(2):                       # the first start writes the bytecode cache
+        proc = subprocess.Popen([sys.executable, "-m", "ccm", "-c", cfg, "serve"], env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, cwd=tmpdir, preexec_fn=_die_with_parent)
+        try:
+            wait_http(port, "/health", proc, 20)
+            time.sleep(0.5)
+            rss = mem_mb(proc.pid)["VmRSS"]
+        except (RuntimeError, OSError, KeyError):
+            rss = float("nan")
+        finally:
+            stop(proc)
+    return rss
+
+
 def pct(sorted_ms: list[float], q: float) -> float:
     if not sorted_ms:
         return float("nan")
@@ -1027,6 +1054,8 @@ async def run(args: argparse.Namespace, fake_port: int, ccm_port: int, fake_pid:
     w(f"ccm memory (MB): idle after start VmRSS {mem_idle['VmRSS']:.1f} (VmHWM "
       f"{mem_idle['VmHWM']:.1f}; Pss {smaps_idle['Pss']:.1f}, private dirty "
       f"{smaps_idle['Private_Dirty']:.1f}, shared clean {smaps_idle['Shared_Clean']:.1f})")
+    w(f"  started as `python -m ccm serve` from cached bytecode: idle VmRSS "
+      f"{module_idle_rss(tempfile.mkdtemp(prefix='ccm-idle-')):.1f}")
     w(f"  for scale, a bare `python -c ...` here has VmRSS {bare_python_rss([]):.1f}, with -S "
       f"(no site-packages .pth) {bare_python_rss(['-S']):.1f}")
     for kind, m in mem_after.items():
