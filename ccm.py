@@ -40,6 +40,7 @@ import sys
 import threading
 import time
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
 
@@ -149,6 +150,8 @@ GEMINI_TYPES = {
     "vertex-ai": "https://aiplatform.googleapis.com",
 }
 PROVIDER_TYPES = {**ANTHROPIC_TYPES, **OPENAI_TYPES, **GEMINI_TYPES}
+# DeepSeek's thinking mode rejects an assistant tool call sent back without reasoning_content.
+PROVIDER_DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {"deepseek": {"reasoning_echo": True}}
 AUTH_TYPES = ("apikey", "api_key", "oauth")
 THINK_TRIGGERS = ("plan", "thinking")
 LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error")
@@ -673,7 +676,7 @@ def _parse_provider(ck: _Checker, t: Json, where: str) -> Provider | None:
         oauth_provider=ck.expand(vals["oauth_provider"], f"{where}.oauth_provider"),
         project_id=ck.expand(vals["project_id"], f"{where}.project_id"),
         location=ck.expand(vals["location"], f"{where}.location"), missing_env=missing,
-        options=_parse_options(ck, t, where))
+        options={**PROVIDER_DEFAULT_OPTIONS.get(ptype, {}), **_parse_options(ck, t, where)})
     for key in ("connect_timeout_ms", "first_byte_timeout_ms", "idle_timeout_ms", "api_timeout_ms"):
         if vals[key] is not None:
             setattr(p, key, vals[key])
@@ -3635,12 +3638,14 @@ class AdminAPI:
     counters: collections.Counter[str]
     started: float
     admin_token: str
+    on_reload: Callable[[], bool] | None
 
     def admin_routes(self) -> dict[tuple[str, str], Callable[[Request], Awaitable[Any]]]:
         return {
             ("GET", "/"): self.admin_page, ("GET", "/admin"): self.admin_page,
             ("GET", "/api/config"): self.admin_config, ("GET", "/api/config/json"): self.admin_config,
             ("POST", "/api/config/json"): self.admin_replace, ("PUT", "/api/config"): self.admin_replace,
+            ("POST", "/api/config"): self.admin_router_form, ("POST", "/api/restart"): self.admin_restart,
             ("PATCH", "/api/config"): self.admin_patch,
             ("GET", "/api/providers"): self.admin_providers,
             ("GET", "/api/models-config"): self.admin_models,
@@ -3759,6 +3764,32 @@ class AdminAPI:
 
     def apply_config(self, cfg: Config) -> None:
         self.cfg = cfg
+
+    async def admin_router_form(self, req: Request) -> Response:
+        """claude-code-mux's form post: default_model, background_model, think_model,
+        websearch_model (a JSON object with the same fields works too)."""
+        if req.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+            fields = dict(urllib.parse.parse_qsl(req.body.decode("utf-8", "replace")))
+        else:
+            fields = {k: str(v) for k, v in self._body_obj(req).items()}
+        if not fields.get("default_model"):
+            raise ProxyError(400, "default_model: required")
+        router = dict(self.cfg.raw.get("router") or {})
+        for name in ("default", "background", "think", "websearch"):
+            value = fields.get(f"{name}_model")
+            if value:
+                router[name] = value
+            elif name != "default":
+                router.pop(name, None)
+        return self._save(dict(self.cfg.raw, router=router))
+
+    async def admin_restart(self, req: Request) -> Response:
+        """claude-code-mux restarts to apply its file; ccm re-reads the file in place."""
+        ok = self.on_reload() if self.on_reload is not None else False
+        if not ok:
+            raise ProxyError(400, "the config file is invalid or cannot be reloaded here; "
+                             "the running config stays")
+        return self._json({"status": "success", "message": "Configuration reloaded"})
 
     async def admin_validate(self, req: Request) -> Response:
         """Check one field as the user types (regexes use Python's syntax, not JavaScript's)."""
@@ -4098,6 +4129,7 @@ ADMIN_CSP = ("default-src 'none'; script-src " + _csp_hash(ADMIN_SCRIPT) + "; st
 
 RECENT_REQUESTS = 500
 COUNT_TOKENS_TIMEOUT_S = 5.0
+NO_COUNT_TOKENS_S = 600.0        # how long a provider that lacks count_tokens is not asked
 
 
 def _needs_counting(cfg: Config, body_len: int) -> bool:
@@ -4202,6 +4234,8 @@ class App(AdminAPI):
         self.up = upstreams or Upstreams(cfg)
         self.admin_token = admin_token or secrets.token_urlsafe(24)
         self.on_config: Callable[[Config], None] | None = None
+        self.on_reload: Callable[[], bool] | None = None
+        self.no_count: dict[str, float] = {}
         self.started = time.time()
         self.recent: collections.deque[Json] = collections.deque(maxlen=RECENT_REQUESTS)
         self.counters: collections.Counter[str] = collections.Counter()
@@ -4332,11 +4366,15 @@ class App(AdminAPI):
         p = cfg.providers.get(target.provider) if target else None
         if p is None or p.family != "anthropic" or not p.enabled:
             return None
+        if self.no_count.get(p.name, 0) > time.monotonic():
+            return None                     # it said it has no count_tokens a moment ago
         try:
             hreq, _ = self.up.build(p, target, req, rt, cfg.server.api_key is not None, {})
             resp = await asyncio.wait_for(self.up.client.send(hreq), COUNT_TOKENS_TIMEOUT_S)
         except (UpstreamError, httpx.HTTPError, OSError, asyncio.TimeoutError, ValueError):
             return None
+        if resp.status_code in (404, 405, 501):
+            self.no_count[p.name] = time.monotonic() + NO_COUNT_TOKENS_S
         if resp.status_code != 200:
             return None
         with contextlib.suppress(ValueError):
@@ -4731,6 +4769,7 @@ class Service:
         self.app = App(cfg, admin_token=load_admin_token(cfg))
         self.app.up.secret = load_secret(cfg.path)
         self.app.on_config = self.apply
+        self.app.on_reload = self.reload
         self.server: Server | None = None
         self.stopped = asyncio.Event()
 

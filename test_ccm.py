@@ -5614,3 +5614,49 @@ def test_admin_config_with_toml_dates_reads_and_saves(fake_upstream, ccm_server)
     assert r.status_code == 200, r.text
     saved = tomllib.load(open(c.cfg.path, "rb"))
     assert saved["extra"]["added"] == datetime.date(2025, 1, 1) and saved["router"]["think"] == "m"
+
+
+# ============================================================================================
+# claude-code-mux compatibility extras
+# ============================================================================================
+
+def test_admin_claude_code_mux_router_form_and_restart(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up) + model_toml("m2", ("p1", "other")))
+    h = {"authorization": f"Bearer {c.app.admin_token}"}
+    r = c.client.post(
+        "/api/config", headers={**h, "content-type": "application/x-www-form-urlencoded"},
+        content=b"default_model=m2&think_model=m")
+    assert r.status_code == 200, r.text
+    saved = tomllib.load(open(c.cfg.path, "rb"))["router"]
+    assert saved["default"] == "m2" and saved["think"] == "m"
+    assert c.app.cfg.router.default == "m2"                       # applied live
+    bad = c.client.post("/api/config", headers={**h, "content-type": "application/x-www-form-urlencoded"},
+                        content=b"default_model=nope")
+    assert bad.status_code == 400 and "router.default" in bad.text
+    with open(c.cfg.path, "a") as f:
+        f.write('\n[[models]]\nname = "m3"\n[[models.mappings]]\nprovider = "p1"\n')
+    assert c.client.post("/api/restart", headers=h).status_code == 200
+    assert "m3" in c.app.cfg.models
+    with open(c.cfg.path, "a") as f:
+        f.write("\nbroken = [\n")
+    assert c.client.post("/api/restart", headers=h).status_code == 400
+    assert "m3" in c.app.cfg.models
+
+
+def test_app_count_tokens_remembers_a_provider_without_it(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic").script(Reply(status=404, json={"type": "error", "error": {
+        "type": "not_found_error", "message": "no"}}))
+    c = ccm_server(simple_cfg(up))
+    body = {"model": "claude-opus-4-8", "messages": [{"role": "user", "content": "hello world"}]}
+    for _ in range(3):
+        r = post(c, body, "/v1/messages/count_tokens")
+        assert r.status_code == 200 and r.json()["input_tokens"] > 0
+    assert len(up.seen) == 1                                      # asked once, then remembered
+
+
+def test_config_deepseek_echoes_reasoning_by_default() -> None:
+    base = '[[providers]]\nname = "d"\nprovider_type = "deepseek"\n'
+    assert ccm.parse_config(tomllib.loads(base)).providers["d"].options == {"reasoning_echo": True}
+    off = ccm.parse_config(tomllib.loads(base + "reasoning_echo = false\n"))
+    assert off.providers["d"].options == {"reasoning_echo": False}
