@@ -847,55 +847,7 @@ class Bench:
 # Process management
 # ============================================================================================
 
-def _die_with_parent() -> None:
-    """Child side of Popen: get SIGTERM if the bench itself is killed (Linux prctl)."""
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def wait_http(port: int, path: str, proc: subprocess.Popen[Any], timeout_s: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    last = ""
-    while time.monotonic() < deadline:              # bounded by the deadline
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with status {proc.returncode} before answering")
-        try:
-            with socket.create_connection((HOST, port), timeout=1) as s:
-                s.sendall(f"GET {path} HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n\r\n".encode())
-                data = b""
-                for _ in range(1000):
-                    part = s.recv(65536)
-                    if not part:
-                        break
-                    data += part
-            head, _, body = data.partition(b"\r\n\r\n")
-            if head.startswith(b"HTTP/1.1 200"):
-                return json.loads(body)
-            last = head[:100].decode("latin-1")
-        except (OSError, ValueError) as exc:
-            last = repr(exc)
-        time.sleep(0.05)
-    raise RuntimeError(f"no 200 from 127.0.0.1:{port}{path} within {timeout_s:g} s (last: {last})")
-
-
-def stop(proc: subprocess.Popen[Any] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
+from procs import die_with_parent as _die_with_parent, free_port, stop, wait_http  # noqa: E402
 
 
 def write_config(path: str, port: int, fake: int) -> None:
@@ -1054,8 +1006,8 @@ async def run(args: argparse.Namespace, fake_port: int, ccm_port: int, fake_pid:
     w(f"ccm memory (MB): idle after start VmRSS {mem_idle['VmRSS']:.1f} (VmHWM "
       f"{mem_idle['VmHWM']:.1f}; Pss {smaps_idle['Pss']:.1f}, private dirty "
       f"{smaps_idle['Private_Dirty']:.1f}, shared clean {smaps_idle['Shared_Clean']:.1f})")
-    w(f"  started as `python -m ccm serve` from cached bytecode: idle VmRSS "
-      f"{module_idle_rss(tempfile.mkdtemp(prefix='ccm-idle-')):.1f}")
+    rss_module = module_idle_rss(tempfile.mkdtemp(prefix="ccm-idle-"))
+    w(f"  started as `python -m ccm serve` from cached bytecode: idle VmRSS {rss_module:.1f}")
     w(f"  for scale, a bare `python -c ...` here has VmRSS {bare_python_rss([]):.1f}, with -S "
       f"(no site-packages .pth) {bare_python_rss(['-S']):.1f}")
     for kind, m in mem_after.items():
@@ -1087,8 +1039,9 @@ async def run(args: argparse.Namespace, fake_port: int, ccm_port: int, fake_pid:
     w(f"  ccm CPU < {TARGET_CPU_MS:g} ms/request          : " + ", ".join(
         f"{kind} c={c} {v:.2f}" for (kind, c, _, _), v in zip(rows, cpu_all)) +
       f"  -> {verdict(cpu_all, TARGET_CPU_MS)}")
-    w(f"  idle RSS < {TARGET_IDLE_RSS_MB:g} MB                 : {mem_idle['VmRSS']:.1f}"
-      f"  -> {verdict([mem_idle['VmRSS']], TARGET_IDLE_RSS_MB)}")
+    w(f"  idle RSS < {TARGET_IDLE_RSS_MB:g} MB                 : python ccm.py {mem_idle['VmRSS']:.1f}"
+      f"  -> {verdict([mem_idle['VmRSS']], TARGET_IDLE_RSS_MB)}; python -m ccm {rss_module:.1f}"
+      f"  -> {verdict([rss_module], TARGET_IDLE_RSS_MB)}")
 
     notes = []
     for kind, c, rd, rc in rows:
