@@ -4799,6 +4799,9 @@ class Service:
         self.app.cfg = cfg
         if cfg.server.admin_token:
             self.app.admin_token = cfg.server.admin_token
+        health = self.app.up.health
+        health.failures = cfg.server.breaker_failures
+        health.cooldown_s = cfg.server.breaker_cooldown_ms / 1000
         setup_logging(cfg.server.log_level)
         if self.server:
             self.server.cfg = cfg.server
