@@ -4930,6 +4930,24 @@ def _read_request_file(name: str) -> bytes:
         raise ProxyError(400, f"cannot read {name}: {exc.strerror}")
 
 
+def _live_upstreams(cfg: Config) -> Upstreams:
+    """Breaker state from the ccm running with this config (its own /health on loopback), so
+    the dry run shows providers in the order they would be tried now; nothing else is sent."""
+    up = Upstreams(cfg)
+    try:
+        r = httpx.get(_base_url(cfg) + "/health", timeout=0.5, trust_env=False)
+        providers = r.json().get("providers", {})
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return up
+    now = time.monotonic()
+    for name, st in providers.items() if isinstance(providers, dict) else ():
+        if isinstance(st, dict) and st.get("state") == "open":
+            up.health.open_until[name] = now + float(st.get("retry_in_s") or 1)
+        elif isinstance(st, dict) and st.get("state") == "half-open":
+            up.health.open_until[name] = now - 1
+    return up
+
+
 def cmd_route(args: argparse.Namespace) -> int:
     """Explain a routing decision without touching the network."""
     cfg = load_config(config_path(args.config))
@@ -4937,7 +4955,7 @@ def cmd_route(args: argparse.Namespace) -> int:
     for h in args.header:
         name, _, value = h.partition(":")
         headers[name.strip().lower()] = value.strip()
-    info = explain(_read_request_file(args.file), headers, cfg)
+    info = explain(_read_request_file(args.file), headers, cfg, _live_upstreams(cfg))
     if args.json:
         print(json.dumps(info, indent=2, ensure_ascii=False))
         return 0
@@ -4948,7 +4966,8 @@ def cmd_route(args: argparse.Namespace) -> int:
     print("providers, in order:")
     for i, p in enumerate(info["providers"], 1):
         print(f"  {i}. {p['provider']} -> model {p['model']}"
-              + (f"  [{p.get('type')}, {'enabled' if p.get('enabled') else 'disabled'}]" if 'type' in p else ""))
+              + (f"  [{p.get('type')}, {'enabled' if p.get('enabled') else 'disabled'}, breaker "
+                 f"{p.get('breaker')}]" if 'type' in p else ""))
         if "error" in p:
             print(f"     error: {p['error']}")
         if "request" in p:

@@ -5660,3 +5660,25 @@ def test_config_deepseek_echoes_reasoning_by_default() -> None:
     assert ccm.parse_config(tomllib.loads(base)).providers["d"].options == {"reasoning_echo": True}
     off = ccm.parse_config(tomllib.loads(base + "reasoning_echo = false\n"))
     assert off.providers["d"].options == {"reasoning_echo": False}
+
+
+# ============================================================================================
+# Dry run with live breaker state
+# ============================================================================================
+
+def test_cli_dry_run_shows_live_breaker_state(fake_upstream, ccm_server, tmp_path, capsys) -> None:
+    good = fake_upstream("anthropic")
+    text = two_cfg(closed_port_url(), good.base_url)
+    c = ccm_server(text)
+    for _ in range(3):
+        c.app.up.health.failure("p1")
+    cfg = tmp_path / "same.toml"
+    cfg.write_text(text.replace("[server]\n", f"[server]\nport = {c.port}\n", 1))
+    req = tmp_path / "req.json"
+    req.write_text(json.dumps(BASIC_REQ))
+    code, out, _ = run_cli(capsys, "-c", str(cfg), "route", "--dry-run", "--json", str(req))
+    assert code == 0
+    got = [(p["provider"], p["breaker"]) for p in json.loads(out)["providers"]]
+    assert got == [("p2", "closed"), ("p1", "open")]
+    code, out, _ = run_cli(capsys, "-c", str(cfg), "route", "--dry-run", str(req))
+    assert "breaker open" in out and out.index("p2 ->") < out.index("p1 ->")
