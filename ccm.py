@@ -296,8 +296,8 @@ def error_event(exc: BaseException) -> bytes:
 
 # ============================================================================================
 # 5. Helpers
-# Exports: dumps, mask_secret, expand_env, atomic_write, new_id
-# Uses: 4
+# Exports: dumps, mask_secret, expand_env, atomic_write, state_dir, new_id
+# Uses: 2, 4
 # ============================================================================================
 
 _ENV_RE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
@@ -1537,7 +1537,7 @@ class SSEDecoder:
 # 10. Translation (pure)
 # Exports: passthrough_headers, passthrough_body, replace_model, sign_thinking,
 #          strip_foreign_thinking, to_openai, from_openai, OpenAIStream, openai_error,
-#          retry_after_seconds, ANTHROPIC_EVENTS
+#          retry_after_seconds, repair_json, short_tool_name
 # Uses: 2-9
 # ============================================================================================
 
@@ -2461,7 +2461,7 @@ class OpenAIStream:
 
 # ============================================================================================
 # 11. Upstream client, health, failover
-# Exports: Health, Upstreams, classify, Attempt, UpstreamResult
+# Exports: Health, KeyPool, Upstreams, classify, Attempt, scrub, explain (the dry run)
 # Uses: 2-10
 # ============================================================================================
 
@@ -2690,7 +2690,7 @@ def _dry_request(up: Upstreams, p: Provider, t: Target, req: Request, rt: Route,
 
 # ============================================================================================
 # 12. Relay
-# Exports: PassthroughStream, relay_stream
+# Exports: PassthroughStream, first_events, relay_stream
 # Uses: 2-11
 # ============================================================================================
 
@@ -2966,7 +2966,8 @@ async def relay_stream(first: list[bytes], it: AsyncIterator[bytes], tr: Any, *,
 
 # ============================================================================================
 # 14. HTTP/1.1 server
-# Exports: RequestHead, parse_head, ChunkedReader, HTTPProtocol, Server, start_server
+# Exports: RequestHead, HTTPError, parse_head, ChunkedReader, FlowControl, HTTPProtocol,
+#          Server, start_server
 # Uses: 2-5
 # ============================================================================================
 
@@ -3182,9 +3183,6 @@ class _DateHeader:
             cls.second = now
             cls.value = b"date: " + email.utils.formatdate(now, usegmt=True).encode() + b"\r\n"
         return cls.value
-
-
-App = Callable[[Request], Awaitable["Response | StreamResponse"]]
 
 
 class Server:
@@ -3482,7 +3480,7 @@ async def start_server(app: Any, cfg: ServerCfg, sock: Any = None) -> Server:
 # ============================================================================================
 # 15. Admin page and API
 # Exports: ADMIN_HTML, AdminAPI (the admin_* handlers App inherits), load_admin_token,
-#          config_json, merge_config_json
+#          config_json, merge_config_json, merge_patch
 # Uses: 2-14
 # ============================================================================================
 
@@ -4123,8 +4121,8 @@ ADMIN_CSP = ("default-src 'none'; script-src " + _csp_hash(ADMIN_SCRIPT) + "; st
 
 # ============================================================================================
 # 16. App
-# Exports: App, message_to_events
-# Uses: 2-14
+# Exports: App, message_to_events, validate_messages
+# Uses: 2-15
 # ============================================================================================
 
 RECENT_REQUESTS = 500
@@ -4705,7 +4703,7 @@ def _usage_of(u: Json) -> Usage:
 
 # ============================================================================================
 # 17. Service plumbing
-# Exports: setup_logging, load_secret, run_server, Service
+# Exports: setup_logging, load_secret, release_memory, run_server, Service
 # Uses: 2-16
 # ============================================================================================
 

@@ -766,6 +766,23 @@ def make_plans(rng: random.Random, count: int, start_id: int,
     return plans
 
 
+async def settle(ctl: httpx.AsyncClient, base: str, pid: int) -> dict[str, Any]:
+    """Wait up to ~10 s for ccm to go idle (in_flight 0, open fds stable); its last /health."""
+    health: dict[str, Any] = {}
+    fds_hist: list[int] = []
+    for _ in range(40):                              # bounded: 40 x 0.25 s
+        await asyncio.sleep(0.25)
+        fds_hist.append(proc_fds(pid))
+        try:
+            health = await get_json(ctl, base + "/health")
+        except (httpx.HTTPError, ValueError):
+            continue
+        if (health.get("counters", {}).get("in_flight", 0) == 0 and len(fds_hist) >= 8
+                and len(set(fds_hist[-8:])) == 1):
+            break
+    return health
+
+
 async def get_json(client: Any, url: str) -> dict[str, Any]:
     r = await client.get(url, timeout=10, headers={"connection": "close"})   # holds no fd
     return r.json()
@@ -827,18 +844,7 @@ async def run(args: argparse.Namespace, ccm_port: int, ccm: subprocess.Popen[Any
     peak_fds_soak, peak_rss_soak = sampler.peak_fds, sampler.peak_rss
 
     # settle: wait up to ~10 s for ccm to go idle (in_flight 0, fds stable)
-    health_mid: dict[str, Any] = {}
-    fds_hist: list[int] = []
-    for _ in range(40):                              # bounded: 40 x 0.25 s
-        await asyncio.sleep(0.25)
-        fds_hist.append(proc_fds(pid))
-        try:
-            health_mid = await get_json(ctl, base + "/health")
-        except (httpx.HTTPError, ValueError):
-            continue
-        if (health_mid.get("counters", {}).get("in_flight", 0) == 0 and len(fds_hist) >= 8
-                and len(set(fds_hist[-8:])) == 1):
-            break
+    health_mid = await settle(ctl, base, pid)
     mem_after, fds_after = proc_mem(pid), proc_fds(pid)
     fdk_after = fd_breakdown(pid, ccm_port, up_ports)
 
@@ -877,18 +883,7 @@ async def run(args: argparse.Namespace, ccm_port: int, ccm: subprocess.Popen[Any
     peak_rss_streams, peak_fds_streams = sampler.peak_rss, sampler.peak_fds
     hwm_after_streams = proc_mem(pid)["VmHWM"]
 
-    health: dict[str, Any] = {}
-    fds_hist = []
-    for _ in range(40):                              # bounded: 40 x 0.25 s
-        await asyncio.sleep(0.25)
-        fds_hist.append(proc_fds(pid))
-        try:
-            health = await get_json(ctl, base + "/health")
-        except (httpx.HTTPError, ValueError):
-            continue
-        if (health.get("counters", {}).get("in_flight", 0) == 0 and len(fds_hist) >= 8
-                and len(set(fds_hist[-8:])) == 1):
-            break
+    health = await settle(ctl, base, pid)
     mem_end, fds_end = proc_mem(pid), proc_fds(pid)
     fdk_end = fd_breakdown(pid, ccm_port, up_ports)
     fake_stats = {}
