@@ -1595,10 +1595,34 @@ def replace_model(raw: bytes, model: str) -> bytes:
     raise ValueError("body has no top-level model")
 
 
-def sign_thinking(secret: bytes, text: str) -> str:
-    """A signature ccm can recognise on thinking it made from a provider's reasoning."""
-    mac = hmac.new(secret, text.encode(), hashlib.sha256).digest()[:18]
-    return SIGNATURE_PREFIX + base64.urlsafe_b64encode(mac).decode()
+def sign_thinking(secret: bytes, text: str, payload: Json | None = None) -> str:
+    """A signature ccm can recognise on thinking it made from a provider's reasoning:
+    `ccm1.<mac>` or, carrying provider state to replay (a Gemini thought signature, a Responses
+    reasoning item), `ccm1.<mac>.<base64url JSON>`, the MAC covering text and payload."""
+    if payload is None:
+        mac = hmac.new(secret, text.encode(), hashlib.sha256).digest()[:18]
+        return SIGNATURE_PREFIX + base64.urlsafe_b64encode(mac).decode()
+    packed = base64.urlsafe_b64encode(dumps(payload).encode()).decode().rstrip("=")
+    mac = hmac.new(secret, text.encode() + b"\0" + packed.encode(), hashlib.sha256).digest()[:18]
+    return f"{SIGNATURE_PREFIX}{base64.urlsafe_b64encode(mac).decode()}.{packed}"
+
+
+def thinking_payload(secret: bytes, text: str, signature: Any) -> Json | None:
+    """The payload of a signature made by sign_thinking with this secret, or None when it
+    carries none, was made elsewhere or was altered."""
+    if not isinstance(signature, str) or not signature.startswith(SIGNATURE_PREFIX):
+        return None
+    mac_b64, dot, packed = signature[len(SIGNATURE_PREFIX):].partition(".")
+    if not dot or not packed:
+        return None
+    want = hmac.new(secret, text.encode() + b"\0" + packed.encode(), hashlib.sha256).digest()[:18]
+    if not hmac.compare_digest(base64.urlsafe_b64encode(want).decode(), mac_b64):
+        return None
+    try:
+        data = json.loads(base64.urlsafe_b64decode(packed + "=" * (-len(packed) % 4)))
+    except (ValueError, TypeError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _is_ccm_thinking(block: Any) -> bool:
