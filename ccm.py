@@ -42,7 +42,7 @@ import time
 import tomllib
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Protocol
 
 import importlib.util
 
@@ -122,36 +122,6 @@ ERROR_TYPES = {
     429: "rate_limit_error", 500: "api_error", 504: "timeout_error", 529: "overloaded_error",
 }
 
-# Provider families: how a provider_type is spoken to, its default base URL and auth header.
-ANTHROPIC_TYPES = {
-    "anthropic": "https://api.anthropic.com",
-    "z.ai": "https://api.z.ai/api/anthropic",
-    "zai": "https://api.z.ai/api/anthropic",
-    "minimax": "https://api.minimax.io/anthropic",
-    "zenmux": "https://zenmux.ai/api/anthropic",
-    "kimi-coding": "https://api.kimi.com/coding",
-}
-OPENAI_TYPES = {
-    "openai": "https://api.openai.com/v1",
-    "openrouter": "https://openrouter.ai/api/v1",
-    "groq": "https://api.groq.com/openai/v1",
-    "together": "https://api.together.xyz/v1",
-    "fireworks": "https://api.fireworks.ai/inference/v1",
-    "deepinfra": "https://api.deepinfra.com/v1/openai",
-    "cerebras": "https://api.cerebras.ai/v1",
-    "moonshot": "https://api.moonshot.cn/v1",
-    "nebius": "https://api.studio.nebius.ai/v1",
-    "novita": "https://api.novita.ai/v3/openai",
-    "baseten": "https://inference.baseten.co/v1",
-    "deepseek": "https://api.deepseek.com/v1",
-}
-GEMINI_TYPES = {
-    "gemini": "https://generativelanguage.googleapis.com/v1beta",
-    "vertex-ai": "https://aiplatform.googleapis.com",
-}
-PROVIDER_TYPES = {**ANTHROPIC_TYPES, **OPENAI_TYPES, **GEMINI_TYPES}
-# DeepSeek's thinking mode rejects an assistant tool call sent back without reasoning_content.
-PROVIDER_DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {"deepseek": {"reasoning_echo": True}}
 AUTH_TYPES = ("apikey", "api_key", "oauth")
 THINK_TRIGGERS = ("plan", "thinking")
 LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error")
@@ -160,7 +130,8 @@ MASK = "****"                    # a secret is shown as MASK + its last four cha
 
 # ============================================================================================
 # 3. Data model (plain records, no behaviour)
-# Exports: Json, Request, Response, StreamResponse, Target, Route, Usage
+# Exports: Json, Request, Response, StreamResponse, Target, Route, Usage, ProviderType,
+#          PROVIDER_TYPES
 # Uses: nothing
 # ============================================================================================
 
@@ -222,6 +193,48 @@ class Usage:
     cache_creation_input_tokens: int = 0
 
 
+@dataclass(slots=True, frozen=True)
+class ProviderType:
+    """How a provider_type is spoken to: its wire family (a key of ADAPTERS), default base URL,
+    how the key is sent, extra headers and default translation options."""
+    family: str
+    base_url: str
+    auth: str = "x-api-key"              # "x-api-key" | "bearer" | "x-goog-api-key" | "google-adc"
+    default_headers: tuple[tuple[str, str], ...] = ()
+    default_options: tuple[tuple[str, Any], ...] = ()
+
+
+_OPENROUTER_HEADERS = (("HTTP-Referer", "https://github.com/ccm-mux/ccm"), ("X-Title", "Claude Code Mux"))
+
+# One line per provider_type (the Rust claude-code-mux's names and default URLs).
+PROVIDER_TYPES: dict[str, ProviderType] = {
+    "anthropic": ProviderType("anthropic", "https://api.anthropic.com"),
+    "z.ai": ProviderType("anthropic", "https://api.z.ai/api/anthropic"),
+    "zai": ProviderType("anthropic", "https://api.z.ai/api/anthropic"),
+    "minimax": ProviderType("anthropic", "https://api.minimax.io/anthropic"),
+    "zenmux": ProviderType("anthropic", "https://zenmux.ai/api/anthropic"),
+    "kimi-coding": ProviderType("anthropic", "https://api.kimi.com/coding"),
+    "openai": ProviderType("openai", "https://api.openai.com/v1", "bearer"),
+    "openrouter": ProviderType("openai", "https://openrouter.ai/api/v1", "bearer", _OPENROUTER_HEADERS),
+    "groq": ProviderType("openai", "https://api.groq.com/openai/v1", "bearer"),
+    "together": ProviderType("openai", "https://api.together.xyz/v1", "bearer"),
+    "fireworks": ProviderType("openai", "https://api.fireworks.ai/inference/v1", "bearer"),
+    "deepinfra": ProviderType("openai", "https://api.deepinfra.com/v1/openai", "bearer"),
+    "cerebras": ProviderType("openai", "https://api.cerebras.ai/v1", "bearer"),
+    "moonshot": ProviderType("openai", "https://api.moonshot.cn/v1", "bearer"),
+    "nebius": ProviderType("openai", "https://api.studio.nebius.ai/v1", "bearer"),
+    "novita": ProviderType("openai", "https://api.novita.ai/v3/openai", "bearer",
+                           (("X-Novita-Source", "claude-code-mux"),)),
+    "baseten": ProviderType("openai", "https://inference.baseten.co/v1", "bearer"),
+    # DeepSeek's thinking mode rejects an assistant tool call sent back without reasoning_content.
+    "deepseek": ProviderType("openai", "https://api.deepseek.com/v1", "bearer",
+                             default_options=(("reasoning_echo", True),)),
+    "gemini": ProviderType("gemini", "https://generativelanguage.googleapis.com/v1beta",
+                           "x-goog-api-key"),
+    "vertex-ai": ProviderType("gemini", "https://aiplatform.googleapis.com", "google-adc"),
+}
+
+
 # ============================================================================================
 # 4. Errors and the one mapper
 # Exports: ProxyError, UpstreamError, ConfigError, error_body, error_response, error_event
@@ -270,7 +283,8 @@ def error_type_for(status: int) -> str:
 
 def error_body(status: int, message: str, etype: str | None = None) -> bytes:
     err = {"type": etype or error_type_for(status), "message": message}
-    return dumps({"type": "error", "error": err}).encode()
+    return json.dumps({"type": "error", "error": err}, separators=(",", ":"),
+                      ensure_ascii=False).encode()
 
 
 def error_response(exc: BaseException) -> Response:
@@ -283,15 +297,6 @@ def error_response(exc: BaseException) -> Response:
         return Response(exc.status, [("content-type", "application/json"), *exc.headers], body)
     return Response(500, [("content-type", "application/json")],
                     error_body(500, f"internal error: {type(exc).__name__}"))
-
-
-def error_event(exc: BaseException) -> bytes:
-    """The `event: error` that ends a stream whose head was already sent (PROTOCOL.md §2)."""
-    if isinstance(exc, ProxyError):
-        etype, message = exc.etype, exc.message
-    else:
-        etype, message = "api_error", f"internal error: {type(exc).__name__}"
-    return sse("error", {"type": "error", "error": {"type": etype, "message": message}})
 
 
 # ============================================================================================
@@ -646,8 +651,8 @@ def _parse_provider(ck: _Checker, t: Json, where: str) -> Provider | None:
     if ptype not in PROVIDER_TYPES:
         ck.errors.append(f"{where}.provider_type: {ptype!r} is not one of {', '.join(PROVIDER_TYPES)}")
         return None
-    family = ("anthropic" if ptype in ANTHROPIC_TYPES else
-              "openai" if ptype in OPENAI_TYPES else "gemini")
+    ptinfo = PROVIDER_TYPES[ptype]
+    family = ptinfo.family
     auth = vals["auth_type"] or "apikey"
     if auth not in AUTH_TYPES:
         ck.errors.append(f"{where}.auth_type: {auth!r} is not one of {', '.join(AUTH_TYPES)}")
@@ -659,7 +664,7 @@ def _parse_provider(ck: _Checker, t: Json, where: str) -> Provider | None:
         keys = []
     api_key = _clean_key(ck, api_key, f"{where}.api_key")
     keys = [_clean_key(ck, k, f"{where}.api_keys[{n}]") for n, k in enumerate(keys)]
-    base_url = ck.expand(vals["base_url"] or PROVIDER_TYPES[ptype], f"{where}.base_url")
+    base_url = ck.expand(vals["base_url"] or ptinfo.base_url, f"{where}.base_url")
     if not re.match(r"^https?://[^\s/]+", base_url):
         ck.errors.append(f"{where}.base_url: {base_url!r} is not an http(s) URL")
     headers = ck.expand(vals["headers"] or {}, f"{where}.headers")
@@ -676,7 +681,7 @@ def _parse_provider(ck: _Checker, t: Json, where: str) -> Provider | None:
         oauth_provider=ck.expand(vals["oauth_provider"], f"{where}.oauth_provider"),
         project_id=ck.expand(vals["project_id"], f"{where}.project_id"),
         location=ck.expand(vals["location"], f"{where}.location"), missing_env=missing,
-        options={**PROVIDER_DEFAULT_OPTIONS.get(ptype, {}), **_parse_options(ck, t, where)})
+        options={**dict(ptinfo.default_options), **_parse_options(ck, t, where)})
     for key in ("connect_timeout_ms", "first_byte_timeout_ms", "idle_timeout_ms", "api_timeout_ms"):
         if vals[key] is not None:
             setattr(p, key, vals[key])
@@ -932,6 +937,36 @@ def dump_toml(doc: Json, _prefix: str = "") -> str:
 # Exports: route, strip_subagent_tag, find_subagent_tag, RouteError
 # Uses: 2-6 (and count_tokens from 8, passed in as `count`)
 # ============================================================================================
+
+# --- 7a. Request validation (PROTOCOL.md §7) -----------------------------------------------
+
+def _json_body(req: Request) -> Json:
+    if not req.body:
+        raise ProxyError(400, "request body is empty; expected a JSON object")
+    try:
+        body = json.loads(req.body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProxyError(400, f"request body is not valid JSON: {exc}")
+    if not isinstance(body, dict):
+        raise ProxyError(400, "request body must be a JSON object")
+    return body
+
+
+def validate_messages(body: Json, need_max_tokens: bool = True) -> None:
+    """Reject what no upstream would accept, before any upstream is called (PROTOCOL.md §7)."""
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise ProxyError(400, "model: Field required (a non-empty string)")
+    if not isinstance(body.get("messages"), list):
+        raise ProxyError(400, "messages: Field required (a list)")
+    if need_max_tokens:
+        mt = body.get("max_tokens")
+        if not isinstance(mt, int) or isinstance(mt, bool) or mt < 1:
+            raise ProxyError(400, "max_tokens: Field required (a positive integer)")
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise ProxyError(400, "stream: must be a boolean")
+
+
+# --- 7b. The router --------------------------------------------------------------------------
 
 _TAG_RE = re.compile(r"<(CCM|CCR)-SUBAGENT-MODEL>\s*([^<]*?)\s*</\1-SUBAGENT-MODEL>")
 _PLAN_ON = "Plan mode is active"
@@ -1474,6 +1509,15 @@ def sse(event: str, data: Json) -> bytes:
     return f"event: {event}\ndata: {dumps(data)}\n\n".encode()
 
 
+def error_event(exc: BaseException) -> bytes:
+    """The `event: error` that ends a stream whose head was already sent (PROTOCOL.md §2)."""
+    if isinstance(exc, ProxyError):
+        etype, message = exc.etype, exc.message
+    else:
+        etype, message = "api_error", f"internal error: {type(exc).__name__}"
+    return sse("error", {"type": "error", "error": {"type": etype, "message": message}})
+
+
 class SSEDecoder:
     """Splits an SSE byte stream into events, on CR, LF and CRLF only (never U+2028)."""
 
@@ -1664,6 +1708,13 @@ def passthrough_body(raw: bytes, route_body: Json, model: str, requested: str) -
 
 
 # --- 10b. Errors and retry hints (PROTOCOL.md §4) -------------------------------------------
+
+RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+
+
+def retryable_status(status: int) -> bool:
+    """True when the next provider should be tried (PROTOCOL.md §2 retry semantics)."""
+    return status in RETRYABLE_STATUS or status >= 500
 
 
 def retry_after_seconds(headers: dict[str, str] | httpx.Headers) -> int | None:
@@ -2483,37 +2534,325 @@ class OpenAIStream:
         out.append(error_event(exc))
 
 
-# ============================================================================================
-# 11. Upstream client, health, failover
-# Exports: Health, KeyPool, Upstreams, classify, Attempt, scrub, explain (the dry run)
-# Uses: 2-10
-# ============================================================================================
-
-RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
-BREAKER_FAILURES = 3
-BREAKER_COOLDOWN_S = 30.0
-_OPENAI_DEFAULT_HEADERS = {
-    "openrouter": {"HTTP-Referer": "https://github.com/ccm-mux/ccm", "X-Title": "Claude Code Mux"},
-    "novita": {"X-Novita-Source": "claude-code-mux"},
-}
+# --- 10f. Adapters: one class per wire family, one dispatch table (STYLE.md §1) -------------
+# A new family is one Adapter subclass (with its translator) and one ADAPTERS entry; provider
+# types name their family in PROVIDER_TYPES (section 3). Nothing else compares families.
 
 
-def classify(status_or_exc: int | BaseException) -> bool:
-    """True when the next provider should be tried (PROTOCOL.md §2 retry semantics)."""
-    if isinstance(status_or_exc, int):
-        return status_or_exc in RETRYABLE_STATUS or status_or_exc >= 500
-    if isinstance(status_or_exc, UpstreamError):
-        return status_or_exc.retryable
-    return isinstance(status_or_exc, (httpx.TransportError, asyncio.TimeoutError, OSError))
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
+_STATUS_OF_TYPE = {etype: status for status, etype in ERROR_TYPES.items()}
+_EVENT_LINE = re.compile(rb"^event:[ ]?(.*?)\r?$", re.M)
+_DATA_LINE = re.compile(rb"^data:[ ]?(.*?)\r?$", re.M)
+
+
+class PassthroughStream:
+    """Anthropic SSE relayed byte for byte, one whole event at a time: every event's JSON is
+    checked, nothing after message_stop is sent, and a ping or an error event can always be
+    added without cutting an event in half (PROTOCOL.md §2, §7)."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.started = False
+        self.done = False
+        self.failed: UpstreamError | None = None
+        self.usage = Usage()
+        self.stop_seen = False
+        self.label = "upstream"
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        self.buf += chunk
+        out: list[bytes] = []
+        start = 0
+        for m in _EVENT_END.finditer(self.buf):
+            event = self.buf[start:m.end()]
+            start = m.end()
+            if self._check(event, out):
+                out.append(event)
+            if self.done:
+                break
+        self.buf = b"" if self.done else self.buf[start:]
+        if out:
+            self.started = True
+        return out
+
+    def _check(self, event: bytes, out: list[bytes]) -> bool:
+        """True to relay the event; a malformed one ends the stream with an error instead."""
+        data_lines = _DATA_LINE.findall(event)
+        if not data_lines:
+            return bool(event.strip())      # comments and blank keep-alives pass unchanged
+        name_m = _EVENT_LINE.search(event)
+        name = name_m.group(1).decode("utf-8", "replace") if name_m else ""
+        raw = b"\n".join(data_lines)
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            out.extend(self.fail(UpstreamError(502, f"{self.label}: invalid JSON in its "
+                                               f"{name or 'stream'} event", "api_error")))
+            return False
+        if name == "message_stop":
+            self.stop_seen = self.done = True
+        elif name == "error":
+            self._error(data, raw)
+        elif name in ("message_start", "message_delta") and isinstance(data, dict):
+            u = (data.get("message") or {}).get("usage") if name == "message_start" \
+                else data.get("usage")
+            if isinstance(u, dict):
+                self._add_usage(u)
+        return True
+
+    def _error(self, data: Any, raw: bytes) -> None:
+        """The upstream's own error event: relayed as it is, and kept with its real status."""
+        err = data.get("error") if isinstance(data, dict) else None
+        err = err if isinstance(err, dict) else {}
+        etype = str(err.get("type") or "api_error")
+        status = _STATUS_OF_TYPE.get(etype, 529 if etype == "overloaded_error" else 500)
+        self.done = True
+        self.failed = UpstreamError(status, f"{self.label}: {err.get('message') or etype}", etype,
+                                    body=raw, retryable=retryable_status(status))
+
+    def _add_usage(self, u: Json) -> None:
+        for key in ("input_tokens", "output_tokens", "cache_read_input_tokens",
+                    "cache_creation_input_tokens"):
+            if isinstance(u.get(key), int):
+                setattr(self.usage, key, u[key])
+
+    def finish_stream(self) -> list[bytes]:
+        """At upstream EOF: an unfinished event is dropped (as SSE says), never half-sent."""
+        out: list[bytes] = []
+        tail, self.buf = self.buf, b""
+        if tail.strip() and not self.done and self._check(tail + b"\n\n", out) and self.done:
+            out.append(tail + b"\n\n")        # a complete final event without its blank line
+        if not self.done:
+            out += self.fail(UpstreamError(502, f"{self.label}: stream ended before "
+                                           "message_stop", "api_error", retryable=True))
+        return out
+
+    def fail(self, exc: UpstreamError) -> list[bytes]:
+        if self.done:
+            return []
+        self.done = True
+        self.failed = exc
+        return [error_event(exc)]
+
+    def final_usage(self) -> Usage:
+        return self.usage
+
+
+class StreamTranslator(Protocol):
+    """What the relay drives: upstream stream bytes in, Anthropic SSE event bytes out."""
+    label: str
+    done: bool
+    failed: UpstreamError | None
+
+    def feed(self, chunk: bytes) -> list[bytes]: ...
+
+    def finish_stream(self) -> list[bytes]: ...
+
+    def fail(self, exc: UpstreamError) -> list[bytes]: ...
+
+    def final_usage(self) -> Usage: ...
 
 
 @dataclass(slots=True)
-class Attempt:
-    provider: str
-    model: str
-    status: int = 0
-    error: str = ""
-    ms: float = 0.0
+class Call:
+    """Everything an adapter needs to build one upstream request (pure input)."""
+    provider: Provider
+    target: Target
+    req: Request                      # the client's request: headers, path, query, raw body
+    body: Json                        # the routed body (subagent tags removed)
+    requested: str                    # the model the client asked for (translated envelopes)
+    key: str | None = field(default=None, repr=False)
+    proxy_has_key: bool = False
+    secret: bytes = field(default=b"", repr=False)
+
+    @property
+    def opts(self) -> Json:
+        return {**self.provider.options, **self.target.options}
+
+
+@dataclass(slots=True)
+class Outbound:
+    """An upstream request an adapter built, and what reading its answer needs."""
+    url: str
+    headers: dict[str, Any]
+    body: bytes
+    state: Any = None                 # e.g. the short -> original tool-name map
+
+
+def usage_of(u: Any) -> Usage:
+    def num(key: str) -> int:
+        v = u.get(key) if isinstance(u, dict) else None
+        return v if isinstance(v, int) and not isinstance(v, bool) else 0
+    return Usage(num("input_tokens"), num("output_tokens"), num("cache_read_input_tokens"),
+                 num("cache_creation_input_tokens"))
+
+
+def _fill_usage(msg: Json, data: Json, body: Json) -> None:
+    """An upstream that sent no usage gets ccm's own counts, never zeros."""
+    u = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    if not u.get("prompt_tokens"):
+        msg["usage"]["input_tokens"] = COUNTER.count(body)[0]
+    if not u.get("completion_tokens"):
+        parts = [b.get("text") or b.get("thinking") or dumps(b.get("input", {}))
+                 for b in msg["content"]]
+        msg["usage"]["output_tokens"] = COUNTER.text("".join(parts)) if parts else 0
+
+
+def relay_headers(headers: Any) -> list[tuple[str, str]]:
+    """The upstream response headers an Anthropic-format answer keeps (PROTOCOL.md §7)."""
+    return [(k, v) for k, v in headers.items()
+            if k in RELAY_HEADERS or k.startswith(RELAY_PREFIXES)]
+
+
+class Adapter:
+    """One wire family: build the upstream request, read its error, its whole message and its
+    stream. `passthrough` families speak Anthropic's format (bytes relayed, count_tokens
+    forwarded); the others are translated (local token estimates fill missing usage)."""
+    passthrough = False
+
+    def build(self, c: Call) -> Outbound:
+        raise NotImplementedError
+
+    def count_request(self, c: Call) -> Outbound | None:
+        """The upstream's own count_tokens request, or None to count locally."""
+        return None
+
+    def error(self, status: int, raw: bytes, headers: Any, provider: str) -> UpstreamError:
+        err = openai_error(status, raw, headers, provider)
+        err.retryable = retryable_status(status)
+        return err
+
+    def whole(self, c: Call, out: Outbound, data: Json, raw: bytes) -> tuple[Json, bytes | None]:
+        """The Anthropic message of a whole answer, and the bytes to relay as they are (or None
+        to send the message re-serialised)."""
+        raise NotImplementedError
+
+    def stream(self, c: Call, out: Outbound) -> StreamTranslator:
+        raise NotImplementedError
+
+    def response_headers(self, headers: Any) -> list[tuple[str, str]]:
+        return []
+
+
+class AnthropicAdapter(Adapter):
+    """Anthropic-format providers: the client's bytes with the model replaced (PROTOCOL.md §7)."""
+    passthrough = True
+
+    def build(self, c: Call) -> Outbound:
+        p = c.provider
+        # Values go as bytes: the client's header bytes (parsed as latin-1) pass unchanged.
+        headers = {k: v.encode("latin-1", "replace") for k, v in
+                   passthrough_headers(c.req.headers, p, c.key, c.proxy_has_key).items()}
+        url = p.base_url + c.req.path + (f"?{c.req.query}" if c.req.query else "")
+        body = passthrough_body(c.req.body, c.body, c.target.model, c.body.get("model", ""))
+        return Outbound(url, headers, body)
+
+    def count_request(self, c: Call) -> Outbound | None:
+        return self.build(c)
+
+    def error(self, status: int, raw: bytes, headers: Any, provider: str) -> UpstreamError:
+        message = ""
+        with contextlib.suppress(ValueError, AttributeError, TypeError, KeyError):
+            message = json.loads(raw)["error"]["message"]
+        if not message or not raw.lstrip().startswith(b"{"):
+            raw = error_body(status, f"{provider}: {raw[:300].decode('utf-8', 'replace')}")
+        return UpstreamError(status, f"{provider}: {message or status}", provider=provider,
+                             body=raw, headers=relay_headers(headers),
+                             retryable=retryable_status(status),
+                             retry_after_s=retry_after_seconds(headers))
+
+    def whole(self, c: Call, out: Outbound, data: Json, raw: bytes) -> tuple[Json, bytes | None]:
+        return data, raw
+
+    def stream(self, c: Call, out: Outbound) -> StreamTranslator:
+        return PassthroughStream()
+
+    def response_headers(self, headers: Any) -> list[tuple[str, str]]:
+        return relay_headers(headers)
+
+
+class OpenAIAdapter(Adapter):
+    """OpenAI Chat Completions providers (PROTOCOL.md §3, §4)."""
+
+    def build(self, c: Call) -> Outbound:
+        p = c.provider
+        oreq, names = to_openai(c.body, c.target.model, c.opts)
+        headers = {"content-type": "application/json", "accept-encoding": "identity",
+                   **dict(PROVIDER_TYPES[p.provider_type].default_headers), **p.headers}
+        if c.key:
+            headers["authorization"] = f"Bearer {c.key}"
+        return Outbound(p.base_url + "/chat/completions", headers, dumps(oreq).encode(), names)
+
+    def whole(self, c: Call, out: Outbound, data: Json, raw: bytes) -> tuple[Json, bytes | None]:
+        msg = from_openai(data, c.requested, out.state or {}, c.secret, c.body.get("stop_sequences"))
+        _fill_usage(msg, data, c.body)
+        return msg, None
+
+    def stream(self, c: Call, out: Outbound) -> StreamTranslator:
+        return OpenAIStream(c.requested, out.state or {}, c.secret, COUNTER.count(c.body)[0],
+                            c.body.get("stop_sequences") or [])
+
+
+class UnsupportedAdapter(Adapter):
+    """A family whose translation is not in this build: a clear error, tried like a failure."""
+
+    def build(self, c: Call) -> Outbound:
+        p = c.provider
+        raise UpstreamError(501, f"{p.name}: provider type {p.provider_type!r} is not supported yet",
+                            "api_error", provider=p.name, retryable=True)
+
+
+ADAPTERS: dict[str, Adapter] = {
+    "anthropic": AnthropicAdapter(),
+    "openai": OpenAIAdapter(),
+    "gemini": UnsupportedAdapter(),
+}
+
+
+def adapter_for(p: Provider) -> Adapter:
+    return ADAPTERS[p.family]
+
+
+# ============================================================================================
+# 11. Upstream client, credentials, health
+# Exports: Upstreams, upstream_errors, Credentials, Health, KeyPool, scrub, explain (the dry run)
+# Uses: 2-10
+# ============================================================================================
+
+BREAKER_FAILURES = 3
+BREAKER_COOLDOWN_S = 30.0
+
+
+def scrub(text: str, p: Provider) -> str:
+    """Text that may quote a provider's secrets, with each one masked."""
+    for secret in [*p.keys(), *p.headers.values()]:
+        if secret and len(secret) >= 6 and secret in text:
+            text = text.replace(secret, mask_secret(secret))
+    return text
+
+
+@contextlib.asynccontextmanager
+async def upstream_errors(p: Provider, doing: str, timeout_s: float,
+                          broken_status: int = 529) -> AsyncIterator[None]:
+    """The one place transport exceptions become UpstreamError (like httpx's own
+    map_httpcore_exceptions): every upstream call site runs inside it."""
+    try:
+        yield
+    except (UpstreamError, asyncio.CancelledError):
+        raise
+    except (asyncio.TimeoutError, httpx.TimeoutException):
+        raise UpstreamError(504, f"{p.name}: {doing}: nothing within {timeout_s:g} s",
+                            "timeout_error", provider=p.name, retryable=True) from None
+    except httpx.ConnectError as exc:
+        raise UpstreamError(529, f"{p.name}: cannot connect ({scrub(str(exc), p)})",
+                            "overloaded_error", provider=p.name, retryable=True) from None
+    except (httpx.HTTPError, OSError, EOFError) as exc:
+        # Only the class name: a protocol error's text can quote a header value, i.e. a key.
+        raise UpstreamError(broken_status, f"{p.name}: {doing} failed ({type(exc).__name__})",
+                            error_type_for(broken_status), provider=p.name,
+                            retryable=True) from None
 
 
 class Health:
@@ -2608,6 +2947,39 @@ class KeyPool:
         return sum(self.cool_until.get((p.name, k), 0) > now for k in p.keys())
 
 
+class KeyPool:
+    """Rotates a provider's keys; a key that got 429 or 401 cools down while the others work."""
+
+    def __init__(self) -> None:
+        self.turn: collections.Counter[str] = collections.Counter()
+        self.cool_until: dict[tuple[str, str], float] = {}
+
+    def pick(self, p: Provider) -> str | None:
+        keys = p.keys()
+        if len(keys) <= 1:
+            return keys[0] if keys else None
+        now = time.monotonic()
+        start = self.turn[p.name]
+        self.turn[p.name] += 1
+        for k in range(len(keys)):
+            key = keys[(start + k) % len(keys)]
+            if self.cool_until.get((p.name, key), 0) <= now:
+                return key
+        return min(keys, key=lambda key: self.cool_until.get((p.name, key), 0))
+
+    def cool(self, p: Provider, key: str | None, seconds: float) -> None:
+        if key and len(p.keys()) > 1:
+            self.cool_until[(p.name, key)] = time.monotonic() + seconds
+
+    def has_fresh(self, p: Provider) -> bool:
+        now = time.monotonic()
+        return sum(self.cool_until.get((p.name, k), 0) <= now for k in p.keys()) >= 1
+
+    def cooling(self, p: Provider) -> int:
+        now = time.monotonic()
+        return sum(self.cool_until.get((p.name, k), 0) > now for k in p.keys())
+
+
 class Upstreams:
     """One shared httpx client with explicit limits; proxies from the environment are honoured
     except for loopback, so local models and tests are never sent through HTTP(S)_PROXY."""
@@ -2617,6 +2989,7 @@ class Upstreams:
         self.connect_s = cfg.server.connect_timeout_ms / 1000
         self.health = Health(cfg.server.breaker_failures, cfg.server.breaker_cooldown_ms / 1000)
         self.keys = KeyPool()
+        self.credentials = Credentials(self.keys)
         self.secret = b""
 
     @property
@@ -2635,39 +3008,38 @@ class Upstreams:
         if self._client is not None:
             await self._client.aclose()
 
-    def build(self, p: Provider, target: Target, req: Request, route: Route,
-              proxy_has_key: bool, opts: Json, key: str | None = None) -> tuple[httpx.Request, Any]:
-        """The upstream request and the tool-name map for translating its answer."""
+    def request(self, out: Outbound, connect_s: float | None = None) -> httpx.Request:
+        hreq = self.client.build_request("POST", out.url, headers=out.headers, content=out.body)
+        if connect_s is not None:
+            hreq.extensions["timeout"] = {"connect": connect_s, "read": None, "write": 60.0,
+                                          "pool": connect_s}
+        return hreq
+
+    async def send(self, p: Provider, out: Outbound, timeout_s: float,
+                   connect_s: float | None = None, stream: bool = True) -> httpx.Response:
+        """Send and wait for the response head (or, stream=False, the whole response)."""
+        async with upstream_errors(p, "waiting for the response", timeout_s):
+            return await asyncio.wait_for(self.client.send(self.request(out, connect_s),
+                                                           stream=stream), timeout_s)
+
+    async def read(self, p: Provider, resp: httpx.Response, timeout_s: float) -> bytes:
+        """A streamed response's whole body."""
+        async with upstream_errors(p, "reading the response", timeout_s):
+            return await asyncio.wait_for(resp.aread(), timeout_s)
+
+
+class Credentials:
+    """The credential each attempt sends: a key from the provider's pool (OAuth and Google
+    tokens plug in here)."""
+
+    def __init__(self, keys: KeyPool) -> None:
+        self.keys = keys
+
+    def pick(self, p: Provider) -> str | None:
         if p.missing_env and not p.keys():
             raise UpstreamError(401, f"{p.name}: api_key uses ${p.missing_env[0]}, which is not set",
                                 "authentication_error", provider=p.name, retryable=True)
-        key = key or (p.keys() or [None])[0]
-        if p.family == "anthropic":
-            # Values go as bytes: the client's header bytes (parsed as latin-1) pass unchanged.
-            headers = {k: v.encode("latin-1", "replace") for k, v in
-                       passthrough_headers(req.headers, p, key, proxy_has_key).items()}
-            url = p.base_url + req.path + (f"?{req.query}" if req.query else "")
-            body = passthrough_body(req.body, route.body, target.model, route.body.get("model", ""))
-            return self.client.build_request("POST", url, headers=headers, content=body), None
-        if p.family == "openai":
-            oreq, names = to_openai(route.body, target.model, opts)
-            headers = {"content-type": "application/json", "accept-encoding": "identity",
-                       **_OPENAI_DEFAULT_HEADERS.get(p.provider_type, {}), **p.headers}
-            if key:
-                headers["authorization"] = f"Bearer {key}"
-            url = p.base_url + "/chat/completions"
-            return self.client.build_request("POST", url, headers=headers,
-                                             content=dumps(oreq).encode()), names
-        raise UpstreamError(501, f"{p.name}: provider type {p.provider_type!r} is not supported yet",
-                            "api_error", provider=p.name, retryable=True)
-
-
-def scrub(text: str, p: Provider) -> str:
-    """Text that may quote a provider's secrets, with each one masked."""
-    for secret in [*p.keys(), *p.headers.values()]:
-        if secret and len(secret) >= 6 and secret in text:
-            text = text.replace(secret, mask_secret(secret))
-    return text
+        return self.keys.pick(p)
 
 
 def explain(raw: bytes, headers: dict[str, str], cfg: Config, up: Upstreams | None = None) -> Json:
@@ -2698,7 +3070,10 @@ def explain(raw: bytes, headers: dict[str, str], cfg: Config, up: Upstreams | No
 
 def _dry_request(up: Upstreams, p: Provider, t: Target, req: Request, rt: Route, cfg: Config) -> Json:
     try:
-        hreq, _ = up.build(p, t, req, rt, cfg.server.api_key is not None, {**p.options, **t.options})
+        call = Call(p, t, req, rt.body, rt.body.get("model", ""), up.credentials.pick(p),
+                    cfg.server.api_key is not None, up.secret)
+        out = adapter_for(p).build(call)
+        hreq = up.request(out)
     except ProxyError as exc:
         return {"error": exc.message}
     secret_names = {"x-api-key", "authorization", "x-goog-api-key", "cookie"} | \
@@ -2711,126 +3086,274 @@ def _dry_request(up: Upstreams, p: Provider, t: Target, req: Request, rt: Route,
     return {"request": {"method": hreq.method, "url": str(hreq.url), "headers": headers, "body": body}}
 
 
-
 # ============================================================================================
-# 12. Relay
-# Exports: PassthroughStream, first_events, relay_stream
+# 12. Failover and relay
+# Exports: Attempt, Exchange, Outcome, Failover, first_events, relay_stream, message_to_events,
+#          forward_count
 # Uses: 2-11
 # ============================================================================================
 
-_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+COUNT_TOKENS_TIMEOUT_S = 5.0
+NO_COUNT_TOKENS_S = 600.0        # how long a provider that lacks count_tokens is not asked
 
 
-_STATUS_OF_TYPE = {etype: status for status, etype in ERROR_TYPES.items()}
-_EVENT_LINE = re.compile(rb"^event:[ ]?(.*?)\r?$", re.M)
-_DATA_LINE = re.compile(rb"^data:[ ]?(.*?)\r?$", re.M)
+@dataclass(slots=True)
+class Attempt:
+    """One try of one provider: its context, then what happened."""
+    provider: str
+    model: str
+    target: Target | None = field(default=None, repr=False)
+    key: str | None = field(default=None, repr=False)
+    tries: int = 0                     # earlier tries of this provider in this request
+    started: float = 0.0
+    first_byte_s: float = 0.0
+    total_s: float = 0.0
+    status: int = 0
+    error: str = ""
+    ms: float = 0.0
 
 
-class PassthroughStream:
-    """Anthropic SSE relayed byte for byte, one whole event at a time: every event's JSON is
-    checked, nothing after message_stop is sent, and a ping or an error event can always be
-    added without cutting an event in half (PROTOCOL.md §2, §7)."""
+@dataclass(slots=True)
+class Exchange:
+    """One /v1/messages call: what its attempts share, and its result once it is known."""
+    req: Request
+    route: Route
+    cfg: Config
+    stream: bool
+    started: float
+    requested: str
+    on_finish: Callable[[Exchange], None]
+    deadline: float = 0.0
+    attempts: list[Attempt] = field(default_factory=list)
+    status: int = 0
+    usage: Usage = field(default_factory=Usage)
+    error: str = ""
+    target: Target | None = None
+    first_byte_ms: float | None = None
+    finished: bool = False
 
-    def __init__(self) -> None:
-        self.buf = b""
-        self.started = False
-        self.done = False
-        self.failed: UpstreamError | None = None
-        self.usage = Usage()
-        self.stop_seen = False
-        self.label = "upstream"
+    def finish(self, status: int, usage: Usage | None = None, error: str = "",
+               target: Target | None = None) -> None:
+        """Record the outcome exactly once (a stream finishes when its relay ends)."""
+        if self.finished:
+            return
+        self.finished = True
+        self.status, self.error, self.target = status, error, target
+        self.usage = usage or Usage()
+        self.on_finish(self)
 
-    def feed(self, chunk: bytes) -> list[bytes]:
-        self.buf += chunk
-        out: list[bytes] = []
-        start = 0
-        for m in _EVENT_END.finditer(self.buf):
-            event = self.buf[start:m.end()]
-            start = m.end()
-            if self._check(event, out):
-                out.append(event)
-            if self.done:
+
+@dataclass(slots=True)
+class Outcome:
+    """What one attempt returns: a response for the client, or the error that ended it."""
+    response: Response | StreamResponse | None = None
+    error: ProxyError | None = None
+
+
+class Failover:
+    """The try loop: the model's providers in priority order (open breakers last, one
+    half-open probe), retries with retry-after or jittered backoff, key-pool rotation, all
+    inside the request's deadline. Health and key-pool state change only in `_settle`."""
+
+    def __init__(self, up: Upstreams, counters: collections.Counter[str]) -> None:
+        self.up = up
+        self.counters = counters
+
+    async def call(self, ex: Exchange) -> Response | StreamResponse:
+        cfg, rt = ex.cfg, ex.route
+        chain = self.up.health.order(rt.targets)
+        mm = cfg.models.get(rt.model) or _model_ci(rt.model, cfg)
+        max_retries = mm.max_retries if mm else 1
+        last: ProxyError | None = None
+        for n, target in enumerate(chain):
+            p = cfg.providers.get(target.provider)
+            if p is None or not p.enabled:
+                rt.trace.append(f"{target.provider}: skipped ({'disabled' if p else 'unknown'})")
+                continue
+            if n and last is not None:
+                self.counters[f"failovers.{chain[n - 1].provider}"] += 1
+            outcome = await self._provider(ex, p, target, n == len(chain) - 1, max_retries)
+            if outcome.response is not None:
+                return outcome.response
+            last = outcome.error
+            if not (isinstance(last, UpstreamError) and last.retryable):
                 break
-        self.buf = b"" if self.done else self.buf[start:]
-        if out:
-            self.started = True
-        return out
+        if last is None:
+            last = ProxyError(503, f"no enabled provider for model {rt.model!r}", "overloaded_error")
+        ex.finish(last.status, error=str(last.message))
+        raise last
 
-    def _check(self, event: bytes, out: list[bytes]) -> bool:
-        """True to relay the event; a malformed one ends the stream with an error instead."""
-        data_lines = _DATA_LINE.findall(event)
-        if not data_lines:
-            return bool(event.strip())      # comments and blank keep-alives pass unchanged
-        name_m = _EVENT_LINE.search(event)
-        name = name_m.group(1).decode("utf-8", "replace") if name_m else ""
-        raw = b"\n".join(data_lines)
+    async def _provider(self, ex: Exchange, p: Provider, target: Target, is_last: bool,
+                        max_retries: int) -> Outcome:
+        """Try one provider, again while a retry is worth it."""
+        tries = 0
+        while True:
+            outcome = await self.attempt(ex, p, target, tries)
+            if outcome.response is not None:
+                return outcome
+            wait = self._retry_wait(ex, p, outcome.error, tries, is_last, max_retries)
+            if wait is None:
+                return outcome
+            tries += 1
+            ex.route.trace.append(f"{p.name}: retrying in {wait:.2f} s (try {tries + 1})")
+            self.counters[f"retries.{p.name}"] += 1
+            await asyncio.sleep(wait)
+
+    async def attempt(self, ex: Exchange, p: Provider, target: Target, tries: int) -> Outcome:
+        att = Attempt(p.name, target.model, target, tries=tries, started=time.monotonic())
+        srv = ex.cfg.server
+        att.first_byte_s = (p.first_byte_timeout_ms or srv.first_byte_timeout_ms) / 1000
+        att.total_s = max(0.05, min((p.api_timeout_ms or srv.api_timeout_ms) / 1000,
+                                    ex.deadline - att.started))
+        ex.attempts.append(att)
+        self.up.health.begin(p.name)
+        ok, error = False, None
+        try:
+            att.key = self.up.credentials.pick(p)
+            response = await self._answer(ex, p, att)
+            ok = True
+            return Outcome(response)
+        except UpstreamError as exc:
+            error = exc
+            att.status, att.error = exc.status, exc.message
+            ex.route.trace.append(f"{p.name}: {exc.message}")
+            return Outcome(error=exc)
+        finally:
+            if att.ms == 0.0:
+                att.ms = (time.monotonic() - att.started) * 1000
+            self._settle(p, att, ok, error)
+
+    def _settle(self, p: Provider, att: Attempt, ok: bool, error: UpstreamError | None) -> None:
+        """The one place an attempt's result reaches the breaker and the key pool."""
+        health = self.up.health
+        if ok:
+            health.success(p.name)
+        elif error is not None and error.retryable:
+            health.failure(p.name)
+        health.probing.discard(p.name)          # a probe never outlives its attempt
+        if error is not None and error.status in (401, 403, 429) and att.key and len(p.keys()) > 1:
+            ra = error.retry_after_s
+            self.up.keys.cool(p, att.key, ra if ra else (60.0 if error.status != 429 else 30.0))
+
+    def _retry_wait(self, ex: Exchange, p: Provider, exc: ProxyError | None, tries: int,
+                    is_last: bool, max_retries: int) -> float | None:
+        """How long to wait before trying the same provider again, or None to move on."""
+        if not isinstance(exc, UpstreamError):
+            return None
+        if exc.status in (401, 403, 429) and len(p.keys()) > 1 and \
+                self.up.keys.has_fresh(p) and tries < len(p.keys()):
+            exc.retryable = True
+            return 0.0                          # the next key of the pool, at once
+        if not exc.retryable:
+            return None
+        remaining = ex.deadline - time.monotonic()
+        ra = exc.retry_after_s
+        if exc.status in (429, 529) and ra is not None:
+            ok = ra <= ex.cfg.server.retry_after_max_ms / 1000 and tries < max_retries and ra < remaining
+            return float(ra) if ok else None
+        if is_last and tries < max_retries:
+            wait = random.uniform(0, min(2.0, 0.25 * 2 ** tries))   # full jitter
+            return wait if wait < remaining else None
+        return None
+
+    # ---- one attempt -------------------------------------------------------------------
+    async def _answer(self, ex: Exchange, p: Provider, att: Attempt) -> Response | StreamResponse:
+        adapter = adapter_for(p)
+        call = Call(p, att.target or Target(p.name, att.model), ex.req, ex.route.body,
+                    ex.requested, att.key, ex.cfg.server.api_key is not None, self.up.secret)
+        try:
+            out = adapter.build(call)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise UpstreamError(502, f"{p.name}: cannot build the upstream request "
+                                f"({type(exc).__name__})", "api_error", provider=p.name,
+                                retryable=True)
+        connect_s = (p.connect_timeout_ms or ex.cfg.server.connect_timeout_ms) / 1000
+        resp = await self.up.send(p, out, min(att.first_byte_s, att.total_s), connect_s)
+        att.status = resp.status_code
+        try:
+            if resp.status_code >= 400:
+                raise await self._error(adapter, p, resp, att)
+            if ex.stream and "text/event-stream" in resp.headers.get("content-type", ""):
+                return await self._stream(ex, p, att, adapter, call, out, resp)
+            return await self._whole(ex, p, att, adapter, call, out, resp)
+        except BaseException:
+            await resp.aclose()
+            raise
+
+    async def _error(self, adapter: Adapter, p: Provider, resp: httpx.Response,
+                     att: Attempt) -> UpstreamError:
+        try:
+            raw = await self.up.read(p, resp, min(att.total_s, 30.0))
+        except UpstreamError:
+            raw = b""
+        return adapter.error(resp.status_code, raw, resp.headers, p.name)
+
+    def _route_header(self, ex: Exchange, target: Target) -> tuple[str, str]:
+        return ("x-ccm-route", f"{ex.route.rule}; model={ex.route.model}; "
+                               f"provider={target.provider}; upstream_model={target.model}")
+
+    async def _whole(self, ex: Exchange, p: Provider, att: Attempt, adapter: Adapter, call: Call,
+                     out: Outbound, resp: httpx.Response) -> Response | StreamResponse:
+        try:
+            raw = await self.up.read(p, resp, att.total_s)
+        finally:
+            await resp.aclose()
         try:
             data = json.loads(raw)
-        except ValueError:
-            out.extend(self.fail(UpstreamError(502, f"{self.label}: invalid JSON in its "
-                                               f"{name or 'stream'} event", "api_error")))
-            return False
-        if name == "message_stop":
-            self.stop_seen = self.done = True
-        elif name == "error":
-            self._error(data, raw)
-        elif name in ("message_start", "message_delta") and isinstance(data, dict):
-            u = (data.get("message") or {}).get("usage") if name == "message_start" \
-                else data.get("usage")
-            if isinstance(u, dict):
-                self._add_usage(u)
-        return True
+            if not isinstance(data, dict):
+                raise ValueError("not an object")
+        except ValueError:                  # a truncated or garbled 200 is a failure, not an answer
+            raise UpstreamError(502, f"{p.name}: upstream answered with invalid JSON",
+                                "api_error", provider=p.name, retryable=True)
+        msg, relayed = adapter.whole(call, out, data, raw)
+        headers = [("content-type", "application/json"), self._route_header(ex, call.target),
+                   *adapter.response_headers(resp.headers)]
+        usage = usage_of(msg.get("usage"))
+        att.ms = (time.monotonic() - att.started) * 1000
+        ex.first_byte_ms = (time.monotonic() - ex.started) * 1000
+        if ex.stream:                       # asked to stream, got JSON: stream it anyway
+            return _as_stream(ex, call.target, msg, headers, usage)
+        ex.finish(resp.status_code, usage, "", call.target)
+        return Response(resp.status_code, headers, relayed if relayed is not None else
+                        dumps(msg).encode())
 
-    def _error(self, data: Any, raw: bytes) -> None:
-        """The upstream's own error event: relayed as it is, and kept with its real status."""
-        err = data.get("error") if isinstance(data, dict) else None
-        err = err if isinstance(err, dict) else {}
-        etype = str(err.get("type") or "api_error")
-        status = _STATUS_OF_TYPE.get(etype, 529 if etype == "overloaded_error" else 500)
-        self.done = True
-        self.failed = UpstreamError(status, f"{self.label}: {err.get('message') or etype}", etype,
-                                    body=raw, retryable=classify(status))
+    async def _stream(self, ex: Exchange, p: Provider, att: Attempt, adapter: Adapter, call: Call,
+                      out: Outbound, resp: httpx.Response) -> StreamResponse:
+        tr = adapter.stream(call, out)
+        tr.label = p.name
+        idle_s = (p.idle_timeout_ms or ex.cfg.server.idle_timeout_ms) / 1000
+        it = _body_chunks(p, resp, idle_s)
+        remaining = max(0.1, att.first_byte_s - (time.monotonic() - att.started))
+        async with upstream_errors(p, "waiting for the first stream event", remaining):
+            first = await asyncio.wait_for(first_events(it, tr), remaining)
+        att.ms = (time.monotonic() - att.started) * 1000
+        ex.first_byte_ms = (time.monotonic() - ex.started) * 1000
+        headers = [("content-type", "text/event-stream"), ("cache-control", "no-cache"),
+                   self._route_header(ex, call.target), *adapter.response_headers(resp.headers)]
 
-    def _add_usage(self, u: Json) -> None:
-        for key in ("input_tokens", "output_tokens", "cache_read_input_tokens",
-                    "cache_creation_input_tokens"):
-            if isinstance(u.get(key), int):
-                setattr(self.usage, key, u[key])
-
-    def finish_stream(self) -> list[bytes]:
-        """At upstream EOF: an unfinished event is dropped (as SSE says), never half-sent."""
-        out: list[bytes] = []
-        tail, self.buf = self.buf, b""
-        if tail.strip() and not self.done and self._check(tail + b"\n\n", out) and self.done:
-            out.append(tail + b"\n\n")        # a complete final event without its blank line
-        if not self.done:
-            out += self.fail(UpstreamError(502, f"{self.label}: stream ended before "
-                                           "message_stop", "api_error", retryable=True))
-        return out
-
-    def fail(self, exc: UpstreamError) -> list[bytes]:
-        if self.done:
-            return []
-        self.done = True
-        self.failed = exc
-        return [error_event(exc)]
-
-    def final_usage(self) -> Usage:
-        return self.usage
+        def on_end(tr: StreamTranslator, outcome: str) -> None:
+            status = 200 if outcome == "ok" else (tr.failed.status if tr.failed and
+                                                   outcome == "error" else 499)
+            ex.finish(status, tr.final_usage(), outcome if outcome != "ok" else "", call.target)
+        chunks = relay_stream(first, it, tr, ping_s=ex.cfg.server.ping_interval_s, idle_s=idle_s,
+                              provider=p.name, on_end=on_end, close=resp.aclose)
+        return StreamResponse(resp.status_code, headers, chunks)
 
 
 _PING = sse("ping", {"type": "ping"})
 
 
-async def _body_chunks(resp: httpx.Response) -> AsyncIterator[bytes]:
+async def _body_chunks(p: Provider, resp: httpx.Response, idle_s: float) -> AsyncIterator[bytes]:
     """A streamed response's raw bytes as they arrive. Unlike aiter_raw() it does not close
     the response at the end: the relay closes it itself, so cancelling the reader can never
-    interrupt that close and leave the pooled connection half released."""
-    async for chunk in resp.stream:
-        yield chunk
+    interrupt that close and leave the pooled connection half released. A break mid-stream is
+    an api_error (PROTOCOL.md §4.4)."""
+    async with upstream_errors(p, "reading the stream", idle_s, broken_status=502):
+        async for chunk in resp.stream:
+            yield chunk
 
 
-async def first_events(it: AsyncIterator[bytes], tr: Any) -> list[bytes]:
+async def first_events(it: AsyncIterator[bytes], tr: StreamTranslator) -> list[bytes]:
     """Read until the first content block starts (or the message ends): an error or a break
     before then is still a failover or a plain JSON error, as nothing has reached the client."""
     held: list[bytes] = []
@@ -2848,7 +3371,7 @@ async def first_events(it: AsyncIterator[bytes], tr: Any) -> list[bytes]:
             if _sent_content(held):
                 return held
             err = tr.failed
-            err.retryable = err.retryable or classify(err.status)
+            err.retryable = err.retryable or retryable_status(err.status)
             raise err
         if tr.done or _sent_content(held):
             return held
@@ -2934,8 +3457,10 @@ async def _drain_then_close(pump: _Pump, close: Callable[[], Awaitable[None]]) -
         await close()
 
 
-async def relay_stream(first: list[bytes], it: AsyncIterator[bytes], tr: Any, *, ping_s: float,
-                       idle_s: float, provider: str, on_end: Callable[[Any, str], None],
+async def relay_stream(first: list[bytes], it: AsyncIterator[bytes], tr: StreamTranslator, *,
+                       ping_s: float,
+                       idle_s: float, provider: str,
+                       on_end: Callable[[StreamTranslator, str], None],
                        close: Callable[[], Awaitable[None]]) -> AsyncIterator[bytes]:
     """Relay an upstream stream: pings while nothing was sent for ping_s, an idle deadline, an
     error event if it breaks, and the upstream closed however the stream ends (client
@@ -2954,9 +3479,9 @@ async def relay_stream(first: list[bytes], it: AsyncIterator[bytes], tr: Any, *,
                 out = tr.feed(pump.take())
             elif pump.eof:
                 exc = pump.exc
-                out = tr.fail(UpstreamError(502, f"{provider}: upstream connection lost "
-                                            f"({type(exc).__name__})", "api_error")) if exc \
-                    else tr.finish_stream()
+                out = tr.fail(exc if isinstance(exc, UpstreamError) else UpstreamError(
+                    502, f"{provider}: upstream connection lost ({type(exc).__name__})",
+                    "api_error")) if exc else tr.finish_stream()
             elif now - last_data >= idle_s:
                 msg = f"{provider}: no data from the upstream for {idle_s:g} s"
                 out = tr.fail(UpstreamError(504, msg, "timeout_error"))
@@ -2982,10 +3507,186 @@ async def relay_stream(first: list[bytes], it: AsyncIterator[bytes], tr: Any, *,
         on_end(tr, outcome)
 
 
+def message_to_events(msg: Json) -> list[bytes]:
+    """A whole Anthropic message as the SSE events a stream of it would have carried."""
+    start = dict(msg, content=[], stop_reason=None, stop_sequence=None,
+                 usage=dict(msg.get("usage") or {}, output_tokens=0))
+    out = [sse("message_start", {"type": "message_start", "message": start}),
+           sse("ping", {"type": "ping"})]
+    for i, block in enumerate(msg.get("content") or []):
+        kind = block.get("type")
+        empty = {"text": {"type": "text", "text": ""},
+                 "thinking": {"type": "thinking", "thinking": "", "signature": ""},
+                 "tool_use": dict(block, input={})}.get(kind, block)
+        out.append(sse("content_block_start", {"type": "content_block_start", "index": i,
+                                               "content_block": empty}))
+        delta = {"text": {"type": "text_delta", "text": block.get("text", "")},
+                 "thinking": {"type": "thinking_delta", "thinking": block.get("thinking", "")},
+                 "tool_use": {"type": "input_json_delta", "partial_json": dumps(block.get("input", {}))},
+                 }.get(kind)
+        if delta:
+            out.append(sse("content_block_delta", {"type": "content_block_delta", "index": i,
+                                                   "delta": delta}))
+        if kind == "thinking":
+            out.append(sse("content_block_delta", {"type": "content_block_delta", "index": i,
+                                                   "delta": {"type": "signature_delta",
+                                                             "signature": block.get("signature", "")}}))
+        out.append(sse("content_block_stop", {"type": "content_block_stop", "index": i}))
+    delta = {"stop_reason": msg.get("stop_reason"), "stop_sequence": msg.get("stop_sequence")}
+    out.append(sse("message_delta", {"type": "message_delta", "delta": delta,
+                                     "usage": msg.get("usage") or {}}))
+    out.append(sse("message_stop", {"type": "message_stop"}))
+    return out
+
+
+def _as_stream(ex: Exchange, target: Target, msg: Json, headers: list[tuple[str, str]],
+               usage: Usage) -> StreamResponse:
+    ex.finish(200, usage, "", target)
+    events = message_to_events(msg)
+
+    async def gen() -> AsyncIterator[bytes]:
+        yield b"".join(events)
+    sse_headers = [("content-type", "text/event-stream"), ("cache-control", "no-cache"),
+                   *headers[1:]]
+    return StreamResponse(200, sse_headers, gen())
+
+
+async def forward_count(up: Upstreams, req: Request, rt: Route, cfg: Config,
+                        no_count: dict[str, float]) -> Response | None:
+    """count_tokens answered by the provider itself where its adapter can; None (count
+    locally) on any failure, and a provider that lacks the endpoint is not asked for a while."""
+    target = rt.targets[0] if rt.targets else None
+    p = cfg.providers.get(target.provider) if target else None
+    if p is None or target is None or not p.enabled or no_count.get(p.name, 0) > time.monotonic():
+        return None
+    try:
+        call = Call(p, target, req, rt.body, rt.body.get("model", ""), up.credentials.pick(p),
+                    cfg.server.api_key is not None, up.secret)
+        out = adapter_for(p).count_request(call)
+        if out is None:
+            return None
+        resp = await up.send(p, out, COUNT_TOKENS_TIMEOUT_S, stream=False)
+    except (ProxyError, ValueError, TypeError):
+        return None
+    if resp.status_code in (404, 405, 501):
+        no_count[p.name] = time.monotonic() + NO_COUNT_TOKENS_S
+    if resp.status_code != 200:
+        return None
+    with contextlib.suppress(ValueError, AttributeError):
+        if isinstance(json.loads(resp.content).get("input_tokens"), int):
+            return Response(200, [("content-type", "application/json"),
+                                  ("x-ccm-token-count", f"provider {p.name}")], resp.content)
+    return None
+
+
 # ============================================================================================
-# 13. Usage ledger: none in this build. Each request's usage goes to its log line and to the
-#     in-memory App.recent list (section 16) that the admin page shows.
+# 13. Recorder
+# Exports: RECENT_REQUESTS, RequestRecord, record_of, Recorder
+# Uses: 2-12
 # ============================================================================================
+
+RECENT_REQUESTS = 500
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """One request as it ended, refused ones included: what the log line, the admin page's
+    Requests tab and the usage ledger are told."""
+    id: str
+    time: float
+    path: str = "/v1/messages"
+    rule: str = ""
+    model: str = ""                   # the ccm model it was routed to
+    requested_model: str = ""         # the model Claude Code asked for
+    provider: str = ""                # the provider that answered
+    upstream_model: str = ""
+    status: int = 0
+    error: str = ""
+    error_type: str = ""
+    stream: bool = False
+    refused: bool = False             # answered before any upstream was called
+    attempts: list[Attempt] = field(default_factory=list)
+    usage: Usage = field(default_factory=Usage)
+    latency_ms: float = 0.0
+    first_byte_ms: float | None = None
+    session_id: str = ""
+    trace: list[str] = field(default_factory=list)
+
+
+def record_of(ex: Exchange) -> RequestRecord:
+    target = ex.target
+    return RequestRecord(
+        id=ex.req.id, time=time.time(), path=ex.req.path, rule=ex.route.rule,
+        model=ex.route.model, requested_model=ex.requested,
+        provider=target.provider if target else "", upstream_model=target.model if target else "",
+        status=ex.status, error=ex.error,
+        error_type=error_type_for(ex.status) if ex.status >= 400 else "", stream=ex.stream,
+        attempts=ex.attempts, usage=ex.usage, latency_ms=(time.monotonic() - ex.started) * 1000,
+        first_byte_ms=ex.first_byte_ms,
+        session_id=ex.req.headers.get("x-claude-code-session-id", ""), trace=ex.route.trace)
+
+
+def refused_record(req: Request, exc: ProxyError, started: float) -> RequestRecord:
+    """A /v1 request refused before routing or any upstream call (400, 401, 404...)."""
+    requested = ""
+    with contextlib.suppress(ValueError, UnicodeDecodeError, AttributeError):
+        value = json.loads(req.body).get("model") if req.body else None
+        requested = value if isinstance(value, str) else ""
+    return RequestRecord(id=req.id, time=time.time(), path=req.path, requested_model=requested,
+                         status=exc.status, error=exc.message, error_type=exc.etype,
+                         refused=True, latency_ms=(time.monotonic() - started) * 1000,
+                         session_id=req.headers.get("x-claude-code-session-id", ""),
+                         trace=[f"refused: {exc.message}"])
+
+
+class Recorder:
+    """The end of every request: its counters, its log line, the recent list the admin page
+    shows, and the hooks (the usage ledger) that get the typed record."""
+
+    def __init__(self, counters: collections.Counter[str], size: int = RECENT_REQUESTS) -> None:
+        self.counters = counters
+        self.recent: collections.deque[Json] = collections.deque(maxlen=size)
+        self.hooks: list[Callable[[RequestRecord], None]] = []
+
+    def finish(self, rec: RequestRecord) -> None:
+        k = self.counters
+        if rec.refused:
+            k["refused"] += 1
+        else:
+            k["in_flight"] -= 1
+            outcome = "ok" if rec.status < 400 else "client_aborted" if rec.status == 499 else "error"
+            k[f"responses.{outcome}"] += 1
+        k[f"status.{rec.status}"] += 1
+        self.recent.append(self.entry(rec))
+        self._log(rec)
+        for hook in self.hooks:
+            hook(rec)
+
+    @staticmethod
+    def entry(rec: RequestRecord) -> Json:
+        u = rec.usage
+        return {"id": rec.id, "time": rec.time, "rule": rec.rule, "model": rec.model,
+                "requested_model": rec.requested_model, "provider": rec.provider,
+                "upstream_model": rec.upstream_model,
+                "attempts": [{"provider": a.provider, "model": a.model, "status": a.status,
+                              "error": a.error, "ms": round(a.ms, 1)} for a in rec.attempts],
+                "status": rec.status, "latency_ms": round(rec.latency_ms, 1), "stream": rec.stream,
+                "error": rec.error, "refused": rec.refused,
+                "usage": {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
+                          "cache_read_input_tokens": u.cache_read_input_tokens,
+                          "cache_creation_input_tokens": u.cache_creation_input_tokens},
+                "trace": rec.trace}
+
+    def _log(self, rec: RequestRecord) -> None:
+        if not _log.isEnabledFor(logging.INFO):
+            return
+        chain = " > ".join(f"{a.provider}:{a.status or '-'}" for a in rec.attempts) or "-"
+        u = rec.usage
+        _log.info("%s %s route=%s model=%s provider=%s status=%s attempts=%s latency_ms=%.0f "
+                  "in=%d out=%d%s", rec.id, "stream" if rec.stream else "json", rec.rule or "-",
+                  rec.model or rec.requested_model or "-", rec.provider or "-", rec.status, chain,
+                  rec.latency_ms, u.input_tokens, u.output_tokens,
+                  f" error={rec.error!r}" if rec.error else "")
 
 
 # ============================================================================================
@@ -3503,7 +4204,7 @@ async def start_server(app: Any, cfg: ServerCfg, sock: Any = None) -> Server:
 
 # ============================================================================================
 # 15. Admin page and API
-# Exports: ADMIN_HTML, AdminAPI (the admin_* handlers App inherits), load_admin_token,
+# Exports: ADMIN_HTML, Admin (the object App delegates /api/* to), load_admin_token,
 #          config_json, merge_config_json, merge_patch
 # Uses: 2-14
 # ============================================================================================
@@ -3650,21 +4351,21 @@ def _csp_hash(text: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
 
 
-class AdminAPI:
-    """The admin page and its JSON API (inherited by App): token, Host and Origin checked,
-    secrets masked, config writes atomic and applied live."""
+class Admin:
+    """The admin page and its JSON API, which the app delegates /api/* to: token, Host and
+    Origin checked, secrets masked, config writes atomic and applied live."""
 
-    cfg: Config
-    up: Any
-    recent: collections.deque[Json]
-    counters: collections.Counter[str]
-    started: float
-    admin_token: str
-    on_reload: Callable[[], bool] | None
+    def __init__(self, app: Any, token: str) -> None:
+        self.app = app                     # the App: its config, upstreams, recorder, counters
+        self.token = token
 
-    def admin_routes(self) -> dict[tuple[str, str], Callable[[Request], Awaitable[Any]]]:
+    @property
+    def cfg(self) -> Config:
+        return self.app.cfg
+
+    def routes(self) -> dict[tuple[str, str], Callable[[Request], Awaitable[Any]]]:
         return {
-            ("GET", "/"): self.admin_page, ("GET", "/admin"): self.admin_page,
+            ("GET", "/"): self.page, ("GET", "/admin"): self.page,
             ("GET", "/api/config"): self.admin_config, ("GET", "/api/config/json"): self.admin_config,
             ("POST", "/api/config/json"): self.admin_replace, ("PUT", "/api/config"): self.admin_replace,
             ("POST", "/api/config"): self.admin_router_form, ("POST", "/api/restart"): self.admin_restart,
@@ -3685,7 +4386,7 @@ class AdminAPI:
             return True
         return bool(_LOOPBACK_HOSTS.match(req.headers.get("host", "")))
 
-    def admin_guard(self, req: Request) -> None:
+    def guard(self, req: Request) -> None:
         """DNS rebinding (Host), the admin token (cookie or Bearer), and CSRF (Origin)."""
         host = req.headers.get("host", "")
         if not self._host_ok(req):
@@ -3700,7 +4401,7 @@ class AdminAPI:
                              "permission_error")
 
     def _admin_token_ok(self, req: Request) -> bool:
-        token = self.admin_token.encode()
+        token = self.token.encode()
         auth = req.headers.get("authorization", "")
         if auth[:7].lower() == "bearer " and hmac.compare_digest(auth[7:].strip().encode(), token):
             return True
@@ -3715,15 +4416,15 @@ class AdminAPI:
                         dumps(data).encode())
 
     # ---- page --------------------------------------------------------------------------
-    async def admin_page(self, req: Request) -> Response:
+    async def page(self, req: Request) -> Response:
         query = dict(p.partition("=")[::2] for p in req.query.split("&") if p)
         given = query.get("token", "")
-        if given and hmac.compare_digest(given.encode(), self.admin_token.encode()) and \
+        if given and hmac.compare_digest(given.encode(), self.token.encode()) and \
                 self._host_ok(req):
-            cookie = f"{ADMIN_COOKIE}={self.admin_token}; HttpOnly; SameSite=Strict; Path=/"
+            cookie = f"{ADMIN_COOKIE}={self.token}; HttpOnly; SameSite=Strict; Path=/"
             return Response(302, [("location", "/"), ("set-cookie", cookie), *ADMIN_HEADERS])
         try:
-            self.admin_guard(req)
+            self.guard(req)
         except ProxyError as exc:
             page = LOGIN_HTML.replace("{message}", exc.message.split(":")[0])
             return Response(exc.status, [("content-type", "text/html; charset=utf-8"),
@@ -3736,8 +4437,8 @@ class AdminAPI:
     async def admin_config(self, req: Request) -> Response:
         return self._json(dict(config_json(self.cfg.raw), _meta={
             "path": self.cfg.path, "provider_types": {
-                t: {"base_url": u, "family": "anthropic" if t in ANTHROPIC_TYPES else
-                    "openai" if t in OPENAI_TYPES else "gemini"} for t, u in PROVIDER_TYPES.items()},
+                t: {"base_url": pt.base_url, "family": pt.family, "auth": pt.auth}
+                for t, pt in PROVIDER_TYPES.items()},
             "warnings": self.cfg.warnings}))
 
     async def admin_providers(self, req: Request) -> Response:
@@ -3779,13 +4480,10 @@ class AdminAPI:
         except (TypeError, tomllib.TOMLDecodeError) as exc:
             raise ProxyError(400, f"config cannot be written as TOML: {exc}")
         atomic_write(path, text.encode(), backup=True)
-        self.apply_config(cfg)
+        self.app.apply_config(cfg)
         _log.info("config saved from the admin page to %s", path)
         return self._json({"status": "success", "message": "Configuration saved and applied",
                            "warnings": cfg.warnings})
-
-    def apply_config(self, cfg: Config) -> None:
-        self.cfg = cfg
 
     async def admin_router_form(self, req: Request) -> Response:
         """claude-code-mux's form post: default_model, background_model, think_model,
@@ -3807,7 +4505,7 @@ class AdminAPI:
 
     async def admin_restart(self, req: Request) -> Response:
         """claude-code-mux restarts to apply its file; ccm re-reads the file in place."""
-        ok = self.on_reload() if self.on_reload is not None else False
+        ok = self.app.on_reload() if self.app.on_reload is not None else False
         if not ok:
             raise ProxyError(400, "the config file is invalid or cannot be reloaded here; "
                              "the running config stays")
@@ -3827,7 +4525,7 @@ class AdminAPI:
     # ---- tools -------------------------------------------------------------------------
     async def admin_route(self, req: Request) -> Response:
         info = explain(req.body, {k.lower(): v for k, v in (self._body_headers(req)).items()},
-                       self.cfg, self.up)
+                       self.cfg, self.app.up)
         return self._json(info)
 
     def _body_headers(self, req: Request) -> dict[str, str]:
@@ -3849,12 +4547,12 @@ class AdminAPI:
         treq = Request("POST", "/v1/messages", "", {"anthropic-version": ANTHROPIC_VERSION}, raw)
         rt = Route("test", model, [Target(p.name, model)], [], probe)
         t0 = time.monotonic()
+        up = self.app.up
         try:
-            hreq, _ = self.up.build(p, rt.targets[0], treq, rt, True, p.options)
-            resp = await asyncio.wait_for(self.up.client.send(hreq), 20)
-        except (ProxyError, httpx.HTTPError, OSError, asyncio.TimeoutError) as exc:
-            msg = getattr(exc, "message", "") or type(exc).__name__
-            return self._json({"ok": False, "status": 0, "error": scrub(msg, p),
+            call = Call(p, rt.targets[0], treq, probe, model, up.credentials.pick(p), True, up.secret)
+            resp = await up.send(p, adapter_for(p).build(call), 20.0, stream=False)
+        except ProxyError as exc:
+            return self._json({"ok": False, "status": 0, "error": scrub(exc.message, p),
                                "latency_ms": round((time.monotonic() - t0) * 1000, 1)})
         ms = round((time.monotonic() - t0) * 1000, 1)
         ok = resp.status_code < 400
@@ -3880,32 +4578,32 @@ class AdminAPI:
             headers["x-provider"] = str(body["provider"])
         inner = Request("POST", "/v1/messages", "", headers, dumps(msg).encode(), "1.1",
                         req.peer, req.id)
-        return await self.messages(inner)  # type: ignore[attr-defined]
+        return await self.app.messages(inner)
 
     # ---- status ------------------------------------------------------------------------
     async def admin_overview(self, req: Request) -> Response:
-        by_route = {k[6:]: v for k, v in self.counters.items() if k.startswith("route.")}
+        by_route = {k[6:]: v for k, v in self.app.counters.items() if k.startswith("route.")}
         by_provider: dict[str, Json] = {}
-        for entry in self.recent:
+        for entry in self.app.recorder.recent:
             p = by_provider.setdefault(entry["provider"] or "(none)", {"requests": 0, "errors": 0})
             p["requests"] += 1
             p["errors"] += entry["status"] >= 400
         return self._json({
-            "version": __version__, "uptime_s": round(time.time() - self.started, 1),
+            "version": __version__, "uptime_s": round(time.time() - self.app.started, 1),
             "config_path": self.cfg.path, "listen": f"{self.cfg.server.host}:{self.cfg.server.port}",
-            "counters": dict(self.counters), "by_route": by_route, "by_provider": by_provider,
-            "breakers": {n: self.up.health.snapshot().get(n, {"state": "closed"})
+            "counters": dict(self.app.counters), "by_route": by_route, "by_provider": by_provider,
+            "breakers": {n: self.app.up.health.snapshot().get(n, {"state": "closed"})
                          for n in self.cfg.providers},
             "warnings": self.cfg.warnings})
 
     async def admin_requests(self, req: Request) -> Response:
         query = dict(p.partition("=")[::2] for p in req.query.split("&") if p)
         if query.get("id"):
-            for entry in self.recent:
+            for entry in self.app.recorder.recent:
                 if entry["id"] == query["id"]:
                     return self._json(entry)
             raise ProxyError(404, f"no recent request {query['id']!r}", "not_found_error")
-        return self._json(list(reversed(self.recent)))
+        return self._json(list(reversed(self.app.recorder.recent)))
 
 
 def _first_model_of(cfg: Config, provider: str) -> str | None:
@@ -4145,13 +4843,9 @@ ADMIN_CSP = ("default-src 'none'; script-src " + _csp_hash(ADMIN_SCRIPT) + "; st
 
 # ============================================================================================
 # 16. App
-# Exports: App, message_to_events, validate_messages
+# Exports: App
 # Uses: 2-15
 # ============================================================================================
-
-RECENT_REQUESTS = 500
-COUNT_TOKENS_TIMEOUT_S = 5.0
-NO_COUNT_TOKENS_S = 600.0        # how long a provider that lacks count_tokens is not asked
 
 
 def _needs_counting(cfg: Config, body_len: int) -> bool:
@@ -4161,7 +4855,7 @@ def _needs_counting(cfg: Config, body_len: int) -> bool:
         return False
     if cfg.router.long_context and body_len > cfg.router.long_context_threshold:
         return True
-    return any(p.family != "anthropic" for p in cfg.providers.values())
+    return any(not adapter_for(p).passthrough for p in cfg.providers.values())
 
 
 async def _encoding_ready() -> None:
@@ -4170,97 +4864,23 @@ async def _encoding_ready() -> None:
         await asyncio.get_running_loop().run_in_executor(None, COUNTER.encoding)
 
 
-def message_to_events(msg: Json) -> list[bytes]:
-    """A whole Anthropic message as the SSE events a stream of it would have carried."""
-    start = dict(msg, content=[], stop_reason=None, stop_sequence=None,
-                 usage=dict(msg.get("usage") or {}, output_tokens=0))
-    out = [sse("message_start", {"type": "message_start", "message": start}),
-           sse("ping", {"type": "ping"})]
-    for i, block in enumerate(msg.get("content") or []):
-        kind = block.get("type")
-        empty = {"text": {"type": "text", "text": ""},
-                 "thinking": {"type": "thinking", "thinking": "", "signature": ""},
-                 "tool_use": dict(block, input={})}.get(kind, block)
-        out.append(sse("content_block_start", {"type": "content_block_start", "index": i,
-                                               "content_block": empty}))
-        delta = {"text": {"type": "text_delta", "text": block.get("text", "")},
-                 "thinking": {"type": "thinking_delta", "thinking": block.get("thinking", "")},
-                 "tool_use": {"type": "input_json_delta", "partial_json": dumps(block.get("input", {}))},
-                 }.get(kind)
-        if delta:
-            out.append(sse("content_block_delta", {"type": "content_block_delta", "index": i,
-                                                   "delta": delta}))
-        if kind == "thinking":
-            out.append(sse("content_block_delta", {"type": "content_block_delta", "index": i,
-                                                   "delta": {"type": "signature_delta",
-                                                             "signature": block.get("signature", "")}}))
-        out.append(sse("content_block_stop", {"type": "content_block_stop", "index": i}))
-    delta = {"stop_reason": msg.get("stop_reason"), "stop_sequence": msg.get("stop_sequence")}
-    out.append(sse("message_delta", {"type": "message_delta", "delta": delta,
-                                     "usage": msg.get("usage") or {}}))
-    out.append(sse("message_stop", {"type": "message_stop"}))
-    return out
-
-
-def _relay_headers(headers: httpx.Headers) -> list[tuple[str, str]]:
-    return [(k, v) for k, v in headers.items()
-            if k in RELAY_HEADERS or k.startswith(RELAY_PREFIXES)]
-
-
-def _json_body(req: Request) -> Json:
-    if not req.body:
-        raise ProxyError(400, "request body is empty; expected a JSON object")
-    try:
-        body = json.loads(req.body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProxyError(400, f"request body is not valid JSON: {exc}")
-    if not isinstance(body, dict):
-        raise ProxyError(400, "request body must be a JSON object")
-    return body
-
-
-def validate_messages(body: Json, need_max_tokens: bool = True) -> None:
-    """Reject what no upstream would accept, before any upstream is called (PROTOCOL.md §7)."""
-    if not isinstance(body.get("model"), str) or not body["model"]:
-        raise ProxyError(400, "model: Field required (a non-empty string)")
-    if not isinstance(body.get("messages"), list):
-        raise ProxyError(400, "messages: Field required (a list)")
-    if need_max_tokens:
-        mt = body.get("max_tokens")
-        if not isinstance(mt, int) or isinstance(mt, bool) or mt < 1:
-            raise ProxyError(400, "max_tokens: Field required (a positive integer)")
-    if "stream" in body and not isinstance(body["stream"], bool):
-        raise ProxyError(400, "stream: must be a boolean")
-
-
-@dataclass(slots=True)
-class _Exchange:
-    """Per-request state shared by the attempts of one /v1/messages call."""
-    req: Request
-    route: Route
-    cfg: Config
-    stream: bool
-    started: float
-    requested: str
-    attempts: list[Attempt] = field(default_factory=list)
-    deadline: float = 0.0
-    finished: bool = False
-
-
-class App(AdminAPI):
-    """The request table and the one place handler exceptions become Anthropic errors."""
+class App:
+    """The route table, client auth, the endpoint handlers, and the one place handler
+    exceptions become Anthropic errors. Failover, recording and the admin API are objects
+    it delegates to."""
 
     def __init__(self, cfg: Config, upstreams: Upstreams | None = None,
                  admin_token: str | None = None) -> None:
         self.cfg = cfg
         self.up = upstreams or Upstreams(cfg)
-        self.admin_token = admin_token or secrets.token_urlsafe(24)
         self.on_config: Callable[[Config], None] | None = None
         self.on_reload: Callable[[], bool] | None = None
         self.no_count: dict[str, float] = {}
         self.started = time.time()
-        self.recent: collections.deque[Json] = collections.deque(maxlen=RECENT_REQUESTS)
         self.counters: collections.Counter[str] = collections.Counter()
+        self.recorder = Recorder(self.counters)
+        self.failover = Failover(self.up, self.counters)
+        self.admin = Admin(self, admin_token or secrets.token_urlsafe(24))
         self.table: dict[tuple[str, str], Callable[[Request], Awaitable[Any]]] = {
             ("POST", "/v1/messages"): self.messages,
             ("POST", "/v1/messages/count_tokens"): self.count_tokens,
@@ -4271,9 +4891,17 @@ class App(AdminAPI):
             ("GET", "/api/hello"): self.hello,
             ("GET", "/favicon.ico"): self.hello,
         }
-        self.admin = self.admin_routes()
-        self.table.update(self.admin)
+        self.admin_table = self.admin.routes()
+        self.table.update(self.admin_table)
         self.paths = {path for _, path in self.table}
+
+    @property
+    def recent(self) -> collections.deque[Json]:
+        return self.recorder.recent
+
+    @property
+    def admin_token(self) -> str:
+        return self.admin.token
 
     # ---- dispatch ----------------------------------------------------------------------
     async def __call__(self, req: Request) -> Response | StreamResponse:
@@ -4282,11 +4910,11 @@ class App(AdminAPI):
             handler = self.table.get(key)
             if handler is None:
                 raise self._no_route(req.method, req.path)
-            if key in self.admin:
-                if handler != self.admin_page:
-                    self.admin_guard(req)
+            if key in self.admin_table:
+                if handler != self.admin.page:
+                    self.admin.guard(req)
             else:
-                self.check_auth(req.path, req.headers)
+                self._auth(req)
             return await handler(req)
         except asyncio.CancelledError:
             raise
@@ -4297,6 +4925,14 @@ class App(AdminAPI):
             _log.exception("request %s: unhandled error", req.id)
             self.counters["errors.api_error"] += 1
             return self._error(req, exc)
+
+    def _auth(self, req: Request) -> None:
+        try:
+            self.check_auth(req.path, req.headers)
+        except ProxyError as exc:
+            if req.path == "/v1/messages":      # refused requests are recorded too
+                self.recorder.finish(refused_record(req, exc, time.monotonic()))
+            raise
 
     def _error(self, req: Request, exc: BaseException) -> Response:
         resp = error_response(exc)
@@ -4316,9 +4952,8 @@ class App(AdminAPI):
         if (head.method, head.path) not in self.table:
             return self._no_route(head.method, head.path)
         try:
-            if (head.method, head.path) in self.admin:
-                req = Request(head.method, head.path, head.query, head.headers)
-                self.admin_guard(req)
+            if (head.method, head.path) in self.admin_table:
+                self.admin.guard(Request(head.method, head.path, head.query, head.headers))
             else:
                 self.check_auth(head.path, head.headers)
         except ProxyError as exc:
@@ -4339,16 +4974,16 @@ class App(AdminAPI):
             raise ProxyError(401, "invalid or missing ccm API key (send it as x-api-key or "
                              "Authorization: Bearer)")
 
-    # ---- small endpoints ---------------------------------------------------------------
-    async def hello(self, req: Request) -> Response:
-        return Response(200, [("content-type", "text/plain; charset=utf-8")], b"")
-
     def apply_config(self, cfg: Config) -> None:
         """A config saved from the admin page: new requests use it, in-flight ones keep theirs."""
         if self.on_config is not None:
             self.on_config(cfg)
         else:
             self.cfg = cfg
+
+    # ---- small endpoints ---------------------------------------------------------------
+    async def hello(self, req: Request) -> Response:
+        return Response(200, [("content-type", "text/plain; charset=utf-8")], b"")
 
     async def models(self, req: Request) -> Response:
         data = [{"type": "model", "id": name, "display_name": name,
@@ -4359,10 +4994,11 @@ class App(AdminAPI):
         return Response(200, [("content-type", "application/json")], dumps(body).encode())
 
     async def health(self, req: Request) -> Response:
+        breakers = self.up.health.snapshot()
         body = {"status": "ok", "service": "claude-code-mux", "version": __version__,
                 "uptime_s": round(time.time() - self.started, 1),
                 "providers": {name: {"enabled": p.enabled, "type": p.provider_type,
-                                     **self.up.health.snapshot().get(name, {"state": "closed"})}
+                                     **breakers.get(name, {"state": "closed"})}
                               for name, p in self.cfg.providers.items()},
                 "counters": dict(sorted((self.counters + self.up.health.counters).items()))}
         return Response(200, [("content-type", "application/json")], dumps(body).encode())
@@ -4375,354 +5011,42 @@ class App(AdminAPI):
         cfg = self.cfg
         with contextlib.suppress(RouteError):
             rt = route(body, req.headers, cfg)
-            forwarded = await self._forward_count(req, rt, cfg)
+            forwarded = await forward_count(self.up, req, rt, cfg, self.no_count)
             if forwarded is not None:
                 return forwarded
         n, how = COUNTER.count(body)
         return Response(200, [("content-type", "application/json"), ("x-ccm-token-count", how)],
                         dumps({"input_tokens": n}).encode())
 
-    async def _forward_count(self, req: Request, rt: Route, cfg: Config) -> Response | None:
-        """An Anthropic-format provider counts exactly; any failure falls back to local."""
-        target = rt.targets[0] if rt.targets else None
-        p = cfg.providers.get(target.provider) if target else None
-        if p is None or p.family != "anthropic" or not p.enabled:
-            return None
-        if self.no_count.get(p.name, 0) > time.monotonic():
-            return None                     # it said it has no count_tokens a moment ago
-        try:
-            hreq, _ = self.up.build(p, target, req, rt, cfg.server.api_key is not None, {})
-            resp = await asyncio.wait_for(self.up.client.send(hreq), COUNT_TOKENS_TIMEOUT_S)
-        except (UpstreamError, httpx.HTTPError, OSError, asyncio.TimeoutError, ValueError):
-            return None
-        if resp.status_code in (404, 405, 501):
-            self.no_count[p.name] = time.monotonic() + NO_COUNT_TOKENS_S
-        if resp.status_code != 200:
-            return None
-        with contextlib.suppress(ValueError):
-            if isinstance(json.loads(resp.content).get("input_tokens"), int):
-                return Response(200, [("content-type", "application/json"),
-                                      ("x-ccm-token-count", f"provider {p.name}")], resp.content)
-        return None
-
     # ---- messages ----------------------------------------------------------------------
     async def messages(self, req: Request) -> Response | StreamResponse:
-        body = _json_body(req)
-        validate_messages(body)
+        started = time.monotonic()
         cfg = self.cfg                      # in-flight requests keep the config they started with
-        if _needs_counting(cfg, len(req.body)):
-            await _encoding_ready()
-        rt = route(body, req.headers, cfg, count=COUNTER.count, raw_len=len(req.body))
-        call = _Exchange(req, rt, cfg, body.get("stream") is True, time.monotonic(), body["model"])
-        call.deadline = call.started + cfg.server.api_timeout_ms / 1000
+        try:
+            body = _json_body(req)
+            validate_messages(body)
+            if _needs_counting(cfg, len(req.body)):
+                await _encoding_ready()
+            rt = route(body, req.headers, cfg, count=COUNTER.count, raw_len=len(req.body))
+        except ProxyError as exc:
+            self.recorder.finish(refused_record(req, exc, started))
+            raise
+        ex = Exchange(req, rt, cfg, body.get("stream") is True, started, body["model"],
+                      lambda ex: self.recorder.finish(record_of(ex)))
+        ex.deadline = ex.started + cfg.server.api_timeout_ms / 1000
         self.counters["requests"] += 1
         self.counters[f"route.{rt.rule}"] += 1
         self.counters["in_flight"] += 1
         try:
-            resp = await self._failover(call)
+            resp = await self.failover.call(ex)
             resp.headers.append(("x-ccm-request-id", req.id))
             return resp
         except asyncio.CancelledError:
-            self._finish(call, 499, Usage(), "client aborted")
+            ex.finish(499, error="client aborted")
             raise
         except BaseException as exc:
-            self._finish(call, getattr(exc, "status", 500), Usage(), str(exc))
+            ex.finish(getattr(exc, "status", 500), error=str(exc))
             raise
-
-    async def _failover(self, call: _Exchange) -> Response | StreamResponse:
-        """Try the model's providers in order (open breakers last) until one answers."""
-        cfg, rt = call.cfg, call.route
-        chain = self.up.health.order(rt.targets)
-        mm = cfg.models.get(rt.model) or _model_ci(rt.model, cfg)
-        max_retries = mm.max_retries if mm else 1
-        last: ProxyError | None = None
-        for n, target in enumerate(chain):
-            p = cfg.providers.get(target.provider)
-            if p is None or not p.enabled:
-                rt.trace.append(f"{target.provider}: skipped ({'disabled' if p else 'unknown'})")
-                continue
-            if n and last is not None:
-                self.counters[f"failovers.{chain[n - 1].provider}"] += 1
-            tries = 0
-            while True:
-                key = self.up.keys.pick(p)
-                try:
-                    return await self._attempt(call, p, target, key)
-                except ProxyError as exc:
-                    last = exc
-                    wait = self._retry_wait(call, p, exc, key, tries, n == len(chain) - 1, max_retries)
-                if wait is None:
-                    break
-                tries += 1
-                rt.trace.append(f"{p.name}: retrying in {wait:.2f} s (try {tries + 1})")
-                self.counters[f"retries.{p.name}"] += 1
-                await asyncio.sleep(wait)
-            if not (isinstance(last, UpstreamError) and last.retryable):
-                break
-        if last is None:
-            last = ProxyError(503, f"no enabled provider for model {rt.model!r}", "overloaded_error")
-        self._finish(call, last.status, Usage(), str(last.message))
-        raise last
-
-    def _retry_wait(self, call: _Exchange, p: Provider, exc: ProxyError, key: str | None,
-                    tries: int, is_last: bool, max_retries: int) -> float | None:
-        """How long to wait before trying the same provider again, or None to move on."""
-        if not isinstance(exc, UpstreamError):
-            return None
-        ra = exc.retry_after_s
-        if exc.status in (401, 403, 429) and key and len(p.keys()) > 1:
-            self.up.keys.cool(p, key, ra if ra else (60.0 if exc.status != 429 else 30.0))
-            if self.up.keys.has_fresh(p) and tries < len(p.keys()):
-                exc.retryable = True
-                return 0.0                  # the next key of the pool, at once
-        if not exc.retryable:
-            return None
-        remaining = call.deadline - time.monotonic()
-        limit = call.cfg.server.retry_after_max_ms / 1000
-        if exc.status in (429, 529) and ra is not None:
-            ok = ra <= limit and tries < max_retries and ra < remaining
-            return float(ra) if ok else None
-        if is_last and tries < max_retries:
-            wait = random.uniform(0, min(2.0, 0.25 * 2 ** tries))   # full jitter
-            return wait if wait < remaining else None
-        return None
-
-    def _route_header(self, call: _Exchange, target: Target) -> tuple[str, str]:
-        return ("x-ccm-route", f"{call.route.rule}; model={call.route.model}; "
-                               f"provider={target.provider}; upstream_model={target.model}")
-
-    async def _attempt(self, call: _Exchange, p: Provider, target: Target,
-                       key: str | None) -> Response | StreamResponse:
-        opts = {**p.options, **target.options}
-        att = Attempt(p.name, target.model)
-        call.attempts.append(att)
-        t0 = time.monotonic()
-        self.up.health.begin(p.name)
-        try:
-            return await self._attempt_probe(call, p, target, key, att, t0, opts)
-        finally:
-            self.up.health.probing.discard(p.name)   # a probe never outlives its attempt
-
-    async def _attempt_probe(self, call: _Exchange, p: Provider, target: Target, key: str | None,
-                             att: Attempt, t0: float, opts: Json) -> Response | StreamResponse:
-        cfg = call.cfg
-        first_byte_s = (p.first_byte_timeout_ms or cfg.server.first_byte_timeout_ms) / 1000
-        total_s = (p.api_timeout_ms or cfg.server.api_timeout_ms) / 1000
-        total_s = max(0.05, min(total_s, call.deadline - t0))
-        try:
-            try:
-                hreq, names = self.up.build(p, target, call.req, call.route,
-                                            cfg.server.api_key is not None, opts, key)
-            except (ValueError, TypeError, httpx.HTTPError) as exc:
-                raise UpstreamError(502, f"{p.name}: cannot build the upstream request "
-                                    f"({type(exc).__name__})", "api_error", provider=p.name,
-                                    retryable=True)
-            connect_s = (p.connect_timeout_ms or cfg.server.connect_timeout_ms) / 1000
-            hreq.extensions["timeout"] = {"connect": connect_s, "read": None, "write": 60.0,
-                                          "pool": connect_s}
-            resp = await asyncio.wait_for(self.up.client.send(hreq, stream=True),
-                                          min(first_byte_s, total_s))
-        except (httpx.HTTPError, OSError, asyncio.TimeoutError) as exc:
-            err = self._transport_error(p, exc, min(first_byte_s, total_s))
-            att.status, att.error, att.ms = err.status, err.message, (time.monotonic() - t0) * 1000
-            self.up.health.failure(p.name)
-            call.route.trace.append(f"{p.name}: {err.message}")
-            raise err
-        except UpstreamError as exc:
-            att.status, att.error = exc.status, exc.message
-            call.route.trace.append(f"{p.name}: {exc.message}")
-            self.up.health.failure(p.name)
-            raise
-        att.status = resp.status_code
-        try:
-            if resp.status_code >= 400:
-                raise await self._upstream_error(p, resp, total_s)
-            if call.stream and "text/event-stream" in resp.headers.get("content-type", ""):
-                return await self._stream(call, p, target, resp, names, min(first_byte_s, total_s), t0)
-            return await self._whole(call, p, target, resp, names, total_s, t0)
-        except BaseException as exc:
-            if isinstance(exc, UpstreamError):
-                att.status, att.error = exc.status, exc.message
-                call.route.trace.append(f"{p.name}: {exc.status} {exc.message}")
-                if exc.retryable:
-                    self.up.health.failure(p.name)
-                else:
-                    self.up.health.probing.discard(p.name)
-            else:
-                self.up.health.probing.discard(p.name)
-            att.ms = (time.monotonic() - t0) * 1000
-            await resp.aclose()
-            raise
-
-    def _transport_error(self, p: Provider, exc: BaseException, first_byte_s: float) -> UpstreamError:
-        if isinstance(exc, asyncio.TimeoutError):
-            return UpstreamError(504, f"{p.name}: no response within {first_byte_s:g} s",
-                                 "timeout_error", provider=p.name, retryable=True)
-        if isinstance(exc, httpx.ConnectError):
-            return UpstreamError(529, f"{p.name}: cannot connect ({scrub(str(exc), p)})",
-                                 "overloaded_error", provider=p.name, retryable=True)
-        # Only the class name: a protocol error's text can quote a header value, i.e. a key.
-        return UpstreamError(529, f"{p.name}: {type(exc).__name__}", "overloaded_error",
-                             provider=p.name, retryable=True)
-
-    async def _upstream_error(self, p: Provider, resp: httpx.Response, total_s: float) -> UpstreamError:
-        try:
-            raw = await asyncio.wait_for(resp.aread(), min(total_s, 30.0))
-        except (httpx.HTTPError, asyncio.TimeoutError):
-            raw = b""
-        status = resp.status_code
-        if p.family == "anthropic":
-            message = ""
-            with contextlib.suppress(ValueError, AttributeError, TypeError):
-                message = json.loads(raw)["error"]["message"]
-            if not message or not raw.lstrip().startswith(b"{"):
-                raw = error_body(status, f"{p.name}: {raw[:300].decode('utf-8', 'replace')}")
-            return UpstreamError(status, f"{p.name}: {message or status}", provider=p.name,
-                                 body=raw, headers=_relay_headers(resp.headers),
-                                 retryable=classify(status),
-                                 retry_after_s=retry_after_seconds(resp.headers))
-        err = openai_error(status, raw, resp.headers, p.name)
-        err.retryable = classify(status)
-        return err
-
-    async def _whole(self, call: _Exchange, p: Provider, target: Target, resp: httpx.Response,
-                     names: Any, total_s: float, t0: float) -> Response:
-        try:
-            raw = await asyncio.wait_for(resp.aread(), total_s)
-        except (httpx.HTTPError, asyncio.TimeoutError) as exc:
-            raise UpstreamError(504 if isinstance(exc, asyncio.TimeoutError) else 529,
-                                f"{p.name}: response not received ({type(exc).__name__})",
-                                provider=p.name, retryable=True)
-        finally:
-            await resp.aclose()
-        headers = [("content-type", "application/json"), self._route_header(call, target)]
-        try:
-            data = json.loads(raw)
-            if not isinstance(data, dict):
-                raise ValueError("not an object")
-        except ValueError:                  # a truncated or garbled 200 is a failure, not an answer
-            raise UpstreamError(502, f"{p.name}: upstream answered with invalid JSON",
-                                "api_error", provider=p.name, retryable=True)
-        if p.family == "anthropic":
-            headers += _relay_headers(resp.headers)
-            u = data.get("usage")
-            usage = _usage_of(u if isinstance(u, dict) else {})
-            out = raw
-            if call.stream:                 # asked to stream, got JSON: stream it anyway
-                return self._as_stream(call, p, target, data, headers, usage)
-        else:
-            msg = from_openai(data, call.requested, names or {}, self.up.secret,
-                              call.route.body.get("stop_sequences"))
-            _fill_usage(msg, data, call.route.body)
-            usage = _usage_of(msg["usage"])
-            if call.stream:
-                return self._as_stream(call, p, target, msg, headers, usage)
-            out = dumps(msg).encode()
-        self.up.health.success(p.name)
-        call.attempts[-1].ms = (time.monotonic() - t0) * 1000
-        self._finish(call, resp.status_code, usage, "", target)
-        return Response(resp.status_code, headers, out)
-
-    def _as_stream(self, call: _Exchange, p: Provider, target: Target, msg: Json,
-                   headers: list[tuple[str, str]], usage: Usage) -> StreamResponse:
-        self.up.health.success(p.name)
-        self._finish(call, 200, usage, "", target)
-        events = message_to_events(msg)
-
-        async def gen() -> AsyncIterator[bytes]:
-            yield b"".join(events)
-        sse_headers = [("content-type", "text/event-stream"), ("cache-control", "no-cache"),
-                       *headers[1:]]
-        return StreamResponse(200, sse_headers, gen())
-
-    async def _stream(self, call: _Exchange, p: Provider, target: Target, resp: httpx.Response,
-                      names: Any, first_byte_s: float, t0: float) -> StreamResponse:
-        cfg = call.cfg
-        if p.family == "anthropic":
-            tr: Any = PassthroughStream()
-        else:
-            stops = call.route.body.get("stop_sequences") or []
-            tr = OpenAIStream(call.requested, names or {}, self.up.secret,
-                              COUNTER.count(call.route.body)[0], stops)
-        tr.label = p.name
-        it = _body_chunks(resp)
-        remaining = max(0.1, first_byte_s - (time.monotonic() - t0))
-        try:
-            first = await asyncio.wait_for(first_events(it, tr), remaining)
-        except asyncio.TimeoutError:
-            raise UpstreamError(504, f"{p.name}: no stream data within {first_byte_s:g} s",
-                                "timeout_error", provider=p.name, retryable=True)
-        except UpstreamError:
-            raise
-        except Exception as exc:            # httpx/httpcore transport errors, unmapped here
-            raise UpstreamError(529, f"{p.name}: stream broke before its first event "
-                                f"({type(exc).__name__})", "overloaded_error", provider=p.name,
-                                retryable=True)
-        self.up.health.success(p.name)
-        call.attempts[-1].ms = (time.monotonic() - t0) * 1000
-        idle_s = (p.idle_timeout_ms or cfg.server.idle_timeout_ms) / 1000
-        headers = [("content-type", "text/event-stream"), ("cache-control", "no-cache"),
-                   self._route_header(call, target)]
-        if p.family == "anthropic":
-            headers += _relay_headers(resp.headers)
-
-        def on_end(tr: Any, outcome: str) -> None:
-            status = 200 if outcome == "ok" else (tr.failed.status if tr.failed and
-                                                   outcome == "error" else 499)
-            self._finish(call, status, tr.final_usage(), outcome if outcome != "ok" else "", target)
-        chunks = relay_stream(first, it, tr, ping_s=cfg.server.ping_interval_s, idle_s=idle_s,
-                              provider=p.name, on_end=on_end, close=resp.aclose)
-        return StreamResponse(resp.status_code, headers, chunks)
-
-    # ---- bookkeeping -------------------------------------------------------------------
-    def _finish(self, call: _Exchange, status: int, usage: Usage, error: str,
-                target: Target | None = None) -> None:
-        """Record one request's outcome exactly once: log line, recent list, counters."""
-        if call.finished:
-            return
-        call.finished = True
-        self.counters["in_flight"] -= 1
-        outcome = "ok" if status < 400 else "client_aborted" if status == 499 else "error"
-        self.counters[f"responses.{outcome}"] += 1
-        ms = (time.monotonic() - call.started) * 1000
-        chain = " > ".join(f"{a.provider}:{a.status or '-'}" for a in call.attempts) or "-"
-        entry = {"id": call.req.id, "time": time.time(), "rule": call.route.rule,
-                 "model": call.route.model, "requested_model": call.requested,
-                 "provider": target.provider if target else "",
-                 "upstream_model": target.model if target else "",
-                 "attempts": [{"provider": a.provider, "model": a.model, "status": a.status,
-                               "error": a.error, "ms": round(a.ms, 1)} for a in call.attempts],
-                 "status": status,
-                 "latency_ms": round(ms, 1), "stream": call.stream, "error": error,
-                 "usage": {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
-                           "cache_read_input_tokens": usage.cache_read_input_tokens,
-                           "cache_creation_input_tokens": usage.cache_creation_input_tokens},
-                 "trace": call.route.trace}
-        self.recent.append(entry)
-        self.counters[f"status.{status}"] += 1
-        _log.info("%s %s route=%s model=%s provider=%s status=%s attempts=%s latency_ms=%.0f "
-                  "in=%d out=%d%s", call.req.id, "stream" if call.stream else "json",
-                  call.route.rule, call.route.model, entry["provider"] or "-", status, chain, ms,
-                  usage.input_tokens, usage.output_tokens, f" error={error!r}" if error else "")
-
-
-def _fill_usage(msg: Json, data: Json, body: Json) -> None:
-    """An upstream that sent no usage gets ccm's own counts, never zeros."""
-    u = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-    if not u.get("prompt_tokens"):
-        msg["usage"]["input_tokens"] = COUNTER.count(body)[0]
-    if not u.get("completion_tokens"):
-        parts = [b.get("text") or b.get("thinking") or dumps(b.get("input", {}))
-                 for b in msg["content"]]
-        msg["usage"]["output_tokens"] = COUNTER.text("".join(parts)) if parts else 0
-
-
-def _usage_of(u: Json) -> Usage:
-    def num(key: str) -> int:
-        v = u.get(key)
-        return v if isinstance(v, int) else 0
-    return Usage(num("input_tokens"), num("output_tokens"), num("cache_read_input_tokens"),
-                 num("cache_creation_input_tokens"))
 
 
 # ============================================================================================
@@ -4783,6 +5107,11 @@ def pidfile_path(cfg_path: str) -> str:
     return os.path.join(state_dir(cfg_path), "ccm.pid")
 
 
+def _admin_url(cfg: Config, port: int | None = None) -> str:
+    host = cfg.server.host if cfg.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    return f"http://{host}:{port or cfg.server.port}/?token={load_admin_token(cfg)}"
+
+
 class Service:
     """A running daemon: config, app and server, with reload and graceful stop."""
 
@@ -4820,7 +5149,7 @@ class Service:
         self.cfg = cfg
         self.app.cfg = cfg
         if cfg.server.admin_token:
-            self.app.admin_token = cfg.server.admin_token
+            self.app.admin.token = cfg.server.admin_token
         health = self.app.up.health
         health.failures = cfg.server.breaker_failures
         health.cooldown_s = cfg.server.breaker_cooldown_ms / 1000
@@ -5032,11 +5361,6 @@ def _masked_raw(raw: Any, key: str = "") -> Any:
 def _base_url(cfg: Config) -> str:
     host = cfg.server.host if cfg.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     return f"http://{host}:{cfg.server.port}"
-
-
-def _admin_url(cfg: Config, port: int | None = None) -> str:
-    host = cfg.server.host if cfg.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    return f"http://{host}:{port or cfg.server.port}/?token={load_admin_token(cfg)}"
 
 
 def cmd_admin(args: argparse.Namespace) -> int:

@@ -5161,7 +5161,7 @@ def test_admin_every_route_requires_the_token(ccm_server: Any, fake_upstream: An
             assert c.app.admin_token not in r.text
             r = client.get(path + "?token=wrong-token-000000000000")
             assert r.status_code == 401 and "set-cookie" not in r.headers
-        routes = [k for k in c.app.admin if k not in {("GET", "/"), ("GET", "/admin")}]
+        routes = [k for k in c.app.admin_table if k not in {("GET", "/"), ("GET", "/admin")}]
         assert len(routes) >= 12
         for method, path in routes:
             r = client.request(method, path, content=b"{}" if method != "GET" else None,
@@ -5493,10 +5493,15 @@ def test_config_server_api_key_from_unset_variable_fails_closed(monkeypatch) -> 
 
 def test_app_transport_errors_never_quote_a_key() -> None:
     p = _cfg(PROV + 'api_key = "sk-secret-key-abcdef"\n').providers["p"]
-    app = ccm.App(_cfg(PROV))
     exc = httpx.LocalProtocolError("Illegal header value b'Bearer sk-secret-key-abcdef '")
-    err = app._transport_error(p, exc, 1.0)
-    assert "sk-secret" not in err.message and err.message == "p: LocalProtocolError"
+
+    async def send() -> None:
+        async with ccm.upstream_errors(p, "sending", 1.0):
+            raise exc
+    with pytest.raises(ccm.UpstreamError) as ei:
+        asyncio.run(send())
+    err = ei.value
+    assert "sk-secret" not in err.message and err.message == "p: sending failed (LocalProtocolError)"
     assert ccm.scrub("boom sk-secret-key-abcdef", p) == "boom ****cdef"
 
 
