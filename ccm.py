@@ -1578,7 +1578,7 @@ class SSEDecoder:
 
 
 # ============================================================================================
-# 10. Translation (pure)
+# 10. Provider adapters (pure)
 # Exports: passthrough_headers, passthrough_body, replace_model, sign_thinking,
 #          strip_foreign_thinking, to_openai, from_openai, OpenAIStream, openai_error,
 #          retry_after_seconds, repair_json, short_tool_name
@@ -2221,19 +2221,28 @@ class _Call:
     closed: bool = False
 
 
-class OpenAIStream:
-    """State machine: Chat Completions SSE bytes in, Anthropic SSE event bytes out."""
+def _openai_stream_error(chunk: Json, label: str) -> UpstreamError:
+    """An error payload inside a Chat Completions stream (PROTOCOL.md §4)."""
+    err = chunk.get("error", chunk)
+    if not isinstance(err, dict):
+        err = {"message": str(err)}
+    code = err.get("code")
+    status = code if isinstance(code, int) and 400 <= code <= 599 else 500
+    mapped, etype = _mapped_status(status)
+    if status == 500 and "overload" in str(err.get("message", "")).lower():
+        mapped, etype = 529, "overloaded_error"
+    return UpstreamError(mapped, f"{label}: {err.get('message') or 'stream error'}", etype)
 
-    def __init__(self, model: str, names: dict[str, str], secret: bytes,
-                 input_tokens: int = 0, stops: list[str] | None = None,
-                 counter: TokenCounter | None = None) -> None:
+
+class EventWriter:
+    """The Anthropic side of every stream translator (PROTOCOL.md §2): message_start then ping,
+    strictly sequential blocks (never two open), a signature closing each thinking block, then
+    message_delta and message_stop, or one error event and nothing after it."""
+
+    def __init__(self, model: str, secret: bytes, input_tokens: int = 0) -> None:
         self.model = model
-        self.names = names
         self.secret = secret
-        self.stops = stops or []
-        self.counter = counter or COUNTER
         self.label = "upstream"            # the provider's name, for error messages
-        self.decoder = SSEDecoder()
         self.msg_id = new_id("msg_")
         self.input_estimate = input_tokens
         self.started = False
@@ -2241,10 +2250,82 @@ class OpenAIStream:
         self.failed: UpstreamError | None = None
         self.index = -1               # index of the last block opened
         self.open: str | None = None  # "text" | "thinking" | "tool" | None
+        self.thinking = ""
+
+    def fail(self, exc: UpstreamError) -> list[bytes]:
+        out: list[bytes] = []
+        if not self.done:
+            self._fail(exc, out)
+        return out
+
+    def _start(self, out: list[bytes]) -> None:
+        if self.started:
+            return
+        self.started = True
+        usage = {"input_tokens": self.input_estimate, "output_tokens": 0,
+                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        msg = {"id": self.msg_id, "type": "message", "role": "assistant", "content": [],
+               "model": self.model, "stop_reason": None, "stop_sequence": None, "usage": usage}
+        out.append(sse("message_start", {"type": "message_start", "message": msg}))
+        out.append(sse("ping", {"type": "ping"}))
+
+    def _open(self, kind: str, block: Json, out: list[bytes]) -> int:
+        self._close_block(out)
+        self.index += 1
+        self.open = kind
+        out.append(sse("content_block_start", {"type": "content_block_start", "index": self.index,
+                                               "content_block": block}))
+        return self.index
+
+    def _delta(self, delta: Json, out: list[bytes]) -> None:
+        out.append(sse("content_block_delta", {"type": "content_block_delta", "index": self.index,
+                                               "delta": delta}))
+
+    def _signature(self) -> str:
+        """The signature that closes the open thinking block (ccm-signed, PROTOCOL.md §7)."""
+        return sign_thinking(self.secret, self.thinking)
+
+    def _closing(self, out: list[bytes]) -> None:
+        """What a family adds before a block of kind `self.open` stops."""
+
+    def _close_block(self, out: list[bytes]) -> None:
+        if self.open is None:
+            return
+        if self.open == "thinking":
+            self._delta({"type": "signature_delta", "signature": self._signature()}, out)
+            self.thinking = ""
+        self._closing(out)
+        out.append(sse("content_block_stop", {"type": "content_block_stop", "index": self.index}))
+        self.open = None
+
+    def _end(self, reason: str, stop_sequence: str | None, usage: Json, out: list[bytes]) -> None:
+        """Close the message: the open block, message_delta, message_stop."""
+        self._close_block(out)
+        delta = {"stop_reason": reason, "stop_sequence": stop_sequence}
+        out.append(sse("message_delta", {"type": "message_delta", "delta": delta, "usage": usage}))
+        out.append(sse("message_stop", {"type": "message_stop"}))
+        self.done = True
+
+    def _fail(self, exc: UpstreamError, out: list[bytes]) -> None:
+        self.failed = exc
+        self.done = True
+        out.append(error_event(exc))
+
+
+class OpenAIStream(EventWriter):
+    """State machine: Chat Completions SSE bytes in, Anthropic SSE event bytes out."""
+
+    def __init__(self, model: str, names: dict[str, str], secret: bytes,
+                 input_tokens: int = 0, stops: list[str] | None = None,
+                 counter: TokenCounter | None = None) -> None:
+        super().__init__(model, secret, input_tokens)
+        self.names = names
+        self.stops = stops or []
+        self.counter = counter or COUNTER
+        self.decoder = SSEDecoder()
         self.open_call: _Call | None = None
         self.calls: list[_Call] = []
         self.by_index: dict[int, _Call] = {}
-        self.thinking = ""
         self.finish: Any = None
         self.matched_stop: str | None = None
         self.usage: Json = {}
@@ -2277,12 +2358,6 @@ class OpenAIStream:
                                      "message was complete", "api_error", retryable=True), out)
         return out
 
-    def fail(self, exc: UpstreamError) -> list[bytes]:
-        out: list[bytes] = []
-        if not self.done:
-            self._fail(exc, out)
-        return out
-
     def final_usage(self) -> Usage:
         u = self._usage()
         return Usage(u["input_tokens"], u["output_tokens"], u.get("cache_read_input_tokens", 0),
@@ -2307,7 +2382,7 @@ class OpenAIStream:
         if not isinstance(chunk, dict):
             return
         if "error" in chunk or chunk.get("object") == "error":
-            self._fail(self._stream_error(chunk), out)
+            self._fail(_openai_stream_error(chunk, self.label), out)
             return
         self._start(out)
         self.upstream_id = self.upstream_id or str(chunk.get("id") or "")
@@ -2343,42 +2418,11 @@ class OpenAIStream:
                 self.matched_stop = matched
 
     # ---- blocks ------------------------------------------------------------------------
-    def _start(self, out: list[bytes]) -> None:
-        if self.started:
-            return
-        self.started = True
-        usage = {"input_tokens": self.input_estimate, "output_tokens": 0,
-                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
-        msg = {"id": self.msg_id, "type": "message", "role": "assistant", "content": [],
-               "model": self.model, "stop_reason": None, "stop_sequence": None, "usage": usage}
-        out.append(sse("message_start", {"type": "message_start", "message": msg}))
-        out.append(sse("ping", {"type": "ping"}))
-
-    def _open(self, kind: str, block: Json, out: list[bytes]) -> int:
-        self._close_block(out)
-        self.index += 1
-        self.open = kind
-        out.append(sse("content_block_start", {"type": "content_block_start", "index": self.index,
-                                               "content_block": block}))
-        return self.index
-
-    def _delta(self, delta: Json, out: list[bytes]) -> None:
-        out.append(sse("content_block_delta", {"type": "content_block_delta", "index": self.index,
-                                               "delta": delta}))
-
-    def _close_block(self, out: list[bytes]) -> None:
-        if self.open is None:
-            return
-        if self.open == "thinking":
-            self._delta({"type": "signature_delta",
-                         "signature": sign_thinking(self.secret, self.thinking)}, out)
-            self.thinking = ""
-        elif self.open == "tool" and self.open_call is not None:
+    def _closing(self, out: list[bytes]) -> None:
+        if self.open == "tool" and self.open_call is not None:
             self._end_call_args(self.open_call, out)
             self.open_call.closed = True
             self.open_call = None
-        out.append(sse("content_block_stop", {"type": "content_block_stop", "index": self.index}))
-        self.open = None
 
     def _hold(self, kind: str, text: str) -> bool:
         """Text that arrives while a tool call's arguments are unfinished waits for them, so
@@ -2500,12 +2544,7 @@ class OpenAIStream:
         reason = _stop_reason(self.finish, had_tools)
         if self.matched_stop and reason == "end_turn":
             reason = "stop_sequence"
-        delta = {"stop_reason": reason, "stop_sequence": self.matched_stop
-                 if reason == "stop_sequence" else None}
-        out.append(sse("message_delta", {"type": "message_delta", "delta": delta,
-                                         "usage": self._usage()}))
-        out.append(sse("message_stop", {"type": "message_stop"}))
-        self.done = True
+        self._end(reason, self.matched_stop if reason == "stop_sequence" else None, self._usage(), out)
 
     def _usage(self) -> Json:
         u = openai_usage(self.usage)
@@ -2517,21 +2556,6 @@ class OpenAIStream:
                  "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
         return u
 
-    def _stream_error(self, chunk: Json) -> UpstreamError:
-        err = chunk.get("error", chunk)
-        if not isinstance(err, dict):
-            err = {"message": str(err)}
-        code = err.get("code")
-        status = code if isinstance(code, int) and 400 <= code <= 599 else 500
-        mapped, etype = _mapped_status(status)
-        if status == 500 and "overload" in str(err.get("message", "")).lower():
-            mapped, etype = 529, "overloaded_error"
-        return UpstreamError(mapped, f"{self.label}: {err.get('message') or 'stream error'}", etype)
-
-    def _fail(self, exc: UpstreamError, out: list[bytes]) -> None:
-        self.failed = exc
-        self.done = True
-        out.append(error_event(exc))
 
 
 # --- 10f. Adapters: one class per wire family, one dispatch table (STYLE.md §1) -------------
@@ -4524,15 +4548,9 @@ class Admin:
 
     # ---- tools -------------------------------------------------------------------------
     async def admin_route(self, req: Request) -> Response:
-        info = explain(req.body, {k.lower(): v for k, v in (self._body_headers(req)).items()},
+        info = explain(req.body, {k.lower(): v for k, v in _body_headers(req).items()},
                        self.cfg, self.app.up)
         return self._json(info)
-
-    def _body_headers(self, req: Request) -> dict[str, str]:
-        h = req.headers.get("x-ccm-request-headers")
-        with contextlib.suppress(ValueError, AttributeError):
-            return {str(k): str(v) for k, v in json.loads(h or "{}").items()}
-        return {}
 
     async def admin_test_provider(self, req: Request) -> Response:
         """A minimal request through one configured provider (never an arbitrary URL)."""
@@ -4563,16 +4581,7 @@ class Admin:
     async def admin_test(self, req: Request) -> Response | StreamResponse:
         """The Test tab: a message sent as Claude Code would, through the real router."""
         body = self._body_obj(req)
-        msg: Json = {"model": body.get("model") or "claude-opus-4-8", "max_tokens":
-                     int(body.get("max_tokens") or 1024), "stream": bool(body.get("stream", True)),
-                     "messages": [{"role": "user", "content": str(body.get("message") or "Hello")}]}
-        if body.get("thinking"):
-            msg["thinking"] = {"type": "enabled", "budget_tokens": 1024}
-            msg["max_tokens"] = max(msg["max_tokens"], 2048)
-        if body.get("websearch"):
-            msg["tools"] = [{"type": "web_search_20250305", "name": "web_search", "max_uses": 1}]
-        if body.get("plan"):
-            msg["messages"][0]["content"] += "\n<system-reminder>Plan mode is active.</system-reminder>"
+        msg = _test_message(body)
         headers = {"anthropic-version": ANTHROPIC_VERSION, "content-type": "application/json"}
         if body.get("provider"):
             headers["x-provider"] = str(body["provider"])
@@ -4604,6 +4613,28 @@ class Admin:
                     return self._json(entry)
             raise ProxyError(404, f"no recent request {query['id']!r}", "not_found_error")
         return self._json(list(reversed(self.app.recorder.recent)))
+
+
+def _body_headers(req: Request) -> dict[str, str]:
+    h = req.headers.get("x-ccm-request-headers")
+    with contextlib.suppress(ValueError, AttributeError):
+        return {str(k): str(v) for k, v in json.loads(h or "{}").items()}
+    return {}
+
+
+def _test_message(body: Json) -> Json:
+    """The Test tab's message, shaped as Claude Code would send it."""
+    msg: Json = {"model": body.get("model") or "claude-opus-4-8", "max_tokens":
+                 int(body.get("max_tokens") or 1024), "stream": bool(body.get("stream", True)),
+                 "messages": [{"role": "user", "content": str(body.get("message") or "Hello")}]}
+    if body.get("thinking"):
+        msg["thinking"] = {"type": "enabled", "budget_tokens": 1024}
+        msg["max_tokens"] = max(msg["max_tokens"], 2048)
+    if body.get("websearch"):
+        msg["tools"] = [{"type": "web_search_20250305", "name": "web_search", "max_uses": 1}]
+    if body.get("plan"):
+        msg["messages"][0]["content"] += "\n<system-reminder>Plan mode is active.</system-reminder>"
+    return msg
 
 
 def _first_model_of(cfg: Config, provider: str) -> str | None:

