@@ -29,6 +29,7 @@ import hmac
 import json
 import logging
 import math
+import mimetypes
 import os
 import random
 import re
@@ -41,6 +42,7 @@ import threading
 import time
 import tomllib
 import urllib.parse
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Protocol
 
@@ -229,9 +231,8 @@ PROVIDER_TYPES: dict[str, ProviderType] = {
     # DeepSeek's thinking mode rejects an assistant tool call sent back without reasoning_content.
     "deepseek": ProviderType("openai", "https://api.deepseek.com/v1", "bearer",
                              default_options=(("reasoning_echo", True),)),
-    "gemini": ProviderType("gemini", "https://generativelanguage.googleapis.com/v1beta",
-                           "x-goog-api-key"),
-    "vertex-ai": ProviderType("gemini", "https://aiplatform.googleapis.com", "google-adc"),
+    "gemini": ProviderType("gemini", "https://generativelanguage.googleapis.com", "x-goog-api-key"),
+    "vertex-ai": ProviderType("vertex", "https://aiplatform.googleapis.com", "google-adc"),
 }
 
 
@@ -401,6 +402,7 @@ class Provider:
     oauth_provider: str | None = None
     project_id: str | None = None
     location: str | None = None
+    credentials_file: str | None = None   # vertex-ai: a Google credentials file (overrides ADC)
     missing_env: list[str] = field(default_factory=list)
     connect_timeout_ms: int | None = None
     first_byte_timeout_ms: int | None = None
@@ -501,6 +503,7 @@ _PROVIDER_KEYS: dict[str, tuple[type, ...]] = {
     "name": (str,), "provider_type": (str,), "auth_type": (str,), "api_key": (str,),
     "api_keys": (list,), "base_url": (str,), "enabled": (bool,), "models": (list,),
     "oauth_provider": (str,), "project_id": (str,), "location": (str,), "headers": (dict,),
+    "credentials_file": (str,),
     "connect_timeout_ms": (int,), "first_byte_timeout_ms": (int,), "idle_timeout_ms": (int,),
     "api_timeout_ms": (int,), **_MODEL_OPTIONS,
 }
@@ -681,10 +684,14 @@ def _parse_provider(ck: _Checker, t: Json, where: str) -> Provider | None:
         oauth_provider=ck.expand(vals["oauth_provider"], f"{where}.oauth_provider"),
         project_id=ck.expand(vals["project_id"], f"{where}.project_id"),
         location=ck.expand(vals["location"], f"{where}.location"), missing_env=missing,
+        credentials_file=ck.expand(vals["credentials_file"], f"{where}.credentials_file"),
         options={**dict(ptinfo.default_options), **_parse_options(ck, t, where)})
     for key in ("connect_timeout_ms", "first_byte_timeout_ms", "idle_timeout_ms", "api_timeout_ms"):
         if vals[key] is not None:
             setattr(p, key, vals[key])
+    if ptinfo.auth == "google-adc" and not p.project_id:
+        ck.errors.append(f"{where}.project_id: required for provider_type {ptype!r} (the Google "
+                         "Cloud project that Vertex AI bills)")
     return p
 
 
@@ -2558,7 +2565,1033 @@ class OpenAIStream(EventWriter):
 
 
 
-# --- 10f. Adapters: one class per wire family, one dispatch table (STYLE.md §1) -------------
+# --- 10f. Anthropic <-> Gemini / Vertex AI (PROTOCOL.md §5, §6, §9) ------------------------
+
+GEMINI_BASE_URL = "https://generativelanguage.googleapis.com"
+GEMINI_BYPASS_SIGNATURE = "skip_thought_signature_validator"   # Google's documented bypass
+GEMINI_THINKING_BUDGET_MAX = 24576
+GEMINI_STOP_SEQUENCES_MAX = 5
+VERTEX_ANTHROPIC_VERSION = "vertex-2023-10-16"
+_GEMINI_API_VERSION = re.compile(r"/v1(?:alpha|beta)?\d*$")
+_VERTEX_API_VERSION = re.compile(r"/v1(?:beta1)?$")
+_REFUSAL_FINISH = frozenset({"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII",
+                             "IMAGE_SAFETY"})
+# google.rpc.Code names -> (Anthropic status, error type), PROTOCOL.md §5 (503 -> 529 as §4).
+_GOOGLE_STATUS = {
+    "INVALID_ARGUMENT": (400, "invalid_request_error"),
+    "FAILED_PRECONDITION": (400, "invalid_request_error"),
+    "OUT_OF_RANGE": (400, "invalid_request_error"),
+    "UNAUTHENTICATED": (401, "authentication_error"),
+    "PERMISSION_DENIED": (403, "permission_error"),
+    "NOT_FOUND": (404, "not_found_error"),
+    "RESOURCE_EXHAUSTED": (429, "rate_limit_error"),
+    "INTERNAL": (500, "api_error"),
+    "UNKNOWN": (500, "api_error"),
+    "UNAVAILABLE": (529, "overloaded_error"),
+    "DEADLINE_EXCEEDED": (504, "timeout_error"),
+}
+# Keys the OpenAPI-subset `parameters` schema accepts and that are copied as they are.
+_OPENAPI_PLAIN_KEYS = ("description", "title", "nullable", "minItems", "maxItems", "minimum",
+                       "maximum", "minLength", "maxLength", "pattern", "minProperties",
+                       "maxProperties", "propertyOrdering")
+_OPENAPI_FORMATS = {"string": {"enum", "date-time"}, "number": {"float", "double"},
+                    "integer": {"int32", "int64"}}
+_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
+_REF_DEPTH_MAX = 12
+
+
+# ---- request: schemas ------------------------------------------------------------------
+
+
+def gemini_json_schema(schema: Any) -> Json:
+    """A tool's input_schema for `parametersJsonSchema` (plain JSON Schema): only `$schema`,
+    which the API rejects, is removed; property maps keep every name (PROTOCOL.md §5)."""
+    if not isinstance(schema, dict):
+        return {"type": "object", "properties": {}}
+    return _drop_dollar_schema(schema)
+
+
+def _drop_dollar_schema(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_drop_dollar_schema(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out: Json = {}
+    for key, value in node.items():
+        if key == "$schema":
+            continue
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: _drop_dollar_schema(sub) for name, sub in value.items()}
+        else:
+            out[key] = _drop_dollar_schema(value)
+    return out
+
+
+def gemini_schema(schema: Any) -> Json | None:
+    """A JSON Schema as Gemini's OpenAPI-subset `parameters` (allow-list, PROTOCOL.md §5), or
+    None for an object without properties (the API rejects empty `properties`)."""
+    if not isinstance(schema, dict):
+        return None
+    defs = {**(schema.get("definitions") or {}), **(schema.get("$defs") or {})}
+    out = _SchemaSanitiser(defs, schema).node(schema, 0)
+    if out.get("type", "object") == "object" and not out.get("properties"):
+        return None
+    return out
+
+
+class _SchemaSanitiser:
+    """Inlines `$ref`s and keeps only what the OpenAPI subset accepts, one method per keyword."""
+
+    def __init__(self, defs: Json, root: Json) -> None:
+        self.defs = defs
+        self.root = root
+
+    def node(self, node: Any, depth: int) -> Json:
+        if not isinstance(node, dict) or depth > _REF_DEPTH_MAX:
+            return {"type": "object"} if depth > _REF_DEPTH_MAX else {}
+        if isinstance(node.get("$ref"), str):
+            return self._ref(node, depth)
+        if isinstance(node.get("allOf"), list):
+            return self._all_of(node, depth)
+        variants = node.get("anyOf", node.get("oneOf"))
+        if isinstance(variants, list):
+            return self._any_of(node, variants, depth)
+        out: Json = {k: node[k] for k in _OPENAPI_PLAIN_KEYS if k in node}
+        self._type(node, out)
+        self._values(node, out)
+        self._children(node, out, depth)
+        return out
+
+    def _ref(self, node: Json, depth: int) -> Json:
+        ref = node["$ref"]
+        target: Any = self.root if ref == "#" else self.defs.get(ref.rsplit("/", 1)[-1])
+        out = self.node(target if isinstance(target, dict) else {}, depth + 1)
+        if isinstance(node.get("description"), str):
+            out["description"] = node["description"]
+        return out
+
+    def _any_of(self, node: Json, variants: list[Any], depth: int) -> Json:
+        real = [v for v in variants if not (isinstance(v, dict) and v.get("type") == "null")]
+        nullable = len(real) < len(variants)
+        rest = {k: v for k, v in node.items() if k not in ("anyOf", "oneOf")}
+        if len(real) == 1 and isinstance(real[0], dict):
+            out = self.node({**rest, **real[0]}, depth + 1)
+        else:
+            out = self.node(rest, depth + 1) if rest else {}
+            out.pop("type", None)
+            out["anyOf"] = [self.node(v, depth + 1) for v in real]
+        if nullable:
+            out["nullable"] = True
+        return out
+
+    def _type(self, node: Json, out: Json) -> None:
+        kind = node.get("type")
+        if isinstance(kind, list):
+            real = [t for t in kind if t != "null"]
+            if len(real) < len(kind):
+                out["nullable"] = True
+            if len(real) > 1:
+                out["anyOf"] = [{"type": t} for t in real if isinstance(t, str)]
+                return
+            kind = real[0] if real else None
+        if isinstance(kind, str) and kind != "null":
+            out["type"] = kind
+        elif "properties" in node:
+            out["type"] = "object"
+        fmt = node.get("format")
+        if isinstance(fmt, str) and fmt in _OPENAPI_FORMATS.get(out.get("type", ""), ()):
+            out["format"] = fmt
+
+    def _values(self, node: Json, out: Json) -> None:
+        values = [node["const"]] if "const" in node else node.get("enum")
+        if not isinstance(values, list):
+            return
+        kept = [v for v in values if v != ""]          # empty-string values are rejected
+        if kept and all(isinstance(v, str) for v in kept):
+            out["enum"] = kept
+            out.setdefault("type", "string")
+        elif kept:                         # numbers/booleans: Gemini enums are strings only
+            listed = ", ".join(json.dumps(v) for v in values)
+            out["description"] = (str(out.get("description", "")) + f" (one of: {listed})").strip()
+
+    def _children(self, node: Json, out: Json, depth: int) -> None:
+        props = node.get("properties")
+        if isinstance(props, dict) and props:
+            out["properties"] = {name: self.node(sub, depth + 1) for name, sub in props.items()}
+            required = [r for r in node.get("required") or [] if r in props]
+            if required:
+                out["required"] = required
+        items = node.get("items")
+        if isinstance(items, list):
+            items = items[0] if items else None
+        if isinstance(items, dict):
+            out["items"] = self.node(items, depth + 1)
+
+
+    def _all_of(self, node: Json, depth: int) -> Json:
+        """allOf folded into one schema: each part sanitised (refs inlined) first, then
+        properties and required united, the first value of any other key kept."""
+        rest = {k: v for k, v in node.items() if k != "allOf"}
+        merged = self.node(rest, depth + 1) if rest else {}
+        for part in node["allOf"]:
+            for key, value in self.node(part, depth + 1).items():
+                if key == "properties":
+                    merged["properties"] = {**value, **(merged.get("properties") or {})}
+                elif key == "required":
+                    merged["required"] = list(dict.fromkeys([*(merged.get("required") or []),
+                                                             *value]))
+                else:
+                    merged.setdefault(key, value)
+        return merged
+
+
+# ---- request: tools, tool_choice, generationConfig --------------------------------------
+
+
+def gemini_names(body: Json) -> dict[str, str]:
+    """The Gemini function name -> Claude Code tool name map for translating answers back."""
+    names = {}
+    for t in body.get("tools") or []:
+        if isinstance(t, dict) and t.get("type") in (None, "custom") and t.get("name"):
+            names[short_tool_name(str(t["name"]))] = str(t["name"])
+    return names
+
+
+def _gemini_tools(body: Json, opts: Json) -> list[Json]:
+    decls: list[Json] = []
+    search = False
+    for t in body.get("tools") or []:
+        if not isinstance(t, dict):
+            continue
+        kind = t.get("type")
+        if kind in (None, "custom"):
+            decls.append(_declaration(t, opts))
+        elif str(kind).startswith("web_search"):
+            search = True                       # Google Search grounding runs it server-side
+        else:
+            raise ProxyError(400, f"tool {t.get('name') or kind!r} ({kind}) is an Anthropic "
+                             "server tool that Gemini cannot run; remove it or route this "
+                             "request to an Anthropic provider")
+    tools: list[Json] = [{"functionDeclarations": decls}] if decls else []
+    return tools + ([{"googleSearch": {}}] if search else [])
+
+
+def _declaration(tool: Json, opts: Json) -> Json:
+    decl: Json = {"name": short_tool_name(str(tool.get("name", "")))}
+    if tool.get("description"):
+        decl["description"] = str(tool["description"])
+    if opts.get("schema_profile") == "openapi":
+        params = gemini_schema(tool.get("input_schema"))
+        if params is not None:
+            decl["parameters"] = params
+    else:
+        decl["parametersJsonSchema"] = gemini_json_schema(tool.get("input_schema"))
+    return decl
+
+
+def _tool_config(choice: Any) -> Json | None:
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind == "tool":
+        name = short_tool_name(str(choice.get("name", "")))
+        return {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [name]}}
+    mode = {"auto": "AUTO", "any": "ANY", "none": "NONE"}.get(str(kind))
+    return {"functionCallingConfig": {"mode": mode}} if mode else None
+
+
+def _generation_config(body: Json, opts: Json) -> Json:
+    cfg: Json = {}
+    max_tokens = body.get("max_tokens")
+    if isinstance(max_tokens, int) and max_tokens > 0:
+        cap = opts.get("max_output_tokens")
+        cfg["maxOutputTokens"] = min(max_tokens, cap) if isinstance(cap, int) and cap > 0 \
+            else max_tokens
+    for src, dst in (("temperature", "temperature"), ("top_p", "topP"), ("top_k", "topK")):
+        if isinstance(body.get(src), (int, float)) and not isinstance(body.get(src), bool):
+            cfg[dst] = body[src]
+    stops = [s for s in body.get("stop_sequences") or [] if isinstance(s, str) and s]
+    if stops:
+        cfg["stopSequences"] = stops[:GEMINI_STOP_SEQUENCES_MAX]
+    thinking = _thinking_config(body.get("thinking"), opts)
+    if thinking:
+        cfg["thinkingConfig"] = thinking
+    return cfg
+
+
+def _thinking_config(thinking: Any, opts: Json) -> Json | None:
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind == "enabled":
+        cap = opts.get("thinking_budget_max", GEMINI_THINKING_BUDGET_MAX)
+        budget = int(thinking.get("budget_tokens") or 0)
+        return {"thinkingBudget": min(budget, int(cap)), "includeThoughts": True}
+    if kind == "adaptive":
+        return {"thinkingBudget": -1, "includeThoughts": True}
+    return None
+
+
+# ---- request: content parts --------------------------------------------------------------
+
+
+def _media_part(source: Any, kind: str) -> Json:
+    """image/document source -> inlineData / fileData, or readable text (PROTOCOL.md §5)."""
+    if not isinstance(source, dict):
+        return {"text": f"[{kind} omitted]"}
+    stype = source.get("type")
+    default = "image/png" if kind == "image" else "application/pdf"
+    if stype == "base64":
+        return {"inlineData": {"mimeType": str(source.get("media_type") or default),
+                               "data": str(source.get("data", ""))}}
+    if stype == "url":
+        url = str(source.get("url", ""))
+        guessed = mimetypes.guess_type(urllib.parse.urlsplit(url).path)[0]
+        return {"fileData": {"mimeType": str(source.get("media_type") or guessed or default),
+                             "fileUri": url}}
+    if stype == "text":
+        return {"text": str(source.get("data", ""))}
+    if stype == "content":
+        return {"text": "\n\n".join(_block_texts(source.get("content")))}
+    return {"text": f"[{kind} omitted]"}
+
+
+def _block_texts(content: Any) -> list[str]:
+    if isinstance(content, str):
+        return [content] if content else []
+    return [str(b["text"]) for b in content or [] if isinstance(b, dict)
+            and b.get("type") == "text" and b.get("text")]
+
+
+def _document_parts(block: Json) -> list[Json]:
+    part = _media_part(block.get("source"), "document")
+    head = " — ".join(str(block[k]) for k in ("title", "context") if block.get(k))
+    if "text" in part and head:
+        return [{"text": f"Document: {head}\n\n{part['text']}"}]
+    return ([{"text": f"Document: {head}"}] if head else []) + [part]
+
+
+def _search_result_text(block: Json) -> str:
+    body = "\n\n".join(_block_texts(block.get("content")))
+    return f"Search result: {block.get('title', '')} ({block.get('source', '')})\n{body}".strip()
+
+
+def _web_results_text(block: Json) -> str:
+    content = block.get("content")
+    if isinstance(content, dict):                  # web_search_tool_result_error
+        return f"Web search failed: {content.get('error_code', 'unknown error')}"
+    lines = [f"- {r.get('title', '')}: {r.get('url', '')}" for r in content or []
+             if isinstance(r, dict)]
+    return "Web search results:\n" + ("\n".join(lines) or "(none)")
+
+
+def _content_parts(block: Json) -> list[Json]:
+    """One non-tool content block as Gemini parts; thinking never travels as text."""
+    kind = block.get("type")
+    if kind == "text":
+        return [{"text": block["text"]}] if block.get("text") else []
+    if kind == "image":
+        return [_media_part(block.get("source"), "image")]
+    if kind == "document":
+        return _document_parts(block)
+    if kind == "search_result":
+        return [{"text": _search_result_text(block)}]
+    if kind == "web_search_tool_result":
+        return [{"text": _web_results_text(block)}]
+    if kind == "server_tool_use":
+        return [{"text": f"[{block.get('name', 'server tool')}: {dumps(block.get('input', {}))}]"}]
+    return []
+
+
+def _result_content(block: Json) -> tuple[str, list[Json]]:
+    """(text, media parts) of a tool_result; documents and search results become text."""
+    content = block.get("content")
+    if isinstance(content, str):
+        return content, []
+    texts: list[str] = []
+    media: list[Json] = []
+    for b in content or []:
+        if not isinstance(b, dict):
+            continue
+        for part in _content_parts(b):
+            (texts.append(part["text"]) if "text" in part else media.append(part))
+    return "\n".join(texts), media
+
+
+# ---- request: the builder ----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _OpenCall:
+    """A functionCall sent in the last model turn, waiting for its functionResponse."""
+    id: str
+    name: str
+    gemini_id: str | None
+
+
+@dataclass(slots=True)
+class _TurnSignatures:
+    """Gemini state read back from the ccm-signed thinking blocks of one assistant turn."""
+    calls: dict[str, str]
+    issued: set[str]
+    thought: str | None
+
+
+class _GeminiRequestBuilder:
+    """Anthropic messages -> Gemini contents, one method per message role (PROTOCOL.md §5)."""
+
+    def __init__(self, secret: bytes, signer: str) -> None:
+        self.secret = secret
+        self.signer = signer
+        self.contents: list[Json] = []
+        self.system: list[str] = []
+        self.open_calls: list[_OpenCall] = []
+
+    def add(self, msg: Json) -> None:
+        role = msg.get("role")
+        if role == "system":
+            # Decision: folded into systemInstruction in order; Gemini has no mid-conversation
+            # system role and user text here could split a functionCall/functionResponse pair.
+            text = _system_text(msg.get("content"))
+            if text:
+                self.system.append(text)
+        elif role == "assistant":
+            self.assistant(_as_blocks(msg.get("content")))
+        else:
+            self.user(_as_blocks(msg.get("content")))
+
+    def assistant(self, blocks: list[Json]) -> None:
+        if self.open_calls:
+            self.user([])                      # calls never answered get an error result
+        sigs = self._signatures(blocks)
+        parts: list[Json] = []
+        calls: list[_OpenCall] = []
+        last_text: Json | None = None
+        for b in blocks:
+            if b.get("type") == "tool_use":
+                parts.append(self._call_part(b, sigs, calls))
+            elif b.get("type") == "thinking":
+                self._text_signature(b, last_text)
+            else:
+                new = _content_parts(b)
+                parts += new
+                last_text = next((p for p in reversed(new) if "text" in p), last_text)
+        self._append("model", parts)
+        self.open_calls = calls
+
+    def user(self, blocks: list[Json]) -> None:
+        wanted = {c.id for c in self.open_calls}
+        results: dict[str, Json] = {}
+        other: list[Json] = []
+        for b in blocks:
+            tid = str(b.get("tool_use_id", ""))
+            if b.get("type") != "tool_result":
+                other += _content_parts(b)
+            elif tid in wanted and tid not in results:
+                results[tid] = b
+            else:                              # orphan: as text, never an unmatched response
+                text, media = _result_content(b)
+                other += [{"text": f"Tool result for {tid}: {text}"}, *media]
+        responses, media = self._responses(results)
+        self.open_calls = []
+        self._append("user", responses + media + other)
+
+    def _responses(self, results: dict[str, Json]) -> tuple[list[Json], list[Json]]:
+        """One functionResponse per open call, in call order, so the counts always match."""
+        parts: list[Json] = []
+        media: list[Json] = []
+        for call in self.open_calls:
+            block = results.get(call.id)
+            text, extra = _result_content(block) if block else ("no result", [])
+            key = "error" if block is None or block.get("is_error") else "output"
+            resp: Json = {"name": call.name, "response": {key: text}}
+            if call.gemini_id:
+                resp["id"] = call.gemini_id
+            parts.append({"functionResponse": resp})
+            media += extra
+        return parts, media
+
+    def _call_part(self, block: Json, sigs: _TurnSignatures, calls: list[_OpenCall]) -> Json:
+        tid = str(block.get("id", ""))
+        name = short_tool_name(str(block.get("name", "")))
+        args = block.get("input") if isinstance(block.get("input"), dict) else {}
+        gemini_id = tid if tid in sigs.issued else None
+        fc: Json = {"name": name, "args": args}
+        if gemini_id:
+            fc["id"] = gemini_id
+        part: Json = {"functionCall": fc}
+        sig = sigs.calls.get(tid) or (sigs.thought if not calls else None)
+        if sig:
+            part["thoughtSignature"] = sig
+        calls.append(_OpenCall(tid, name, gemini_id))
+        return part
+
+    def _payload(self, block: Json) -> Json | None:
+        """The payload of a thinking block ccm signed for this same signer, else None."""
+        data = thinking_payload(self.secret, str(block.get("thinking", "")), block.get("signature"))
+        if not data or data.get("v") != 1 or data.get("s") != self.signer:
+            return None
+        return data
+
+    def _signatures(self, blocks: list[Json]) -> _TurnSignatures:
+        sigs = _TurnSignatures({}, set(), None)
+        for b in blocks:
+            data = self._payload(b) if b.get("type") == "thinking" else None
+            if data is None:
+                continue
+            calls = data.get("g")
+            if isinstance(calls, dict):
+                sigs.calls.update({k: v for k, v in calls.items() if isinstance(v, str) and v})
+            sigs.issued.update(str(i) for i in data.get("i") or [])
+            if isinstance(data.get("p"), str) and sigs.thought is None:
+                sigs.thought = data["p"]
+        return sigs
+
+    def _text_signature(self, block: Json, last_text: Json | None) -> None:
+        """A text part's signature goes back on the text that preceded its carrier block."""
+        data = self._payload(block)
+        if data and isinstance(data.get("t"), str) and last_text is not None:
+            last_text["thoughtSignature"] = data["t"]
+
+    def _append(self, role: str, parts: list[Json]) -> None:
+        if not parts:
+            return
+        if self.contents and self.contents[-1]["role"] == role:
+            self.contents[-1]["parts"].extend(parts)     # consecutive same-role turns merged
+        else:
+            self.contents.append({"role": role, "parts": parts})
+
+    def finish(self) -> list[Json]:
+        """The contents, with the bypass value on every model turn whose first functionCall
+        has no signature of this signer's (history from elsewhere, PROTOCOL.md §5)."""
+        for content in self.contents:
+            if content["role"] != "model":
+                continue
+            first = next((p for p in content["parts"] if "functionCall" in p), None)
+            if first is not None and not first.get("thoughtSignature"):
+                first["thoughtSignature"] = GEMINI_BYPASS_SIGNATURE
+        return self.contents
+
+
+def _as_blocks(content: Any) -> list[Json]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    return [b for b in content or [] if isinstance(b, dict)]
+
+
+def to_gemini(body: Json, model: str, opts: Json, secret: bytes, *, signer: str) -> Json:
+    """An Anthropic Messages request as a Gemini generateContent body (PROTOCOL.md §5); `signer`
+    names provider+model: thought signatures are replayed only to the signer that issued them."""
+    opts = opts or {}
+    b = _GeminiRequestBuilder(secret, signer)
+    system = _system_text(body.get("system"))
+    if system:
+        b.system.append(system)
+    for msg in body.get("messages") or []:
+        if isinstance(msg, dict):
+            b.add(msg)
+    req: Json = {"contents": b.finish()}
+    if b.system:
+        req["systemInstruction"] = {"parts": [{"text": "\n\n".join(b.system)}]}
+    tools = _gemini_tools(body, opts)
+    if tools:
+        req["tools"] = tools
+    config = _tool_config(body.get("tool_choice"))
+    if config and any("functionDeclarations" in t for t in tools):
+        req["toolConfig"] = config
+    req["generationConfig"] = _generation_config(body, opts)
+    return req
+
+
+# ---- response: parts -> blocks, shared by the stream and the whole message ---------------
+
+
+def gemini_usage(meta: Any) -> Json:
+    """usageMetadata as Anthropic usage (PROTOCOL.md §5); {} when there is none."""
+    if not isinstance(meta, dict) or not meta:
+        return {}
+    def num(key: str) -> int:
+        v = meta.get(key)
+        return v if isinstance(v, int) else 0
+    cached = num("cachedContentTokenCount")
+    prompt = num("promptTokenCount") + num("toolUsePromptTokenCount")
+    return {"input_tokens": max(prompt - cached, 0),
+            "output_tokens": num("candidatesTokenCount") + num("thoughtsTokenCount"),
+            "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
+
+
+def _google_error_of(data: Any) -> Json:
+    if isinstance(data, list) and data:
+        data = data[0]
+    err = data.get("error") if isinstance(data, dict) else None
+    return err if isinstance(err, dict) else {}
+
+
+def _google_status(err: Json, status: int) -> tuple[int, str]:
+    mapped = _GOOGLE_STATUS.get(str(err.get("status", "")))
+    if mapped:
+        return mapped
+    if status == 503:
+        return 529, "overloaded_error"
+    if status == 408:
+        return 504, "timeout_error"
+    return (400 if status == 422 else status), error_type_for(400 if status == 422 else status)
+
+
+def _retry_delay_s(details: Any) -> int | None:
+    """google.rpc.RetryInfo.retryDelay ("31s", "0.5s") as whole seconds, rounded up."""
+    for d in details if isinstance(details, list) else []:
+        if isinstance(d, dict) and str(d.get("@type", "")).endswith("google.rpc.RetryInfo"):
+            m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)s\s*", str(d.get("retryDelay", "")))
+            if m:
+                return math.ceil(float(m.group(1)))
+    return None
+
+
+def gemini_error(status: int, body: bytes, headers: Any, provider: str) -> UpstreamError:
+    """A Google API error ({"error":{code,message,status,details}}) as an Anthropic error."""
+    data: Any = None
+    try:
+        data = json.loads(body)
+    except (ValueError, TypeError):
+        pass
+    err = _google_error_of(data)
+    mapped, etype = _google_status(err, status)
+    message = str(err.get("message") or "") or \
+        body[:300].decode("utf-8", "replace").strip() or STATUS_PHRASES.get(status, "error")
+    ra = _retry_delay_s(err.get("details"))
+    if ra is None and headers is not None:
+        ra = retry_after_seconds(headers)
+    out_headers = [("retry-after", str(ra))] if ra is not None else []
+    return UpstreamError(mapped, f"{provider}: {message}", etype, provider=provider,
+                         headers=out_headers, retry_after_s=ra,
+                         retryable=mapped in (408, 409, 429) or mapped >= 500)
+
+
+class _GeminiReader:
+    """Gemini candidate parts -> Anthropic blocks through three sink methods; also carries
+    thought signatures to Claude Code inside signed thinking blocks (PROTOCOL.md §5)."""
+
+    def __init__(self, secret: bytes, signer: str, names: dict[str, str] | None) -> None:
+        self.secret = secret
+        self.signer = signer
+        self.names = names or {}
+        self.salt = ""
+        self.open: str | None = None      # "text" | "thinking" | "tool" | None
+        self.thinking = ""
+        self.carry: Json = {}             # Gemini state no thinking block has carried yet
+        self.calls = 0
+        self.finish: str | None = None
+        self.blocked = False
+        self.usage_meta: Json = {}
+        self.sources: dict[str, str] = {}  # uri -> title, in arrival order
+        self.queries: list[str] = []
+        self.out_parts: list[str] = []
+
+    # sinks: a stream emits events, a whole message appends blocks
+    def _sink_start(self, block: Json) -> None:
+        raise NotImplementedError
+
+    def _sink_delta(self, delta: Json) -> None:
+        raise NotImplementedError
+
+    def _sink_stop(self) -> None:
+        raise NotImplementedError
+
+    def _response(self, data: Json) -> None:
+        """One GenerateContentResponse (a whole answer or one stream chunk)."""
+        self.salt = self.salt or str(data.get("responseId") or "")
+        if isinstance(data.get("usageMetadata"), dict):
+            self.usage_meta = data["usageMetadata"]      # cumulative: the last one wins
+        cands = data.get("candidates")
+        cand = cands[0] if isinstance(cands, list) and cands and isinstance(cands[0], dict) else None
+        if cand is None:
+            feedback = data.get("promptFeedback")
+            if isinstance(feedback, dict) and feedback.get("blockReason"):
+                self.blocked = True
+            return
+        content = cand.get("content") if isinstance(cand.get("content"), dict) else {}
+        for part in content.get("parts") or []:
+            if isinstance(part, dict):
+                self._part(part)
+        self._grounding(cand.get("groundingMetadata"))
+        if cand.get("finishReason"):
+            self.finish = str(cand["finishReason"])
+
+    def _part(self, part: Json) -> None:
+        sig = part.get("thoughtSignature")
+        sig = sig if isinstance(sig, str) and sig else None
+        if isinstance(part.get("functionCall"), dict):
+            self._call(part["functionCall"], sig)
+            return
+        text = part.get("text") if isinstance(part.get("text"), str) else ""
+        if part.get("thought"):
+            if sig:
+                self.carry["p"] = sig
+            if text:
+                self._thought(text)
+            return
+        if sig:
+            self.carry["t"] = sig          # a text part's signature (thought:false): kept
+        if text:
+            self._text(text)
+
+    def _thought(self, text: str) -> None:
+        if self.open != "thinking":
+            self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+        self.thinking += text
+        self.out_parts.append(text)
+        self._sink_delta({"type": "thinking_delta", "thinking": text})
+
+    def _text(self, text: str) -> None:
+        if self.open != "text":
+            self._open("text", {"type": "text", "text": ""})
+        self.out_parts.append(text)
+        self._sink_delta({"type": "text_delta", "text": text})
+
+    def _call(self, fc: Json, sig: str | None) -> None:
+        raw_name = str(fc.get("name") or "unknown_tool")
+        cid = tool_id(fc.get("id"), self.salt or "gemini", self.calls)
+        self.calls += 1
+        if sig:
+            self.carry.setdefault("g", {})[cid] = sig
+        if isinstance(fc.get("id"), str) and fc["id"] == cid:
+            self.carry.setdefault("i", []).append(cid)      # Gemini's own id: sent back
+        if self.carry:                     # the carrier thinking block precedes the tool_use
+            if self.open != "thinking":
+                self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+            self._close()
+        args = fc.get("args") if isinstance(fc.get("args"), dict) else {}
+        self._open("tool", {"type": "tool_use", "id": cid, "name": self.names.get(raw_name, raw_name),
+                            "input": {}})
+        self.out_parts.append(dumps(args))
+        self._sink_delta({"type": "input_json_delta", "partial_json": dumps(args)})
+        self._close()
+
+    def _grounding(self, meta: Any) -> None:
+        if not isinstance(meta, dict):
+            return
+        for chunk in meta.get("groundingChunks") or []:
+            web = chunk.get("web") if isinstance(chunk, dict) else None
+            if isinstance(web, dict) and web.get("uri"):
+                self.sources.setdefault(str(web["uri"]), str(web.get("title") or web["uri"]))
+        for q in meta.get("webSearchQueries") or []:
+            if isinstance(q, str) and q not in self.queries:
+                self.queries.append(q)
+
+    def _open(self, kind: str, block: Json) -> None:
+        self._close()
+        self.open = kind
+        self._sink_start(block)
+
+    def _close(self) -> None:
+        if self.open is None:
+            return
+        if self.open == "thinking":
+            self._sink_delta({"type": "signature_delta", "signature": self._signature()})
+            self.thinking = ""
+        self._sink_stop()
+        self.open = None
+
+    def _signature(self) -> str:
+        carry, self.carry = self.carry, {}
+        if not carry:
+            return sign_thinking(self.secret, self.thinking)
+        return sign_thinking(self.secret, self.thinking, {"v": 1, "s": self.signer, **carry})
+
+    def _end_blocks(self) -> None:
+        """Close the last block, then carry what is left and list the search sources."""
+        self._close()
+        if self.carry:
+            self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+            self._close()
+        if self.sources or self.queries:
+            self._open("text", {"type": "text", "text": ""})
+            self._sink_delta({"type": "text_delta", "text": self._sources_text()})
+            self._close()
+
+    def _sources_text(self) -> str:
+        lines = []
+        if self.queries:
+            lines.append("Searched for: " + "; ".join(self.queries))
+        if self.sources:
+            lines.append("Sources:")
+            lines += [f"- {title}: {uri}" for uri, title in self.sources.items()]
+        return "\n\n" + "\n".join(lines)
+
+    def _stop_reason(self) -> str:
+        if self.blocked or self.finish in _REFUSAL_FINISH:
+            return "refusal"
+        if self.finish == "MAX_TOKENS":
+            return "max_tokens"
+        return "tool_use" if self.calls else "end_turn"
+
+
+class _GeminiMessage(_GeminiReader):
+    """The sink that builds a whole Anthropic message's content list."""
+
+    def __init__(self, secret: bytes, signer: str, names: dict[str, str] | None) -> None:
+        super().__init__(secret, signer, names)
+        self.content: list[Json] = []
+        self.json_buf = ""
+
+    def _sink_start(self, block: Json) -> None:
+        self.content.append(dict(block))
+        self.json_buf = ""
+
+    def _sink_delta(self, delta: Json) -> None:
+        block = self.content[-1]
+        kind = delta["type"]
+        if kind == "text_delta":
+            block["text"] += delta["text"]
+        elif kind == "thinking_delta":
+            block["thinking"] += delta["thinking"]
+        elif kind == "signature_delta":
+            block["signature"] = delta["signature"]
+        else:
+            self.json_buf += delta["partial_json"]
+
+    def _sink_stop(self) -> None:
+        if self.content[-1]["type"] == "tool_use":
+            self.content[-1]["input"] = json.loads(self.json_buf or "{}")
+
+
+def from_gemini(data: Json, model: str, secret: bytes, *, signer: str,
+                names: dict[str, str] | None = None) -> Json:
+    """A whole GenerateContentResponse as an Anthropic message (PROTOCOL.md §5); `model` is
+    the model the client asked for. Usage is all zeros when the upstream sent none."""
+    if "error" in data:
+        raise gemini_error(int(_google_error_of(data).get("code") or 500), dumps(data).encode(),
+                           None, "gemini")
+    m = _GeminiMessage(secret, signer, names)
+    m._response(data)
+    m._end_blocks()
+    usage = gemini_usage(m.usage_meta) or {"input_tokens": 0, "output_tokens": 0,
+                                           "cache_read_input_tokens": 0,
+                                           "cache_creation_input_tokens": 0}
+    return {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": model,
+            "content": m.content, "stop_reason": m._stop_reason(), "stop_sequence": None,
+            "usage": usage}
+
+
+# ---- response: the stream -----------------------------------------------------------------
+
+
+class GeminiStream(_GeminiReader):
+    """State machine: streamGenerateContent?alt=sse bytes in, Anthropic SSE event bytes out
+    (PROTOCOL.md §2, §5). Same interface as OpenAIStream."""
+
+    def __init__(self, model: str, secret: bytes, input_tokens: int = 0, *, signer: str,
+                 counter: TokenCounter | None = None, names: dict[str, str] | None = None) -> None:
+        super().__init__(secret, signer, names)
+        self.model = model
+        self.counter = counter or COUNTER
+        self.label = "upstream"            # the provider's name, for error messages
+        self.decoder = SSEDecoder()
+        self.msg_id = new_id("msg_")
+        self.input_estimate = input_tokens
+        self.started = False
+        self.done = False                  # message_stop or error was emitted
+        self.failed: UpstreamError | None = None
+        self.index = -1
+        self.out: list[bytes] = []
+
+    # ---- public ------------------------------------------------------------------------
+    def feed(self, chunk: bytes) -> list[bytes]:
+        self.out = []
+        for ev in self.decoder.feed(chunk):
+            if self.done:
+                break
+            self._event(ev.data)
+        return self.out
+
+    def finish_stream(self) -> list[bytes]:
+        """At upstream EOF: close the message, or report a stream that ended too early."""
+        self.out = []
+        for ev in self.decoder.flush():
+            if not self.done:
+                self._event(ev.data)
+        if self.done:
+            return self.out
+        if self.finish is not None or self.blocked:
+            self._close_message()
+        else:
+            self._fail(UpstreamError(502, f"{self.label}: upstream stream ended before the "
+                                     "message was complete", "api_error", retryable=True))
+        return self.out
+
+    def fail(self, exc: UpstreamError) -> list[bytes]:
+        self.out = []
+        if not self.done:
+            self._fail(exc)
+        return self.out
+
+    def final_usage(self) -> Usage:
+        u = self._usage()
+        return Usage(u["input_tokens"], u["output_tokens"], u["cache_read_input_tokens"],
+                     u["cache_creation_input_tokens"])
+
+    # ---- events ------------------------------------------------------------------------
+    def _event(self, data: str) -> None:
+        data = data.strip()
+        if not data:
+            return
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            self._fail(UpstreamError(502, f"{self.label}: invalid JSON in the stream: {data[:120]}",
+                                     "api_error", retryable=True))
+            return
+        for item in chunk if isinstance(chunk, list) else [chunk]:
+            if isinstance(item, dict) and not self.done:
+                self._chunk(item)
+
+    def _chunk(self, chunk: Json) -> None:
+        if "error" in chunk:
+            err = _google_error_of(chunk)
+            status = err.get("code") if isinstance(err.get("code"), int) else 500
+            self._fail(gemini_error(status, dumps(chunk).encode(), None, self.label))
+            return
+        if not self.started and gemini_usage(chunk.get("usageMetadata")):
+            self.input_estimate = gemini_usage(chunk["usageMetadata"])["input_tokens"]
+        self._start()
+        self._response(chunk)
+
+    # ---- sinks -------------------------------------------------------------------------
+    def _start(self) -> None:
+        if self.started:
+            return
+        self.started = True
+        usage = {"input_tokens": self.input_estimate, "output_tokens": 0,
+                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        msg = {"id": self.msg_id, "type": "message", "role": "assistant", "content": [],
+               "model": self.model, "stop_reason": None, "stop_sequence": None, "usage": usage}
+        self.out.append(sse("message_start", {"type": "message_start", "message": msg}))
+        self.out.append(sse("ping", {"type": "ping"}))
+
+    def _sink_start(self, block: Json) -> None:
+        self.index += 1
+        self.out.append(sse("content_block_start", {"type": "content_block_start",
+                                                    "index": self.index, "content_block": block}))
+
+    def _sink_delta(self, delta: Json) -> None:
+        self.out.append(sse("content_block_delta", {"type": "content_block_delta",
+                                                    "index": self.index, "delta": delta}))
+
+    def _sink_stop(self) -> None:
+        self.out.append(sse("content_block_stop", {"type": "content_block_stop",
+                                                   "index": self.index}))
+
+    # ---- end ---------------------------------------------------------------------------
+    def _close_message(self) -> None:
+        self._start()
+        self._end_blocks()
+        delta = {"stop_reason": self._stop_reason(), "stop_sequence": None}
+        self.out.append(sse("message_delta", {"type": "message_delta", "delta": delta,
+                                              "usage": self._usage()}))
+        self.out.append(sse("message_stop", {"type": "message_stop"}))
+        self.done = True
+
+    def _usage(self) -> Json:
+        u = gemini_usage(self.usage_meta)
+        if not u:                          # the upstream sent none: ccm's own counts
+            out_tokens = self.counter.text("".join(self.out_parts)) if self.out_parts else 0
+            u = {"input_tokens": self.input_estimate, "output_tokens": out_tokens,
+                 "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+        return u
+
+    def _fail(self, exc: UpstreamError) -> None:
+        self.failed = exc
+        self.done = True
+        self.out.append(error_event(exc))
+
+
+# ---- count_tokens (PROTOCOL.md §6) ---------------------------------------------------------
+
+
+def gemini_count_request(body: Json, model: str, opts: Json, secret: bytes, *, signer: str) -> Json:
+    """The AI Studio countTokens body for a Messages (or count_tokens) request."""
+    req = to_gemini(body, model, opts, secret, signer=signer)
+    name = model if model.startswith("models/") else f"models/{model}"
+    inner: Json = {"model": name, "contents": req["contents"]}
+    for key in ("systemInstruction", "tools"):
+        if key in req:
+            inner[key] = req[key]
+    return {"generateContentRequest": inner}
+
+
+def vertex_count_request(body: Json, model: str, opts: Json, secret: bytes, *, signer: str) -> Json:
+    """The Vertex AI countTokens body (no generateContentRequest wrapper on Vertex)."""
+    inner = gemini_count_request(body, model, opts, secret, signer=signer)["generateContentRequest"]
+    return {k: v for k, v in inner.items() if k != "model"}
+
+
+def gemini_count_result(data: Any) -> int | None:
+    """totalTokens of a countTokens answer, or None when it has none."""
+    total = data.get("totalTokens") if isinstance(data, dict) else None
+    return total if isinstance(total, int) and not isinstance(total, bool) and total >= 0 else None
+
+
+# ---- URLs and Vertex bodies (PROTOCOL.md §5, §9) -------------------------------------------
+
+
+def _gemini_action(stream: bool, count: bool) -> str:
+    if count:
+        return ":countTokens"
+    return ":streamGenerateContent?alt=sse" if stream else ":generateContent"
+
+
+def _model_path(model: str) -> str:
+    return urllib.parse.quote(model.removeprefix("models/"), safe="-._~@")
+
+
+def gemini_url(base_url: str, model: str, stream: bool, count: bool = False) -> str:
+    """AI Studio URL; the API key never goes in it (header x-goog-api-key)."""
+    root = (base_url or GEMINI_BASE_URL).rstrip("/")
+    if not _GEMINI_API_VERSION.search(root):
+        root += "/v1beta"
+    return f"{root}/models/{_model_path(model)}{_gemini_action(stream, count)}"
+
+
+def vertex_url(base_url: str | None, project: str, location: str, model: str, stream: bool,
+               count: bool = False) -> str:
+    """Vertex AI URL: Google publisher models, or Claude through the anthropic publisher."""
+    if base_url:
+        root = base_url.rstrip("/")
+    elif location == "global":
+        root = "https://aiplatform.googleapis.com"
+    else:
+        root = f"https://{location}-aiplatform.googleapis.com"
+    if not _VERTEX_API_VERSION.search(root):
+        root += "/v1"
+    prefix = f"{root}/projects/{urllib.parse.quote(project, safe='')}/locations/" \
+             f"{urllib.parse.quote(location, safe='')}/publishers"
+    if model.startswith("claude"):
+        if count:
+            return f"{prefix}/anthropic/models/count-tokens:rawPredict"
+        return f"{prefix}/anthropic/models/{_model_path(model)}:" + \
+            ("streamRawPredict" if stream else "rawPredict")
+    return f"{prefix}/google/models/{_model_path(model)}{_gemini_action(stream, count)}"
+
+
+def vertex_anthropic_body(body: Json, model: str, stream: bool) -> bytes:
+    """The rawPredict body for Claude on Vertex: no `model`, anthropic_version set, and
+    ccm's own thinking blocks removed as for any Anthropic upstream (PROTOCOL.md §7, §9)."""
+    edited, _ = strip_foreign_thinking(body)
+    out = {k: v for k, v in edited.items() if k != "model"}
+    out["anthropic_version"] = VERTEX_ANTHROPIC_VERSION
+    if stream:
+        out["stream"] = True
+    else:
+        out.pop("stream", None)
+    return dumps(out).encode()
+
+
+def vertex_anthropic_count_body(body: Json, model: str) -> bytes:
+    """The count-tokens:rawPredict body for Claude on Vertex: the model goes in the body."""
+    edited, _ = strip_foreign_thinking(body)
+    out = {k: v for k, v in edited.items() if k not in ("stream", "max_tokens")}
+    out["model"] = model
+    return dumps(out).encode()
+
+
+# --- 10h. Adapters: one class per wire family, one dispatch table (STYLE.md §1) -------------
 # A new family is one Adapter subclass (with its translator) and one ADAPTERS entry; provider
 # types name their family in PROVIDER_TYPES (section 3). Nothing else compares families.
 
@@ -2743,6 +3776,10 @@ class Adapter:
         """The upstream's own count_tokens request, or None to count locally."""
         return None
 
+    def count_result(self, data: Any) -> int | None:
+        value = data.get("input_tokens") if isinstance(data, dict) else None
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
     def error(self, status: int, raw: bytes, headers: Any, provider: str) -> UpstreamError:
         err = openai_error(status, raw, headers, provider)
         err.retryable = retryable_status(status)
@@ -2819,19 +3856,115 @@ class OpenAIAdapter(Adapter):
                             c.body.get("stop_sequences") or [])
 
 
-class UnsupportedAdapter(Adapter):
-    """A family whose translation is not in this build: a clear error, tried like a failure."""
+class GeminiAdapter(Adapter):
+    """The Gemini API (PROTOCOL.md §5): generateContent / streamGenerateContent?alt=sse, the
+    key in x-goog-api-key (never in the URL), thought signatures carried through thinking."""
+
+    def signer(self, c: Call) -> str:
+        """Signatures replay only to the provider and model that issued them (PROTOCOL.md §5)."""
+        return f"{c.provider.name}/{c.target.model}"
+
+    def url(self, c: Call, stream: bool, count: bool = False) -> str:
+        return gemini_url(c.provider.base_url, c.target.model, stream, count)
+
+    def headers(self, c: Call) -> dict[str, Any]:
+        headers = {"content-type": "application/json", "accept-encoding": "identity", **c.provider.headers}
+        if c.key:
+            headers["x-goog-api-key"] = c.key
+        return headers
 
     def build(self, c: Call) -> Outbound:
+        signer = self.signer(c)
+        body = to_gemini(c.body, c.target.model, c.opts, c.secret, signer=signer)
+        return Outbound(self.url(c, bool(c.body.get("stream"))), self.headers(c),
+                        dumps(body).encode(), (signer, gemini_names(c.body)))
+
+    def count_request(self, c: Call) -> Outbound | None:
+        body = gemini_count_request(c.body, c.target.model, c.opts, c.secret, signer=self.signer(c))
+        return Outbound(self.url(c, False, count=True), self.headers(c), dumps(body).encode())
+
+    def count_result(self, data: Any) -> int | None:
+        return gemini_count_result(data)
+
+    def error(self, status: int, raw: bytes, headers: Any, provider: str) -> UpstreamError:
+        err = gemini_error(status, raw, headers, provider)
+        err.retryable = retryable_status(status)
+        return err
+
+    def whole(self, c: Call, out: Outbound, data: Json, raw: bytes) -> tuple[Json, bytes | None]:
+        signer, names = out.state
+        msg = from_gemini(data, c.requested, c.secret, signer=signer, names=names)
+        if "usageMetadata" not in data:
+            _fill_usage(msg, {}, c.body)
+        return msg, None
+
+    def stream(self, c: Call, out: Outbound) -> StreamTranslator:
+        signer, names = out.state
+        return GeminiStream(c.requested, c.secret, COUNTER.count(c.body)[0], signer=signer,
+                            names=names)
+
+
+class VertexAdapter(GeminiAdapter):
+    """Vertex AI (PROTOCOL.md §9): Gemini models through the Gemini translation, Claude models
+    (actual_model starting with "claude") through rawPredict with Anthropic's format; a Bearer
+    token from Google's Application Default Credentials."""
+
+    def _claude(self, c: Call) -> bool:
+        return c.target.model.lower().startswith("claude")
+
+    def url(self, c: Call, stream: bool, count: bool = False) -> str:
         p = c.provider
-        raise UpstreamError(501, f"{p.name}: provider type {p.provider_type!r} is not supported yet",
-                            "api_error", provider=p.name, retryable=True)
+        base = None if p.base_url == PROVIDER_TYPES[p.provider_type].base_url else p.base_url
+        return vertex_url(base, p.project_id or "", p.location or "global", c.target.model,
+                          stream, count)
+
+    def headers(self, c: Call) -> dict[str, Any]:
+        headers: dict[str, Any] = {"content-type": "application/json",
+                                   "accept-encoding": "identity", **c.provider.headers}
+        if self._claude(c):
+            for name in ("anthropic-beta",):
+                if name in c.req.headers:
+                    headers[name] = c.req.headers[name]
+        if c.key:
+            headers["authorization"] = f"Bearer {c.key}"
+        return headers
+
+    def build(self, c: Call) -> Outbound:
+        if not self._claude(c):
+            return super().build(c)
+        stream = bool(c.body.get("stream"))
+        return Outbound(self.url(c, stream), self.headers(c),
+                        vertex_anthropic_body(c.body, c.target.model, stream))
+
+    def count_request(self, c: Call) -> Outbound | None:
+        if not self._claude(c):
+            body = vertex_count_request(c.body, c.target.model, c.opts, c.secret,
+                                        signer=self.signer(c))
+            return Outbound(self.url(c, False, count=True), self.headers(c), dumps(body).encode())
+        return Outbound(self.url(c, False, count=True), self.headers(c),
+                        vertex_anthropic_count_body(c.body, c.target.model))
+
+    def count_result(self, data: Any) -> int | None:
+        value = data.get("input_tokens") if isinstance(data, dict) else None
+        return value if isinstance(value, int) else gemini_count_result(data)
+
+    def error(self, status: int, raw: bytes, headers: Any, provider: str) -> UpstreamError:
+        if raw.lstrip().startswith(b'{"type"'):         # Claude on Vertex answers as Anthropic
+            return ADAPTERS["anthropic"].error(status, raw, headers, provider)
+        return super().error(status, raw, headers, provider)
+
+    def whole(self, c: Call, out: Outbound, data: Json, raw: bytes) -> tuple[Json, bytes | None]:
+        return (data, raw) if self._claude(c) else super().whole(c, out, data, raw)
+
+    def stream(self, c: Call, out: Outbound) -> StreamTranslator:
+        return PassthroughStream() if self._claude(c) else super().stream(c, out)
 
 
 ADAPTERS: dict[str, Adapter] = {
     "anthropic": AnthropicAdapter(),
     "openai": OpenAIAdapter(),
-    "gemini": UnsupportedAdapter(),
+    "gemini": GeminiAdapter(),
+    "vertex": VertexAdapter(),
 }
 
 
@@ -3004,6 +4137,364 @@ class KeyPool:
         return sum(self.cool_until.get((p.name, k), 0) > now for k in p.keys())
 
 
+# --- 11a. Google Application Default Credentials for vertex-ai (PROTOCOL.md §9) -------------
+# google-auth is the optional `ccm[vertex]` extra: imported on the first token()/check() of a
+# vertex-ai provider, never at ccm's import. Its refresh is blocking, so it runs in the loop's
+# executor; ccm gives it a Request adapter over a sync httpx.Client (no requests, no urllib3).
+
+GOOGLE_SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
+GOOGLE_REFRESH_MARGIN_S = 300.0     # refresh when less than 5 minutes of a token remain
+GOOGLE_HTTP_TIMEOUT_S = 30.0        # token endpoint calls (google-auth passes no timeout)
+GOOGLE_CONNECT_TIMEOUT_S = 10.0
+GOOGLE_METADATA_TIMEOUT_S = 3.0     # google-auth's GCE_METADATA_TIMEOUT default
+GOOGLE_INSTALL = "pip install 'ccm[vertex]'"
+_METADATA_DEFAULT_HOST = "169.254.169.254"   # the IP, as Go's metadata client: no DNS off GCE
+_METADATA_TOKEN_PATH = "/computeMetadata/v1/instance/service-accounts/default/token"
+_NO_CREDENTIALS_HINT = ("set credentials_file for this provider, point GOOGLE_APPLICATION_CREDENTIALS "
+                        "at a service-account key file, or run `gcloud auth application-default login`")
+_SECRET_FIELDS = ("private_key", "private_key_id", "client_secret", "refresh_token")
+_PEM_RE = re.compile(r"-----BEGIN[^-]*-----.*?(?:-----END[^-]*-----|$)", re.S)
+# JWTs (assertions, id tokens), ya29. access tokens and 1// refresh tokens, wherever they appear.
+_GOOGLE_TOKEN_RE = re.compile(r"eyJ[\w-]{6,}(?:\.[\w-]*){0,2}|ya29\.[\w.-]+|1//[\w-]{6,}")
+
+
+def vertex_headers(token: str, quota_project: str | None = None) -> dict[str, str]:
+    """A Vertex AI call's auth headers (PROTOCOL.md §9), with the quota project a credentials
+    file names, as google-auth's own `Credentials.apply()` sends it."""
+    headers = {"authorization": f"Bearer {token}"}
+    if quota_project:
+        headers["x-goog-user-project"] = quota_project
+    return headers
+
+
+def google_http_client() -> httpx.Client:
+    """The sync client google-auth's refreshes run on: environment proxies are honoured (the token
+    endpoint is on the internet) except for loopback and the metadata server."""
+    direct = {f"all://{h}": None for h in
+              ("127.0.0.1", "localhost", "[::1]", _METADATA_DEFAULT_HOST, "metadata.google.internal")}
+    return httpx.Client(timeout=httpx.Timeout(GOOGLE_HTTP_TIMEOUT_S, connect=GOOGLE_CONNECT_TIMEOUT_S),
+                        trust_env=True, mounts=direct, follow_redirects=False)
+
+
+def gcloud_adc_path() -> str:
+    """Where `gcloud auth application-default login` writes its authorized_user file."""
+    if os.environ.get("CLOUDSDK_CONFIG"):
+        return os.path.join(os.environ["CLOUDSDK_CONFIG"], "application_default_credentials.json")
+    if os.name == "nt":
+        return os.path.join(os.environ.get("APPDATA", "C:\\"), "gcloud",
+                            "application_default_credentials.json")
+    return os.path.expanduser("~/.config/gcloud/application_default_credentials.json")
+
+
+def metadata_host() -> str:
+    """The metadata server's host[:port], read at call time: google-auth's own names for it."""
+    for var in ("GCE_METADATA_HOST", "GCE_METADATA_ROOT", "GCE_METADATA_IP"):
+        if os.environ.get(var):
+            return os.environ[var]
+    return _METADATA_DEFAULT_HOST
+
+
+def _auth_error(provider: str, what: str) -> UpstreamError:
+    """Every credential problem: 401 authentication_error, retryable so failover moves on."""
+    return UpstreamError(401, f"{provider}: {what}", "authentication_error", provider=provider,
+                         retryable=True)
+
+
+def _import_google_auth(provider: str) -> Any:
+    """google.auth, imported on first use; when missing, the one command that installs it."""
+    try:
+        import google.auth
+        import google.auth.exceptions
+        import google.auth.transport
+    except ImportError:
+        raise _auth_error(provider, f"vertex-ai needs the google-auth package: {GOOGLE_INSTALL}") from None
+    google.auth.transport.Request.register(GoogleTransport)
+    return google.auth
+
+
+def _scrub_google(text: str, secrets: Iterable[str]) -> str:
+    """Library or endpoint text with every key, token and assertion masked, kept to one line."""
+    for secret in secrets:
+        if secret and len(secret) >= 6:
+            text = text.replace(secret, mask_secret(secret))
+    text = _PEM_RE.sub("[private key]", text)
+    text = _GOOGLE_TOKEN_RE.sub(lambda m: mask_secret(m.group(0)), text)
+    text = " ".join(text.split())
+    return text[:300]
+
+
+def _utcnow() -> datetime.datetime:
+    # google-auth's expiry is a naive UTC datetime (google.auth._helpers.utcnow).
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+
+
+@dataclass(slots=True)
+class GoogleResponse:
+    """google.auth.transport.Response: what google-auth reads from an answer."""
+    status: int
+    headers: Any
+    data: bytes
+
+
+class GoogleTransport:
+    """google.auth.transport.Request over a sync httpx.Client (registered as its virtual subclass
+    when google.auth loads), so google-auth needs neither requests nor urllib3."""
+
+    def __init__(self, client: httpx.Client) -> None:
+        self.client = client
+
+    def __call__(self, url: str, method: str = "GET", body: bytes | None = None,
+                 headers: dict[str, str] | None = None, timeout: float | None = None,
+                 **kwargs: Any) -> GoogleResponse:
+        extra: Json = {}
+        if timeout is not None:
+            extra["timeout"] = httpx.Timeout(timeout, connect=min(timeout, GOOGLE_CONNECT_TIMEOUT_S))
+        try:
+            r = self.client.request(method, url, content=body, headers=headers, **extra)
+        except httpx.HTTPError as exc:
+            import google.auth.exceptions
+            origin = urllib.parse.urlsplit(url)._replace(path="", query="").geturl()
+            raise google.auth.exceptions.TransportError(
+                f"{origin}: {type(exc).__name__} {exc}") from None
+        return GoogleResponse(r.status_code, r.headers, r.content)
+
+
+class _MetadataCredentials:
+    """The attached service account's token from the metadata server (GCE, Cloud Run, GKE): the
+    GET google-auth's compute_engine makes, written here because that module imports `requests`
+    at import time and reads GCE_METADATA_HOST only once (NOTES.md)."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.token: str | None = None
+        self.expiry: datetime.datetime | None = None
+        self.quota_project_id: str | None = None
+
+    def refresh(self, request: Callable[..., GoogleResponse]) -> None:
+        scopes = urllib.parse.quote(",".join(GOOGLE_SCOPES), safe="")
+        r = request(url=f"http://{self.host}{_METADATA_TOKEN_PATH}?scopes={scopes}", method="GET",
+                    headers={"Metadata-Flavor": "Google"}, timeout=GOOGLE_METADATA_TIMEOUT_S)
+        if r.status != 200:
+            raise ValueError(f"the metadata server answered HTTP {r.status}")
+        data = json.loads(r.data)
+        self.token = data["access_token"]
+        self.expiry = _utcnow() + datetime.timedelta(seconds=int(data["expires_in"]))
+
+
+@dataclass(slots=True, frozen=True)
+class GoogleSource:
+    label: str      # "credentials_file" | "GOOGLE_APPLICATION_CREDENTIALS" | "gcloud ADC file" | "metadata server"
+    where: str      # the file's path, or the metadata server's host[:port]
+
+    @property
+    def is_file(self) -> bool:
+        return self.label != "metadata server"
+
+
+def _read_credentials_json(src: GoogleSource) -> Json:
+    """The parsed file, or what is wrong with it (never its content)."""
+    if not os.path.isfile(src.where):
+        raise ValueError(f"{src.label} {src.where} does not exist")
+    try:
+        with open(src.where, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{src.label} {src.where} cannot be read ({type(exc).__name__})") from None
+    except ValueError:
+        raise ValueError(f"{src.label} {src.where} is not JSON") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{src.label} {src.where} is not a JSON object")
+    return info
+
+
+class GoogleCredentials:
+    """One vertex-ai provider's Google credentials, in Google's ADC order (PROTOCOL.md §9):
+    its credentials_file, GOOGLE_APPLICATION_CREDENTIALS, the gcloud ADC file, the metadata
+    server. token() refreshes off the loop, once for all concurrent callers."""
+
+    def __init__(self, provider_name: str, credentials_file: str | None,
+                 http_factory: Callable[[], httpx.Client] | None = None) -> None:
+        self.provider = provider_name
+        self.credentials_file = credentials_file
+        self.http_factory = http_factory or google_http_client
+        self.refreshes = 0                  # token exchanges made (health, tests)
+        self.quota_project: str | None = None
+        self._http: httpx.Client | None = None
+        self._creds: Any = None             # a google-auth Credentials or _MetadataCredentials
+        self._source: GoogleSource | None = None
+        self._secrets: list[str] = []
+        self._token_uri = ""
+        self._token: str | None = None
+        self._fresh_until = 0.0             # monotonic; the token is used until then
+        self._lock = asyncio.Lock()
+        self._inflight: asyncio.Future[tuple[str, float]] | None = None
+
+    def __repr__(self) -> str:
+        return f"GoogleCredentials({self.provider!r}, {self.credentials_file!r})"
+
+    def locate(self) -> GoogleSource:
+        """Where credentials would come from now; reads no file and sends nothing."""
+        if self.credentials_file:           # per-provider config overrides everything
+            return GoogleSource("credentials_file", os.path.expanduser(self.credentials_file))
+        env = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+        if env:                             # google-auth does not fall through a set variable
+            return GoogleSource("GOOGLE_APPLICATION_CREDENTIALS", os.path.expanduser(env))
+        if os.path.isfile(gcloud_adc_path()):
+            return GoogleSource("gcloud ADC file", gcloud_adc_path())
+        return GoogleSource("metadata server", metadata_host())
+
+    def describe(self) -> str:
+        """The source `config check` and the dry run show: path and type, no secret."""
+        src = self.locate()
+        if not src.is_file:
+            return f"GCE metadata server http://{src.where} (no credentials file found)"
+        try:
+            info = _read_credentials_json(src)
+        except ValueError as exc:
+            return f"{exc}"
+        kind = str(info.get("type") or "no type")
+        if kind == "service_account" and isinstance(info.get("client_email"), str):
+            kind += f" {info['client_email']}"
+        return f"{src.label} {src.where} ({kind})"
+
+    def check(self) -> str | None:
+        """What stops this provider from getting a token, or None (the metadata server is
+        probed; no token is requested)."""
+        try:
+            self._prepare()
+        except UpstreamError as exc:
+            return exc.message
+        return None
+
+    async def token(self) -> str:
+        """A valid access token; refreshed when less than GOOGLE_REFRESH_MARGIN_S remain."""
+        if self._token and time.monotonic() < self._fresh_until:
+            return self._token
+        async with self._lock:
+            if not (self._token and time.monotonic() < self._fresh_until):
+                await self._refresh()
+            assert self._token is not None
+            return self._token
+
+    async def on_401(self, rejected: str | None = None) -> str:
+        """A fresh token after Vertex answered 401 (the request is retried once with it);
+        `rejected` lets concurrent 401s on the same token share one refresh."""
+        stale = rejected or self._token
+        async with self._lock:
+            if self._token is None or self._token == stale:
+                await self._refresh()
+            assert self._token is not None
+            return self._token
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
+    async def _refresh(self) -> None:
+        # A caller cancelled mid-refresh leaves the exchange running; the next caller awaits it
+        # instead of starting a second one.
+        if self._inflight is None or self._inflight.done():
+            loop = asyncio.get_running_loop()
+            self._inflight = loop.run_in_executor(None, self._refresh_sync)
+        token, lifetime_s = await asyncio.shield(self._inflight)
+        self._token = token
+        self._fresh_until = time.monotonic() + lifetime_s - GOOGLE_REFRESH_MARGIN_S
+
+    def _refresh_sync(self) -> tuple[str, float]:
+        """Runs in the executor: load (first time), exchange, and the token's remaining life."""
+        creds = self._prepare()
+        google_auth = _import_google_auth(self.provider)
+        try:
+            creds.refresh(self._transport())
+        except (google_auth.exceptions.GoogleAuthError, ValueError, KeyError, TypeError) as exc:
+            self._creds = None              # re-read the file next time: it may have been fixed
+            raise self._refresh_error(exc) from None
+        self.refreshes += 1
+        if not isinstance(creds.token, str) or not creds.token:
+            self._creds = None
+            raise _auth_error(self.provider, f"{self._what()} returned no access token")
+        expiry = creds.expiry
+        lifetime_s = (expiry - _utcnow()).total_seconds() if expiry else float("inf")
+        _log.info("vertex: %s: Google access token refreshed (%s, %.0f s left)",
+                  self.provider, self._source.label if self._source else "?", lifetime_s)
+        return creds.token, lifetime_s
+
+    def _transport(self) -> GoogleTransport:
+        if self._http is None:
+            self._http = self.http_factory()
+        return GoogleTransport(self._http)
+
+    def _prepare(self) -> Any:
+        """The loaded credentials (cached), or the UpstreamError that says what to do."""
+        if self._creds is not None:
+            return self._creds
+        google_auth = _import_google_auth(self.provider)
+        src = self.locate()
+        if src.is_file:
+            creds = self._load_file(google_auth, src)
+        else:
+            self._probe_metadata(google_auth, src)
+            creds = _MetadataCredentials(src.where)
+        self._source, self._creds = src, creds
+        self.quota_project = getattr(creds, "quota_project_id", None)
+        return creds
+
+    def _load_file(self, google_auth: Any, src: GoogleSource) -> Any:
+        try:
+            info = _read_credentials_json(src)
+        except ValueError as exc:
+            raise _auth_error(self.provider, f"{exc}: fix the path or the file") from None
+        self._secrets = [v for k in _SECRET_FIELDS if isinstance(v := info.get(k), str)]
+        # Each base64 line of the key too: an echo of a fragment must not leak either.
+        self._secrets += [ln for ln in str(info.get("private_key") or "").splitlines() if len(ln) >= 16]
+        self._token_uri = str(info.get("token_uri") or "https://oauth2.googleapis.com/token")
+        try:
+            with warnings.catch_warnings():
+                # google-auth warns on its generic loader about files from untrusted sources;
+                # this one is the user's own configuration.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                creds, _ = google_auth.load_credentials_from_file(
+                    src.where, scopes=GOOGLE_SCOPES, request=self._transport())
+        except (google_auth.exceptions.GoogleAuthError, ValueError, KeyError, TypeError) as exc:
+            why = _scrub_google(str(exc), self._secrets)
+            raise _auth_error(self.provider, f"{src.label} {src.where} is not usable Google "
+                                             f"credentials: {why}") from None
+        if info.get("type") == "authorized_user" and info.get("token_uri"):
+            # google-auth replaces an authorized_user file's token_uri with Google's; ccm honours
+            # it, as google-auth does a service account's (gcloud's files carry none).
+            creds = creds.with_token_uri(str(info["token_uri"]))
+        return creds
+
+    def _probe_metadata(self, google_auth: Any, src: GoogleSource) -> None:
+        """No file anywhere: the metadata server must answer (as google-auth's is_on_gce ping)."""
+        url = f"http://{src.where}/computeMetadata/v1/"
+        try:
+            r = self._transport()(url, "GET", headers={"Metadata-Flavor": "Google"},
+                                  timeout=GOOGLE_METADATA_TIMEOUT_S)
+            ok = r.status == 200 and r.headers.get("metadata-flavor") == "Google"
+            why = "" if ok else f"answered HTTP {r.status} without Metadata-Flavor: Google"
+        except google_auth.exceptions.TransportError as exc:
+            ok, why = False, f"did not answer ({_scrub_google(str(exc), ())})"
+        if not ok:
+            raise _auth_error(self.provider, f"no Google credentials found: {_NO_CREDENTIALS_HINT} "
+                                             f"(the metadata server at {src.where} {why})")
+
+    def _what(self) -> str:
+        src = self._source
+        if src is None or not src.is_file:
+            return f"the metadata server at {src.where if src else metadata_host()}"
+        return f"the token endpoint {self._token_uri} ({src.label} {src.where})"
+
+    def _refresh_error(self, exc: BaseException) -> UpstreamError:
+        why = _scrub_google(str(exc.args[0] if exc.args else exc), [*self._secrets, self._token or ""])
+        fix = ("re-run `gcloud auth application-default login`"
+               if self._source and self._source.label == "gcloud ADC file"
+               else "check the key is valid and not revoked, or " + _NO_CREDENTIALS_HINT)
+        return _auth_error(self.provider, f"token refresh at {self._what()} failed: "
+                                          f"{type(exc).__name__}: {why}; {fix}")
+
+
 class Upstreams:
     """One shared httpx client with explicit limits; proxies from the environment are honoured
     except for loopback, so local models and tests are never sent through HTTP(S)_PROXY."""
@@ -3029,6 +4520,7 @@ class Upstreams:
         return self._client
 
     async def aclose(self) -> None:
+        self.credentials.close()
         if self._client is not None:
             await self._client.aclose()
 
@@ -3053,17 +4545,46 @@ class Upstreams:
 
 
 class Credentials:
-    """The credential each attempt sends: a key from the provider's pool (OAuth and Google
-    tokens plug in here)."""
+    """The credential each attempt sends: a key from the provider's pool, or a token that
+    refreshes itself (Google Application Default Credentials; OAuth logins)."""
 
     def __init__(self, keys: KeyPool) -> None:
         self.keys = keys
+        self.google: dict[str, GoogleCredentials] = {}
+
+    def refreshing(self, p: Provider) -> bool:
+        """True when the credential is a token that a 401 may be cured by refreshing."""
+        return PROVIDER_TYPES[p.provider_type].auth == "google-adc"
+
+    def google_for(self, p: Provider) -> GoogleCredentials:
+        c = self.google.get(p.name)
+        if c is None or c.credentials_file != p.credentials_file:
+            c = self.google[p.name] = GoogleCredentials(p.name, p.credentials_file)
+        return c
 
     def pick(self, p: Provider) -> str | None:
+        """A key, without waiting (dry runs show a placeholder for tokens)."""
+        if self.refreshing(p):
+            return "<google access token>"
         if p.missing_env and not p.keys():
             raise UpstreamError(401, f"{p.name}: api_key uses ${p.missing_env[0]}, which is not set",
                                 "authentication_error", provider=p.name, retryable=True)
         return self.keys.pick(p)
+
+    async def get(self, p: Provider) -> str | None:
+        if self.refreshing(p):
+            return await self.google_for(p).token()
+        return self.pick(p)
+
+    async def refresh(self, p: Provider, rejected: str | None) -> str | None:
+        """After a 401: a fresh token (once), or None when refreshing cannot help."""
+        if not self.refreshing(p):
+            return None
+        return await self.google_for(p).on_401(rejected)
+
+    def close(self) -> None:
+        for c in self.google.values():
+            c.close()
 
 
 def explain(raw: bytes, headers: dict[str, str], cfg: Config, up: Upstreams | None = None) -> Json:
@@ -3210,11 +4731,17 @@ class Failover:
     async def _provider(self, ex: Exchange, p: Provider, target: Target, is_last: bool,
                         max_retries: int) -> Outcome:
         """Try one provider, again while a retry is worth it."""
-        tries = 0
+        tries, key, refreshed = 0, None, False
         while True:
-            outcome = await self.attempt(ex, p, target, tries)
+            outcome = await self.attempt(ex, p, target, tries, key)
             if outcome.response is not None:
                 return outcome
+            if outcome.error is not None and outcome.error.status == 401 and not refreshed:
+                refreshed = True               # a token the upstream refused: refresh it once
+                key = await self._refresh(p, ex.attempts[-1].key)
+                if key is not None:
+                    ex.route.trace.append(f"{p.name}: credential refreshed after 401")
+                    continue
             wait = self._retry_wait(ex, p, outcome.error, tries, is_last, max_retries)
             if wait is None:
                 return outcome
@@ -3223,8 +4750,15 @@ class Failover:
             self.counters[f"retries.{p.name}"] += 1
             await asyncio.sleep(wait)
 
-    async def attempt(self, ex: Exchange, p: Provider, target: Target, tries: int) -> Outcome:
-        att = Attempt(p.name, target.model, target, tries=tries, started=time.monotonic())
+    async def _refresh(self, p: Provider, rejected: str | None) -> str | None:
+        try:
+            return await self.up.credentials.refresh(p, rejected)
+        except UpstreamError:
+            return None
+
+    async def attempt(self, ex: Exchange, p: Provider, target: Target, tries: int,
+                      key: str | None = None) -> Outcome:
+        att = Attempt(p.name, target.model, target, key=key, tries=tries, started=time.monotonic())
         srv = ex.cfg.server
         att.first_byte_s = (p.first_byte_timeout_ms or srv.first_byte_timeout_ms) / 1000
         att.total_s = max(0.05, min((p.api_timeout_ms or srv.api_timeout_ms) / 1000,
@@ -3233,7 +4767,7 @@ class Failover:
         self.up.health.begin(p.name)
         ok, error = False, None
         try:
-            att.key = self.up.credentials.pick(p)
+            att.key = att.key or await self.up.credentials.get(p)
             response = await self._answer(ex, p, att)
             ok = True
             return Outcome(response)
@@ -3596,10 +5130,13 @@ async def forward_count(up: Upstreams, req: Request, rt: Route, cfg: Config,
         no_count[p.name] = time.monotonic() + NO_COUNT_TOKENS_S
     if resp.status_code != 200:
         return None
-    with contextlib.suppress(ValueError, AttributeError):
-        if isinstance(json.loads(resp.content).get("input_tokens"), int):
+    with contextlib.suppress(ValueError):
+        adapter = adapter_for(p)
+        n = adapter.count_result(json.loads(resp.content))
+        if n is not None:
+            body = resp.content if adapter.passthrough else dumps({"input_tokens": n}).encode()
             return Response(200, [("content-type", "application/json"),
-                                  ("x-ccm-token-count", f"provider {p.name}")], resp.content)
+                                  ("x-ccm-token-count", f"provider {p.name}")], body)
     return None
 
 
@@ -5371,10 +6908,29 @@ def cmd_config(args: argparse.Namespace) -> int:
     for w in cfg.warnings:
         print(f"ccm: warning: {path}: {w}", file=sys.stderr)
     if args.action == "check":
+        problems = _credential_problems(cfg)
+        for name, problem in problems:
+            print(f"ccm: error: {path}: provider {name}: {problem}", file=sys.stderr)
+        if problems:
+            return 1
         print(f"{path}: ok ({len(cfg.providers)} providers, {len(cfg.models)} models)")
         return 0
     print(dump_toml(_masked_raw(cfg.raw)), end="")
     return 0
+
+
+def _credential_problems(cfg: Config) -> list[tuple[str, str]]:
+    """Enabled providers whose Google credentials cannot be found (vertex-ai)."""
+    up = Upstreams(cfg)
+    out = []
+    for p in cfg.providers.values():
+        if p.enabled and up.credentials.refreshing(p):
+            creds = up.credentials.google_for(p)
+            problem = creds.check()
+            if problem:
+                out.append((p.name, problem))
+    up.credentials.close()
+    return out
 
 
 def _masked_raw(raw: Any, key: str = "") -> Any:
