@@ -487,6 +487,7 @@ class Config:
 _MODEL_OPTIONS: dict[str, tuple[type, ...]] = {
     "max_output_tokens": (int,), "reasoning": (bool,), "reasoning_echo": (bool,),
     "extra_body": (dict,), "stream_options": (bool,), "schema_profile": (str,),
+    "api": (str,), "codex_instructions": (str,),
 }
 _SERVER_KEYS: dict[str, tuple[type, ...]] = {
     "host": (str,), "port": (int,), "api_key": (str,), "admin_token": (str,),
@@ -3591,6 +3592,804 @@ def vertex_anthropic_count_body(body: Json, model: str) -> bytes:
     return dumps(out).encode()
 
 
+# --- 10g. OpenAI Responses API (PROTOCOL.md §8) ------------------------------------------
+
+# ---- request -------------------------------------------------------------------------------
+
+RESPONSES_MIN_OUTPUT_TOKENS = 16      # the Responses API rejects max_output_tokens below 16
+CODEX_FALLBACK_INSTRUCTIONS = "You are a helpful coding assistant."
+_REPLAY_KEYS = ("type", "id", "summary", "encrypted_content")   # a reasoning item minus status etc.
+
+
+_CODEX_ON_RESPONSES = frozenset({"openai"})   # claude-code-mux: *codex* models on OpenAI itself
+
+
+def use_responses(provider_type: str, model: str, opts: Json, oauth_provider: str | None) -> bool:
+    """Whether a target speaks the Responses API rather than Chat Completions (PROTOCOL.md §8)."""
+    if oauth_provider == "openai-codex":
+        return True                   # the ChatGPT Codex endpoint has no Chat Completions at all
+    if opts.get("api") in ("responses", "chat"):
+        return opts["api"] == "responses"
+    return provider_type in _CODEX_ON_RESPONSES and "codex" in model.lower()
+
+
+def _data_url(source: Any) -> str | None:
+    if not isinstance(source, dict):
+        return None
+    if source.get("type") == "base64":
+        return f"data:{source.get('media_type', 'image/png')};base64,{source.get('data', '')}"
+    if source.get("type") == "url":
+        return str(source.get("url", ""))
+    return None
+
+
+def _document_text(block: Json) -> str:
+    """A document block as text the model can read (PDFs go as input_file instead)."""
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    title = f"[document: {block['title']}]\n" if block.get("title") else ""
+    kind = source.get("type")
+    if kind == "text":
+        body = str(source.get("data", ""))
+    elif kind == "content":
+        body = "\n\n".join(_texts(source.get("content")))
+    elif kind == "url":
+        body = f"[document: {source.get('url', '')}]"
+    else:
+        body = "[document omitted]"
+    return title + body
+
+
+def _user_part(b: Json) -> Json | None:
+    """One Anthropic user block as a Responses input content part."""
+    kind = b.get("type")
+    if kind == "text":
+        return {"type": "input_text", "text": b["text"]} if b.get("text") else None
+    if kind == "image":
+        url = _data_url(b.get("source"))
+        return {"type": "input_image", "image_url": url} if url else \
+            {"type": "input_text", "text": "[image omitted]"}
+    if kind == "document":
+        src = b.get("source") if isinstance(b.get("source"), dict) else {}
+        if src.get("type") == "base64" and src.get("media_type") == "application/pdf":
+            return {"type": "input_file", "filename": "document.pdf", "file_data": _data_url(src)}
+        return {"type": "input_text", "text": _document_text(b)}
+    if kind == "search_result":
+        return {"type": "input_text", "text": _search_result_text(b)}
+    if kind == "web_search_tool_result":
+        return {"type": "input_text", "text": _web_results_text(b)}
+    return None
+
+
+def _tool_output(block: Json) -> tuple[str, list[Json]]:
+    """(text, input_image parts) of a tool_result (PROTOCOL.md §3: is_error prefixes "Error: ")."""
+    content = block.get("content")
+    texts: list[str] = []
+    images: list[Json] = []
+    for b in [{"type": "text", "text": content}] if isinstance(content, str) else content or []:
+        part = _user_part(b) if isinstance(b, dict) else None
+        if part is None:
+            continue
+        if part["type"] == "input_text":
+            texts.append(part["text"])
+        elif part["type"] == "input_image":
+            images.append(part)
+        else:
+            texts.append("[document]")
+    text = "\n".join(texts) or ("[image]" if images else "")
+    return ("Error: " + text if block.get("is_error") else text), images
+
+
+class _ResponsesInputBuilder:
+    """Anthropic messages as Responses `input` items, one method per message role."""
+
+    def __init__(self, secret: bytes, codex: bool) -> None:
+        self.secret = secret
+        self.codex = codex
+        self.out: list[Json] = []
+        self.names: dict[str, str] = {}      # original -> short
+        self.open_calls: set[str] = set()    # call ids still waiting for their outputs
+        self.deferred: list[Json] = []       # developer messages met between calls and outputs
+
+    def name(self, original: str) -> str:
+        if original not in self.names:
+            self.names[original] = short_tool_name(original)
+        return self.names[original]
+
+    def system(self, msg: Json) -> None:
+        """Mid-conversation system text becomes a developer message at the same place, moved
+        after the outputs of calls it interrupts (as §3 does for Chat Completions)."""
+        text = "\n\n".join(_texts(msg.get("content")))
+        if text:
+            item = _message("developer", [{"type": "input_text", "text": text}])
+            (self.deferred if self.open_calls else self.out).append(item)
+
+    def user(self, msg: Json) -> None:
+        content = msg.get("content")
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else \
+            [b for b in content or [] if isinstance(b, dict)]
+        parts: list[Json] = []
+        images: list[Json] = []
+        for b in blocks:
+            if b.get("type") != "tool_result":
+                part = _user_part(b)
+                parts += [part] if part else []
+                continue
+            text, imgs = _tool_output(b)
+            cid = str(b.get("tool_use_id", ""))
+            if cid in self.open_calls:
+                self.out.append({"type": "function_call_output", "call_id": cid, "output": text})
+                images += imgs
+            else:                         # no call to answer: the API would 400 on the output
+                parts += [{"type": "input_text", "text": f"Tool result for {cid}: {text}"}, *imgs]
+        if images:
+            self.out.append(_message("user", images))
+        self.close_calls()
+        if parts:
+            self.out.append(_message("user", parts))
+
+    def assistant(self, msg: Json) -> None:
+        content = msg.get("content")
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else \
+            [b for b in content or [] if isinstance(b, dict)]
+        self.close_calls()
+        texts: list[Json] = []
+        for b in blocks:
+            item = self._assistant_item(b, texts)
+            if item is not None:
+                self._flush_texts(texts)
+                self.out.append(item)
+        self._flush_texts(texts)
+
+    def _assistant_item(self, b: Json, texts: list[Json]) -> Json | None:
+        kind = b.get("type")
+        if kind == "text" and b.get("text"):
+            texts.append({"type": "output_text", "text": b["text"]})
+        elif kind == "web_search_tool_result":
+            texts.append({"type": "output_text", "text": _web_results_text(b)})
+        elif kind == "tool_use":
+            cid = str(b.get("id", ""))
+            self.open_calls.add(cid)
+            args = b.get("input") if b.get("input") is not None else {}
+            return {"type": "function_call", "call_id": cid,
+                    "name": self.name(str(b.get("name", ""))), "arguments": dumps(args)}
+        elif kind == "thinking":
+            return self._reasoning(b)
+        return None
+
+    def _reasoning(self, b: Json) -> Json | None:
+        """Replay the reasoning item ccm packed into the signature; other thinking is dropped."""
+        payload = thinking_payload(self.secret, str(b.get("thinking", "")), b.get("signature"))
+        item = payload.get("r") if payload and payload.get("v") == 1 else None
+        if not isinstance(item, dict) or item.get("type") != "reasoning":
+            return None
+        item = dict(item)
+        if self.codex:
+            item.pop("id", None)      # the Codex endpoint stores nothing: no item ids (§8)
+        return item
+
+    def _flush_texts(self, texts: list[Json]) -> None:
+        if texts:
+            self.out.append(_message("assistant", list(texts)))
+            texts.clear()
+
+    def close_calls(self) -> None:
+        self.open_calls = set()
+        self.out += self.deferred
+        self.deferred = []
+
+
+def _message(role: str, content: list[Json]) -> Json:
+    return {"type": "message", "role": role, "content": content}
+
+
+def _responses_tools(body: Json, b: _ResponsesInputBuilder) -> tuple[list[Json], set[str]]:
+    """Function tools, plus web_search for Anthropic's server tool; (tools, server tool names)."""
+    tools: list[Json] = []
+    servers: set[str] = set()
+    for t in body.get("tools") or []:
+        if not isinstance(t, dict):
+            continue
+        kind = str(t.get("type") or "custom")
+        if kind.startswith("web_search"):
+            tools.append(_web_search_tool(t))
+            servers.add(str(t.get("name", "web_search")))
+        elif kind != "custom":
+            raise ProxyError(400, f"server tool {t.get('name') or kind!r} ({kind}) is not "
+                             "supported by the OpenAI Responses API", "invalid_request_error")
+        else:
+            schema = t.get("input_schema")
+            tools.append({"type": "function", "name": b.name(str(t.get("name", ""))),
+                          "description": str(t.get("description") or ""),
+                          "parameters": _strip_schema_keys(schema) if isinstance(schema, dict)
+                          else {"type": "object", "properties": {}}, "strict": False})
+    return tools, servers
+
+
+def _web_search_tool(t: Json) -> Json:
+    tool: Json = {"type": "web_search"}
+    if t.get("allowed_domains"):
+        tool["filters"] = {"allowed_domains": list(t["allowed_domains"])}
+    loc = t.get("user_location")
+    if isinstance(loc, dict):
+        tool["user_location"] = {"type": "approximate", **{k: loc[k] for k in
+                                 ("city", "region", "country", "timezone") if loc.get(k)}}
+    return tool
+
+
+def _responses_tool_choice(choice: Any, b: _ResponsesInputBuilder, servers: set[str]) -> Any:
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind == "tool":
+        name = str(choice.get("name", ""))
+        # Forcing the web search tool: "required" with web_search the only tool (Claude Code's
+        # WebSearch request, CLAUDE_CODE.md §6).
+        return "required" if name in servers else {"type": "function", "name": b.name(name)}
+    return {"auto": "auto", "any": "required", "none": "none"}.get(kind)
+
+
+def to_responses(body: Json, model: str, opts: Json, secret: bytes, *, codex: bool = False,
+                 session_id: str | None = None) -> tuple[Json, dict[str, str]]:
+    """An Anthropic Messages request as a Responses request, and the short->original tool-name
+    map (PROTOCOL.md §8). codex=True obeys the ChatGPT Codex endpoint's rules."""
+    opts = opts or {}
+    b = _ResponsesInputBuilder(secret, codex)
+    instructions = _system_text(body.get("system"))
+    if codex and opts.get("codex_instructions"):
+        # A configured fixed prompt: the client's system text then goes as a developer message.
+        if instructions:
+            b.out.append(_message("developer", [{"type": "input_text", "text": instructions}]))
+        instructions = str(opts["codex_instructions"])
+    for msg in body.get("messages") or []:
+        if isinstance(msg, dict):
+            role = msg.get("role")
+            getattr(b, role if role in ("system", "assistant") else "user")(msg)
+    b.close_calls()
+    req: Json = {"model": model, "input": b.out, "store": False}
+    if instructions or codex:
+        req["instructions"] = instructions or CODEX_FALLBACK_INSTRUCTIONS
+    _add_tools(req, body, b)
+    _add_sampling(req, body, model, opts, codex)
+    req["stream"] = True if codex else bool(body.get("stream"))
+    if codex and session_id:
+        req["prompt_cache_key"] = session_id
+    req.update(opts.get("extra_body") or {})
+    return req, {short: orig for orig, short in b.names.items()}
+
+
+def _add_tools(req: Json, body: Json, b: _ResponsesInputBuilder) -> None:
+    tools, servers = _responses_tools(body, b)
+    if not tools:
+        return                        # no tool_choice without tools (PROTOCOL.md §3)
+    req["tools"] = tools
+    choice = _responses_tool_choice(body.get("tool_choice"), b, servers)
+    if choice is not None:
+        req["tool_choice"] = choice
+    tc = body.get("tool_choice")
+    if isinstance(tc, dict) and tc.get("disable_parallel_tool_use"):
+        req["parallel_tool_calls"] = False
+
+
+def _add_sampling(req: Json, body: Json, model: str, opts: Json, codex: bool) -> None:
+    """max_output_tokens, reasoning and temperature/top_p (PROTOCOL.md §3 effort buckets)."""
+    reasoning = codex or is_reasoning_model(model, opts)
+    max_tokens = body.get("max_tokens")
+    if isinstance(max_tokens, int) and not codex:    # the Codex endpoint 400s on it (§8)
+        cap = opts.get("max_output_tokens")
+        req["max_output_tokens"] = max(RESPONSES_MIN_OUTPUT_TOKENS,
+                                       min(max_tokens, cap) if cap else max_tokens)
+    if reasoning:
+        effort = _reasoning_effort(body.get("thinking"), body.get("output_config"))
+        if effort:
+            req["reasoning"] = {"effort": effort, "summary": "auto"}
+        req["include"] = ["reasoning.encrypted_content"]
+    else:
+        for key in ("temperature", "top_p"):
+            if body.get(key) is not None:
+                req[key] = body[key]
+
+
+# ---- response: a whole message -------------------------------------------------------------
+
+
+def responses_usage(u: Any) -> Json:
+    """Responses usage as Anthropic usage: input_tokens includes the cached ones (§8)."""
+    if not isinstance(u, dict):
+        return {}
+    details = u.get("input_tokens_details")
+    cached = int((details.get("cached_tokens") if isinstance(details, dict) else 0) or 0)
+    return {"input_tokens": max(int(u.get("input_tokens") or 0) - cached, 0),
+            "output_tokens": int(u.get("output_tokens") or 0),
+            "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
+
+
+def _reasoning_item_text(item: Json) -> str:
+    """The summary texts (or, without a summary, the raw reasoning text), joined like a stream."""
+    for key in ("summary", "content"):
+        parts = item.get(key)
+        texts = [str(p.get("text", "")) for p in parts if isinstance(p, dict)] \
+            if isinstance(parts, list) else []
+        if any(texts):
+            return "\n\n".join(t for t in texts if t)
+    return ""
+
+
+def reasoning_signature(secret: bytes, text: str, item: Json) -> str:
+    """The thinking signature carrying a reasoning item for replay (unsigned-payload when the
+    item has no encrypted_content: there is then nothing the API could use again)."""
+    if not item.get("encrypted_content"):
+        return sign_thinking(secret, text)
+    replay = {k: item[k] for k in _REPLAY_KEYS if item.get(k) is not None}
+    replay.setdefault("summary", [])
+    return sign_thinking(secret, text, {"v": 1, "r": replay})
+
+
+def _sources(item: Json) -> list[tuple[str, str]]:
+    """(title, url) pairs of a message's url_citation annotations or a web_search_call."""
+    found: list[tuple[str, str]] = []
+    if item.get("type") == "web_search_call":
+        action = item.get("action") if isinstance(item.get("action"), dict) else {}
+        for s in action.get("sources") or []:
+            if isinstance(s, dict) and s.get("url"):
+                found.append((str(s.get("title") or ""), str(s["url"])))
+        return found
+    for part in item.get("content") or []:
+        for a in (part.get("annotations") or []) if isinstance(part, dict) else []:
+            if isinstance(a, dict) and a.get("type") == "url_citation" and a.get("url"):
+                found.append((str(a.get("title") or ""), str(a["url"])))
+    return found
+
+
+def _sources_text(sources: list[tuple[str, str]]) -> str:
+    seen: dict[str, str] = {}
+    for title, url in sources:
+        seen[url] = seen.get(url) or title
+    return "Sources:\n" + "\n".join(f"- {t}: {u}" if t else f"- {u}" for u, t in seen.items())
+
+
+def _responses_stop(resp: Json, refused: bool, had_tools: bool) -> str:
+    details = resp.get("incomplete_details") if isinstance(resp.get("incomplete_details"), dict) else {}
+    if resp.get("status") == "incomplete" and details.get("reason") == "max_output_tokens":
+        return "max_tokens"
+    if refused or details.get("reason") == "content_filter":
+        return "refusal"
+    return "tool_use" if had_tools else "end_turn"
+
+
+def from_responses(data: Json, model: str, names: dict[str, str], secret: bytes) -> Json:
+    """A whole Responses `response` object as an Anthropic message (PROTOCOL.md §8)."""
+    content: list[Json] = []
+    sources: list[tuple[str, str]] = []
+    refused = False
+    salt = str(data.get("id") or new_id(""))
+    for i, item in enumerate(data.get("output") or []):
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type")
+        sources += _sources(item)
+        if kind == "message":
+            for part in item.get("content") or []:
+                text = part.get("text") or part.get("refusal") if isinstance(part, dict) else None
+                refused = refused or (isinstance(part, dict) and part.get("type") == "refusal")
+                if isinstance(text, str) and text:
+                    content.append({"type": "text", "text": text})
+        elif kind == "function_call":
+            name = names.get(str(item.get("name", "")), str(item.get("name", "")))
+            content.append({"type": "tool_use", "id": tool_id(item.get("call_id"), salt, i),
+                            "name": name, "input": _tool_input(item.get("arguments"), name)})
+        elif kind == "reasoning":
+            text = _reasoning_item_text(item)
+            if text or item.get("encrypted_content"):
+                content.append({"type": "thinking", "thinking": text,
+                                "signature": reasoning_signature(secret, text, item)})
+    if sources:
+        content.append({"type": "text", "text": _sources_text(sources)})
+    had_tools = any(b["type"] == "tool_use" for b in content)
+    usage = responses_usage(data.get("usage")) or {
+        "input_tokens": 0, "output_tokens": 0, "cache_read_input_tokens": 0,
+        "cache_creation_input_tokens": 0}
+    return {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": model,
+            "content": content, "stop_reason": _responses_stop(data, refused, had_tools),
+            "stop_sequence": None, "usage": usage}
+
+
+def responses_message_from_events(raw_sse: bytes, model: str, names: dict[str, str],
+                                  secret: bytes) -> Json:
+    """A whole Anthropic message from a complete Responses SSE body, for stream:false callers of
+    a stream-only upstream (the Codex endpoint); raises UpstreamError for failed streams."""
+    dec = SSEDecoder()
+    items: dict[Any, Json] = {}
+    final: Json | None = None
+    for ev in dec.feed(raw_sse) + dec.flush():
+        data = _event_json(ev)
+        kind = data.get("type") or ev.event
+        if kind == "response.output_item.done" and isinstance(data.get("item"), dict):
+            items[data.get("output_index", len(items))] = data["item"]
+        elif kind in ("response.completed", "response.incomplete"):
+            final = data.get("response") if isinstance(data.get("response"), dict) else {}
+        elif kind in ("response.failed", "error"):
+            raise _stream_failure(data, "upstream")
+    if final is None:
+        raise UpstreamError(502, "upstream: stream ended before response.completed", "api_error",
+                            retryable=True)
+    if not final.get("output"):       # the Codex endpoint leaves it empty: use the done items
+        final = dict(final, output=[items[k] for k in sorted(items, key=_order)])
+    return from_responses(final, model, names, secret)
+
+
+def _order(key: Any) -> tuple[int, str]:
+    return (key, "") if isinstance(key, int) else (1 << 30, str(key))
+
+
+def _event_json(ev: SSEEvent) -> Json:
+    try:
+        data = json.loads(ev.data) if ev.data.strip() else {}
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# ---- errors (PROTOCOL.md §4, §8) ------------------------------------------------------------
+
+_RESPONSES_CODES = {"rate_limit_exceeded": 429, "usage_limit_reached": 429,
+                    "insufficient_quota": 429, "context_length_exceeded": 400,
+                    "invalid_prompt": 400, "invalid_request_error": 400, "server_error": 500,
+                    "server_is_overloaded": 529, "slow_down": 529}
+
+
+def _limit_seconds(err: Json) -> int | None:
+    """A plan limit's reset: resets_in_seconds, or resets_at as a Unix time."""
+    with contextlib.suppress(TypeError, ValueError):
+        if err.get("resets_in_seconds") is not None:
+            return max(0, math.ceil(float(err["resets_in_seconds"])))
+        if err.get("resets_at") is not None:
+            return max(0, math.ceil(float(err["resets_at"]) - time.time()))
+    return None
+
+
+def _stream_failure(data: Json, label: str) -> UpstreamError:
+    """A response.failed / error event as the UpstreamError its event: error carries."""
+    resp = data.get("response") if isinstance(data.get("response"), dict) else None
+    err = (resp or {}).get("error") if resp is not None else data.get("error", data)
+    if not isinstance(err, dict):
+        err = {"message": str(err or "")}
+    code = str(err.get("code") or err.get("type") or "")
+    status = _RESPONSES_CODES.get(code, 500)
+    mapped, etype = (529, "overloaded_error") if status == 529 else _mapped_status(status)
+    message = str(err.get("message") or code or "the response failed")
+    wait = _limit_seconds(err)
+    headers = [("retry-after", str(wait))] if wait is not None else []
+    return UpstreamError(mapped, f"{label}: {message}", etype, provider=label, headers=headers,
+                         retryable=mapped >= 500 or mapped == 429, retry_after_s=wait)
+
+
+def responses_error(status: int, body: bytes, headers: dict[str, str] | httpx.Headers,
+                    provider: str) -> UpstreamError:
+    """A Responses (or Codex endpoint) HTTP error as an Anthropic error: plan limits become 429
+    rate_limit_error with retry-after; {"detail": ...} bodies keep their text."""
+    data: Any = None
+    with contextlib.suppress(ValueError):
+        data = json.loads(body)
+    err = data.get("error") if isinstance(data, dict) else None
+    if isinstance(err, dict) and (err.get("type") or err.get("code")) == "usage_limit_reached":
+        wait = _limit_seconds(err)
+        msg = str(err.get("message") or "the ChatGPT plan's usage limit has been reached")
+        out = [("retry-after", str(wait))] if wait is not None else []
+        return UpstreamError(429, f"{provider}: {msg}", "rate_limit_error", provider=provider,
+                             headers=out, retryable=True, retry_after_s=wait)
+    if isinstance(data, dict) and "detail" in data and "error" not in data:
+        detail = data["detail"]
+        text = detail.get("message", dumps(detail)) if isinstance(detail, dict) else str(detail)
+        body = dumps({"error": {"message": text}}).encode()
+    return openai_error(status, body, headers, provider)
+
+
+# ---- response: the stream (PROTOCOL.md §8, §4) ---------------------------------------------
+
+
+class ResponsesStream:
+    """State machine: Responses SSE bytes in, Anthropic SSE event bytes out. Output items
+    arrive one after another, so each maps onto at most one block, opened as it starts."""
+
+    def __init__(self, model: str, names: dict[str, str], secret: bytes,
+                 input_tokens: int = 0, counter: TokenCounter | None = None) -> None:
+        self.model, self.names, self.secret = model, names, secret
+        self.counter = counter or COUNTER
+        self.label = "upstream"            # the provider's name, for error messages
+        self.decoder = SSEDecoder()
+        self.msg_id, self.upstream_id = new_id("msg_"), ""
+        self.input_estimate = input_tokens
+        self.started = self.done = self.refused = self.had_tools = False
+        self.failed: UpstreamError | None = None
+        self.index = -1
+        self.open: str | None = None       # "text" | "thinking" | "tool" | None
+        self.open_key: Any = None          # the output item the open block belongs to
+        self.part: Any = None              # the summary/content part the thinking text is in
+        self.thinking = self.args = ""    # the open thinking block's text / tool's arguments
+        self.seen: set[Any] = set()        # output items that already produced a block
+        self.sources: list[tuple[str, str]] = []
+        self.usage: Json = {}
+        self.out_parts: list[str] = []     # generated text, counted if usage is missing
+        self.calls = 0                     # tool calls opened, salting generated tool ids
+
+    # ---- public ------------------------------------------------------------------------
+    def feed(self, chunk: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        for ev in self.decoder.feed(chunk):
+            if self.done:
+                break
+            self._event(ev, out)
+        return out
+
+    def finish_stream(self) -> list[bytes]:
+        """At upstream EOF: anything but a terminal event first means the stream broke."""
+        out: list[bytes] = []
+        for ev in self.decoder.flush():
+            if not self.done:
+                self._event(ev, out)
+        if not self.done:
+            self._fail(UpstreamError(502, f"{self.label}: upstream stream ended before "
+                                     "response.completed", "api_error", retryable=True), out)
+        return out
+
+    def fail(self, exc: UpstreamError) -> list[bytes]:
+        out: list[bytes] = []
+        if not self.done:
+            self._fail(exc, out)
+        return out
+
+    def final_usage(self) -> Usage:
+        u = self._usage()
+        return Usage(u["input_tokens"], u["output_tokens"], u["cache_read_input_tokens"],
+                     u["cache_creation_input_tokens"])
+
+    # ---- events ------------------------------------------------------------------------
+    def _event(self, ev: SSEEvent, out: list[bytes]) -> None:
+        if not ev.data.strip():
+            return
+        try:
+            data = json.loads(ev.data)
+        except ValueError:
+            self._fail(UpstreamError(502, f"{self.label}: invalid JSON in the stream: "
+                                     f"{ev.data[:120]}", "api_error"), out)
+            return
+        if not isinstance(data, dict):
+            return
+        kind = str(data.get("type") or ev.event)
+        if kind in ("error", "response.failed"):
+            self._fail(_stream_failure(data, self.label), out)
+            return
+        self._start(data, out)
+        handler = _STREAM_HANDLERS.get(kind)
+        if handler is not None:
+            getattr(self, handler)(data, out)
+
+    def _start(self, data: Json, out: list[bytes]) -> None:
+        resp = data.get("response")
+        if isinstance(resp, dict) and resp.get("id") and not self.upstream_id:
+            self.upstream_id = str(resp["id"])
+        if self.started:
+            return
+        self.started = True
+        out += _message_start(self.msg_id, self.model, self.input_estimate)
+
+    def _item_added(self, data: Json, out: list[bytes]) -> None:
+        item = data.get("item") if isinstance(data.get("item"), dict) else {}
+        key = _item_key(data, item)
+        if item.get("type") == "function_call":
+            self._open_tool(key, item, out)
+        elif item.get("type") == "reasoning":
+            self._open_block("thinking", key, {"type": "thinking", "thinking": "",
+                                               "signature": ""}, out)
+
+    def _text_delta(self, data: Json, out: list[bytes]) -> None:
+        text = data.get("delta")
+        if not isinstance(text, str) or not text:
+            return
+        key = _item_key(data)
+        if self.open != "text" or self.open_key != key:
+            self._open_block("text", key, {"type": "text", "text": ""}, out)
+        self.out_parts.append(text)
+        self._delta({"type": "text_delta", "text": text}, out)
+
+    def _refusal_delta(self, data: Json, out: list[bytes]) -> None:
+        self.refused = True
+        self._text_delta(data, out)
+
+    def _annotation(self, data: Json, out: list[bytes]) -> None:
+        a = data.get("annotation")
+        if isinstance(a, dict) and a.get("type") == "url_citation" and a.get("url"):
+            self.sources.append((str(a.get("title") or ""), str(a["url"])))
+
+    def _args_event(self, data: Json, out: list[bytes]) -> None:
+        """Argument deltas as they arrive; .done's whole arguments only if none were streamed."""
+        done = data.get("type") == "response.function_call_arguments.done"
+        piece = data.get("arguments" if done else "delta")
+        if self.open == "tool" and self.open_key == _item_key(data) and \
+                isinstance(piece, str) and piece and not (done and self.args):
+            self._args(piece, out)
+
+    def _thinking_delta(self, data: Json, out: list[bytes]) -> None:
+        text = data.get("delta")
+        if not isinstance(text, str) or not text:
+            return
+        key = _item_key(data)
+        if self.open != "thinking" or self.open_key != key:
+            self._open_block("thinking", key, {"type": "thinking", "thinking": "",
+                                               "signature": ""}, out)
+        part = (data.get("type"), data.get("summary_index", data.get("content_index")))
+        if self.thinking and part != self.part:
+            text = "\n\n" + text      # parts joined as from_responses joins them
+        self.part = part
+        self._thinking(text, out)
+
+    def _item_done(self, data: Json, out: list[bytes]) -> None:
+        item = data.get("item") if isinstance(data.get("item"), dict) else {}
+        key, kind = _item_key(data, item), item.get("type")
+        self.sources += _sources(item)
+        mine = self.open_key == key and self.open is not None
+        if kind == "function_call":
+            if not mine and key not in self.seen:
+                self._open_tool(key, item, out)
+            if self.open == "tool" and self.open_key == key and not self.args and item.get("arguments"):
+                self._args(str(item["arguments"]), out)
+        elif kind == "reasoning":
+            self._reasoning_done(key, item, mine, out)
+        elif kind == "message" and key not in self.seen:
+            self._message_done(key, item, out)
+        if self.open_key == key:
+            self._close_block(out, item if kind == "reasoning" else None)
+
+    def _reasoning_done(self, key: Any, item: Json, mine: bool, out: list[bytes]) -> None:
+        if not mine:
+            if key in self.seen:
+                return                # its block was already closed: nothing left to attach to
+            self._open_block("thinking", key, {"type": "thinking", "thinking": "",
+                                               "signature": ""}, out)
+        text = _reasoning_item_text(item)
+        if not self.thinking and text:
+            self._thinking(text, out)  # a summary that was not streamed
+
+    def _message_done(self, key: Any, item: Json, out: list[bytes]) -> None:
+        """A message item that streamed no deltas: relay its whole text now."""
+        for part in item.get("content") or []:
+            text = part.get("text") or part.get("refusal") if isinstance(part, dict) else None
+            if isinstance(text, str) and text:
+                self.refused = self.refused or part.get("type") == "refusal"
+                self._text_delta({"output_index": key, "delta": text}, out)
+
+    def _completed(self, data: Json, out: list[bytes]) -> None:
+        resp = data.get("response") if isinstance(data.get("response"), dict) else {}
+        if isinstance(resp.get("usage"), dict):
+            self.usage = resp["usage"]
+        if data.get("type") == "response.incomplete":
+            resp = dict(resp, status="incomplete")
+        for i, item in enumerate(resp.get("output") or [] if not self.seen else []):
+            self._item_done({"output_index": i, "item": item}, out)   # items never streamed
+        self._close_block(out)
+        if self.sources:
+            self._open_block("text", "sources", {"type": "text", "text": ""}, out)
+            self._delta({"type": "text_delta", "text": _sources_text(self.sources)}, out)
+            self._close_block(out)
+        delta = {"stop_reason": _responses_stop(resp, self.refused, self.had_tools),
+                 "stop_sequence": None}
+        out.append(sse("message_delta", {"type": "message_delta", "delta": delta,
+                                         "usage": self._usage()}))
+        out.append(sse("message_stop", {"type": "message_stop"}))
+        self.done = True
+
+    # ---- blocks ------------------------------------------------------------------------
+    def _open_block(self, kind: str, key: Any, block: Json, out: list[bytes]) -> None:
+        self._close_block(out)
+        self.index += 1
+        self.open, self.open_key = kind, key
+        self.seen.add(key)
+        out.append(sse("content_block_start", {"type": "content_block_start", "index": self.index,
+                                               "content_block": block}))
+
+    def _open_tool(self, key: Any, item: Json, out: list[bytes]) -> None:
+        name = str(item.get("name", ""))
+        cid = tool_id(item.get("call_id"), self.upstream_id or self.msg_id, self.calls)
+        self.calls += 1
+        self._open_block("tool", key, {"type": "tool_use", "id": cid, "input": {},
+                                       "name": self.names.get(name, name) or "unknown_tool"}, out)
+        self.had_tools = True
+        self.args = ""
+        if isinstance(item.get("arguments"), str) and item["arguments"]:
+            self._args(item["arguments"], out)
+
+    def _delta(self, delta: Json, out: list[bytes]) -> None:
+        out.append(sse("content_block_delta", {"type": "content_block_delta", "index": self.index,
+                                               "delta": delta}))
+
+    def _args(self, piece: str, out: list[bytes]) -> None:
+        self.args += piece
+        self.out_parts.append(piece)
+        self._delta({"type": "input_json_delta", "partial_json": piece}, out)
+
+    def _thinking(self, text: str, out: list[bytes]) -> None:
+        self.thinking += text
+        self.out_parts.append(text)
+        self._delta({"type": "thinking_delta", "thinking": text}, out)
+
+    def _close_block(self, out: list[bytes], item: Json | None = None) -> None:
+        """Close the open block: a thinking block gets its one signature_delta (with the
+        reasoning item when it is known), a tool block arguments that parse (§4 invariant)."""
+        if self.open is None:
+            return
+        if self.open == "thinking":
+            sig = reasoning_signature(self.secret, self.thinking, item or {})
+            self._delta({"type": "signature_delta", "signature": sig}, out)
+            self.thinking, self.part = "", None
+        elif self.open == "tool":
+            closer = _args_closer(self.args)
+            if closer:
+                self._delta({"type": "input_json_delta", "partial_json": closer}, out)
+        out.append(sse("content_block_stop", {"type": "content_block_stop", "index": self.index}))
+        self.open, self.open_key = None, None
+
+    # ---- end ---------------------------------------------------------------------------
+    def _usage(self) -> Json:
+        return _usage_or_count(self.usage, self.input_estimate, self.counter, self.out_parts)
+
+    def _fail(self, exc: UpstreamError, out: list[bytes]) -> None:
+        self.failed = exc
+        self.done = True
+        out.append(error_event(exc))
+
+
+def _usage_or_count(usage: Json, input_estimate: int, counter: TokenCounter,
+                    parts: list[str]) -> Json:
+    """The upstream's usage, or ccm's own counts when it sent none (never zeros)."""
+    u = responses_usage(usage)
+    if u and (u["input_tokens"] or u["output_tokens"] or u["cache_read_input_tokens"]):
+        return u
+    return {"input_tokens": input_estimate, "output_tokens": counter.text("".join(parts)) if parts
+            else 0, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
+
+
+def _message_start(msg_id: str, model: str, input_tokens: int) -> list[bytes]:
+    usage = {"input_tokens": input_tokens, "output_tokens": 0,
+             "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+    msg = {"id": msg_id, "type": "message", "role": "assistant", "content": [], "model": model,
+           "stop_reason": None, "stop_sequence": None, "usage": usage}
+    return [sse("message_start", {"type": "message_start", "message": msg}),
+            sse("ping", {"type": "ping"})]
+
+
+def _args_closer(args: str) -> str:
+    """What makes streamed tool arguments parse: `{}` for none, closers for a cut object."""
+    if not args.strip():
+        return "{}"
+    if _parses(args):
+        return ""
+    closer = _json_closer(args)
+    if closer and _parses(args + closer):
+        return closer
+    _log.warning("responses: streamed tool arguments are not valid JSON (%d chars)", len(args))
+    return ""
+
+
+def _item_key(data: Json, item: Json | None = None) -> Any:
+    """Which output item an event belongs to: output_index, else the item id."""
+    if isinstance(data.get("output_index"), int):
+        return data["output_index"]
+    return data.get("item_id") or (item or {}).get("id")
+
+
+_STREAM_HANDLERS = {
+    "response.output_item.added": "_item_added",
+    "response.output_text.delta": "_text_delta",
+    "response.refusal.delta": "_refusal_delta",
+    "response.output_text.annotation.added": "_annotation",
+    "response.function_call_arguments.delta": "_args_event",
+    "response.function_call_arguments.done": "_args_event",
+    "response.reasoning_summary_text.delta": "_thinking_delta",
+    "response.reasoning_text.delta": "_thinking_delta",
+    "response.output_item.done": "_item_done",
+    "response.completed": "_completed",
+    "response.incomplete": "_completed",
+}
+
+
 # --- 10h. Adapters: one class per wire family, one dispatch table (STYLE.md §1) -------------
 # A new family is one Adapter subclass (with its translator) and one ADAPTERS entry; provider
 # types name their family in PROVIDER_TYPES (section 3). Nothing else compares families.
@@ -3793,8 +4592,18 @@ class Adapter:
     def stream(self, c: Call, out: Outbound) -> StreamTranslator:
         raise NotImplementedError
 
+    def whole_sse(self, c: Call, out: Outbound, raw: bytes) -> Json:
+        """A whole message from an SSE body sent to a non-streaming request (stream-only
+        upstreams); most families never do that, so it is a failure of the provider."""
+        raise UpstreamError(502, f"{c.provider.name}: answered a non-streaming request with a "
+                            "stream", "api_error", provider=c.provider.name, retryable=True)
+
     def response_headers(self, headers: Any) -> list[tuple[str, str]]:
         return []
+
+    def variant(self, p: Provider, target: Target) -> Adapter:
+        """The adapter a target of this family speaks (a family may have a second wire)."""
+        return self
 
 
 class AnthropicAdapter(Adapter):
@@ -3835,7 +4644,14 @@ class AnthropicAdapter(Adapter):
 
 
 class OpenAIAdapter(Adapter):
-    """OpenAI Chat Completions providers (PROTOCOL.md §3, §4)."""
+    """OpenAI Chat Completions providers (PROTOCOL.md §3, §4); targets that speak the Responses
+    API (api = "responses", *codex* models on openai, the ChatGPT login) use ResponsesAdapter."""
+
+    def variant(self, p: Provider, target: Target) -> Adapter:
+        opts = {**p.options, **target.options}
+        if use_responses(p.provider_type, target.model, opts, p.oauth_provider):
+            return ADAPTERS["responses"]
+        return self
 
     def build(self, c: Call) -> Outbound:
         p = c.provider
@@ -3854,6 +4670,66 @@ class OpenAIAdapter(Adapter):
     def stream(self, c: Call, out: Outbound) -> StreamTranslator:
         return OpenAIStream(c.requested, out.state or {}, c.secret, COUNTER.count(c.body)[0],
                             c.body.get("stop_sequences") or [])
+
+
+class ResponsesAdapter(Adapter):
+    """The OpenAI Responses API, `{base_url}/responses` (PROTOCOL.md §8), including the ChatGPT
+    subscription's Codex endpoint (stream only, its own headers and body rules)."""
+
+    def _codex(self, c: Call) -> bool:
+        return c.provider.oauth_provider == "openai-codex"
+
+    def build(self, c: Call) -> Outbound:
+        p, codex = c.provider, self._codex(c)
+        session = c.req.headers.get("x-claude-code-session-id")
+        body, names = to_responses(c.body, c.target.model, c.opts, c.secret, codex=codex,
+                                   session_id=session)
+        headers = {"content-type": "application/json", "accept-encoding": "identity",
+                   **dict(PROVIDER_TYPES[p.provider_type].default_headers), **p.headers}
+        if c.key:
+            headers["authorization"] = f"Bearer {c.key}"
+        if codex:
+            headers.update(codex_headers(c.key, session))
+        return Outbound(p.base_url + "/responses", headers, dumps(body).encode(), names)
+
+    def error(self, status: int, raw: bytes, headers: Any, provider: str) -> UpstreamError:
+        err = responses_error(status, raw, headers, provider)
+        err.retryable = retryable_status(status)
+        return err
+
+    def whole(self, c: Call, out: Outbound, data: Json, raw: bytes) -> tuple[Json, bytes | None]:
+        msg = from_responses(data, c.requested, out.state or {}, c.secret)
+        if not isinstance(data.get("usage"), dict):
+            _fill_usage(msg, {}, c.body)
+        return msg, None
+
+    def whole_sse(self, c: Call, out: Outbound, raw: bytes) -> Json:
+        return responses_message_from_events(raw, c.requested, out.state or {}, c.secret)
+
+    def stream(self, c: Call, out: Outbound) -> StreamTranslator:
+        return ResponsesStream(c.requested, out.state or {}, c.secret, COUNTER.count(c.body)[0])
+
+
+def jwt_claims(token: str | None) -> Json:
+    """The claims of a JWT, unverified (the account id ChatGPT's endpoint wants is in them)."""
+    try:
+        payload = (token or "").split(".")[1]
+        data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError, TypeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def codex_headers(token: str | None, session_id: str | None) -> dict[str, str]:
+    """The ChatGPT Codex endpoint's headers (PROTOCOL.md §8)."""
+    headers = {"originator": "codex_cli_rs", "accept": "text/event-stream"}
+    auth = jwt_claims(token).get("https://api.openai.com/auth")
+    account = auth.get("chatgpt_account_id") if isinstance(auth, dict) else None
+    if isinstance(account, str) and account:
+        headers["chatgpt-account-id"] = account
+    if session_id:
+        headers["session_id"] = session_id
+    return headers
 
 
 class GeminiAdapter(Adapter):
@@ -3963,13 +4839,16 @@ class VertexAdapter(GeminiAdapter):
 ADAPTERS: dict[str, Adapter] = {
     "anthropic": AnthropicAdapter(),
     "openai": OpenAIAdapter(),
+    "responses": ResponsesAdapter(),
     "gemini": GeminiAdapter(),
     "vertex": VertexAdapter(),
 }
 
 
-def adapter_for(p: Provider) -> Adapter:
-    return ADAPTERS[p.family]
+def adapter_for(p: Provider, target: Target | None = None) -> Adapter:
+    """The adapter for a provider (and, when known, the target model it is asked for)."""
+    adapter = ADAPTERS[p.family]
+    return adapter if target is None else adapter.variant(p, target)
 
 
 # ============================================================================================
@@ -4617,7 +5496,7 @@ def _dry_request(up: Upstreams, p: Provider, t: Target, req: Request, rt: Route,
     try:
         call = Call(p, t, req, rt.body, rt.body.get("model", ""), up.credentials.pick(p),
                     cfg.server.api_key is not None, up.secret)
-        out = adapter_for(p).build(call)
+        out = adapter_for(p, t).build(call)
         hreq = up.request(out)
     except ProxyError as exc:
         return {"error": exc.message}
@@ -4816,8 +5695,9 @@ class Failover:
 
     # ---- one attempt -------------------------------------------------------------------
     async def _answer(self, ex: Exchange, p: Provider, att: Attempt) -> Response | StreamResponse:
-        adapter = adapter_for(p)
-        call = Call(p, att.target or Target(p.name, att.model), ex.req, ex.route.body,
+        target = att.target or Target(p.name, att.model)
+        adapter = adapter_for(p, target)
+        call = Call(p, target, ex.req, ex.route.body,
                     ex.requested, att.key, ex.cfg.server.api_key is not None, self.up.secret)
         try:
             out = adapter.build(call)
@@ -4856,14 +5736,10 @@ class Failover:
             raw = await self.up.read(p, resp, att.total_s)
         finally:
             await resp.aclose()
-        try:
-            data = json.loads(raw)
-            if not isinstance(data, dict):
-                raise ValueError("not an object")
-        except ValueError:                  # a truncated or garbled 200 is a failure, not an answer
-            raise UpstreamError(502, f"{p.name}: upstream answered with invalid JSON",
-                                "api_error", provider=p.name, retryable=True)
-        msg, relayed = adapter.whole(call, out, data, raw)
+        if "text/event-stream" in resp.headers.get("content-type", ""):
+            msg, relayed = adapter.whole_sse(call, out, raw), None
+        else:
+            msg, relayed = adapter.whole(call, out, _json_object(p, raw), raw)
         headers = [("content-type", "application/json"), self._route_header(ex, call.target),
                    *adapter.response_headers(resp.headers)]
         usage = usage_of(msg.get("usage"))
@@ -5065,6 +5941,17 @@ async def relay_stream(first: list[bytes], it: AsyncIterator[bytes], tr: StreamT
         on_end(tr, outcome)
 
 
+def _json_object(p: Provider, raw: bytes) -> Json:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):          # a truncated or garbled 200 is a failure, not an answer
+        raise UpstreamError(502, f"{p.name}: upstream answered with invalid JSON", "api_error",
+                            provider=p.name, retryable=True)
+    return data
+
+
 def message_to_events(msg: Json) -> list[bytes]:
     """A whole Anthropic message as the SSE events a stream of it would have carried."""
     start = dict(msg, content=[], stop_reason=None, stop_sequence=None,
@@ -5120,7 +6007,7 @@ async def forward_count(up: Upstreams, req: Request, rt: Route, cfg: Config,
     try:
         call = Call(p, target, req, rt.body, rt.body.get("model", ""), up.credentials.pick(p),
                     cfg.server.api_key is not None, up.secret)
-        out = adapter_for(p).count_request(call)
+        out = adapter_for(p, target).count_request(call)
         if out is None:
             return None
         resp = await up.send(p, out, COUNT_TOKENS_TIMEOUT_S, stream=False)
@@ -5131,7 +6018,7 @@ async def forward_count(up: Upstreams, req: Request, rt: Route, cfg: Config,
     if resp.status_code != 200:
         return None
     with contextlib.suppress(ValueError):
-        adapter = adapter_for(p)
+        adapter = adapter_for(p, target)
         n = adapter.count_result(json.loads(resp.content))
         if n is not None:
             body = resp.content if adapter.passthrough else dumps({"input_tokens": n}).encode()
@@ -6105,7 +6992,7 @@ class Admin:
         up = self.app.up
         try:
             call = Call(p, rt.targets[0], treq, probe, model, up.credentials.pick(p), True, up.secret)
-            resp = await up.send(p, adapter_for(p).build(call), 20.0, stream=False)
+            resp = await up.send(p, adapter_for(p, rt.targets[0]).build(call), 20.0, stream=False)
         except ProxyError as exc:
             return self._json({"ok": False, "status": 0, "error": scrub(exc.message, p),
                                "latency_ms": round((time.monotonic() - t0) * 1000, 1)})

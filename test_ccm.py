@@ -753,7 +753,7 @@ def test_layout_no_family_string_compared_outside_the_adapter_table() -> None:
     code = CCM_SOURCE[:CCM_SOURCE.index("ADMIN_SCRIPT = ")]
     assert not re.search(r"family\s*[!=]=|[!=]=\s*['\"](anthropic|openai|gemini)['\"]", code)
     assert not re.search(r"\.family\s*(not\s+)?in\s", code)
-    assert set(ccm.ADAPTERS) == {t.family for t in ccm.PROVIDER_TYPES.values()}
+    assert {t.family for t in ccm.PROVIDER_TYPES.values()} <= set(ccm.ADAPTERS)
 
 
 def test_layout_sizes_stay_small() -> None:
