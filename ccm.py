@@ -21,8 +21,10 @@ import asyncio
 import base64
 import collections
 import contextlib
+import dataclasses
 import datetime
 import email.utils
+import fcntl
 import gc
 import hashlib
 import hmac
@@ -43,6 +45,7 @@ import time
 import tomllib
 import urllib.parse
 import warnings
+import webbrowser
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Protocol
 
@@ -204,6 +207,7 @@ class ProviderType:
     auth: str = "x-api-key"              # "x-api-key" | "bearer" | "x-goog-api-key" | "google-adc"
     default_headers: tuple[tuple[str, str], ...] = ()
     default_options: tuple[tuple[str, Any], ...] = ()
+    oauth_base_url: str = ""             # where `auth_type = "oauth"` (a subscription login) goes
 
 
 _OPENROUTER_HEADERS = (("HTTP-Referer", "https://github.com/ccm-mux/ccm"), ("X-Title", "Claude Code Mux"))
@@ -216,7 +220,8 @@ PROVIDER_TYPES: dict[str, ProviderType] = {
     "minimax": ProviderType("anthropic", "https://api.minimax.io/anthropic"),
     "zenmux": ProviderType("anthropic", "https://zenmux.ai/api/anthropic"),
     "kimi-coding": ProviderType("anthropic", "https://api.kimi.com/coding"),
-    "openai": ProviderType("openai", "https://api.openai.com/v1", "bearer"),
+    "openai": ProviderType("openai", "https://api.openai.com/v1", "bearer",
+                           oauth_base_url="https://chatgpt.com/backend-api/codex"),
     "openrouter": ProviderType("openai", "https://openrouter.ai/api/v1", "bearer", _OPENROUTER_HEADERS),
     "groq": ProviderType("openai", "https://api.groq.com/openai/v1", "bearer"),
     "together": ProviderType("openai", "https://api.together.xyz/v1", "bearer"),
@@ -231,7 +236,8 @@ PROVIDER_TYPES: dict[str, ProviderType] = {
     # DeepSeek's thinking mode rejects an assistant tool call sent back without reasoning_content.
     "deepseek": ProviderType("openai", "https://api.deepseek.com/v1", "bearer",
                              default_options=(("reasoning_echo", True),)),
-    "gemini": ProviderType("gemini", "https://generativelanguage.googleapis.com", "x-goog-api-key"),
+    "gemini": ProviderType("gemini", "https://generativelanguage.googleapis.com", "x-goog-api-key",
+                           oauth_base_url="https://cloudcode-pa.googleapis.com"),
     "vertex-ai": ProviderType("vertex", "https://aiplatform.googleapis.com", "google-adc"),
 }
 
@@ -500,11 +506,14 @@ _TIMEOUT_KEYS = ("api_timeout_ms", "connect_timeout_ms", "first_byte_timeout_ms"
                  "retry_after_max_ms")
 _ROUTER_MODEL_KEYS = ("default", "think", "background", "websearch", "subagent", "image",
                       "long_context")
+# Every subscription-login endpoint can be overridden per provider (enterprise proxies, moves).
+_OAUTH_KEYS = ("authorize_url", "token_url", "device_url", "quota_url", "api_key_url",
+               "code_assist_url", "client_id", "client_secret")
 _PROVIDER_KEYS: dict[str, tuple[type, ...]] = {
     "name": (str,), "provider_type": (str,), "auth_type": (str,), "api_key": (str,),
     "api_keys": (list,), "base_url": (str,), "enabled": (bool,), "models": (list,),
     "oauth_provider": (str,), "project_id": (str,), "location": (str,), "headers": (dict,),
-    "credentials_file": (str,),
+    "credentials_file": (str,), **{k: (str,) for k in _OAUTH_KEYS},
     "connect_timeout_ms": (int,), "first_byte_timeout_ms": (int,), "idle_timeout_ms": (int,),
     "api_timeout_ms": (int,), **_MODEL_OPTIONS,
 }
@@ -668,7 +677,8 @@ def _parse_provider(ck: _Checker, t: Json, where: str) -> Provider | None:
         keys = []
     api_key = _clean_key(ck, api_key, f"{where}.api_key")
     keys = [_clean_key(ck, k, f"{where}.api_keys[{n}]") for n, k in enumerate(keys)]
-    base_url = ck.expand(vals["base_url"] or ptinfo.base_url, f"{where}.base_url")
+    default_url = ptinfo.oauth_base_url if auth == "oauth" and ptinfo.oauth_base_url else ptinfo.base_url
+    base_url = ck.expand(vals["base_url"] or default_url, f"{where}.base_url")
     if not re.match(r"^https?://[^\s/]+", base_url):
         ck.errors.append(f"{where}.base_url: {base_url!r} is not an http(s) URL")
     headers = ck.expand(vals["headers"] or {}, f"{where}.headers")
@@ -686,7 +696,8 @@ def _parse_provider(ck: _Checker, t: Json, where: str) -> Provider | None:
         project_id=ck.expand(vals["project_id"], f"{where}.project_id"),
         location=ck.expand(vals["location"], f"{where}.location"), missing_env=missing,
         credentials_file=ck.expand(vals["credentials_file"], f"{where}.credentials_file"),
-        options={**dict(ptinfo.default_options), **_parse_options(ck, t, where)})
+        options={**dict(ptinfo.default_options), **_parse_options(ck, t, where),
+                 **{k: ck.expand(vals[k], f"{where}.{k}") for k in _OAUTH_KEYS if vals[k]}})
     for key in ("connect_timeout_ms", "first_byte_timeout_ms", "idle_timeout_ms", "api_timeout_ms"):
         if vals[key] is not None:
             setattr(p, key, vals[key])
@@ -3506,6 +3517,13 @@ class GeminiStream(_GeminiReader):
 # ---- count_tokens (PROTOCOL.md §6) ---------------------------------------------------------
 
 
+class CodeAssistStream(GeminiStream):
+    """Code Assist streams Gemini chunks wrapped as {response, traceId} (PROTOCOL.md §10)."""
+
+    def _chunk(self, chunk: Json) -> None:
+        super()._chunk(code_assist_unwrap(chunk))
+
+
 def gemini_count_request(body: Json, model: str, opts: Json, secret: bytes, *, signer: str) -> Json:
     """The AI Studio countTokens body for a Messages (or count_tokens) request."""
     req = to_gemini(body, model, opts, secret, signer=signer)
@@ -3590,6 +3608,29 @@ def vertex_anthropic_count_body(body: Json, model: str) -> bytes:
     out = {k: v for k, v in edited.items() if k not in ("stream", "max_tokens")}
     out["model"] = model
     return dumps(out).encode()
+
+
+# ---- Gemini Code Assist (the Google AI Pro/Ultra login) wrapping (PROTOCOL.md §10) ---------
+
+
+def code_assist_wrap(gemini_request: Json, model: str, project: str,
+                     user_prompt_id: str | None = None) -> Json:
+    """A Gemini generateContent body wrapped for cloudcode-pa's v1internal endpoints."""
+    return {"model": model, "project": project,
+            "user_prompt_id": user_prompt_id or secrets.token_hex(8),
+            "request": gemini_request}
+
+
+def code_assist_unwrap(data: Json) -> Json:
+    """`{response, traceId}` -> the Gemini response inside (stream chunks too)."""
+    inner = data.get("response") if isinstance(data, dict) else None
+    return inner if isinstance(inner, dict) else data
+
+
+def code_assist_urls(base: str = "https://cloudcode-pa.googleapis.com") -> tuple[str, str]:
+    """(generateContent URL, streamGenerateContent SSE URL)."""
+    base = base.rstrip("/")
+    return (f"{base}/v1internal:generateContent", f"{base}/v1internal:streamGenerateContent?alt=sse")
 
 
 # --- 10g. OpenAI Responses API (PROTOCOL.md §8) ------------------------------------------
@@ -4522,6 +4563,7 @@ class Call:
     key: str | None = field(default=None, repr=False)
     proxy_has_key: bool = False
     secret: bytes = field(default=b"", repr=False)
+    auth: Json = field(default_factory=dict)   # facts about a login (account, project), no secret
 
     @property
     def opts(self) -> Json:
@@ -4613,8 +4655,14 @@ class AnthropicAdapter(Adapter):
     def build(self, c: Call) -> Outbound:
         p = c.provider
         # Values go as bytes: the client's header bytes (parsed as latin-1) pass unchanged.
-        headers = {k: v.encode("latin-1", "replace") for k, v in
-                   passthrough_headers(c.req.headers, p, c.key, c.proxy_has_key).items()}
+        plain = passthrough_headers(c.req.headers, p, c.key, c.proxy_has_key)
+        if c.auth.get("key_type") == "api_key":          # a Console login made an API key
+            plain.pop("authorization", None)
+            plain["x-api-key"] = c.key or ""
+        elif c.auth.get("login") == "claude":             # a ccm-held Claude Pro/Max login
+            betas = [b for b in plain.get("anthropic-beta", "").split(",") if b.strip()]
+            plain["anthropic-beta"] = ",".join(dict.fromkeys([*betas, "oauth-2025-04-20"]))
+        headers = {k: v.encode("latin-1", "replace") for k, v in plain.items()}
         url = p.base_url + c.req.path + (f"?{c.req.query}" if c.req.query else "")
         body = passthrough_body(c.req.body, c.body, c.target.model, c.body.get("model", ""))
         return Outbound(url, headers, body)
@@ -4649,7 +4697,8 @@ class OpenAIAdapter(Adapter):
 
     def variant(self, p: Provider, target: Target) -> Adapter:
         opts = {**p.options, **target.options}
-        if use_responses(p.provider_type, target.model, opts, p.oauth_provider):
+        login = "openai-codex" if p.auth_type == "oauth" else None
+        if use_responses(p.provider_type, target.model, opts, login):
             return ADAPTERS["responses"]
         return self
 
@@ -4677,7 +4726,7 @@ class ResponsesAdapter(Adapter):
     subscription's Codex endpoint (stream only, its own headers and body rules)."""
 
     def _codex(self, c: Call) -> bool:
-        return c.provider.oauth_provider == "openai-codex"
+        return c.provider.auth_type == "oauth"        # the ChatGPT subscription (Codex) login
 
     def build(self, c: Call) -> Outbound:
         p, codex = c.provider, self._codex(c)
@@ -4689,7 +4738,7 @@ class ResponsesAdapter(Adapter):
         if c.key:
             headers["authorization"] = f"Bearer {c.key}"
         if codex:
-            headers.update(codex_headers(c.key, session))
+            headers.update(codex_headers(c.auth.get("account_id"), session))
         return Outbound(p.base_url + "/responses", headers, dumps(body).encode(), names)
 
     def error(self, status: int, raw: bytes, headers: Any, provider: str) -> UpstreamError:
@@ -4710,22 +4759,10 @@ class ResponsesAdapter(Adapter):
         return ResponsesStream(c.requested, out.state or {}, c.secret, COUNTER.count(c.body)[0])
 
 
-def jwt_claims(token: str | None) -> Json:
-    """The claims of a JWT, unverified (the account id ChatGPT's endpoint wants is in them)."""
-    try:
-        payload = (token or "").split(".")[1]
-        data = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (IndexError, ValueError, TypeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def codex_headers(token: str | None, session_id: str | None) -> dict[str, str]:
-    """The ChatGPT Codex endpoint's headers (PROTOCOL.md §8)."""
+def codex_headers(account: str | None, session_id: str | None) -> dict[str, str]:
+    """The ChatGPT Codex endpoint's headers besides the token (PROTOCOL.md §8)."""
     headers = {"originator": "codex_cli_rs", "accept": "text/event-stream"}
-    auth = jwt_claims(token).get("https://api.openai.com/auth")
-    account = auth.get("chatgpt_account_id") if isinstance(auth, dict) else None
-    if isinstance(account, str) and account:
+    if account:
         headers["chatgpt-account-id"] = account
     if session_id:
         headers["session_id"] = session_id
@@ -4735,6 +4772,9 @@ def codex_headers(token: str | None, session_id: str | None) -> dict[str, str]:
 class GeminiAdapter(Adapter):
     """The Gemini API (PROTOCOL.md §5): generateContent / streamGenerateContent?alt=sse, the
     key in x-goog-api-key (never in the URL), thought signatures carried through thinking."""
+
+    def variant(self, p: Provider, target: Target) -> Adapter:
+        return ADAPTERS["code-assist"] if p.auth_type == "oauth" else self
 
     def signer(self, c: Call) -> str:
         """Signatures replay only to the provider and model that issued them (PROTOCOL.md §5)."""
@@ -4780,10 +4820,44 @@ class GeminiAdapter(Adapter):
                             names=names)
 
 
+class CodeAssistAdapter(GeminiAdapter):
+    """Gemini through the Google AI Pro/Ultra login (Code Assist, PROTOCOL.md §10): the
+    Gemini body wrapped with the login's project, answers unwrapped."""
+
+    def url(self, c: Call, stream: bool, count: bool = False) -> str:
+        generate, streaming = code_assist_urls(c.provider.base_url)
+        return streaming if stream else generate
+
+    def headers(self, c: Call) -> dict[str, Any]:
+        headers = {"content-type": "application/json", "accept-encoding": "identity", **c.provider.headers}
+        if c.key:
+            headers["authorization"] = f"Bearer {c.key}"
+        return headers
+
+    def build(self, c: Call) -> Outbound:
+        out = super().build(c)
+        wrapped = code_assist_wrap(json.loads(out.body), c.target.model, c.auth.get("project_id") or "")
+        return Outbound(out.url, out.headers, dumps(wrapped).encode(), out.state)
+
+    def count_request(self, c: Call) -> Outbound | None:
+        return None                                   # counted locally
+
+    def whole(self, c: Call, out: Outbound, data: Json, raw: bytes) -> tuple[Json, bytes | None]:
+        return super().whole(c, out, code_assist_unwrap(data), raw)
+
+    def stream(self, c: Call, out: Outbound) -> StreamTranslator:
+        signer, names = out.state
+        return CodeAssistStream(c.requested, c.secret, COUNTER.count(c.body)[0], signer=signer,
+                                names=names)
+
+
 class VertexAdapter(GeminiAdapter):
     """Vertex AI (PROTOCOL.md §9): Gemini models through the Gemini translation, Claude models
     (actual_model starting with "claude") through rawPredict with Anthropic's format; a Bearer
     token from Google's Application Default Credentials."""
+
+    def variant(self, p: Provider, target: Target) -> Adapter:
+        return self
 
     def _claude(self, c: Call) -> bool:
         return c.target.model.lower().startswith("claude")
@@ -4841,6 +4915,7 @@ ADAPTERS: dict[str, Adapter] = {
     "openai": OpenAIAdapter(),
     "responses": ResponsesAdapter(),
     "gemini": GeminiAdapter(),
+    "code-assist": CodeAssistAdapter(),
     "vertex": VertexAdapter(),
 }
 
@@ -5031,7 +5106,7 @@ _METADATA_DEFAULT_HOST = "169.254.169.254"   # the IP, as Go's metadata client: 
 _METADATA_TOKEN_PATH = "/computeMetadata/v1/instance/service-accounts/default/token"
 _NO_CREDENTIALS_HINT = ("set credentials_file for this provider, point GOOGLE_APPLICATION_CREDENTIALS "
                         "at a service-account key file, or run `gcloud auth application-default login`")
-_SECRET_FIELDS = ("private_key", "private_key_id", "client_secret", "refresh_token")
+_GOOGLE_SECRET_FIELDS = ("private_key", "private_key_id", "client_secret", "refresh_token")
 _PEM_RE = re.compile(r"-----BEGIN[^-]*-----.*?(?:-----END[^-]*-----|$)", re.S)
 # JWTs (assertions, id tokens), ya29. access tokens and 1// refresh tokens, wherever they appear.
 _GOOGLE_TOKEN_RE = re.compile(r"eyJ[\w-]{6,}(?:\.[\w-]*){0,2}|ya29\.[\w.-]+|1//[\w-]{6,}")
@@ -5324,7 +5399,7 @@ class GoogleCredentials:
             info = _read_credentials_json(src)
         except ValueError as exc:
             raise _auth_error(self.provider, f"{exc}: fix the path or the file") from None
-        self._secrets = [v for k in _SECRET_FIELDS if isinstance(v := info.get(k), str)]
+        self._secrets = [v for k in _GOOGLE_SECRET_FIELDS if isinstance(v := info.get(k), str)]
         # Each base64 line of the key too: an echo of a fragment must not leak either.
         self._secrets += [ln for ln in str(info.get("private_key") or "").splitlines() if len(ln) >= 16]
         self._token_uri = str(info.get("token_uri") or "https://oauth2.googleapis.com/token")
@@ -5374,6 +5449,881 @@ class GoogleCredentials:
                                           f"{type(exc).__name__}: {why}; {fix}")
 
 
+# --- 11b. Subscription logins: token store, PKCE, refresh (PROTOCOL.md §10) -------------
+
+# ============================================================================================
+# 11b. Subscription logins and the token store (PROTOCOL.md §10, §8 Codex headers)
+# Exports: TokenStore, OAuthEntry, OAUTH_PROVIDERS, oauth_entry, resolve_kind, pkce_pair,
+#          authorize_url, login_codex_browser, login_codex_device, login_claude, login_google,
+#          setup_code_assist, refresh, OAuthCredentials, oauth_call, code_assist_wrap,
+#          code_assist_unwrap, code_assist_urls, fetch_quota, cmd_login, cmd_logout
+# Uses: 4, 5, 6
+# ============================================================================================
+
+_oauth_log = logging.getLogger("ccm.oauth")
+
+OAUTH_REFRESH_MARGIN_S = 300          # refresh when fewer than 5 minutes remain (§10)
+OAUTH_LOGIN_TIMEOUT_S = 600.0         # how long a browser login may take
+OAUTH_DEVICE_TIMEOUT_S = 900.0        # OpenAI device codes expire after 15 minutes
+OAUTH_HTTP_TIMEOUT_S = 30.0
+CODE_ASSIST_POLL_S = 5.0              # gemini-cli polls onboardUser every 5 s
+CODE_ASSIST_MAX_POLLS = 60
+CODEX_ORIGINATOR = "codex_cli_rs"
+ANTHROPIC_OAUTH_BETA = "oauth-2025-04-20"
+OPENAI_AUTH_CLAIM = "https://api.openai.com/auth"
+OAUTH_URL_KEYS = _OAUTH_KEYS              # the per-provider overrides (section 6)
+# A record's secret fields: never listed, logged or printed.
+_OAUTH_SECRET_FIELDS = ("access_token", "refresh_token", "id_token", "api_key")
+# Rust claude-code-mux deserializes expires_at as chrono DateTime<Utc>; an API-key record
+# still needs one, so it gets the end of time.
+_NEVER_EXPIRES = "9999-12-31T23:59:59Z"
+_ERROR_CODE_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+CLAUDE_TERMS_WARNING = (
+    "warning: Anthropic's terms restrict using Claude Pro/Max subscription tokens outside Claude "
+    "Code. The safe way to use your subscription through ccm is Claude Code's own credential "
+    "passed through (ccm's default). Continue only if you accept that risk.")
+GOOGLE_TERMS_WARNING = (
+    "warning: Google has suspended accounts for using Gemini Code Assist / Google AI Pro logins "
+    "in third-party tools. Continue only if you accept that risk.")
+
+
+def default_token_path() -> str:
+    """Where claude-code-mux (Rust) and ccm keep OAuth tokens."""
+    return os.path.join(os.path.expanduser("~"), ".claude-code-mux", "oauth_tokens.json")
+
+
+def format_expiry(epoch_s: float) -> str:
+    """RFC 3339 UTC with microseconds and `Z`, which chrono's DateTime<Utc> parses."""
+    dt = datetime.datetime.fromtimestamp(epoch_s, datetime.timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+_RFC3339_RE = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$", re.I)
+
+
+def parse_expiry(value: Any) -> float:
+    """Epoch seconds of a record's expires_at (chrono writes up to 9 fractional digits);
+    0.0 (already expired) when it is missing or unreadable."""
+    if isinstance(value, (int, float)):
+        return float(value) / (1000 if value > 1e11 else 1)    # epoch ms or s
+    m = _RFC3339_RE.match(value.strip()) if isinstance(value, str) else None
+    if not m:
+        return 0.0
+    tz = "+00:00" if m.group(3).upper() == "Z" else m.group(3)
+    base = datetime.datetime.fromisoformat(m.group(1) + tz).timestamp()
+    return base + float("0." + (m.group(2) or "0"))
+
+
+def needs_refresh(record: Json, now: float | None = None) -> bool:
+    """True when fewer than OAUTH_REFRESH_MARGIN_S seconds of validity remain."""
+    now = time.time() if now is None else now
+    return parse_expiry(record.get("expires_at")) - now < OAUTH_REFRESH_MARGIN_S
+
+
+# ---- token store --------------------------------------------------------------------------
+
+
+class TokenStore:
+    """claude-code-mux's `oauth_tokens.json`: `{id: {provider_id, access_token, refresh_token,
+    expires_at, project_id?, enterprise_url?, ...}}`. Records are kept as dicts so fields
+    this code does not know survive a rewrite; the file is 0600 and replaced atomically."""
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path or default_token_path()
+        self.lock_path = self.path + ".lock"
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """The advisory lock (flock on `<path>.lock`) that every read-modify-write holds, so two
+        processes refreshing at once cannot lose a rotated refresh token."""
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)                      # closing the descriptor releases the flock
+
+    @contextlib.asynccontextmanager
+    async def alocked(self) -> AsyncIterator[None]:
+        """`locked()` for coroutines: the blocking flock is taken in a worker thread."""
+        cm = self.locked()
+        await asyncio.to_thread(cm.__enter__)
+        try:
+            yield
+        finally:
+            cm.__exit__(None, None, None)
+
+    def read_all(self) -> dict[str, Json]:
+        """Every record (no lock: a reader sees the old or the new file, never a mix)."""
+        try:
+            with open(self.path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return {}
+        if not raw.strip():
+            return {}
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise ProxyError(500, f"{self.path}: not valid JSON (line {exc.lineno})")
+        return data if isinstance(data, dict) else {}
+
+    def write_all(self, data: dict[str, Json]) -> None:
+        """Rewrite the file as serde_json's to_string_pretty does (2-space indent)."""
+        atomic_write(self.path, json.dumps(data, indent=2, ensure_ascii=False).encode(), 0o600)
+
+    def get(self, id_: str) -> Json | None:
+        rec = self.read_all().get(id_)
+        return dict(rec) if isinstance(rec, dict) else None
+
+    def put(self, id_: str, record: Json) -> None:
+        with self.locked():
+            self._put_unlocked(id_, record)
+
+    def _put_unlocked(self, id_: str, record: Json) -> None:
+        data = self.read_all()
+        data[id_] = {**record, "provider_id": id_}     # Rust keys the map by provider_id
+        self.write_all(data)
+
+    def delete(self, id_: str) -> bool:
+        with self.locked():
+            data = self.read_all()
+            if id_ not in data:
+                return False
+            del data[id_]
+            self.write_all(data)
+            return True
+
+    def list(self) -> list[Json]:
+        """Every record without its secrets, for `login --list` and the admin page."""
+        return [{"id": k, **{f: v for f, v in rec.items() if f not in _OAUTH_SECRET_FIELDS}}
+                for k, rec in sorted(self.read_all().items()) if isinstance(rec, dict)]
+
+
+# ---- providers ----------------------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class OAuthEntry:
+    """One subscription login: where to authorize, exchange, refresh and read quota."""
+    kind: str
+    label: str
+    client_id: str
+    authorize_url: str
+    token_url: str
+    redirect_uri: str
+    scopes: tuple[str, ...]
+    token_format: str = "form"              # "form" (RFC 6749) or "json" (Anthropic)
+    client_secret: str | None = field(default=None, repr=False)
+    device_url: str | None = None
+    device_verify_url: str | None = None
+    device_redirect_uri: str | None = None
+    quota_url: str | None = None
+    quota_kind: str | None = None           # "chatgpt" | "anthropic" | None
+    api_key_url: str | None = None
+    code_assist_url: str | None = None
+    authorize_params: tuple[tuple[str, str], ...] = ()
+    warning: str | None = None
+
+
+OAUTH_PROVIDERS: dict[str, OAuthEntry] = {
+    # PROTOCOL.md §10. The redirect is fixed by OpenAI's registration of Codex's client id.
+    "openai-codex": OAuthEntry(
+        "openai-codex", "ChatGPT Plus/Pro (Codex)", "app_EMoamEEZ73f0CkXaXp7hrann",
+        "https://auth.openai.com/oauth/authorize", "https://auth.openai.com/oauth/token",
+        "http://localhost:1455/auth/callback", ("openid", "profile", "email", "offline_access"),
+        device_url="https://auth.openai.com/api/accounts/deviceauth",
+        device_verify_url="https://auth.openai.com/codex/device",
+        device_redirect_uri="https://auth.openai.com/deviceauth/callback",
+        quota_url="https://chatgpt.com/backend-api/wham/usage", quota_kind="chatgpt",
+        authorize_params=(("id_token_add_organizations", "true"),
+                          ("codex_cli_simplified_flow", "true"),
+                          ("originator", CODEX_ORIGINATOR))),
+    # The authorize URL has moved several times (§10): keep it overridable.
+    "claude": OAuthEntry(
+        "claude", "Claude Pro/Max", "9d1c250a-e61b-44d9-88ed-5944d1962f5e",
+        "https://claude.ai/oauth/authorize", "https://platform.claude.com/v1/oauth/token",
+        "https://platform.claude.com/oauth/code/callback",
+        ("org:create_api_key", "user:profile", "user:inference"), token_format="json",
+        quota_url="https://api.anthropic.com/api/oauth/usage", quota_kind="claude",
+        authorize_params=(("code", "true"),), warning=CLAUDE_TERMS_WARNING),
+    "claude-console": OAuthEntry(
+        "claude-console", "Anthropic Console (creates an API key)",
+        "9d1c250a-e61b-44d9-88ed-5944d1962f5e",
+        "https://platform.claude.com/oauth/authorize", "https://platform.claude.com/v1/oauth/token",
+        "https://platform.claude.com/oauth/code/callback",
+        ("org:create_api_key", "user:profile", "user:inference"), token_format="json",
+        api_key_url="https://api.anthropic.com/api/oauth/claude_cli/create_api_key",
+        authorize_params=(("code", "true"),)),
+    # gemini-cli's installed-app client (public by Google's design for installed apps, and
+    # what claude-code-mux uses); a loopback redirect on any port is allowed for it.
+    "google": OAuthEntry(
+        "google", "Google AI Pro/Ultra (Gemini Code Assist)",
+        "681255809395-oo8ft2oprdrnp9e3aqf6av3hmdib135j.apps.googleusercontent.com",
+        "https://accounts.google.com/o/oauth2/v2/auth", "https://oauth2.googleapis.com/token",
+        "http://127.0.0.1:{port}/oauth2callback",
+        ("https://www.googleapis.com/auth/cloud-platform",
+         "https://www.googleapis.com/auth/userinfo.email",
+         "https://www.googleapis.com/auth/userinfo.profile"),
+        client_secret="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",
+        code_assist_url="https://cloudcode-pa.googleapis.com",
+        authorize_params=(("access_type", "offline"), ("prompt", "consent")),
+        warning=GOOGLE_TERMS_WARNING),
+}
+# claude-code-mux's `oauth_type` names ("max", "console", "gemini") and other spellings.
+OAUTH_ALIASES = {"max": "claude", "anthropic": "claude", "anthropic-max": "claude",
+                 "claude-max": "claude", "console": "claude-console", "gemini": "google",
+                 "codex": "openai-codex", "chatgpt": "openai-codex", "openai": "openai-codex"}
+
+
+def oauth_entry(entry: OAuthEntry | str, overrides: Json | None = None) -> OAuthEntry:
+    """The table entry with per-provider config keys (OAUTH_URL_KEYS) applied."""
+    base = OAUTH_PROVIDERS[resolve_kind(entry)] if isinstance(entry, str) else entry
+    changes = {k: v for k, v in (overrides or {}).items() if k in OAUTH_URL_KEYS and v}
+    return dataclasses.replace(base, **changes) if changes else base
+
+
+def resolve_kind(id_: str, record: Json | None = None) -> str:
+    """Which login a store id belongs to: the record's `oauth_type` (ccm writes it), an exact
+    name or alias, else claude-code-mux's own rule (`openai`/`codex`/`chatgpt` in the id ->
+    Codex, `gemini`/`google` -> Google, anything else -> Claude)."""
+    for name in ((record or {}).get("oauth_type"), id_):
+        if isinstance(name, str) and (name in OAUTH_PROVIDERS or name in OAUTH_ALIASES):
+            return OAUTH_ALIASES.get(name, name)
+    low = id_.lower()
+    if any(s in low for s in ("openai", "codex", "chatgpt")):
+        return "openai-codex"
+    if "gemini" in low or "google" in low:
+        return "google"
+    return "claude"
+
+
+# --- PKCE and the token endpoint ------------------------------------------------------------
+
+
+class OAuthError(ProxyError):
+    """A login or refresh that failed; the message never holds a token."""
+
+    def __init__(self, message: str, status: int = 401, code: str | None = None) -> None:
+        super().__init__(status, message, "authentication_error")
+        self.code = code
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def pkce_pair() -> tuple[str, str]:
+    """(code_verifier, code_challenge) with S256 (RFC 7636 §4.2)."""
+    verifier = _b64url(secrets.token_bytes(32))          # 43 characters
+    return verifier, _b64url(hashlib.sha256(verifier.encode()).digest())
+
+
+def authorize_url(entry: OAuthEntry, challenge: str, state: str, redirect_uri: str) -> str:
+    """The URL the user opens in a browser."""
+    params = {"response_type": "code", "client_id": entry.client_id, "redirect_uri": redirect_uri,
+              "scope": " ".join(entry.scopes), "code_challenge": challenge,
+              "code_challenge_method": "S256", "state": state, **dict(entry.authorize_params)}
+    sep = "&" if "?" in entry.authorize_url else "?"
+    return entry.authorize_url + sep + urllib.parse.urlencode(params, quote_via=urllib.parse.quote)
+
+
+def _error_code(resp: httpx.Response) -> str | None:
+    """The OAuth `error` code of a refusal, if it is a plain word (never the raw body)."""
+    try:
+        data = resp.json()
+    except ValueError:
+        return None
+    err = data.get("error") if isinstance(data, dict) else None
+    if isinstance(err, dict):
+        err = err.get("type") or err.get("code")
+    return err if isinstance(err, str) and _ERROR_CODE_RE.fullmatch(err) else None
+
+
+async def _token_request(entry: OAuthEntry, http: httpx.AsyncClient, params: Json) -> Json:
+    """POST to the token endpoint, form-encoded or JSON as the provider expects."""
+    params = {"client_id": entry.client_id, **params}
+    if entry.client_secret:
+        params["client_secret"] = entry.client_secret
+    host = urllib.parse.urlsplit(entry.token_url).netloc
+    try:
+        if entry.token_format == "json":
+            resp = await http.post(entry.token_url, json=params, timeout=OAUTH_HTTP_TIMEOUT_S)
+        else:
+            resp = await http.post(entry.token_url, data=params, timeout=OAUTH_HTTP_TIMEOUT_S)
+    except httpx.HTTPError as exc:
+        raise OAuthError(f"{entry.kind}: cannot reach {host} ({type(exc).__name__})", 502)
+    if resp.status_code >= 400:
+        code = _error_code(resp)
+        raise OAuthError(f"{entry.kind}: {host} refused the {params.get('grant_type')} grant "
+                         f"(HTTP {resp.status_code}{', ' + code if code else ''})",
+                         resp.status_code, code)
+    try:
+        data = resp.json()
+    except ValueError:
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("access_token"), str):
+        raise OAuthError(f"{entry.kind}: {host} answered without an access_token", 502)
+    return data
+
+
+def jwt_claims(token: Any) -> Json:
+    """A JWT's payload, base64url-decoded without verification (we only read our own token)."""
+    parts = token.split(".") if isinstance(token, str) else []
+    if len(parts) != 3:
+        return {}
+    try:
+        data = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _record_from_tokens(kind: str, tokens: Json, old: Json | None = None) -> Json:
+    """A store record from a token response; fields of `old` (project_id, unknown ones) stay,
+    and its refresh_token stays when the response has none (Google never rotates it)."""
+    rec = dict(old or {})
+    rec["access_token"] = tokens["access_token"]
+    rec["refresh_token"] = tokens.get("refresh_token") or rec.get("refresh_token") or ""
+    expires_in = tokens.get("expires_in")
+    life = float(expires_in) if isinstance(expires_in, (int, float)) else 3600.0
+    rec["expires_at"] = format_expiry(time.time() + life)
+    if isinstance(tokens.get("id_token"), str):
+        rec["id_token"] = tokens["id_token"]
+    if old is None:                 # a refresh changes nothing but the refreshed fields
+        rec["oauth_type"] = kind
+        if account_id(rec):
+            rec["account_id"] = account_id(rec)
+    return rec
+
+
+def account_id(record: Json) -> str | None:
+    """ChatGPT account id: claim `https://api.openai.com/auth`.chatgpt_account_id of the
+    id_token, else of the access token (PROTOCOL.md §8)."""
+    for tok in (record.get("id_token"), record.get("access_token")):
+        auth = jwt_claims(tok).get(OPENAI_AUTH_CLAIM)
+        if isinstance(auth, dict) and isinstance(auth.get("chatgpt_account_id"), str):
+            return auth["chatgpt_account_id"]
+    return record.get("account_id") if isinstance(record.get("account_id"), str) else None
+
+
+def account_label(record: Json) -> str:
+    """Who a login belongs to, for `login --list`: email, account id or '-'."""
+    for tok in (record.get("id_token"), record.get("access_token")):
+        email = jwt_claims(tok).get("email")
+        if isinstance(email, str):
+            return email
+    for key in ("email", "account_id", "project_id"):
+        if isinstance(record.get(key), str):
+            return record[key]
+    return "-"
+
+
+# ---- the localhost callback ---------------------------------------------------------------
+
+_PAGE_OK = b"<!doctype html><title>ccm</title><p>Login complete. You can close this window."
+_PAGE_BAD = b"<!doctype html><title>ccm</title><p>Login failed: %s. Return to the terminal."
+
+
+class CallbackServer:
+    """The redirect target of a browser login: one GET on 127.0.0.1 carrying code and state."""
+
+    def __init__(self, path: str, state: str, port: int = 0) -> None:
+        self.path, self.state, self.port = path, state, port
+        self.result: asyncio.Future[str] | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._server6: asyncio.base_events.Server | None = None
+
+    async def start(self) -> int:
+        self.result = asyncio.get_running_loop().create_future()
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        with contextlib.suppress(OSError):    # `localhost` may resolve to ::1 first
+            self._server6 = await asyncio.start_server(self._serve, "::1", self.port)
+        return self.port
+
+    async def wait(self, timeout_s: float) -> str:
+        """The authorization code; OAuthError on a wrong state, an error, or the timeout."""
+        assert self.result is not None
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.result), timeout_s)
+        except asyncio.TimeoutError:
+            raise OAuthError("login timed out waiting for the browser redirect", 408)
+
+    async def close(self) -> None:
+        for server in (self._server, self._server6):
+            if server:
+                server.close()
+                await server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            status, page = self._handle(head.split(b"\r\n", 1)[0].decode("latin-1"))
+            writer.write(b"HTTP/1.1 %d %s\r\ncontent-type: text/html; charset=utf-8\r\n"
+                         b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+                         % (status, b"OK" if status == 200 else b"Error", len(page), page))
+            await writer.drain()
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def _handle(self, request_line: str) -> tuple[int, bytes]:
+        parts = request_line.split(" ")
+        url = urllib.parse.urlsplit(parts[1] if len(parts) == 3 else "/")
+        if parts[0] != "GET" or url.path != self.path:
+            return 404, _PAGE_BAD % b"not found"
+        q = dict(urllib.parse.parse_qsl(url.query))
+        if q.get("error"):
+            return self._fail(f"the provider said {q['error'][:64]!r}")
+        if not secrets.compare_digest(q.get("state", ""), self.state):   # CSRF (RFC 6749 §10.12)
+            return self._fail("state mismatch")
+        if not q.get("code"):
+            return self._fail("no code in the redirect")
+        if self.result and not self.result.done():
+            self.result.set_result(q["code"])
+        return 200, _PAGE_OK
+
+    def _fail(self, why: str) -> tuple[int, bytes]:
+        if self.result and not self.result.done():
+            self.result.set_exception(OAuthError(f"login failed: {why}", 400))
+        return 400, _PAGE_BAD % why.encode("ascii", "replace")
+
+
+async def _browser_code(entry: OAuthEntry, redirect_uri: str, port: int, path: str,
+                        open_url: Callable[[str], Any], out: Callable[[str], None],
+                        timeout_s: float) -> tuple[str, str, str]:
+    """Run the PKCE browser step: (code, verifier, redirect_uri actually used)."""
+    verifier, challenge = pkce_pair()
+    state = _b64url(secrets.token_bytes(24))
+    cb = CallbackServer(path, state, port)
+    bound = await cb.start()
+    try:
+        redirect = redirect_uri.replace("{port}", str(bound))
+        url = authorize_url(entry, challenge, state, redirect)
+        out(f"Open this URL to log in to {entry.label}:\n\n  {url}\n")
+        open_url(url)
+        return await cb.wait(timeout_s), verifier, redirect
+    finally:
+        await cb.close()
+
+
+def _no_browser(url: str) -> None:
+    return None
+
+
+# ---- flows ----------------------------------------------------------------------------------
+
+
+async def login_codex_browser(entry: OAuthEntry, http: httpx.AsyncClient, *, port: int = 1455,
+                              open_url: Callable[[str], Any] = _no_browser,
+                              out: Callable[[str], None] = print,
+                              timeout_s: float = OAUTH_LOGIN_TIMEOUT_S) -> Json:
+    """ChatGPT login: PKCE S256, the redirect to localhost:1455/auth/callback, code exchange."""
+    # The redirect is registered for port 1455; another port only works against a test fake.
+    redirect = entry.redirect_uri if port == 1455 else entry.redirect_uri.replace(":1455/", ":{port}/")
+    code, verifier, redirect = await _browser_code(
+        entry, redirect, port, urllib.parse.urlsplit(redirect).path, open_url, out, timeout_s)
+    tokens = await _token_request(entry, http, {"grant_type": "authorization_code", "code": code,
+                                                "redirect_uri": redirect, "code_verifier": verifier})
+    return _record_from_tokens(entry.kind, tokens)
+
+
+async def login_codex_device(entry: OAuthEntry, http: httpx.AsyncClient, *,
+                             out: Callable[[str], None] = print, poll_s: float | None = None,
+                             timeout_s: float = OAUTH_DEVICE_TIMEOUT_S) -> Json:
+    """ChatGPT login without a browser on this machine: a one-time code entered elsewhere."""
+    if not entry.device_url:
+        raise OAuthError(f"{entry.kind}: no device_url configured", 400)
+    base = entry.device_url.rstrip("/")
+    uc = await _post_json(http, f"{base}/usercode", {"client_id": entry.client_id}, entry.kind)
+    if not isinstance(uc.get("device_auth_id"), str):
+        raise OAuthError(f"{entry.kind}: device code answer has no device_auth_id", 502)
+    user_code = str(uc.get("user_code") or uc.get("usercode") or "")
+    out(f"Open {entry.device_verify_url} on any device and enter this one-time code "
+        f"(expires in 15 minutes):\n\n  {user_code}\n\nNever share this code.")
+    interval = poll_s if poll_s is not None else float(str(uc.get("interval") or 5).strip())
+    got = await _poll_device(http, f"{base}/token", {"device_auth_id": uc["device_auth_id"],
+                                                     "user_code": user_code},
+                             interval, timeout_s, entry.kind)
+    tokens = await _token_request(entry, http, {
+        "grant_type": "authorization_code", "code": got["authorization_code"],
+        "redirect_uri": entry.device_redirect_uri or entry.redirect_uri,
+        "code_verifier": got["code_verifier"]})
+    return _record_from_tokens(entry.kind, tokens)
+
+
+async def _post_json(http: httpx.AsyncClient, url: str, body: Json, what: str,
+                     headers: dict[str, str] | None = None) -> Json:
+    try:
+        resp = await http.post(url, json=body, headers=headers, timeout=OAUTH_HTTP_TIMEOUT_S)
+    except httpx.HTTPError as exc:
+        raise OAuthError(f"{what}: cannot reach {urllib.parse.urlsplit(url).netloc} "
+                         f"({type(exc).__name__})", 502)
+    return _json_or_fail(resp, what)
+
+
+def _json_or_fail(resp: httpx.Response, what: str) -> Json:
+    path = urllib.parse.urlsplit(str(resp.request.url)).path
+    if resp.status_code >= 400:
+        code = _error_code(resp)
+        raise OAuthError(f"{what}: {path} failed (HTTP {resp.status_code}"
+                         f"{', ' + code if code else ''})", resp.status_code, code)
+    try:
+        data = resp.json()
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise OAuthError(f"{what}: {path} did not answer a JSON object", 502)
+    return data
+
+
+async def _poll_device(http: httpx.AsyncClient, url: str, body: Json, interval_s: float,
+                       timeout_s: float, what: str) -> Json:
+    """Poll until the user approved: 403/404 mean pending (Codex's device endpoint)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            resp = await http.post(url, json=body, timeout=OAUTH_HTTP_TIMEOUT_S)
+        except httpx.HTTPError as exc:
+            raise OAuthError(f"{what}: device poll failed ({type(exc).__name__})", 502)
+        if resp.status_code not in (403, 404):
+            data = _json_or_fail(resp, what)
+            if not isinstance(data.get("authorization_code"), str) or "code_verifier" not in data:
+                raise OAuthError(f"{what}: device poll answer lacks the authorization code", 502)
+            return data
+        if time.monotonic() + interval_s > deadline:
+            raise OAuthError(f"{what}: device login timed out", 408)
+        await asyncio.sleep(interval_s)
+
+
+def _split_pasted(pasted: str, state: str, kind: str) -> str:
+    """Anthropic's callback page shows `code#state`; the state must be ours."""
+    code, _, got_state = pasted.strip().partition("#")
+    if not code:
+        raise OAuthError(f"{kind}: nothing was pasted", 400)
+    if got_state and not secrets.compare_digest(got_state, state):
+        raise OAuthError(f"{kind}: the pasted code belongs to another login (state mismatch)", 400)
+    return code
+
+
+async def login_claude(entry: OAuthEntry, http: httpx.AsyncClient, *,
+                       read_code: Callable[[str], str] = input,
+                       out: Callable[[str], None] = print) -> Json:
+    """Claude Pro/Max (and Console) login: PKCE with `code=true`, the user pastes `code#state`."""
+    if entry.warning:
+        out(entry.warning)
+    verifier, challenge = pkce_pair()
+    state = _b64url(secrets.token_bytes(24))
+    url = authorize_url(entry, challenge, state, entry.redirect_uri)
+    out(f"Open this URL to log in to {entry.label}:\n\n  {url}\n")
+    pasted = await asyncio.to_thread(read_code, "Paste the code shown after login: ")
+    code = _split_pasted(pasted, state, entry.kind)
+    tokens = await _token_request(entry, http, {
+        "grant_type": "authorization_code", "code": code, "state": state,
+        "redirect_uri": entry.redirect_uri, "code_verifier": verifier})
+    rec = _record_from_tokens(entry.kind, tokens)
+    if entry.kind == "claude-console":
+        rec = await _console_api_key(entry, http, rec)
+    return rec
+
+
+async def _console_api_key(entry: OAuthEntry, http: httpx.AsyncClient, rec: Json) -> Json:
+    """`claude-console`: trade the login for an API key, stored as a record that never
+    expires (expires_at far away, so the Rust reader still parses the file)."""
+    data = await _post_json(http, entry.api_key_url or "", {}, entry.kind,
+                            {"authorization": f"Bearer {rec['access_token']}"})
+    key = data.get("raw_key")
+    if not isinstance(key, str) or not key:
+        raise OAuthError(f"{entry.kind}: the console did not return an API key", 502)
+    return {"access_token": key, "refresh_token": "", "expires_at": _NEVER_EXPIRES,
+            "oauth_type": entry.kind, "key_type": "api_key"}
+
+
+async def login_google(entry: OAuthEntry, http: httpx.AsyncClient, *, port: int = 0,
+                       open_url: Callable[[str], Any] = _no_browser,
+                       out: Callable[[str], None] = print, project: str | None = None,
+                       poll_s: float = CODE_ASSIST_POLL_S,
+                       timeout_s: float = OAUTH_LOGIN_TIMEOUT_S) -> Json:
+    """Google AI Pro/Ultra: OAuth (access_type=offline) then Code Assist onboarding."""
+    if entry.warning:
+        out(entry.warning)
+    code, verifier, redirect = await _browser_code(
+        entry, entry.redirect_uri, port, "/oauth2callback", open_url, out, timeout_s)
+    tokens = await _token_request(entry, http, {"grant_type": "authorization_code", "code": code,
+                                                "redirect_uri": redirect, "code_verifier": verifier})
+    rec = _record_from_tokens(entry.kind, tokens)
+    project = project or os.environ.get("GOOGLE_CLOUD_PROJECT") or os.environ.get(
+        "GOOGLE_CLOUD_PROJECT_ID")
+    rec["project_id"] = await setup_code_assist(entry.code_assist_url or "", rec["access_token"],
+                                                http, project, poll_s)
+    return rec
+
+
+_CA_METADATA = {"ideType": "IDE_UNSPECIFIED", "platform": "PLATFORM_UNSPECIFIED",
+                "pluginType": "GEMINI"}
+
+
+async def setup_code_assist(base: str, access_token: str, http: httpx.AsyncClient,
+                            project: str | None = None, poll_s: float = CODE_ASSIST_POLL_S) -> str:
+    """loadCodeAssist, then onboardUser (polling its long-running operation) when the account
+    has no tier yet; returns the Code Assist project id (gemini-cli's setupUser, §10)."""
+    headers = {"authorization": f"Bearer {access_token}"}
+    base = base.rstrip("/")
+    meta = {**_CA_METADATA, **({"duetProject": project} if project else {})}
+    load = await _post_json(http, f"{base}/v1internal:loadCodeAssist",
+                            {"cloudaicompanionProject": project, "metadata": meta},
+                            "google: loadCodeAssist", headers)
+    if load.get("currentTier"):
+        return _ca_project(load.get("cloudaicompanionProject"), project)
+    tier = next((t for t in load.get("allowedTiers") or [] if isinstance(t, dict)
+                 and t.get("isDefault")), {"id": "legacy-tier"})
+    free = tier.get("id") == "free-tier"      # the free tier uses a managed project
+    body = {"tierId": tier.get("id"), "cloudaicompanionProject": None if free else project,
+            "metadata": _CA_METADATA if free else meta}
+    op = await _post_json(http, f"{base}/v1internal:onboardUser", body, "google: onboardUser",
+                          headers)
+    for _ in range(CODE_ASSIST_MAX_POLLS):
+        if op.get("done") or not isinstance(op.get("name"), str):
+            break
+        await asyncio.sleep(poll_s)
+        op = await _get_json(http, f"{base}/v1internal/{op['name']}", headers, "google: operation")
+    got = ((op.get("response") or {}).get("cloudaicompanionProject") or {}) if op.get("done") else {}
+    return _ca_project(got.get("id") if isinstance(got, dict) else got, project)
+
+
+def _ca_project(found: Any, fallback: str | None) -> str:
+    if isinstance(found, dict):
+        found = found.get("id")
+    if isinstance(found, str) and found:
+        return found
+    if fallback:
+        return fallback
+    raise OAuthError("google: Code Assist gave no project; set GOOGLE_CLOUD_PROJECT and run "
+                     "python ccm.py login google again", 400)
+
+
+async def _get_json(http: httpx.AsyncClient, url: str, headers: dict[str, str], what: str) -> Json:
+    try:
+        resp = await http.get(url, headers=headers, timeout=OAUTH_HTTP_TIMEOUT_S)
+    except httpx.HTTPError as exc:
+        raise OAuthError(f"{what}: cannot reach {urllib.parse.urlsplit(url).netloc} "
+                         f"({type(exc).__name__})", 502)
+    return _json_or_fail(resp, what)
+
+
+# ---- refresh --------------------------------------------------------------------------------
+
+
+async def refresh(store: TokenStore, id_: str, entry: OAuthEntry, http: httpx.AsyncClient, *,
+                  force: bool = False, stale_token: str | None = None) -> Json:
+    """The stored record, refreshed (refresh_token grant) when fewer than 5 minutes remain, or
+    when `force` and the stored access token is still `stale_token` (the one that got a 401).
+    Runs under the store lock and re-reads the file there, so a second process waiting on the
+    lock sees the first one's fresh token and does not spend the rotated refresh token."""
+    async with store.alocked():
+        rec = store.get(id_)
+        if rec is None:
+            raise OAuthError(f"{id_}: not logged in; run: python ccm.py login {id_}")
+        if rec.get("key_type") == "api_key":
+            return rec
+        stale = stale_token is None or rec.get("access_token") == stale_token
+        if not (needs_refresh(rec) or (force and stale)):
+            return rec
+        if not rec.get("refresh_token"):
+            raise OAuthError(f"{id_}: the stored login cannot be refreshed; run: "
+                             f"python ccm.py login {id_}")
+        tokens = await _token_request(entry, http, _refresh_params(entry, rec))
+        new = _record_from_tokens(entry.kind, tokens, rec)
+        store._put_unlocked(id_, new)
+        _oauth_log.info("oauth %s: refreshed, valid until %s", id_, new["expires_at"])
+        return new
+
+
+def _refresh_params(entry: OAuthEntry, rec: Json) -> Json:
+    params = {"grant_type": "refresh_token", "refresh_token": rec["refresh_token"]}
+    if entry.kind == "openai-codex":
+        params["scope"] = "openid profile email"        # as codex-rs refreshes
+    return params
+
+
+# ---- what the request path uses ------------------------------------------------------------
+
+
+def _cfg_get(cfg: Any, key: str) -> Any:
+    if isinstance(cfg, dict):
+        return cfg.get(key) or (cfg.get("options") or {}).get(key)
+    val = getattr(cfg, key, None)
+    opts = getattr(cfg, "options", None)
+    return val or (opts.get(key) if isinstance(opts, dict) else None)
+
+
+def oauth_id(provider_cfg: Any) -> str:
+    """The token-store id of a provider: its `oauth_provider`, else its name (Rust's rule)."""
+    return str(_cfg_get(provider_cfg, "oauth_provider") or _cfg_get(provider_cfg, "name") or "")
+
+
+def provider_overrides(provider_cfg: Any) -> Json:
+    """The provider's OAuth URL keys (OAUTH_URL_KEYS), from its table or its options."""
+    return {k: v for k in OAUTH_URL_KEYS if isinstance(v := _cfg_get(provider_cfg, k), str) and v}
+
+
+class OAuthCredentials:
+    """Access tokens for providers with `auth_type = "oauth"`: loaded from the store, cached
+    in memory, refreshed before expiry and once after a 401. Every credential problem is an
+    UpstreamError 401 naming the command that fixes it, never the token."""
+
+    def __init__(self, store: TokenStore | None = None, http: httpx.AsyncClient | None = None) -> None:
+        self.store = store or TokenStore()
+        self._http = http
+        self._cache: dict[str, Json] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = httpx.AsyncClient(trust_env=True, timeout=OAUTH_HTTP_TIMEOUT_S)
+        return self._http
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+
+    async def record(self, provider_cfg: Any) -> Json:
+        """The provider's fresh record (access token, project_id, account_id...)."""
+        id_ = oauth_id(provider_cfg)
+        rec = self._cache.get(id_)
+        if rec is not None and not needs_refresh(rec):
+            return rec
+        async with self._locks.setdefault(id_, asyncio.Lock()):
+            rec = self._cache.get(id_)
+            if rec is None or needs_refresh(rec):
+                rec = await self._refresh(provider_cfg, id_, force=False, stale=None)
+            return rec
+
+    async def token(self, provider_cfg: Any) -> str:
+        """A bearer token valid for at least a few minutes."""
+        return (await self.record(provider_cfg))["access_token"]
+
+    async def on_401(self, provider_cfg: Any) -> str | None:
+        """After an upstream 401: refresh once (or adopt a newer token another request or
+        process already stored) and return it; None when nothing newer could be had. A
+        refused refresh raises the UpstreamError 401 that names `python ccm.py login <id>`."""
+        id_ = oauth_id(provider_cfg)
+        stale = (self._cache.get(id_) or {}).get("access_token")
+        async with self._locks.setdefault(id_, asyncio.Lock()):
+            cur = (self._cache.get(id_) or {}).get("access_token")
+            if stale and cur and cur != stale:      # another request refreshed meanwhile
+                return cur
+            rec = await self._refresh(provider_cfg, id_, force=True, stale=stale)
+            return rec["access_token"] if rec["access_token"] != stale else None
+
+    async def _refresh(self, provider_cfg: Any, id_: str, force: bool, stale: str | None) -> Json:
+        rec0 = self.store.get(id_)
+        if rec0 is None:
+            raise self._error(id_, "not logged in")
+        entry = oauth_entry(resolve_kind(id_, rec0), provider_overrides(provider_cfg))
+        try:
+            rec = await refresh(self.store, id_, entry, self._client(), force=force,
+                                stale_token=stale)
+        except OAuthError as exc:
+            self._cache.pop(id_, None)
+            raise self._error(id_, exc.message.removeprefix(f"{entry.kind}: ")) from None
+        self._cache[id_] = rec
+        return rec
+
+    @staticmethod
+    def _error(id_: str, what: str) -> UpstreamError:
+        what = what.split("; run:")[0].removeprefix(f"{id_}: ")
+        return UpstreamError(401, f"{id_}: {what}; run: python ccm.py login {id_}",
+                             "authentication_error", provider=id_, retryable=True)
+
+    @staticmethod
+    def account_id(record: Json) -> str | None:
+        return account_id(record)
+
+    @staticmethod
+    def codex_headers(record: Json, session_id: str) -> dict[str, str]:
+        """Headers of the ChatGPT Codex endpoint (PROTOCOL.md §8)."""
+        headers = {"authorization": f"Bearer {record['access_token']}",
+                   "originator": CODEX_ORIGINATOR, "session_id": session_id,
+                   "accept": "text/event-stream"}
+        acct = account_id(record)
+        if acct:
+            headers["chatgpt-account-id"] = acct
+        return headers
+
+
+async def oauth_call(creds: OAuthCredentials, provider_cfg: Any,
+                     send: Callable[[str], Awaitable[httpx.Response]]) -> httpx.Response:
+    """Send with the current token; on a 401 refresh once and send once more. A second 401
+    is returned to the caller as it is (the adapter maps it), never refreshed again; a
+    refused refresh raises UpstreamError 401 with the login command."""
+    resp = await send(await creds.token(provider_cfg))
+    if resp.status_code != 401:
+        return resp
+    fresh = await creds.on_401(provider_cfg)
+    if fresh is None:
+        return resp
+    await resp.aclose()
+    return await send(fresh)
+
+
+# ---- quota ----------------------------------------------------------------------------------
+
+
+async def fetch_quota(kind: str, record: Json, http: httpx.AsyncClient, url: str) -> Json | None:
+    """A compact quota summary: `{plan?, windows: [{name, used_percent, resets_at}]}` from
+    ChatGPT's wham/usage (`kind="chatgpt"`) or Anthropic's OAuth usage (`kind="claude"`);
+    None when it cannot be read (quota is informational)."""
+    headers = {"authorization": f"Bearer {record.get('access_token', '')}",
+               "accept": "application/json"}
+    if kind == "chatgpt" and account_id(record):
+        headers["chatgpt-account-id"] = account_id(record) or ""
+    if kind == "claude":
+        headers["anthropic-beta"] = ANTHROPIC_OAUTH_BETA
+    try:
+        resp = await http.get(url, headers=headers, timeout=10)
+        data = resp.json() if resp.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    return _chatgpt_quota(data) if kind == "chatgpt" else _anthropic_quota(data)
+
+
+def _chatgpt_quota(data: Json) -> Json:
+    rl = data.get("rate_limit") if isinstance(data.get("rate_limit"), dict) else {}
+    windows = []
+    for name in ("primary_window", "secondary_window"):
+        w = rl.get(name)
+        if isinstance(w, dict):
+            secs = w.get("limit_window_seconds")
+            label = f"{int(secs) // 3600}h" if isinstance(secs, (int, float)) else name
+            reset = w.get("reset_at")
+            windows.append({"name": label, "used_percent": w.get("used_percent"),
+                            "resets_at": format_expiry(reset) if isinstance(reset, (int, float))
+                            else None})
+    return {"plan": data.get("plan_type"), "windows": windows}
+
+
+def _anthropic_quota(data: Json) -> Json:
+    windows = [{"name": name, "used_percent": w.get("utilization"), "resets_at": w.get("resets_at")}
+               for name in ("five_hour", "seven_day", "seven_day_opus", "seven_day_sonnet")
+               if isinstance(w := data.get(name), dict)]
+    return {"plan": None, "windows": windows}
+
+
+def quota_text(q: Json | None) -> str:
+    """`5h 42% · 168h 87%` for `login --list`."""
+    if not q or not q.get("windows"):
+        return "-"
+    return " · ".join(f"{w['name']} {w['used_percent']:g}%" for w in q["windows"]
+                      if isinstance(w.get("used_percent"), (int, float))) or "-"
+
+
 class Upstreams:
     """One shared httpx client with explicit limits; proxies from the environment are honoured
     except for loopback, so local models and tests are never sent through HTTP(S)_PROXY."""
@@ -5399,7 +6349,7 @@ class Upstreams:
         return self._client
 
     async def aclose(self) -> None:
-        self.credentials.close()
+        await self.credentials.aclose()
         if self._client is not None:
             await self._client.aclose()
 
@@ -5425,15 +6375,32 @@ class Upstreams:
 
 class Credentials:
     """The credential each attempt sends: a key from the provider's pool, or a token that
-    refreshes itself (Google Application Default Credentials; OAuth logins)."""
+    refreshes itself (Google Application Default Credentials; subscription logins)."""
 
-    def __init__(self, keys: KeyPool) -> None:
+    def __init__(self, keys: KeyPool, store: TokenStore | None = None) -> None:
         self.keys = keys
         self.google: dict[str, GoogleCredentials] = {}
+        self.oauth = OAuthCredentials(store)
+
+    def _google(self, p: Provider) -> bool:
+        return PROVIDER_TYPES[p.provider_type].auth == "google-adc"
+
+    def _login(self, p: Provider) -> bool:
+        """`auth_type = "oauth"` without a configured key: a subscription login."""
+        return p.auth_type == "oauth" and not p.keys()
+
+    def held(self, p: Provider) -> bool:
+        """True when ccm holds a login for this provider."""
+        return self._login(p) and self.oauth.store.get(oauth_id(p)) is not None
+
+    def passes_client_login(self, p: Provider) -> bool:
+        """An oauth provider of Anthropic's format with no ccm-held login passes Claude Code's
+        own login through, as a keyless Anthropic provider does (PROTOCOL.md §7, §10)."""
+        return self._login(p) and adapter_for(p).passthrough and not self.held(p)
 
     def refreshing(self, p: Provider) -> bool:
         """True when the credential is a token that a 401 may be cured by refreshing."""
-        return PROVIDER_TYPES[p.provider_type].auth == "google-adc"
+        return self._google(p) or (self._login(p) and not self.passes_client_login(p))
 
     def google_for(self, p: Provider) -> GoogleCredentials:
         c = self.google.get(p.name)
@@ -5443,27 +6410,41 @@ class Credentials:
 
     def pick(self, p: Provider) -> str | None:
         """A key, without waiting (dry runs show a placeholder for tokens)."""
-        if self.refreshing(p):
+        if self._google(p):
             return "<google access token>"
+        if self._login(p):
+            return None if self.passes_client_login(p) else "<oauth access token>"
         if p.missing_env and not p.keys():
             raise UpstreamError(401, f"{p.name}: api_key uses ${p.missing_env[0]}, which is not set",
                                 "authentication_error", provider=p.name, retryable=True)
         return self.keys.pick(p)
 
-    async def get(self, p: Provider) -> str | None:
-        if self.refreshing(p):
-            return await self.google_for(p).token()
-        return self.pick(p)
+    async def get(self, p: Provider) -> tuple[str | None, Json]:
+        """The credential to send, and what the adapter may need to know about the login."""
+        if self._google(p):
+            return await self.google_for(p).token(), {}
+        if self._login(p) and not self.passes_client_login(p):
+            rec = await self.oauth.record(p)
+            facts = {"account_id": account_id(rec), "project_id": rec.get("project_id"),
+                     "key_type": rec.get("key_type"), "login": resolve_kind(oauth_id(p), rec)}
+            return rec["access_token"], facts
+        return self.pick(p), {}
 
     async def refresh(self, p: Provider, rejected: str | None) -> str | None:
         """After a 401: a fresh token (once), or None when refreshing cannot help."""
         if not self.refreshing(p):
             return None
-        return await self.google_for(p).on_401(rejected)
+        if self._google(p):
+            return await self.google_for(p).on_401(rejected)
+        return await self.oauth.on_401(p)
 
     def close(self) -> None:
         for c in self.google.values():
             c.close()
+
+    async def aclose(self) -> None:
+        self.close()
+        await self.oauth.aclose()
 
 
 def explain(raw: bytes, headers: dict[str, str], cfg: Config, up: Upstreams | None = None) -> Json:
@@ -5528,6 +6509,7 @@ class Attempt:
     model: str
     target: Target | None = field(default=None, repr=False)
     key: str | None = field(default=None, repr=False)
+    auth: Json = field(default_factory=dict, repr=False)
     tries: int = 0                     # earlier tries of this provider in this request
     started: float = 0.0
     first_byte_s: float = 0.0
@@ -5610,14 +6592,14 @@ class Failover:
     async def _provider(self, ex: Exchange, p: Provider, target: Target, is_last: bool,
                         max_retries: int) -> Outcome:
         """Try one provider, again while a retry is worth it."""
-        tries, key, refreshed = 0, None, False
+        tries, key, auth, refreshed = 0, None, {}, False
         while True:
-            outcome = await self.attempt(ex, p, target, tries, key)
+            outcome = await self.attempt(ex, p, target, tries, key, auth)
             if outcome.response is not None:
                 return outcome
             if outcome.error is not None and outcome.error.status == 401 and not refreshed:
                 refreshed = True               # a token the upstream refused: refresh it once
-                key = await self._refresh(p, ex.attempts[-1].key)
+                key, auth = await self._refresh(p, ex.attempts[-1].key), ex.attempts[-1].auth
                 if key is not None:
                     ex.route.trace.append(f"{p.name}: credential refreshed after 401")
                     continue
@@ -5636,8 +6618,9 @@ class Failover:
             return None
 
     async def attempt(self, ex: Exchange, p: Provider, target: Target, tries: int,
-                      key: str | None = None) -> Outcome:
-        att = Attempt(p.name, target.model, target, key=key, tries=tries, started=time.monotonic())
+                      key: str | None = None, auth: Json | None = None) -> Outcome:
+        att = Attempt(p.name, target.model, target, key=key, auth=auth or {}, tries=tries,
+                      started=time.monotonic())
         srv = ex.cfg.server
         att.first_byte_s = (p.first_byte_timeout_ms or srv.first_byte_timeout_ms) / 1000
         att.total_s = max(0.05, min((p.api_timeout_ms or srv.api_timeout_ms) / 1000,
@@ -5646,7 +6629,8 @@ class Failover:
         self.up.health.begin(p.name)
         ok, error = False, None
         try:
-            att.key = att.key or await self.up.credentials.get(p)
+            if att.key is None:
+                att.key, att.auth = await self.up.credentials.get(p)
             response = await self._answer(ex, p, att)
             ok = True
             return Outcome(response)
@@ -5697,8 +6681,8 @@ class Failover:
     async def _answer(self, ex: Exchange, p: Provider, att: Attempt) -> Response | StreamResponse:
         target = att.target or Target(p.name, att.model)
         adapter = adapter_for(p, target)
-        call = Call(p, target, ex.req, ex.route.body,
-                    ex.requested, att.key, ex.cfg.server.api_key is not None, self.up.secret)
+        call = Call(p, target, ex.req, ex.route.body, ex.requested, att.key,
+                    ex.cfg.server.api_key is not None, self.up.secret, att.auth)
         try:
             out = adapter.build(call)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -7576,6 +8560,11 @@ class Service:
         self.app.up.secret = load_secret(cfg.path)
         self.app.on_config = self.apply
         self.app.on_reload = self.reload
+        for p in cfg.providers.values():
+            if self.app.up.credentials.passes_client_login(p):
+                _log.info("provider %s: auth_type = \"oauth\" and no ccm-held login, so Claude "
+                          "Code's own login is passed through (python ccm.py login claude to "
+                          "hold one in ccm)", p.name)
         self.server: Server | None = None
         self.stopped = asyncio.Event()
 
@@ -7694,6 +8683,117 @@ def _cmd(sub: Any, name: str, fn: Callable[..., int], help_: str, example: str) 
     return p
 
 
+# --- 18a. login / logout -------------------------------------------------------------------
+
+
+def add_login_commands(sub: Any, cmd: Callable[..., argparse.ArgumentParser]) -> None:
+    """Register `login` and `logout` (call from build_parser with its `_cmd`)."""
+    p = cmd(sub, "login", cmd_login, "Log in to a subscription (ChatGPT, Claude, Google) or list logins.",
+            "python ccm.py login openai-codex --device\n  python ccm.py login --list")
+    p.add_argument("provider", nargs="?", help="openai-codex | claude | claude-console | google")
+    p.add_argument("--device", action="store_true", help="device-code login (no browser here)")
+    p.add_argument("--name", help="token store id (default: the provider id)")
+    p.add_argument("--list", action="store_true", help="list stored logins (never a token)")
+    p.add_argument("--port", type=int, help="callback port (openai-codex: 1455)")
+    p.add_argument("--no-browser", action="store_true", help="print the URL, do not open it")
+    p = cmd(sub, "logout", cmd_logout, "Forget a stored login.", "python ccm.py logout openai-codex")
+    p.add_argument("name", help="token store id")
+
+
+def _login_overrides(args: argparse.Namespace, id_: str) -> Json:
+    """OAuth URL keys of the config's provider whose oauth_provider (or name) is `id_`."""
+    try:
+        with open(config_path(getattr(args, "config", None)), "rb") as f:
+            raw = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
+    for p in raw.get("providers") or []:
+        if isinstance(p, dict) and id_ in (p.get("oauth_provider"), p.get("name")):
+            return provider_overrides(p)
+    return {}
+
+
+def _store_of(args: argparse.Namespace) -> TokenStore:
+    return TokenStore(getattr(args, "token_store", None))
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    """Log in to a subscription and store its tokens, or list the stored logins."""
+    if getattr(args, "list", False):
+        return asyncio.run(_list_logins(args))
+    if not args.provider:
+        raise ProxyError(400, "login: name a provider (openai-codex, claude, claude-console, "
+                              "google) or use --list")
+    kind = _login_kind(args.provider, _store_of(args))
+    id_ = args.name or args.provider
+    entry = oauth_entry(kind, _login_overrides(args, id_))
+    rec = asyncio.run(_run_login(entry, args))
+    rec["oauth_type"] = kind
+    _store_of(args).put(id_, rec)
+    print(f"logged in: {id_} ({entry.label}), {account_label(rec)}, valid until {rec['expires_at']}")
+    print(f"use it with:  oauth_provider = \"{id_}\"  and  auth_type = \"oauth\"")
+    return 0
+
+
+def _login_kind(name: str, store: TokenStore) -> str:
+    """A provider id or alias, or the id of an existing login (to log in to it again)."""
+    kind = OAUTH_ALIASES.get(name, name)
+    if kind in OAUTH_PROVIDERS:
+        return kind
+    rec = store.get(name)
+    if rec is not None:
+        return resolve_kind(name, rec)
+    raise ProxyError(400, f"login: unknown provider {name!r}; choose one of "
+                          + ", ".join(OAUTH_PROVIDERS))
+
+
+async def _run_login(entry: OAuthEntry, args: argparse.Namespace) -> Json:
+    opener = _no_browser if getattr(args, "no_browser", False) else webbrowser.open
+    async with httpx.AsyncClient(trust_env=True) as http:
+        if entry.kind == "openai-codex" and getattr(args, "device", False):
+            return await login_codex_device(entry, http)
+        if entry.kind == "openai-codex":
+            return await login_codex_browser(entry, http, port=args.port or 1455, open_url=opener)
+        if entry.kind == "google":
+            return await login_google(entry, http, port=args.port or 0, open_url=opener)
+        return await login_claude(entry, http)
+
+
+async def _list_logins(args: argparse.Namespace) -> int:
+    store = _store_of(args)
+    rows = store.list()
+    if not rows:
+        print(f"no logins in {store.path}")
+        return 0
+    full = store.read_all()
+    async with httpx.AsyncClient(trust_env=True) as http:
+        for row in rows:
+            print(await _login_line(row["id"], full[row["id"]], args, http))
+    return 0
+
+
+async def _login_line(id_: str, rec: Json, args: argparse.Namespace, http: httpx.AsyncClient) -> str:
+    kind = resolve_kind(id_, rec)
+    entry = oauth_entry(kind, _login_overrides(args, id_))
+    left = parse_expiry(rec.get("expires_at")) - time.time()
+    expiry = ("api key" if rec.get("key_type") == "api_key" else
+              "expired" if left <= 0 else f"{rec.get('expires_at')} ({int(left // 60)} min left)")
+    quota = None
+    if entry.quota_kind and entry.quota_url and left > 0:
+        quota = await fetch_quota(entry.quota_kind, rec, http, entry.quota_url)
+    return f"{id_}  {kind}  {account_label(rec)}  {expiry}  quota: {quota_text(quota)}"
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    """Forget a stored login (the provider's session itself is not revoked)."""
+    store = _store_of(args)
+    if not store.delete(args.name):
+        print(f"ccm: error: no login named {args.name!r} in {store.path}", file=sys.stderr)
+        return 1
+    print(f"logged out: {args.name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ccm", description="Claude Code Mux: route Claude Code to any LLM provider.",
                      epilog="Example:\n  python ccm.py serve\n  export ANTHROPIC_BASE_URL=http://127.0.0.1:13456",
@@ -7718,6 +8818,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cmd(sub, "admin", cmd_admin, "Print the admin page URL with its token.", "python ccm.py admin")
     _cmd(sub, "status", cmd_status, "Ask a running ccm for its health.", "python ccm.py status")
     _cmd(sub, "stop", cmd_stop, "Stop the ccm started with this config (SIGTERM).", "python ccm.py stop")
+    add_login_commands(sub, _cmd)
     return parser
 
 
@@ -7827,7 +8928,8 @@ def _masked_raw(raw: Any, key: str = "") -> Any:
         return {k: _masked_raw(v, k) for k, v in raw.items()}
     if isinstance(raw, list):
         return [_masked_raw(v, key) for v in raw]
-    if key in ("api_key", "api_keys", "admin_token") and isinstance(raw, str) and not raw.startswith("$"):
+    if key in ("api_key", "api_keys", "admin_token", "client_secret") and isinstance(raw, str) \
+            and not raw.startswith("$"):
         return mask_secret(raw)
     return raw
 
