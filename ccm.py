@@ -7641,6 +7641,1064 @@ async def start_server(app: Any, cfg: ServerCfg, sock: Any = None) -> Server:
 # Uses: 2-14
 # ============================================================================================
 
+# --- 15a. Page assets: HTML, CSS and JavaScript (CSP hashes computed from them) -------------
+
+# The page is one HTML document with one inline <style> and one inline <script>; the CSP
+# allows exactly those two texts by their sha256, so an edit here changes the hash with it.
+# The script builds every element with textContent and attributes, never innerHTML.
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+LOGIN_HTML = """<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1"><title>ccm admin</title>
+<style>body{font:15px/1.5 system-ui,sans-serif;max-width:34rem;margin:4rem auto;padding:0 1rem;
+color:#1d2330}code{background:#eef1f6;padding:.1rem .35rem;border-radius:4px}</style></head>
+<body><h1>ccm admin</h1><p>{message}.</p><p>Open the link that <code>python ccm.py admin</code>
+prints (it carries your admin token), or send <code>Authorization: Bearer &lt;token&gt;</code>.
+The token is in <code>~/.claude-code-mux/admin_token</code>.</p></body></html>"""
+LOGIN_CSP = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'"
+ADMIN_HEADERS = [("x-content-type-options", "nosniff"), ("x-frame-options", "DENY"),
+                 ("referrer-policy", "no-referrer"), ("cache-control", "no-store")]
+
+
+ADMIN_STYLE = """
+:root { --bg: #f6f7fb; --card: #fff; --ink: #1d2330; --mute: #667085; --line: #e3e6ee; --acc: #4f46e5; --acc2: #eef0ff; --ok: #0f9d58; --bad: #d93025; --warn: #b26a00; --mono: ui-monospace,SFMono-Regular,Menlo,monospace }
+@media (prefers-color-scheme: dark) {
+  :root { --bg: #0f1217; --card: #171b22; --ink: #e6e9ef; --mute: #98a2b3; --line: #2a303b; --acc: #8b85ff; --acc2: #23264a }
+}
+* { box-sizing: border-box }
+body { margin: 0; font: 14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif; background: var(--bg); color: var(--ink) }
+header { display: flex; align-items: center; gap: 1rem; flex-wrap: wrap; padding: .7rem 1.2rem; background: var(--card); border-bottom: 1px solid var(--line); position: sticky; top: 0; z-index: 2 }
+header h1 { font-size: 1.05rem; margin: 0; white-space: nowrap }
+header h1 span { color: var(--mute); font-weight: 400 }
+nav { display: flex; gap: .25rem; flex-wrap: wrap; flex: 1 }
+nav button { background: none; border: 0; padding: .45rem .75rem; border-radius: 7px; color: var(--mute); font: inherit; cursor: pointer }
+nav button[aria-selected=true] { background: var(--acc2); color: var(--acc); font-weight: 600 }
+nav button:focus-visible, button:focus-visible, input:focus-visible, select:focus-visible, textarea:focus-visible, tr:focus-visible { outline: 2px solid var(--acc); outline-offset: 1px }
+main { max-width: 1100px; margin: 0 auto; padding: 1.2rem }
+section[hidden] { display: none }
+.card { background: var(--card); border: 1px solid var(--line); border-radius: 10px; padding: 1rem 1.1rem; margin-bottom: 1rem }
+.card h2 { font-size: .95rem; margin: 0 0 .7rem }
+.grid { display: grid; grid-template-columns: repeat(auto-fit,minmax(190px,1fr)); gap: .8rem }
+.stat b { display: block; font-size: 1.3rem }
+.stat span { color: var(--mute); font-size: .8rem }
+table { width: 100%; border-collapse: collapse }
+th, td { text-align: left; padding: .45rem .5rem; border-bottom: 1px solid var(--line); vertical-align: top }
+th { color: var(--mute); font-weight: 500; font-size: .8rem }
+td code, .mono { font-family: var(--mono); font-size: .82rem }
+tbody tr.click { cursor: pointer }
+tbody tr.click:hover { background: var(--acc2) }
+button, .btn { font: inherit; border: 1px solid var(--line); background: var(--card); color: var(--ink); padding: .35rem .7rem; border-radius: 7px; cursor: pointer }
+button.primary { background: var(--acc); border-color: var(--acc); color: #fff }
+button.danger { color: var(--bad) }
+button:disabled { opacity: .45; cursor: default }
+label { display: block; font-size: .8rem; color: var(--mute); margin: .5rem 0 .2rem }
+input, select, textarea { font: inherit; width: 100%; padding: .4rem .5rem; border: 1px solid var(--line); border-radius: 7px; background: var(--bg); color: var(--ink) }
+textarea { min-height: 5rem; font-family: var(--mono) }
+input[type=checkbox] { width: auto }
+.row { display: flex; gap: .6rem; flex-wrap: wrap; align-items: end }
+.row > * { flex: 1; min-width: 150px }
+.pill { display: inline-block; padding: .05rem .5rem; border-radius: 99px; font-size: .75rem; background: var(--acc2); color: var(--acc) }
+.ok { color: var(--ok) }
+.bad { color: var(--bad) }
+.warn { color: var(--warn) }
+.err { color: var(--bad); font-size: .8rem; min-height: 1em }
+#banner { margin: 0 0 1rem; padding: .6rem .9rem; border-radius: 8px; display: none }
+#banner.show { display: block }
+#banner.bad { background: #fde8e7; color: #8a1c14 }
+#banner.ok { background: #e6f5ec; color: #0b6b3a }
+pre { background: var(--bg); border: 1px solid var(--line); border-radius: 8px; padding: .7rem; overflow: auto; max-height: 24rem; font: 12px/1.45 var(--mono); white-space: pre-wrap; word-break: break-word }
+.mute { color: var(--mute) }
+.maps li { display: flex; gap: .4rem; align-items: center; margin: .25rem 0 }
+.maps { list-style: none; padding: 0; margin: .3rem 0 }
+.head { display: flex; justify-content: space-between; align-items: center; gap: .6rem }
+.head h2 { margin: 0 }
+@media (max-width: 640px) {
+  main { padding: .7rem }
+  .card { overflow-x: auto }
+  nav { order: 3; flex-basis: 100% }
+  header { gap: .5rem }
+}
+"""
+
+ADMIN_BODY = """<header><h1>ccm <span id="ver"></span></h1>
+<nav role="tablist" aria-label="Sections">
+<button role="tab" data-tab="overview" aria-selected="true">Overview</button>
+<button role="tab" data-tab="providers" aria-selected="false">Providers</button>
+<button role="tab" data-tab="models" aria-selected="false">Models</button>
+<button role="tab" data-tab="router" aria-selected="false">Router</button>
+<button role="tab" data-tab="test" aria-selected="false">Test</button>
+<button role="tab" data-tab="requests" aria-selected="false">Requests</button></nav>
+<span id="dirty" class="mute"></span><button id="save" class="primary" disabled>Save</button></header>
+<main><div id="banner" role="status" aria-live="polite"></div>
+<section id="tab-overview" role="tabpanel"></section>
+<section id="tab-providers" role="tabpanel" hidden></section>
+<section id="tab-models" role="tabpanel" hidden></section>
+<section id="tab-router" role="tabpanel" hidden></section>
+<section id="tab-test" role="tabpanel" hidden></section>
+<section id="tab-requests" role="tabpanel" hidden></section></main>"""
+
+ADMIN_SCRIPT = r"""
+'use strict';
+
+// ---- DOM helpers ---------------------------------------------------------------------------
+
+function find(selector) {
+  return document.querySelector(selector);
+}
+
+// element('a', {href: '/x', onclick: fn}, 'text', childNode, [more, children]): attributes that
+// are null, undefined or false are left out, true becomes an empty attribute, on* become event
+// listeners. Text always goes in as text, never as HTML.
+function element(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs || {})) {
+    setAttribute(node, name, value);
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined && child !== false) {
+      node.append(child.nodeType ? child : String(child));
+    }
+  }
+  return node;
+}
+
+function setAttribute(node, name, value) {
+  if (value === null || value === undefined || value === false) {
+    return;
+  }
+  if (name.startsWith('on')) {
+    node.addEventListener(name.slice(2), value);
+  } else if (name === 'value') {
+    // the property, not the attribute: what a form control shows and submits
+    node.value = value;
+  } else {
+    node.setAttribute(name, value === true ? '' : value);
+  }
+}
+
+function option(value, label, selected) {
+  return element('option', {value, selected}, label);
+}
+
+function field(label, id, control) {
+  return element('div', {}, element('label', {for: id}, label), control);
+}
+
+function card(...children) {
+  return element('div', {class: 'card'}, ...children);
+}
+
+function table(columns, rows, onRowChosen) {
+  const headings = columns.map((column) => element('th', {}, column));
+  const head = element('thead', {}, element('tr', {}, headings));
+  const body = rows.length
+    ? rows.map((cells, index) => tableRow(cells, index, onRowChosen))
+    : element('tr', {}, element('td', {colspan: columns.length, class: 'mute'}, 'nothing yet'));
+  return element('table', {}, head, element('tbody', {}, body));
+}
+
+function tableRow(cells, index, onRowChosen) {
+  const attrs = onRowChosen
+    ? {
+      class: 'click',
+      tabindex: 0,
+      onclick: () => onRowChosen(index),
+      onkeydown: (event) => {
+        if (event.key === 'Enter') {
+          onRowChosen(index);
+        }
+      },
+    }
+    : {};
+  return element('tr', attrs, cells.map((cell) => element('td', {}, cell)));
+}
+
+// Replaces a tab's content; children that are null or false are left out.
+function panel(tab, ...children) {
+  const section = find('#tab-' + tab);
+  section.replaceChildren(...children.filter((child) => child));
+  return section;
+}
+
+// ---- page state and the API ----------------------------------------------------------------
+
+const state = {
+  cfg: null,          // the config as JSON, secrets masked by the server, edited in place
+  meta: {},           // the server's _meta: provider_types and the config path
+  dirty: false,
+  invalid: new Set(), // fields the server said are invalid: Save stays disabled
+  tab: 'overview',
+};
+
+// raw: return the fetch Response itself (the Test tab reads its stream and headers)
+async function api(method, path, body, raw) {
+  const response = await fetch(path, {
+    method,
+    credentials: 'same-origin',
+    headers: body === undefined ? {} : {'content-type': 'application/json'},
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  if (raw) {
+    return response;
+  }
+  let data = null;
+  try {
+    data = await response.json();
+  } catch (error) {
+    // not JSON: the status alone says what went wrong
+  }
+  if (!response.ok) {
+    const message = data && data.error ? data.error.message : ('HTTP ' + response.status);
+    const error = new Error(message);
+    error.data = data;
+    throw error;
+  }
+  return data;
+}
+
+function banner(message, kind) {
+  const box = find('#banner');
+  box.textContent = message;
+  box.className = message ? 'show ' + kind : '';
+}
+
+function markDirty() {
+  state.dirty = true;
+  find('#dirty').textContent = 'unsaved changes';
+  updateSave();
+}
+
+function updateSave() {
+  find('#save').disabled = !state.dirty || state.invalid.size > 0;
+}
+
+function modelNames() {
+  return (state.cfg.models || []).map((model) => model.name);
+}
+
+function providers() {
+  return state.cfg.providers || (state.cfg.providers = []);
+}
+
+function providerNames() {
+  return providers().map((provider) => provider.name);
+}
+
+function providerType(typeName) {
+  return state.meta.provider_types[typeName] || {};
+}
+
+async function load() {
+  const data = await api('GET', '/api/config/json');
+  state.meta = data._meta;
+  delete data._meta;
+  state.cfg = data;
+  state.cfg.router = state.cfg.router || {};
+  state.dirty = false;
+  state.invalid.clear();
+  find('#dirty').textContent = '';
+  updateSave();
+  // every panel is rebuilt from the fresh config (the Test tab keeps its form otherwise)
+  for (const section of document.querySelectorAll('[role=tabpanel]')) {
+    section.replaceChildren();
+  }
+  render();
+}
+
+const RENDERERS = {
+  overview: renderOverview,
+  providers: renderProviders,
+  models: renderModels,
+  router: renderRouter,
+  test: renderTest,
+  requests: renderRequests,
+};
+
+function render() {
+  RENDERERS[state.tab]();
+}
+
+function showTab(tab) {
+  state.tab = tab;
+  for (const button of document.querySelectorAll('nav button')) {
+    const selected = button.dataset.tab === tab;
+    button.setAttribute('aria-selected', selected);
+    // roving tabindex: Tab reaches the selected tab only, the arrow keys move between tabs
+    button.tabIndex = selected ? 0 : -1;
+    find('#tab-' + button.dataset.tab).hidden = !selected;
+  }
+  render();
+}
+
+function formatAge(unixTime) {
+  const seconds = Math.round(Date.now() / 1000 - unixTime);
+  if (seconds < 60) {
+    return seconds + ' s ago';
+  }
+  if (seconds < 3600) {
+    return Math.round(seconds / 60) + ' min ago';
+  }
+  return new Date(unixTime * 1000).toLocaleString();
+}
+
+// ---- Overview ------------------------------------------------------------------------------
+
+function breakerState(breaker) {
+  const kind = breaker === 'closed' ? 'ok' : breaker === 'open' ? 'bad' : 'warn';
+  return element('span', {class: kind}, breaker);
+}
+
+function stat(value, label) {
+  return element('div', {class: 'stat'}, element('b', {}, value), element('span', {}, label));
+}
+
+async function renderOverview() {
+  const overview = await api('GET', '/api/overview');
+  find('#ver').textContent = overview.version;
+  const counters = overview.counters || {};
+  const stats = card(
+    element('div', {class: 'grid'},
+      stat(overview.version, 'version'),
+      stat(Math.round(overview.uptime_s) + ' s', 'uptime'),
+      stat(counters.requests || 0, 'requests'),
+      stat(counters['responses.error'] || 0, 'errors'),
+      stat(counters.in_flight || 0, 'in flight'),
+      stat(overview.listen, 'listening on')),
+    element('p', {class: 'mute'}, 'Config: ', element('code', {}, overview.config_path)));
+  panel('overview', stats, warningsCard(overview.warnings || []), element('div', {class: 'grid'},
+    countsCard(overview),
+    providerCountsCard(overview),
+    breakersCard(overview)));
+}
+
+function warningsCard(warnings) {
+  if (!warnings.length) {
+    return null;
+  }
+  const items = warnings.map((warning) => element('li', {class: 'warn'}, warning));
+  return card(element('h2', {}, 'Config warnings'), element('ul', {}, items));
+}
+
+function countsCard(overview) {
+  const rows = Object.entries(overview.by_route).map(([route, count]) => [route, count]);
+  return card(element('h2', {}, 'Requests by route'), table(['route', 'requests'], rows));
+}
+
+function providerCountsCard(overview) {
+  const rows = Object.entries(overview.by_provider)
+    .map(([name, counts]) => [name, counts.requests, counts.errors]);
+  return card(
+    element('h2', {}, 'Recent requests by provider'),
+    table(['provider', 'requests', 'errors'], rows));
+}
+
+function breakersCard(overview) {
+  const rows = Object.entries(overview.breakers).map(([name, breaker]) => [
+    name,
+    breakerState(breaker.state),
+    breaker.consecutive_failures || 0,
+  ]);
+  return card(
+    element('h2', {}, 'Circuit breakers'),
+    table(['provider', 'state', 'failures'], rows));
+}
+
+// ---- Providers -----------------------------------------------------------------------------
+
+function renderProviders() {
+  const list = providers();
+  const rows = list.map((provider, index) => providerRow(list, provider, index));
+  panel('providers', card(
+    element('h2', {}, 'Providers'),
+    table(['name', 'type', 'base URL', 'key', 'enabled', ''], rows),
+    element('p', {},
+      element('button', {class: 'primary', onclick: () => editProvider(-1)}, 'Add provider')),
+    element('div', {id: 'pform'}),
+    element('div', {id: 'ptest', class: 'mute'})));
+}
+
+function providerRow(list, provider, index) {
+  const enabled = element('input', {
+    type: 'checkbox',
+    'aria-label': 'enabled ' + provider.name,
+    checked: provider.enabled !== false,
+    onchange: (event) => {
+      provider.enabled = event.target.checked;
+      markDirty();
+    },
+  });
+  const remove = () => {
+    list.splice(index, 1);
+    markDirty();
+    renderProviders();
+  };
+  const actions = element('span', {class: 'row'},
+    element('button', {onclick: () => editProvider(index)}, 'Edit'),
+    element('button', {onclick: (event) => testProvider(provider.name, event.target)}, 'Test'),
+    element('button', {class: 'danger', onclick: remove}, 'Delete'));
+  return [
+    element('b', {}, provider.name),
+    element('span', {class: 'pill'}, provider.provider_type),
+    element('code', {}, provider.base_url || providerType(provider.provider_type).base_url || ''),
+    element('code', {}, keyLabel(provider)),
+    enabled,
+    actions,
+  ];
+}
+
+// What the table shows for a key: the server's mask or a $VAR, never a key typed on this page.
+function keyLabel(provider) {
+  const key = provider.api_key;
+  if (!key) {
+    return provider.api_keys ? 'pool of ' + provider.api_keys.length : 'client credential';
+  }
+  return key.startsWith('****') || key.startsWith('$') ? key : 'new key (saved on Save)';
+}
+
+async function testProvider(name, button) {
+  button.disabled = true;
+  // #ptest is looked up after the wait: the table may have been redrawn meanwhile
+  find('#ptest').textContent = 'Testing ' + name + '…';
+  try {
+    const result = await api('POST', '/api/providers/test', {name});
+    const text = name + ': ' + (result.ok ? 'OK' : 'failed') + ' — status ' + result.status + ', '
+      + result.latency_ms + ' ms' + (result.error ? ' — ' + result.error : '');
+    find('#ptest').replaceChildren(element('span', {class: result.ok ? 'ok' : 'bad'}, text));
+  } catch (error) {
+    find('#ptest').textContent = error.message;
+  }
+  button.disabled = false;
+}
+
+// How each provider type sends its key (PROVIDER_TYPES[type].auth on the server).
+const AUTH_HINTS = {
+  'x-api-key': 'Anthropic format: key sent as x-api-key (oauth: Bearer)',
+  'bearer': 'OpenAI format: key sent as Authorization: Bearer',
+  'x-goog-api-key': 'Gemini API: key sent as x-goog-api-key',
+  'google-adc': 'Vertex AI: Google Application Default Credentials (no key)',
+};
+
+// index -1 adds a provider. The form edits a copy: nothing changes until Add/Apply.
+function editProvider(index) {
+  const list = providers();
+  const provider = index >= 0
+    ? list[index]
+    : {name: '', provider_type: 'openai', enabled: true, models: []};
+  const form = providerForm(provider, index);
+  form.element.addEventListener('submit', (event) => {
+    event.preventDefault();
+    applyProviderForm(list, provider, index, form);
+  });
+  find('#pform').replaceChildren(form.element);
+  form.updateHint();
+  form.name.focus();
+}
+
+function providerForm(provider, index) {
+  const form = {};
+  const hint = element('span', {class: 'mute'});
+  form.updateHint = () => {
+    const type = providerType(form.type.value);
+    form.url.placeholder = type.base_url || '';
+    hint.textContent = AUTH_HINTS[type.auth] || '';
+  };
+  form.name = element('input', {id: 'p-name', value: provider.name, required: true});
+  form.type = element('select', {id: 'p-type', onchange: form.updateHint},
+    Object.keys(state.meta.provider_types)
+      .map((type) => option(type, type, type === provider.provider_type)));
+  const authType = provider.auth_type || 'apikey';
+  form.auth = element('select', {id: 'p-auth'},
+    ['apikey', 'oauth'].map((auth) => option(auth, auth, auth === authType)));
+  form.url = element('input', {id: 'p-url', value: provider.base_url || ''});
+  // a password field that is never given a value: a typed key never reaches the DOM as text
+  form.key = element('input', {id: 'p-key', type: 'password', autocomplete: 'off'});
+  form.noKey = element('input', {type: 'checkbox'});
+  form.enabled = element('input', {type: 'checkbox', checked: provider.enabled !== false});
+  form.error = element('div', {class: 'err'});
+  const keyNote = provider.api_key
+    ? '(set: ' + provider.api_key + '; leave empty to keep)'
+    : '(or $ENV_VAR)';
+  form.element = element('form', {class: 'card'},
+    element('h2', {}, index >= 0 ? 'Edit ' + provider.name : 'Add provider'),
+    element('div', {class: 'row'},
+      field('Name', 'p-name', form.name),
+      field('Type', 'p-type', form.type),
+      field('Auth', 'p-auth', form.auth)),
+    element('label', {for: 'p-url'}, 'Base URL (empty: the type\'s default)'),
+    form.url,
+    element('label', {for: 'p-key'}, 'API key ' + keyNote),
+    form.key,
+    element('label', {},
+      form.noKey,
+      ' no key: pass the client\'s own credential (Anthropic format only)'),
+    element('label', {}, form.enabled, ' enabled'),
+    hint,
+    form.error,
+    element('div', {class: 'row'},
+      element('button', {class: 'primary', type: 'submit'}, index >= 0 ? 'Apply' : 'Add'),
+      element('button', {type: 'button', onclick: () => renderProviders()}, 'Cancel')));
+  return form;
+}
+
+function applyProviderForm(list, provider, index, form) {
+  const name = form.name.value.trim();
+  if (!name) {
+    form.error.textContent = 'name is required';
+    return;
+  }
+  if (list.some((other, otherIndex) => other.name === name && otherIndex !== index)) {
+    form.error.textContent = 'a provider named ' + name + ' exists';
+    return;
+  }
+  const edited = Object.assign({}, provider, {
+    name,
+    provider_type: form.type.value,
+    auth_type: form.auth.value,
+    enabled: form.enabled.checked,
+    models: provider.models || [],
+  });
+  if (index >= 0 && provider.name !== name) {
+    // _was tells the server which stored provider (and so which key) a renamed one was
+    edited._was = provider._was || provider.name;
+  }
+  const url = form.url.value.trim();
+  if (url) {
+    edited.base_url = url;
+  } else {
+    delete edited.base_url;
+  }
+  if (form.key.value) {
+    edited.api_key = form.key.value;
+  } else if (form.noKey.checked) {
+    delete edited.api_key;
+  }
+  if (index >= 0) {
+    list[index] = edited;
+  } else {
+    list.push(edited);
+  }
+  markDirty();
+  renderProviders();
+}
+
+// ---- Models --------------------------------------------------------------------------------
+
+function renderModels() {
+  const models = state.cfg.models || (state.cfg.models = []);
+  const names = providerNames();
+  const cards = models.map((model, index) => modelCard(models, model, index, names));
+  const newName = element('input', {id: 'm-new', placeholder: 'model name, e.g. glm'});
+  const addModel = () => {
+    const name = newName.value.trim();
+    if (!name || modelNames().includes(name)) {
+      return;
+    }
+    models.push({name, mappings: []});
+    markDirty();
+    renderModels();
+  };
+  panel('models', ...cards, card(
+    element('h2', {}, 'Add model'),
+    element('div', {class: 'row'},
+      newName,
+      element('button', {class: 'primary', onclick: addModel}, 'Add model'))));
+}
+
+// The mappings are the model's fallback chain: priority is the position, 1 first.
+function renumber(mappings) {
+  mappings.forEach((mapping, i) => {
+    mapping.priority = i + 1;
+  });
+}
+
+function modelCard(models, model, index, names) {
+  model.mappings = model.mappings || [];
+  const mappings = model.mappings;
+  const changed = () => {
+    renumber(mappings);
+    markDirty();
+    renderModels();
+  };
+  const move = (from, step) => {
+    [mappings[from], mappings[from + step]] = [mappings[from + step], mappings[from]];
+    changed();
+  };
+  const removeMapping = (position) => {
+    mappings.splice(position, 1);
+    changed();
+  };
+  const removeModel = () => {
+    models.splice(index, 1);
+    markDirty();
+    renderModels();
+  };
+  const items = mappings
+    .map((mapping, i) => mappingItem(mapping, i, mappings.length, move, removeMapping));
+  return card(
+    element('div', {class: 'head'},
+      element('h2', {}, model.name),
+      element('button', {class: 'danger', onclick: removeModel}, 'Delete model')),
+    element('ol', {class: 'maps'}, items),
+    addMappingRow(model, names));
+}
+
+function mappingItem(mapping, position, count, move, removeMapping) {
+  return element('li', {},
+    element('span', {class: 'pill'}, '#' + (position + 1)),
+    element('b', {}, mapping.provider),
+    ' → ',
+    element('code', {}, mapping.actual_model || '(model as asked)'),
+    element('button', {
+      'aria-label': 'move up',
+      disabled: position === 0,
+      onclick: () => move(position, -1),
+    }, '↑'),
+    element('button', {
+      'aria-label': 'move down',
+      disabled: position === count - 1,
+      onclick: () => move(position, 1),
+    }, '↓'),
+    element('button', {class: 'danger', onclick: () => removeMapping(position)}, 'Remove'));
+}
+
+function addMappingRow(model, names) {
+  const provider = element('select', {'aria-label': 'provider for ' + model.name},
+    names.map((name) => option(name, name)));
+  const actual = element('input', {
+    placeholder: 'actual model (empty: as asked)',
+    'aria-label': 'actual model for ' + model.name,
+  });
+  const add = () => {
+    if (!provider.value) {
+      return;
+    }
+    const mapping = {priority: model.mappings.length + 1, provider: provider.value};
+    if (actual.value.trim()) {
+      mapping.actual_model = actual.value.trim();
+    }
+    model.mappings.push(mapping);
+    markDirty();
+    renderModels();
+  };
+  return element('div', {class: 'row'},
+    provider,
+    actual,
+    element('button', {onclick: add}, 'Add fallback'));
+}
+
+// ---- Router --------------------------------------------------------------------------------
+
+const ROUTES = ['default', 'think', 'background', 'websearch', 'subagent', 'image', 'long_context'];
+
+function renderRouter() {
+  const router = state.cfg.router;
+  const fields = ROUTES.map((route) => field(route, 'r-' + route, routeSelect(router, route)));
+  const threshold = element('input', {
+    id: 'r-threshold',
+    type: 'number',
+    min: 1,
+    value: router.long_context_threshold || 60000,
+    oninput: (event) => {
+      router.long_context_threshold = parseInt(event.target.value) || 60000;
+      markDirty();
+    },
+  });
+  const thinkTrigger = router.think_trigger || 'plan';
+  const trigger = element('select', {
+    id: 'r-trigger',
+    onchange: (event) => {
+      router.think_trigger = event.target.value;
+      markDirty();
+    },
+  }, ['plan', 'thinking'].map((name) => option(name, name, name === thinkTrigger)));
+  panel('router',
+    card(
+      element('h2', {}, 'Routes'),
+      element('p', {class: 'mute'}, 'Order: explicit provider,model > websearch > subagent > '
+        + 'long_context > image > think > background > default.'),
+      element('div', {class: 'grid'}, ...fields)),
+    card(
+      element('h2', {}, 'Rules'),
+      element('div', {class: 'row'},
+        field('long_context_threshold (tokens)', 'r-threshold', threshold),
+        field('think_trigger', 'r-trigger', trigger)),
+      regexField(router, 'auto_map_regex', '^claude-'),
+      regexField(router, 'background_regex', '(?i)claude.*haiku')));
+}
+
+function routeSelect(router, route) {
+  const names = modelNames();
+  // a route naming a model that no longer exists still shows (and stays) until changed
+  const missing = router[route] && !names.includes(router[route]);
+  const choices = names.concat(missing ? [router[route]] : []);
+  return element('select', {
+    id: 'r-' + route,
+    onchange: (event) => {
+      if (event.target.value) {
+        router[route] = event.target.value;
+      } else {
+        delete router[route];
+      }
+      markDirty();
+    },
+  },
+  option('', '(unset: fall through)'),
+  choices.map((name) => option(name, name, router[route] === name)));
+}
+
+// The server compiles the regex with Python's re, so it checks it (POST /api/validate),
+// 250 ms after the last keystroke.
+function regexField(router, key, defaultValue) {
+  const error = element('div', {class: 'err', id: 'err-' + key});
+  let timer;
+  const input = element('input', {
+    id: 'r-' + key,
+    class: 'mono',
+    value: router[key] || defaultValue,
+    'aria-describedby': 'err-' + key,
+    oninput: (event) => {
+      router[key] = event.target.value;
+      markDirty();
+      clearTimeout(timer);
+      timer = setTimeout(() => validateRegex(key, event.target.value, input, error), 250);
+    },
+  });
+  return element('div', {},
+    element('label', {for: 'r-' + key}, key + ' (Python regex)'),
+    input,
+    error);
+}
+
+async function validateRegex(key, value, input, error) {
+  const result = await api('POST', '/api/validate', {field: key, value});
+  error.textContent = result.ok ? '' : result.error;
+  if (result.ok) {
+    state.invalid.delete(key);
+  } else {
+    state.invalid.add(key);
+  }
+  input.setAttribute('aria-invalid', !result.ok);
+  updateSave();
+}
+
+// ---- Test ----------------------------------------------------------------------------------
+
+function renderTest() {
+  // built once, so the message and the last response survive switching tabs
+  if (find('#t-msg')) {
+    return;
+  }
+  const form = {};
+  const output = element('pre', {id: 't-out', 'aria-live': 'polite'});
+  const info = element('div', {id: 't-info'});
+  form.model = element('input', {id: 't-model', value: 'claude-opus-4-8', list: 't-models'});
+  form.provider = element('select', {id: 't-prov'},
+    option('', '(router decides)'),
+    providerNames().map((name) => option(name, name)));
+  form.thinking = element('input', {type: 'checkbox', id: 't-think'});
+  form.websearch = element('input', {type: 'checkbox', id: 't-web'});
+  form.plan = element('input', {type: 'checkbox', id: 't-plan'});
+  form.message = element('textarea', {id: 't-msg'}, 'Say hello in five words.');
+  panel('test',
+    card(
+      element('h2', {}, 'Send a message as Claude Code would'),
+      element('div', {class: 'row'},
+        element('div', {},
+          element('label', {for: 't-model'}, 'Model'),
+          form.model,
+          element('datalist', {id: 't-models'},
+            modelNames().map((name) => element('option', {value: name})))),
+        field('Provider pin (X-Provider)', 't-prov', form.provider)),
+      element('div', {class: 'row'},
+        element('label', {}, form.thinking, ' thinking'),
+        element('label', {}, form.websearch, ' web_search tool'),
+        element('label', {}, form.plan, ' plan mode')),
+      element('label', {for: 't-msg'}, 'Message'),
+      form.message,
+      element('p', {class: 'row'},
+        element('button', {
+          class: 'primary',
+          id: 't-send',
+          onclick: () => sendTest(form, output, info),
+        }, 'Send'),
+        element('button', {onclick: () => dryRun(form, info)}, 'Dry run (no request sent)'))),
+    card(element('h2', {}, 'Response'), info, output));
+}
+
+// The body of POST /api/test: the server builds the Claude Code-shaped request from it.
+function testBody(form) {
+  return {
+    model: form.model.value,
+    provider: form.provider.value || undefined,
+    thinking: form.thinking.checked,
+    websearch: form.websearch.checked,
+    plan: form.plan.checked,
+    message: form.message.value,
+    stream: true,
+  };
+}
+
+// The same request built here, so the router explains it without anything being sent.
+function dryRunRequest(test) {
+  const body = {
+    model: test.model,
+    max_tokens: 1024,
+    messages: [{role: 'user', content: test.message + (test.plan ? '\nPlan mode is active.' : '')}],
+  };
+  if (test.thinking) {
+    body.thinking = {type: 'enabled', budget_tokens: 1024};
+  }
+  if (test.websearch) {
+    body.tools = [{type: 'web_search_20250305', name: 'web_search'}];
+  }
+  return body;
+}
+
+async function dryRun(form, info) {
+  const test = testBody(form);
+  try {
+    const response = await fetch('/api/route', {
+      method: 'POST',
+      credentials: 'same-origin',
+      headers: {
+        'content-type': 'application/json',
+        // the headers the router should see, as Claude Code would send them
+        'x-ccm-request-headers': JSON.stringify(test.provider ? {'x-provider': test.provider} : {}),
+      },
+      body: JSON.stringify(dryRunRequest(test)),
+    });
+    const result = await response.json();
+    if (response.ok) {
+      const chain = (result.providers || [])
+        .map((target) => target.provider + ' → ' + target.model);
+      info.replaceChildren(traceView(result.rule, result.model, result.trace, chain));
+    } else {
+      info.replaceChildren(element('p', {class: 'bad'}, result.error.message));
+    }
+  } catch (error) {
+    info.textContent = error.message;
+  }
+}
+
+function traceView(rule, model, trace, chain) {
+  return element('div', {},
+    element('p', {},
+      'Rule ',
+      element('span', {class: 'pill'}, rule),
+      ' → model ',
+      element('b', {}, model)),
+    chain && chain.length ? element('p', {class: 'mono'}, chain.join('  ⟶  ')) : null,
+    element('ul', {}, (trace || []).map((line) => element('li', {class: 'mono'}, line))));
+}
+
+async function sendTest(form, output, info) {
+  const button = find('#t-send');
+  button.disabled = true;
+  output.textContent = '';
+  info.textContent = 'Sending…';
+  const started = performance.now();
+  try {
+    const response = await api('POST', '/api/test', testBody(form), true);
+    const requestId = response.headers.get('x-ccm-request-id');
+    if (!response.ok) {
+      const result = await response.json().catch(() => ({}));
+      const message = 'HTTP ' + response.status + ': ' + (result.error ? result.error.message : '');
+      info.replaceChildren(element('p', {class: 'bad'}, message));
+    } else {
+      const route = response.headers.get('x-ccm-route') || '';
+      info.replaceChildren(element('p', {class: 'mono'}, route));
+      await readStream(response, output);
+    }
+    const latencyMs = Math.round(performance.now() - started);
+    if (requestId) {
+      await showRecord(requestId, latencyMs, info);
+    }
+  } catch (error) {
+    info.textContent = error.message;
+  }
+  button.disabled = false;
+}
+
+// Reads the Anthropic SSE stream: events end at a blank line; each carries one data: line.
+async function readStream(response, output) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = '';
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) {
+      break;
+    }
+    buffer += decoder.decode(value, {stream: true});
+    let end;
+    while ((end = buffer.indexOf('\n\n')) >= 0) {
+      const event = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      const data = eventData(event);
+      if (data !== undefined) {
+        output.textContent += eventText(data);
+      }
+    }
+  }
+}
+
+function eventData(event) {
+  const line = event.split('\n').find((candidate) => candidate.startsWith('data:'));
+  if (!line) {
+    return undefined;
+  }
+  try {
+    return JSON.parse(line.slice(5));
+  } catch (error) {
+    return undefined;   // not JSON: skipped
+  }
+}
+
+// The text an event adds to the output: text, thinking, tool calls and their input, errors.
+function eventText(data) {
+  if (data.type === 'content_block_delta' && data.delta.text) {
+    return data.delta.text;
+  }
+  if (data.type === 'content_block_delta' && data.delta.thinking) {
+    return data.delta.thinking;
+  }
+  if (data.type === 'content_block_start' && data.content_block.type === 'tool_use') {
+    return '\n[tool_use ' + data.content_block.name + '] ';
+  }
+  if (data.type === 'content_block_delta' && data.delta.partial_json) {
+    return data.delta.partial_json;
+  }
+  if (data.type === 'error') {
+    return '\n[error] ' + data.error.message;
+  }
+  return '';
+}
+
+// After the stream, the recorder's entry for the request says what really happened.
+async function showRecord(requestId, latencyMs, info) {
+  const path = '/api/requests?id=' + encodeURIComponent(requestId);
+  const record = await api('GET', path).catch(() => null);
+  if (!record) {
+    return;
+  }
+  const attempts = record.attempts.map((attempt) => {
+    const error = attempt.error ? ': ' + attempt.error : '';
+    return attempt.provider + ' (' + (attempt.status || '-') + error + ')';
+  });
+  info.replaceChildren(
+    element('p', {},
+      'Latency ',
+      element('b', {}, latencyMs + ' ms'),
+      ' · status ' + record.status + ' · tokens ' + record.usage.input_tokens + ' in / '
+        + record.usage.output_tokens + ' out'),
+    traceView(record.rule, record.model, record.trace, attempts));
+}
+
+// ---- Requests ------------------------------------------------------------------------------
+
+async function renderRequests() {
+  const records = await api('GET', '/api/requests');
+  const detail = element('div', {id: 'req-detail'});
+  const showDetail = (index) => {
+    const record = records[index];
+    detail.replaceChildren(card(
+      element('h2', {}, record.id),
+      traceView(record.rule, record.model, record.trace, null),
+      record.error ? element('p', {class: 'bad'}, record.error) : null,
+      element('pre', {}, JSON.stringify(record.attempts, null, 2))));
+    detail.scrollIntoView({block: 'nearest'});
+  };
+  const columns = [
+    'time', 'route', 'model', 'providers tried', 'status', 'latency', 'tokens in/out',
+  ];
+  panel('requests',
+    card(
+      element('h2', {}, 'Recent requests (newest first, kept in memory)'),
+      table(columns, records.map(requestRow), showDetail)),
+    detail);
+}
+
+function requestRow(record) {
+  const tried = record.attempts
+    .map((attempt) => attempt.provider + ':' + (attempt.status || '-'))
+    .join(' › ');
+  return [
+    formatAge(record.time),
+    element('span', {class: 'pill'}, record.rule),
+    record.model,
+    element('span', {class: 'mono'}, tried),
+    element('span', {class: record.status < 400 ? 'ok' : 'bad'}, record.status),
+    Math.round(record.latency_ms) + ' ms',
+    record.usage.input_tokens + ' / ' + record.usage.output_tokens,
+  ];
+}
+
+// ---- Save, tab navigation, start -----------------------------------------------------------
+
+async function save() {
+  try {
+    const result = await api('POST', '/api/config/json', state.cfg);
+    const count = (result.warnings || []).length;
+    banner(result.message + (count ? ' (' + result.warnings.length + ' warnings)' : ''), 'ok');
+    // reload: the server answers with masked keys, so a typed key leaves the page
+    await load();
+  } catch (error) {
+    banner('Not saved: ' + error.message, 'bad');
+  }
+}
+
+// Left and right arrows move between tabs, wrapping around (the WAI-ARIA tabs pattern).
+function onTabKey(event) {
+  const tabs = [...document.querySelectorAll('nav button')];
+  const current = tabs.indexOf(document.activeElement);
+  if (current < 0) {
+    return;
+  }
+  let next;
+  if (event.key === 'ArrowRight') {
+    next = current + 1;
+  } else if (event.key === 'ArrowLeft') {
+    next = current - 1;
+  } else {
+    return;
+  }
+  next = (next + tabs.length) % tabs.length;
+  tabs[next].focus();
+  showTab(tabs[next].dataset.tab);
+}
+
+find('#save').addEventListener('click', save);
+find('nav').addEventListener('click', (event) => {
+  if (event.target.dataset.tab) {
+    showTab(event.target.dataset.tab);
+  }
+});
+find('nav').addEventListener('keydown', onTabKey);
+window.addEventListener('beforeunload', (event) => {
+  if (state.dirty) {
+    event.preventDefault();
+    event.returnValue = '';
+  }
+});
+load().catch((error) => banner(error.message, 'bad'));
+"""
+
+ADMIN_HTML = ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+              "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
+              "<title>ccm admin</title><style>" + ADMIN_STYLE + "</style></head><body>"
+              + ADMIN_BODY + "<script>" + ADMIN_SCRIPT + "</script></body></html>")
+ADMIN_PAGE_BYTES = ADMIN_HTML.encode()
+ADMIN_CSP = ("default-src 'none'; script-src " + _csp_hash(ADMIN_SCRIPT) + "; style-src "
+             + _csp_hash(ADMIN_STYLE) + "; connect-src 'self'; img-src 'self' data:; "
+             "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+
+
+# --- 15b. Admin API -------------------------------------------------------------------------
+
 ADMIN_COOKIE = "ccm_admin"
 _LOOPBACK_HOSTS = re.compile(r"^(localhost|127(?:\.\d{1,3}){3}|\[::1\]|::1)(?::\d+)?$", re.I)
 _SECRET_KEYS = ("api_key", "api_keys", "admin_token")
@@ -7777,10 +8835,6 @@ def merge_patch(target: Any, patch: Any) -> Any:
         else:
             out[key] = merge_patch(out.get(key), value)
     return out
-
-
-def _csp_hash(text: str) -> str:
-    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
 
 
 class Admin:
@@ -8051,233 +9105,6 @@ def _first_model_of(cfg: Config, provider: str) -> str | None:
             if m.provider == provider and m.actual_model:
                 return m.actual_model
     return None
-
-
-LOGIN_HTML = """<!doctype html><html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width,initial-scale=1"><title>ccm admin</title>
-<style>body{font:15px/1.5 system-ui,sans-serif;max-width:34rem;margin:4rem auto;padding:0 1rem;
-color:#1d2330}code{background:#eef1f6;padding:.1rem .35rem;border-radius:4px}</style></head>
-<body><h1>ccm admin</h1><p>{message}.</p><p>Open the link that <code>python ccm.py admin</code>
-prints (it carries your admin token), or send <code>Authorization: Bearer &lt;token&gt;</code>.
-The token is in <code>~/.claude-code-mux/admin_token</code>.</p></body></html>"""
-LOGIN_CSP = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'"
-ADMIN_HEADERS = [("x-content-type-options", "nosniff"), ("x-frame-options", "DENY"),
-                 ("referrer-policy", "no-referrer"), ("cache-control", "no-store")]
-
-
-ADMIN_STYLE = """
-:root{--bg:#f6f7fb;--card:#fff;--ink:#1d2330;--mute:#667085;--line:#e3e6ee;--acc:#4f46e5;
---acc2:#eef0ff;--ok:#0f9d58;--bad:#d93025;--warn:#b26a00;--mono:ui-monospace,SFMono-Regular,Menlo,monospace}
-@media (prefers-color-scheme:dark){:root{--bg:#0f1217;--card:#171b22;--ink:#e6e9ef;--mute:#98a2b3;
---line:#2a303b;--acc:#8b85ff;--acc2:#23264a}}
-*{box-sizing:border-box}body{margin:0;font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;
-background:var(--bg);color:var(--ink)}header{display:flex;align-items:center;gap:1rem;flex-wrap:wrap;
-padding:.7rem 1.2rem;background:var(--card);border-bottom:1px solid var(--line);position:sticky;top:0;z-index:2}
-header h1{font-size:1.05rem;margin:0;white-space:nowrap}header h1 span{color:var(--mute);font-weight:400}
-nav{display:flex;gap:.25rem;flex-wrap:wrap;flex:1}nav button{background:none;border:0;padding:.45rem .75rem;
-border-radius:7px;color:var(--mute);font:inherit;cursor:pointer}nav button[aria-selected=true]{background:var(--acc2);
-color:var(--acc);font-weight:600}nav button:focus-visible,button:focus-visible,input:focus-visible,select:focus-visible,
-textarea:focus-visible,tr:focus-visible{outline:2px solid var(--acc);outline-offset:1px}
-main{max-width:1100px;margin:0 auto;padding:1.2rem}section[hidden]{display:none}
-.card{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:1rem 1.1rem;margin-bottom:1rem}
-.card h2{font-size:.95rem;margin:0 0 .7rem}.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(190px,1fr));gap:.8rem}
-.stat b{display:block;font-size:1.3rem}.stat span{color:var(--mute);font-size:.8rem}
-table{width:100%;border-collapse:collapse}th,td{text-align:left;padding:.45rem .5rem;border-bottom:1px solid var(--line);
-vertical-align:top}th{color:var(--mute);font-weight:500;font-size:.8rem}td code,.mono{font-family:var(--mono);font-size:.82rem}
-tbody tr.click{cursor:pointer}tbody tr.click:hover{background:var(--acc2)}
-button,.btn{font:inherit;border:1px solid var(--line);background:var(--card);color:var(--ink);padding:.35rem .7rem;
-border-radius:7px;cursor:pointer}button.primary{background:var(--acc);border-color:var(--acc);color:#fff}
-button.danger{color:var(--bad)}button:disabled{opacity:.45;cursor:default}
-label{display:block;font-size:.8rem;color:var(--mute);margin:.5rem 0 .2rem}
-input,select,textarea{font:inherit;width:100%;padding:.4rem .5rem;border:1px solid var(--line);border-radius:7px;
-background:var(--bg);color:var(--ink)}textarea{min-height:5rem;font-family:var(--mono)}
-input[type=checkbox]{width:auto}.row{display:flex;gap:.6rem;flex-wrap:wrap;align-items:end}.row>*{flex:1;min-width:150px}
-.pill{display:inline-block;padding:.05rem .5rem;border-radius:99px;font-size:.75rem;background:var(--acc2);color:var(--acc)}
-.ok{color:var(--ok)}.bad{color:var(--bad)}.warn{color:var(--warn)}.err{color:var(--bad);font-size:.8rem;min-height:1em}
-#banner{margin:0 0 1rem;padding:.6rem .9rem;border-radius:8px;display:none}#banner.show{display:block}
-#banner.bad{background:#fde8e7;color:#8a1c14}#banner.ok{background:#e6f5ec;color:#0b6b3a}
-pre{background:var(--bg);border:1px solid var(--line);border-radius:8px;padding:.7rem;overflow:auto;max-height:24rem;
-font:12px/1.45 var(--mono);white-space:pre-wrap;word-break:break-word}.mute{color:var(--mute)}
-.maps li{display:flex;gap:.4rem;align-items:center;margin:.25rem 0}.maps{list-style:none;padding:0;margin:.3rem 0}
-.head{display:flex;justify-content:space-between;align-items:center;gap:.6rem}.head h2{margin:0}
-@media (max-width:640px){main{padding:.7rem}.card{overflow-x:auto}nav{order:3;flex-basis:100%}header{gap:.5rem}}
-"""
-
-ADMIN_BODY = """<header><h1>ccm <span id="ver"></span></h1>
-<nav role="tablist" aria-label="Sections">
-<button role="tab" data-tab="overview" aria-selected="true">Overview</button>
-<button role="tab" data-tab="providers" aria-selected="false">Providers</button>
-<button role="tab" data-tab="models" aria-selected="false">Models</button>
-<button role="tab" data-tab="router" aria-selected="false">Router</button>
-<button role="tab" data-tab="test" aria-selected="false">Test</button>
-<button role="tab" data-tab="requests" aria-selected="false">Requests</button></nav>
-<span id="dirty" class="mute"></span><button id="save" class="primary" disabled>Save</button></header>
-<main><div id="banner" role="status" aria-live="polite"></div>
-<section id="tab-overview" role="tabpanel"></section>
-<section id="tab-providers" role="tabpanel" hidden></section>
-<section id="tab-models" role="tabpanel" hidden></section>
-<section id="tab-router" role="tabpanel" hidden></section>
-<section id="tab-test" role="tabpanel" hidden></section>
-<section id="tab-requests" role="tabpanel" hidden></section></main>"""
-
-ADMIN_SCRIPT = r"""
-'use strict';
-const $=(s,r=document)=>r.querySelector(s);
-function h(tag,attrs,...kids){const e=document.createElement(tag);for(const[k,v]of Object.entries(attrs||{})){
-if(v===null||v===undefined||v===false)continue;if(k.startsWith('on'))e.addEventListener(k.slice(2),v);
-else if(k==='value')e.value=v;else e.setAttribute(k,v===true?'':v)}
-for(const c of kids.flat()){if(c!==null&&c!==undefined&&c!==false)e.append(c.nodeType?c:String(c))}return e}
-const S={cfg:null,meta:{},dirty:false,invalid:new Set(),tab:'overview'};
-async function api(method,path,body,raw){const r=await fetch(path,{method,credentials:'same-origin',
-headers:body===undefined?{}:{'content-type':'application/json'},body:body===undefined?undefined:JSON.stringify(body)});
-if(raw)return r;let d=null;try{d=await r.json()}catch(e){}if(!r.ok){const m=d&&d.error?d.error.message:('HTTP '+r.status);
-const err=new Error(m);err.data=d;throw err}return d}
-function banner(msg,kind){const b=$('#banner');b.textContent=msg;b.className=msg?'show '+kind:''}
-function markDirty(){S.dirty=true;$('#dirty').textContent='unsaved changes';updateSave()}
-function updateSave(){$('#save').disabled=!S.dirty||S.invalid.size>0}
-function models(){return(S.cfg.models||[]).map(m=>m.name)}
-function providers(){return S.cfg.providers||(S.cfg.providers=[])}
-async function load(){const d=await api('GET','/api/config/json');S.meta=d._meta;delete d._meta;S.cfg=d;
-S.cfg.router=S.cfg.router||{};S.dirty=false;S.invalid.clear();$('#dirty').textContent='';updateSave();
-for(const p of document.querySelectorAll('[role=tabpanel]'))p.replaceChildren();render()}
-function render(){({overview:rOverview,providers:rProviders,models:rModels,router:rRouter,test:rTest,requests:rRequests})[S.tab]()}
-function show(tab){S.tab=tab;for(const b of document.querySelectorAll('nav button')){const on=b.dataset.tab===tab;
-b.setAttribute('aria-selected',on);b.tabIndex=on?0:-1;$('#tab-'+b.dataset.tab).hidden=!on}render()}
-function panel(id,...kids){const p=$('#tab-'+id);p.replaceChildren(...kids.filter(k=>k));return p}
-function fmtAge(t){const s=Math.round(Date.now()/1000-t);return s<60?s+' s ago':s<3600?Math.round(s/60)+' min ago':new Date(t*1000).toLocaleString()}
-function breaker(st){return h('span',{class:st==='closed'?'ok':st==='open'?'bad':'warn'},st)}
-async function rOverview(){const o=await api('GET','/api/overview');$('#ver').textContent=o.version;
-const c=o.counters||{};const stat=(v,l)=>h('div',{class:'stat'},h('b',{},v),h('span',{},l));
-panel('overview',h('div',{class:'card'},h('div',{class:'grid'},stat(o.version,'version'),stat(Math.round(o.uptime_s)+' s','uptime'),
-stat(c.requests||0,'requests'),stat((c['responses.error']||0),'errors'),stat(c.in_flight||0,'in flight'),stat(o.listen,'listening on')),
-h('p',{class:'mute'},'Config: ',h('code',{},o.config_path))),
-(o.warnings||[]).length?h('div',{class:'card'},h('h2',{},'Config warnings'),h('ul',{},o.warnings.map(w=>h('li',{class:'warn'},w)))):null,
-h('div',{class:'grid'},h('div',{class:'card'},h('h2',{},'Requests by route'),table(['route','requests'],Object.entries(o.by_route).map(([k,v])=>[k,v]))),
-h('div',{class:'card'},h('h2',{},'Recent requests by provider'),table(['provider','requests','errors'],Object.entries(o.by_provider).map(([k,v])=>[k,v.requests,v.errors]))),
-h('div',{class:'card'},h('h2',{},'Circuit breakers'),table(['provider','state','failures'],Object.entries(o.breakers).map(([k,v])=>[k,breaker(v.state),v.consecutive_failures||0])))))}
-function table(cols,rows,onrow){return h('table',{},h('thead',{},h('tr',{},cols.map(c=>h('th',{},c)))),
-h('tbody',{},rows.length?rows.map((r,i)=>{const tr=h('tr',onrow?{class:'click',tabindex:0,onclick:()=>onrow(i),
-onkeydown:e=>{if(e.key==='Enter')onrow(i)}}:{},r.map(c=>h('td',{},c)));return tr}):h('tr',{},h('td',{colspan:cols.length,class:'mute'},'nothing yet'))))}
-function rProviders(){const list=providers();panel('providers',h('div',{class:'card'},h('h2',{},'Providers'),
-table(['name','type','base URL','key','enabled',''],list.map((p,i)=>[h('b',{},p.name),h('span',{class:'pill'},p.provider_type),
-h('code',{},p.base_url||(S.meta.provider_types[p.provider_type]||{}).base_url||''),h('code',{},keyLabel(p)),
-h('input',{type:'checkbox','aria-label':'enabled '+p.name,checked:p.enabled!==false,onchange:e=>{p.enabled=e.target.checked;markDirty()}}),
-h('span',{class:'row'},h('button',{onclick:()=>editProvider(i)},'Edit'),h('button',{onclick:e=>testProvider(p.name,e.target)},'Test'),
-h('button',{class:'danger',onclick:()=>{list.splice(i,1);markDirty();rProviders()}},'Delete'))])),
-h('p',{},h('button',{class:'primary',onclick:()=>editProvider(-1)},'Add provider')),h('div',{id:'pform'}),h('div',{id:'ptest',class:'mute'})))}
-function keyLabel(p){const k=p.api_key;if(!k)return p.api_keys?'pool of '+p.api_keys.length:'client credential';
-return k.startsWith('****')||k.startsWith('$')?k:'new key (saved on Save)'}
-async function testProvider(name,btn){btn.disabled=true;$('#ptest').textContent='Testing '+name+'…';
-try{const r=await api('POST','/api/providers/test',{name});$('#ptest').replaceChildren(h('span',{class:r.ok?'ok':'bad'},
-name+': '+(r.ok?'OK':'failed')+' — status '+r.status+', '+r.latency_ms+' ms'+(r.error?' — '+r.error:'')))}
-catch(e){$('#ptest').textContent=e.message}btn.disabled=false}
-function editProvider(i){const list=providers();const p=i>=0?list[i]:{name:'',provider_type:'openai',enabled:true,models:[]};
-const types=Object.keys(S.meta.provider_types);const f={};const hint=h('span',{class:'mute'});
-const setHint=()=>{const t=S.meta.provider_types[f.type.value]||{};f.url.placeholder=t.base_url||'';
-hint.textContent=t.family==='anthropic'?'Anthropic format: key sent as x-api-key (oauth: Bearer)':'OpenAI format: key sent as Authorization: Bearer'};
-const form=h('form',{class:'card',onsubmit:e=>{e.preventDefault();const n=f.name.value.trim();if(!n){f.err.textContent='name is required';return}
-if(list.some((q,j)=>q.name===n&&j!==i)){f.err.textContent='a provider named '+n+' exists';return}
-const q=Object.assign({},p,{name:n,provider_type:f.type.value,auth_type:f.auth.value,enabled:f.en.checked,models:p.models||[]});
-if(i>=0&&p.name!==n)q._was=p._was||p.name;if(f.url.value.trim())q.base_url=f.url.value.trim();else delete q.base_url;
-if(f.key.value)q.api_key=f.key.value;else if(f.nokey.checked)delete q.api_key;
-if(i>=0)list[i]=q;else list.push(q);markDirty();rProviders()}},
-h('h2',{},i>=0?'Edit '+p.name:'Add provider'),h('div',{class:'row'},h('div',{},h('label',{for:'p-name'},'Name'),f.name=h('input',{id:'p-name',value:p.name,required:true})),
-h('div',{},h('label',{for:'p-type'},'Type'),f.type=h('select',{id:'p-type',onchange:setHint},types.map(t=>h('option',{value:t,selected:t===p.provider_type},t)))),
-h('div',{},h('label',{for:'p-auth'},'Auth'),f.auth=h('select',{id:'p-auth'},['apikey','oauth'].map(a=>h('option',{value:a,selected:a===(p.auth_type||'apikey')},a))))),
-h('label',{for:'p-url'},'Base URL (empty: the type\'s default)'),f.url=h('input',{id:'p-url',value:p.base_url||''}),
-h('label',{for:'p-key'},'API key '+(p.api_key?'(set: '+p.api_key+'; leave empty to keep)':'(or $ENV_VAR)')),
-f.key=h('input',{id:'p-key',type:'password',autocomplete:'off'}),
-h('label',{},f.nokey=h('input',{type:'checkbox'}),' no key: pass the client\'s own credential (Anthropic format only)'),
-h('label',{},f.en=h('input',{type:'checkbox',checked:p.enabled!==false}),' enabled'),hint,f.err=h('div',{class:'err'}),
-h('div',{class:'row'},h('button',{class:'primary',type:'submit'},i>=0?'Apply':'Add'),h('button',{type:'button',onclick:()=>rProviders()},'Cancel')));
-$('#pform').replaceChildren(form);setHint();f.name.focus()}
-function rModels(){const ms=S.cfg.models||(S.cfg.models=[]);const pnames=providers().map(p=>p.name);
-const cards=ms.map((m,i)=>{m.mappings=m.mappings||[];const move=(j,d)=>{const a=m.mappings;[a[j],a[j+d]]=[a[j+d],a[j]];
-a.forEach((x,k)=>x.priority=k+1);markDirty();rModels()};return h('div',{class:'card'},h('div',{class:'head'},h('h2',{},m.name),
-h('button',{class:'danger',onclick:()=>{ms.splice(i,1);markDirty();rModels()}},'Delete model')),
-h('ol',{class:'maps'},m.mappings.map((mp,j)=>h('li',{},h('span',{class:'pill'},'#'+(j+1)),h('b',{},mp.provider),' → ',h('code',{},mp.actual_model||'(model as asked)'),
-h('button',{'aria-label':'move up',disabled:j===0,onclick:()=>move(j,-1)},'↑'),h('button',{'aria-label':'move down',disabled:j===m.mappings.length-1,onclick:()=>move(j,1)},'↓'),
-h('button',{class:'danger',onclick:()=>{m.mappings.splice(j,1);m.mappings.forEach((x,k)=>x.priority=k+1);markDirty();rModels()}},'Remove')))),
-addMapping(m,pnames))});
-const nm=h('input',{id:'m-new',placeholder:'model name, e.g. glm'});
-panel('models',...cards,h('div',{class:'card'},h('h2',{},'Add model'),h('div',{class:'row'},nm,h('button',{class:'primary',onclick:()=>{
-const n=nm.value.trim();if(!n||models().includes(n))return;ms.push({name:n,mappings:[]});markDirty();rModels()}},'Add model'))))}
-function addMapping(m,pnames){const sel=h('select',{'aria-label':'provider for '+m.name},pnames.map(p=>h('option',{value:p},p)));
-const am=h('input',{placeholder:'actual model (empty: as asked)','aria-label':'actual model for '+m.name});
-return h('div',{class:'row'},sel,am,h('button',{onclick:()=>{if(!sel.value)return;const mp={priority:m.mappings.length+1,provider:sel.value};
-if(am.value.trim())mp.actual_model=am.value.trim();m.mappings.push(mp);markDirty();rModels()}},'Add fallback'))}
-const ROUTES=['default','think','background','websearch','subagent','image','long_context'];
-function rRouter(){const r=S.cfg.router;const names=models();const fields=ROUTES.map(k=>h('div',{},h('label',{for:'r-'+k},k),
-h('select',{id:'r-'+k,onchange:e=>{if(e.target.value)r[k]=e.target.value;else delete r[k];markDirty()}},
-h('option',{value:''},'(unset: fall through)'),names.concat(r[k]&&!names.includes(r[k])?[r[k]]:[]).map(n=>h('option',{value:n,selected:r[k]===n},n)))));
-const num=h('input',{id:'r-threshold',type:'number',min:1,value:r.long_context_threshold||60000,oninput:e=>{r.long_context_threshold=parseInt(e.target.value)||60000;markDirty()}});
-const trig=h('select',{id:'r-trigger',onchange:e=>{r.think_trigger=e.target.value;markDirty()}},['plan','thinking'].map(t=>h('option',{value:t,selected:(r.think_trigger||'plan')===t},t)));
-panel('router',h('div',{class:'card'},h('h2',{},'Routes'),h('p',{class:'mute'},'Order: explicit provider,model > websearch > subagent > long_context > image > think > background > default.'),
-h('div',{class:'grid'},...fields)),h('div',{class:'card'},h('h2',{},'Rules'),h('div',{class:'row'},h('div',{},h('label',{for:'r-threshold'},'long_context_threshold (tokens)'),num),
-h('div',{},h('label',{for:'r-trigger'},'think_trigger'),trig)),regexField(r,'auto_map_regex','^claude-'),regexField(r,'background_regex','(?i)claude.*haiku')))}
-function regexField(r,k,def){const err=h('div',{class:'err',id:'err-'+k});let timer;const inp=h('input',{id:'r-'+k,class:'mono',value:r[k]||def,
-'aria-describedby':'err-'+k,oninput:e=>{r[k]=e.target.value;markDirty();clearTimeout(timer);timer=setTimeout(async()=>{
-const v=await api('POST','/api/validate',{field:k,value:e.target.value});err.textContent=v.ok?'':v.error;
-if(v.ok)S.invalid.delete(k);else S.invalid.add(k);inp.setAttribute('aria-invalid',!v.ok);updateSave()},250)}});
-return h('div',{},h('label',{for:'r-'+k},k+' (Python regex)'),inp,err)}
-function rTest(){if($('#t-msg'))return;const pnames=providers().map(p=>p.name);const f={};
-const out=h('pre',{id:'t-out','aria-live':'polite'});const info=h('div',{id:'t-info'});
-panel('test',h('div',{class:'card'},h('h2',{},'Send a message as Claude Code would'),h('div',{class:'row'},
-h('div',{},h('label',{for:'t-model'},'Model'),f.model=h('input',{id:'t-model',value:'claude-opus-4-8',list:'t-models'}),
-h('datalist',{id:'t-models'},models().map(m=>h('option',{value:m})))),
-h('div',{},h('label',{for:'t-prov'},'Provider pin (X-Provider)'),f.prov=h('select',{id:'t-prov'},h('option',{value:''},'(router decides)'),pnames.map(p=>h('option',{value:p},p))))),
-h('div',{class:'row'},h('label',{},f.think=h('input',{type:'checkbox',id:'t-think'}),' thinking'),h('label',{},f.web=h('input',{type:'checkbox',id:'t-web'}),' web_search tool'),
-h('label',{},f.plan=h('input',{type:'checkbox',id:'t-plan'}),' plan mode')),
-h('label',{for:'t-msg'},'Message'),f.msg=h('textarea',{id:'t-msg'},'Say hello in five words.'),
-h('p',{class:'row'},h('button',{class:'primary',id:'t-send',onclick:()=>send(f,out,info)},'Send'),h('button',{onclick:()=>dry(f,info)},'Dry run (no request sent)'))),
-h('div',{class:'card'},h('h2',{},'Response'),info,out))}
-function testBody(f){return{model:f.model.value,provider:f.prov.value||undefined,thinking:f.think.checked,websearch:f.web.checked,plan:f.plan.checked,message:f.msg.value,stream:true}}
-async function dry(f,info){const b=testBody(f);const body={model:b.model,max_tokens:1024,messages:[{role:'user',content:b.message+(b.plan?'\nPlan mode is active.':'')}]};
-if(b.thinking)body.thinking={type:'enabled',budget_tokens:1024};if(b.websearch)body.tools=[{type:'web_search_20250305',name:'web_search'}];
-try{const d=await fetch('/api/route',{method:'POST',credentials:'same-origin',headers:{'content-type':'application/json',
-'x-ccm-request-headers':JSON.stringify(b.provider?{'x-provider':b.provider}:{})},body:JSON.stringify(body)});const j=await d.json();
-info.replaceChildren(d.ok?traceView(j.rule,j.model,j.trace,(j.providers||[]).map(p=>p.provider+' → '+p.model)):h('p',{class:'bad'},j.error.message))}catch(e){info.textContent=e.message}}
-function traceView(rule,model,trace,chain){return h('div',{},h('p',{},'Rule ',h('span',{class:'pill'},rule),' → model ',h('b',{},model)),
-chain&&chain.length?h('p',{class:'mono'},chain.join('  ⟶  ')):null,h('ul',{},(trace||[]).map(t=>h('li',{class:'mono'},t))))}
-async function send(f,out,info){const btn=$('#t-send');btn.disabled=true;out.textContent='';info.textContent='Sending…';const t0=performance.now();
-try{const r=await api('POST','/api/test',testBody(f),true);const id=r.headers.get('x-ccm-request-id');
-if(!r.ok){const j=await r.json().catch(()=>({}));info.replaceChildren(h('p',{class:'bad'},'HTTP '+r.status+': '+(j.error?j.error.message:'')));}
-else{info.replaceChildren(h('p',{class:'mono'},r.headers.get('x-ccm-route')||''));const rd=r.body.getReader();const dec=new TextDecoder();let buf='';
-for(;;){const{value,done}=await rd.read();if(done)break;buf+=dec.decode(value,{stream:true});let k;while((k=buf.indexOf('\n\n'))>=0){const ev=buf.slice(0,k);buf=buf.slice(k+2);
-const line=ev.split('\n').find(l=>l.startsWith('data:'));if(!line)continue;let d;try{d=JSON.parse(line.slice(5))}catch(e){continue}
-if(d.type==='content_block_delta'&&d.delta.text)out.textContent+=d.delta.text;else if(d.type==='content_block_delta'&&d.delta.thinking)out.textContent+=d.delta.thinking;
-else if(d.type==='content_block_start'&&d.content_block.type==='tool_use')out.textContent+='\n[tool_use '+d.content_block.name+'] ';
-else if(d.type==='content_block_delta'&&d.delta.partial_json)out.textContent+=d.delta.partial_json;else if(d.type==='error')out.textContent+='\n[error] '+d.error.message}}}
-const ms=Math.round(performance.now()-t0);if(id){const e=await api('GET','/api/requests?id='+encodeURIComponent(id)).catch(()=>null);
-if(e)info.replaceChildren(h('p',{},'Latency ',h('b',{},ms+' ms'),' · status '+e.status+' · tokens '+e.usage.input_tokens+' in / '+e.usage.output_tokens+' out'),
-traceView(e.rule,e.model,e.trace,e.attempts.map(a=>a.provider+' ('+(a.status||'-')+(a.error?': '+a.error:'')+')')))}}
-catch(e){info.textContent=e.message}btn.disabled=false}
-async function rRequests(){const list=await api('GET','/api/requests');const detail=h('div',{id:'req-detail'});
-panel('requests',h('div',{class:'card'},h('h2',{},'Recent requests (newest first, kept in memory)'),
-table(['time','route','model','providers tried','status','latency','tokens in/out'],list.map(e=>[fmtAge(e.time),h('span',{class:'pill'},e.rule),
-e.model,h('span',{class:'mono'},e.attempts.map(a=>a.provider+':'+(a.status||'-')).join(' › ')),h('span',{class:e.status<400?'ok':'bad'},e.status),
-Math.round(e.latency_ms)+' ms',e.usage.input_tokens+' / '+e.usage.output_tokens]),i=>{const e=list[i];
-detail.replaceChildren(h('div',{class:'card'},h('h2',{},e.id),traceView(e.rule,e.model,e.trace,null),e.error?h('p',{class:'bad'},e.error):null,
-h('pre',{},JSON.stringify(e.attempts,null,2))));detail.scrollIntoView({block:'nearest'})})),detail)}
-$('#save').addEventListener('click',async()=>{try{const r=await api('POST','/api/config/json',S.cfg);
-banner(r.message+((r.warnings||[]).length?' ('+r.warnings.length+' warnings)':''),'ok');await load()}
-catch(e){banner('Not saved: '+e.message,'bad')}});
-document.querySelector('nav').addEventListener('click',e=>{if(e.target.dataset.tab)show(e.target.dataset.tab)});
-document.querySelector('nav').addEventListener('keydown',e=>{const tabs=[...document.querySelectorAll('nav button')];
-const i=tabs.indexOf(document.activeElement);if(i<0)return;let j=e.key==='ArrowRight'?i+1:e.key==='ArrowLeft'?i-1:-2;
-if(j===-2)return;j=(j+tabs.length)%tabs.length;tabs[j].focus();show(tabs[j].dataset.tab)});
-window.addEventListener('beforeunload',e=>{if(S.dirty){e.preventDefault();e.returnValue=''}});
-load().catch(e=>banner(e.message,'bad'));
-"""
-
-ADMIN_HTML = ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-              "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
-              "<title>ccm admin</title><style>" + ADMIN_STYLE + "</style></head><body>"
-              + ADMIN_BODY + "<script>" + ADMIN_SCRIPT + "</script></body></html>")
-ADMIN_PAGE_BYTES = ADMIN_HTML.encode()
-ADMIN_CSP = ("default-src 'none'; script-src " + _csp_hash(ADMIN_SCRIPT) + "; style-src "
-             + _csp_hash(ADMIN_STYLE) + "; connect-src 'self'; img-src 'self' data:; "
-             "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
 
 
 # ============================================================================================
