@@ -6989,8 +6989,9 @@ async def forward_count(up: Upstreams, req: Request, rt: Route, cfg: Config,
     if p is None or target is None or not p.enabled or no_count.get(p.name, 0) > time.monotonic():
         return None
     try:
-        call = Call(p, target, req, rt.body, rt.body.get("model", ""), up.credentials.pick(p),
-                    cfg.server.api_key is not None, up.secret)
+        key, auth = await up.credentials.get(p)
+        call = Call(p, target, req, rt.body, rt.body.get("model", ""), key,
+                    cfg.server.api_key is not None, up.secret, auth)
         out = adapter_for(p, target).count_request(call)
         if out is None:
             return None
@@ -9029,7 +9030,8 @@ class Admin:
         t0 = time.monotonic()
         up = self.app.up
         try:
-            call = Call(p, rt.targets[0], treq, probe, model, up.credentials.pick(p), True, up.secret)
+            key, auth = await up.credentials.get(p)
+            call = Call(p, rt.targets[0], treq, probe, model, key, True, up.secret, auth)
             resp = await up.send(p, adapter_for(p, rt.targets[0]).build(call), 20.0, stream=False)
         except ProxyError as exc:
             return self._json({"ok": False, "status": 0, "error": scrub(exc.message, p),

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import copy
 import dataclasses
 import datetime
 import email.utils
@@ -34,6 +35,7 @@ import sys
 import threading
 import time
 import tomllib
+import urllib.parse
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import anthropic
@@ -42,6 +44,9 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 import ccm
 
@@ -63,8 +68,12 @@ def tmp_home(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     """No test ever touches the real ~/.claude-code-mux."""
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("CCM_CONFIG", str(tmp_path / ".claude-code-mux" / "config.toml"))
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy",
+                "GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG", "GCE_METADATA_ROOT",
+                "GCE_METADATA_IP"):
         monkeypatch.delenv(var, raising=False)
+    # No test sees the real ~/.config/gcloud or the real metadata server: a refused loopback port.
+    monkeypatch.setenv("GCE_METADATA_HOST", f"127.0.0.1:{free_port()}")
     return tmp_path
 
 
@@ -125,6 +134,10 @@ class Seen:
     def json(self) -> Any:
         return json.loads(self.body)
 
+    @property
+    def form(self) -> dict[str, str]:
+        return dict(urllib.parse.parse_qsl(self.body.decode()))
+
 
 def anthropic_message(text: str = "hello", model: str = "m", **kw: Any) -> dict[str, Any]:
     msg = {"id": "msg_fake01", "type": "message", "role": "assistant", "model": model,
@@ -148,6 +161,13 @@ def anthropic_events(content: list[dict[str, Any]] | None = None, model: str = "
                                                 "content_block": {"type": "text", "text": ""}}))
             evs.append(("content_block_delta", {"type": "content_block_delta", "index": i,
                                                 "delta": {"type": "text_delta", "text": b["text"]}}))
+        elif b["type"] == "thinking":
+            evs.append(("content_block_start", {"type": "content_block_start", "index": i,
+                        "content_block": {"type": "thinking", "thinking": "", "signature": ""}}))
+            evs.append(("content_block_delta", {"type": "content_block_delta", "index": i, "delta": {
+                "type": "thinking_delta", "thinking": b["thinking"]}}))
+            evs.append(("content_block_delta", {"type": "content_block_delta", "index": i, "delta": {
+                "type": "signature_delta", "signature": b["signature"]}}))
         elif b["type"] == "tool_use":
             evs.append(("content_block_start", {"type": "content_block_start", "index": i,
                                                 "content_block": dict(b, input={})}))
@@ -220,12 +240,17 @@ class Wire:
     provider's base_url carries, its default replies to a request body, and the bytes after a
     stream's last event. A new family (gemini, responses) is one more WIRES entry; a family that
     says "stream" in the path rather than the body (Gemini's :streamGenerateContent) passes its
-    own wants_stream."""
+    own wants_stream. A family with rules of its own (Gemini's thought signatures, Vertex's
+    Bearer token) passes `rules`, which may answer a request itself (a 400, countTokens) before
+    any scripted reply is used, and `issue`, which shapes the reply chosen and remembers what
+    the fake issued (signatures) in FakeUpstream.issued."""
     base_path: str
     message: Callable[[Json], Json]
     events: Callable[[Json], list[Any]]
     terminator: bytes = b""
     wants_stream: Callable[[str, Json], bool] = _stream_flag
+    rules: Callable[["FakeUpstream", Seen], Reply | None] | None = None
+    issue: Callable[["FakeUpstream", Seen, Reply], Reply] | None = None
 
     def reply(self, target: str, body: Json) -> Reply:
         """The answer when no Reply is scripted."""
@@ -247,9 +272,19 @@ class Wire:
 
 WIRES: dict[str, Wire] = {
     "anthropic": Wire("", lambda body: anthropic_message(model=body.get("model", "m")),
-                      lambda body: anthropic_events(model=body.get("model", "m"))),
+                      lambda body: anthropic_events(model=body.get("model", "m")),
+                      rules=lambda f, seen: _anthropic_rules(f, seen),
+                      issue=lambda f, seen, r: _anthropic_issue(f, seen, r)),
     "openai": Wire("/v1", lambda body: openai_completion(), lambda body: openai_chunks(),
                    terminator=b"data: [DONE]\n\n"),
+    "gemini": Wire("", lambda body: gemini_resp({"text": "ok"}), lambda body: [gemini_resp({"text": "ok"})],
+                   wants_stream=lambda target, body: ":stream" in target,
+                   rules=lambda f, seen: _gemini_rules(f, seen),
+                   issue=lambda f, seen, r: _gemini_issue(f, seen, r)),
+    "vertex": Wire("", lambda body: _vertex_message(body), lambda body: _vertex_events(body),
+                   wants_stream=lambda target, body: ":stream" in target,
+                   rules=lambda f, seen: _vertex_rules(f, seen),
+                   issue=lambda f, seen, r: _vertex_issue(f, seen, r)),
 }
 
 
@@ -257,6 +292,193 @@ ANTHROPIC = WIRES["anthropic"]
 
 
 OPENAI = WIRES["openai"]
+
+
+# --- the gemini, vertex and strict anthropic fakes' own rules (Wire.rules / Wire.issue) -----
+
+
+def gemini_resp(*parts: Any, finish: str | None = "STOP", usage: dict[str, Any] | None = None,
+                rid: str = "resp-1", **cand: Any) -> dict[str, Any]:
+    """One generateContent response (or stream chunk) with these parts."""
+    c: dict[str, Any] = {"content": {"role": "model", "parts": list(parts)}, **cand}
+    if finish:
+        c["finishReason"] = finish
+    out: dict[str, Any] = {"candidates": [c], "responseId": rid}
+    if usage is not None:
+        out["usageMetadata"] = usage
+    return out
+
+
+def fcall(name: str, args: dict[str, Any], sig: str | None = None, fid: str | None = None) -> dict[str, Any]:
+    fc: dict[str, Any] = {"name": name, "args": args}
+    if fid:
+        fc["id"] = fid
+    part: dict[str, Any] = {"functionCall": fc}
+    if sig:
+        part["thoughtSignature"] = sig
+    return part
+
+
+def google_error(code: int, status: str, message: str = "m", details: Any = None) -> bytes:
+    err: dict[str, Any] = {"code": code, "message": message, "status": status}
+    if details is not None:
+        err["details"] = details
+    return json.dumps({"error": err}).encode()
+
+
+BYPASS = "skip_thought_signature_validator"
+
+
+def model_turns(contents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [c for c in contents if c["role"] == "model"]
+
+
+def calls_of(content: dict[str, Any]) -> list[dict[str, Any]]:
+    return [p for p in content["parts"] if "functionCall" in p]
+
+
+def signature_problems(contents: list[dict[str, Any]], issued: dict[str, str]) -> list[str]:
+    """Gemini's two tool-turn rules, as the gemini fake enforces them: every model turn's first
+    functionCall carries the signature Gemini issued for it (or the bypass value), and the next
+    turn answers every call with one functionResponse of the same name, in order."""
+    problems = []
+    for i, content in enumerate(contents):
+        calls = calls_of(content) if content.get("role") == "model" else []
+        if not calls:
+            continue
+        sig = calls[0].get("thoughtSignature")
+        key = json.dumps(calls[0]["functionCall"].get("args", {}), sort_keys=True)
+        want = issued.get(f"{calls[0]['functionCall']['name']}|{key}")
+        if sig != BYPASS and (want is None or sig != want):
+            problems.append("Function call is missing a thought_signature in functionCall parts.")
+        nxt = contents[i + 1]["parts"] if i + 1 < len(contents) else None
+        if nxt is not None:
+            names = [p["functionResponse"]["name"] for p in nxt if "functionResponse" in p]
+            if names != [c["functionCall"]["name"] for c in calls]:
+                problems.append("Please ensure that the number of function response parts is equal "
+                                "to the number of function call parts of the function call turn.")
+    return problems
+
+
+GEMINI_PATH = re.compile(r"/v1beta/models/([^/:]+):(generateContent|streamGenerateContent\?alt=sse|countTokens)")
+
+
+VERTEX_PATH = re.compile(r"/v1/projects/([^/]+)/locations/([^/]+)/publishers/(google|anthropic)/"
+                         r"models/([^/:]+):(\w+)(\?alt=sse)?")
+
+
+def _google_reject(status: int, gstatus: str, message: str) -> Reply:
+    return Reply(status, raw=google_error(status, gstatus, message))
+
+
+def _gemini_rules(f: FakeUpstream, seen: Seen) -> Reply | None:
+    """Gemini API: the key in x-goog-api-key and never in the URL (400 as Google answers)."""
+    m = GEMINI_PATH.fullmatch(seen.path)
+    if m is None:
+        return _google_reject(404, "NOT_FOUND", f"{seen.path} not found")
+    if seen.headers.get("x-goog-api-key") not in f.accepts or "key=" in seen.path:
+        return _google_reject(400, "INVALID_ARGUMENT", "API key not valid.")
+    return _gemini_body_rules(f, seen.json, m.group(2) == "countTokens")
+
+
+def _gemini_body_rules(f: FakeUpstream, body: Json, count: bool) -> Reply | None:
+    """countTokens answered here; a tool turn breaking Gemini's rules is its 400."""
+    if count:
+        contents = (body.get("generateContentRequest") or body)["contents"]
+        return Reply(json={"totalTokens": len(json.dumps(contents)) // 4})
+    problems = signature_problems(body.get("contents") or [], f.issued)
+    return _google_reject(400, "INVALID_ARGUMENT", problems[0]) if problems else None
+
+
+def _gemini_issue(f: FakeUpstream, seen: Seen, reply: Reply) -> Reply:
+    """A scripted reply is a list of response chunks: the stream sends them all (CRLF events),
+    generateContent the first; every functionCall signature sent is remembered."""
+    chunks = reply.events if reply.events is not None else [reply.json] if reply.status == 200 else []
+    for c in chunks:
+        for part in (c.get("candidates") or [{}])[0].get("content", {}).get("parts", []) \
+                if isinstance(c, dict) else []:
+            if "functionCall" in part and part.get("thoughtSignature"):
+                fc = part["functionCall"]
+                f.issued[f"{fc['name']}|{json.dumps(fc.get('args', {}), sort_keys=True)}"] = \
+                    part["thoughtSignature"]
+    if reply.events is None:
+        return reply
+    if ":stream" not in seen.path:
+        return dataclasses.replace(reply, events=None, json=reply.events[0])
+    crlf = [c if isinstance(c, bytes) else b"data: " + json.dumps(c, ensure_ascii=False).encode()
+            + b"\r\n\r\n" for c in reply.events]
+    return dataclasses.replace(reply, events=crlf)
+
+
+def _anthropic_rules(f: FakeUpstream, seen: Seen) -> Reply | None:
+    """strict: a thinking block whose signature (and text) this fake did not issue is the 400
+    Anthropic answers for it."""
+    if not f.strict:
+        return None
+    for i, m in enumerate(seen.json.get("messages") or []):
+        for j, b in enumerate(m.get("content") if isinstance(m.get("content"), list) else []):
+            if b.get("type") == "thinking" and f.issued.get(b.get("signature")) != b.get("thinking"):
+                return Reply(400, json={"type": "error", "error": {
+                    "type": "invalid_request_error",
+                    "message": f"messages.{i}.content.{j}: Invalid `signature` in `thinking` block"}})
+    return None
+
+
+def _anthropic_issue(f: FakeUpstream, seen: Seen, reply: Reply) -> Reply:
+    """Remember the thinking signatures this fake sent (signature -> thinking text)."""
+    if isinstance(reply.json, dict):
+        for b in reply.json.get("content") or []:
+            if isinstance(b, dict) and b.get("type") == "thinking":
+                f.issued[b["signature"]] = b["thinking"]
+    thinking: dict[int, str] = {}
+    for ev in reply.events or []:
+        d = ev[1] if isinstance(ev, tuple) else None
+        delta = d.get("delta", {}) if isinstance(d, dict) else {}
+        if delta.get("type") == "thinking_delta":
+            thinking[d["index"]] = thinking.get(d["index"], "") + delta["thinking"]
+        elif delta.get("type") == "signature_delta":
+            f.issued[delta["signature"]] = thinking.get(d["index"], "")
+    return reply
+
+
+def _vertex_rules(f: FakeUpstream, seen: Seen) -> Reply | None:
+    """Vertex AI: `Authorization: Bearer <a token this fake accepts>`; Gemini models by the
+    Gemini rules; Claude by rawPredict with anthropic_version in the body and no model."""
+    m = VERTEX_PATH.fullmatch(seen.path)
+    if m is None:
+        return _google_reject(404, "NOT_FOUND", f"{seen.path} not found")
+    auth = seen.headers.get("authorization", "")
+    if not auth.startswith("Bearer ") or auth[len("Bearer "):] not in f.accepts:
+        return _google_reject(401, "UNAUTHENTICATED", "Request had invalid authentication credentials.")
+    publisher, model, action, sse_q = m.group(3), m.group(4), m.group(5), m.group(6)
+    body = seen.json
+    if publisher == "google":
+        if action not in ("generateContent", "streamGenerateContent", "countTokens") or \
+                (action == "streamGenerateContent") != bool(sse_q):
+            return _google_reject(400, "INVALID_ARGUMENT", f"bad action {action}{sse_q or ''}")
+        return _gemini_body_rules(f, body, action == "countTokens")
+    if model == "count-tokens":
+        return Reply(json={"input_tokens": len(json.dumps(body["messages"])) // 4})
+    if action not in ("rawPredict", "streamRawPredict") or sse_q or \
+            body.get("anthropic_version") != "vertex-2023-10-16" or "model" in body or \
+            (action == "streamRawPredict") != bool(body.get("stream")):
+        return Reply(400, json={"type": "error", "error": {"type": "invalid_request_error",
+                                "message": f"{action}: anthropic_version vertex-2023-10-16, no model"}})
+    return _anthropic_rules(f, seen)
+
+
+def _vertex_message(body: Json) -> Json:
+    return anthropic_message() if "anthropic_version" in body else gemini_resp({"text": "ok"})
+
+
+def _vertex_events(body: Json) -> list[Any]:
+    return anthropic_events() if "anthropic_version" in body else [gemini_resp({"text": "ok"})]
+
+
+def _vertex_issue(f: FakeUpstream, seen: Seen, reply: Reply) -> Reply:
+    if "/publishers/anthropic/" in seen.path:
+        return _anthropic_issue(f, seen, reply)
+    return _gemini_issue(f, seen, reply)
 
 
 class FakeUpstream:
@@ -269,6 +491,9 @@ class FakeUpstream:
         self.seen: list[Seen] = []
         self.open_connections = 0
         self.aborted = threading.Event()     # a client closed while we were still writing
+        self.accepts: set[str] = {PROVIDER_KEY}  # credentials the gemini / vertex rules accept
+        self.issued: dict[str, str] = {}     # signatures this fake issued (Wire.issue records them)
+        self.strict = False                  # anthropic: refuse thinking signatures it did not issue
         self.server: asyncio.AbstractServer = lt.run(self._start())
         self.port = self.server.sockets[0].getsockname()[1]
 
@@ -299,9 +524,13 @@ class FakeUpstream:
                         k, _, v = line.partition(":")
                         headers[k.strip().lower()] = v.strip()
                 body = await self._body(reader, headers)
-                self.seen.append(Seen(method, target, headers, body))
-                reply = self.replies.popleft() if self.replies else \
-                    self.wire.reply(target, json.loads(body or b"{}"))
+                seen = Seen(method, target, headers, body)
+                self.seen.append(seen)
+                reply = self.wire.rules(self, seen) if self.wire.rules else None
+                if reply is None:
+                    reply = self.replies.popleft() if self.replies else \
+                        self.wire.reply(target, json.loads(body or b"{}"))
+                    reply = self.wire.issue(self, seen, reply) if self.wire.issue else reply
                 if not await self._answer(writer, reply):
                     return
         except (ConnectionError, asyncio.CancelledError):
@@ -371,6 +600,238 @@ def fake_upstream(loop_thread: LoopThread) -> Iterator[Callable[[str], FakeUpstr
     yield make
     for f in made:
         f.close()
+
+
+
+# --- Google: a token endpoint that verifies service-account JWTs, and a metadata server -----
+
+
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+
+
+CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
+
+
+# google-auth signs this audience whatever token_uri the file names (oauth2/service_account.py,
+# _make_authorization_grant_assertion: "aud": _GOOGLE_OAUTH2_TOKEN_ENDPOINT).
+GOOGLE_TOKEN_AUD = "https://oauth2.googleapis.com/token"
+
+
+METADATA_TOKEN_PATH = "/computeMetadata/v1/instance/service-accounts/default/token"
+
+
+@dataclasses.dataclass
+class Account:
+    """A service account the fake knows: its email, key id and public key."""
+    email: str
+    key_id: str
+    public_key: Any
+
+
+@dataclasses.dataclass
+class User:
+    client_id: str
+    client_secret: str
+    refresh_token: str
+
+
+def b64url_decode(part: str) -> bytes:
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+class FakeGoogle:
+    """oauth2.googleapis.com/token and the metadata server, on 127.0.0.1; records every request.
+
+    Knobs: expires_in; reject (status, json) answers every token request; gate (a threading.Event
+    the token endpoint waits on before answering, at most 10 s, recording whether it was set)."""
+
+    def __init__(self, lt: LoopThread) -> None:
+        self.lt = lt
+        self.accounts: dict[str, Account] = {}
+        self.users: dict[str, User] = {}
+        self.seen: list[Seen] = []
+        self.rejections: list[str] = []      # why a grant was refused (what google-auth sent wrong)
+        self.exchanges = 0
+        self.identities: list[str] = []      # who got each token: an email or a client_id
+        self.expires_in = 3600
+        self.reject: tuple[int, Any] | None = None
+        self.gate: threading.Event | None = None
+        self.gate_was_open: list[bool] = []
+        self.server: asyncio.AbstractServer = lt.run(asyncio.start_server(self._conn, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    @property
+    def token_uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}/token"
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def token_requests(self) -> list[Seen]:
+        return [s for s in self.seen if s.path == "/token"]
+
+    async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            method, target, _ = lines[0].split(" ", 2)
+            headers = {k.strip().lower(): v.strip() for k, _, v in
+                       (line.partition(":") for line in lines[1:] if line)}
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            seen = Seen(method, target, headers, body)
+            self.seen.append(seen)
+            status, reply, extra = await self._route(seen)
+            payload = json.dumps(reply).encode()
+            head_out = (f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n"
+                        f"content-length: {len(payload)}\r\nconnection: close\r\n"
+                        + "".join(f"{k}: {v}\r\n" for k, v in extra.items()) + "\r\n")
+            writer.write(head_out.encode() + payload)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def _route(self, seen: Seen) -> tuple[int, Any, dict[str, str]]:
+        path = seen.path.split("?")[0]
+        if seen.method == "POST" and path == "/token":
+            if self.gate is not None:
+                opened = await asyncio.get_running_loop().run_in_executor(None, self.gate.wait, 10)
+                self.gate_was_open.append(opened)
+            return (*self._token(seen), {})
+        if path.startswith("/computeMetadata/v1/"):
+            return self._metadata(seen, path)
+        return 404, {"error": "not_found"}, {}
+
+    def _token(self, seen: Seen) -> tuple[int, Any]:
+        if self.reject is not None:
+            return self.reject
+        form = seen.form
+        grant = form.get("grant_type")
+        if grant == JWT_BEARER:
+            who, why = self._verify_assertion(form.get("assertion", ""))
+        elif grant == "refresh_token":
+            who, why = self._verify_refresh(form)
+        else:
+            who, why = "", f"unsupported grant_type {grant!r}"
+        if why:
+            self.rejections.append(why)
+            return 400, {"error": "invalid_grant", "error_description": why}
+        return 200, self._issue(who)
+
+    def _issue(self, who: str) -> Any:
+        self.exchanges += 1
+        self.identities.append(who)
+        return {"access_token": f"ya29.fake-access-token-{self.exchanges:04d}",
+                "expires_in": self.expires_in, "token_type": "Bearer"}
+
+    def _verify_assertion(self, assertion: str) -> tuple[str, str]:
+        """RFC 7523 as Google checks it: RS256 signature, iss, scope, aud, iat/exp."""
+        parts = assertion.split(".")
+        if len(parts) != 3:
+            return "", "assertion is not a JWS"
+        header, claims = (json.loads(b64url_decode(p)) for p in parts[:2])
+        acct = self.accounts.get(claims.get("iss", ""))
+        if header.get("alg") != "RS256" or acct is None:
+            return "", f"alg {header.get('alg')!r} or issuer {claims.get('iss')!r} not accepted"
+        if header.get("kid") != acct.key_id:
+            return "", "kid is not the account's key"
+        try:
+            acct.public_key.verify(b64url_decode(parts[2]), f"{parts[0]}.{parts[1]}".encode(),
+                                   padding.PKCS1v15(), hashes.SHA256())
+        except InvalidSignature:
+            return "", "Invalid JWT Signature."
+        now = time.time()
+        if CLOUD_PLATFORM not in claims.get("scope", "").split():
+            return "", f"scope {claims.get('scope')!r} lacks cloud-platform"
+        if claims.get("aud") != GOOGLE_TOKEN_AUD:
+            return "", f"aud {claims.get('aud')!r}"
+        iat, exp = claims.get("iat", 0), claims.get("exp", 0)
+        if abs(iat - now) > 60 or not 0 < exp - iat <= 3600 or exp <= now:
+            return "", f"iat {iat} / exp {exp} not within 3600 s of now"
+        return acct.email, ""
+
+    def _verify_refresh(self, form: dict[str, str]) -> tuple[str, str]:
+        user = self.users.get(form.get("client_id", ""))
+        if user is None or form.get("client_secret") != user.client_secret:
+            return "", "invalid_client"
+        if form.get("refresh_token") != user.refresh_token:
+            return "", "bad refresh token"
+        if CLOUD_PLATFORM not in form.get("scope", "").split():
+            return "", f"scope {form.get('scope')!r} lacks cloud-platform"
+        return user.client_id, ""
+
+    def _metadata(self, seen: Seen, path: str) -> tuple[int, Any, dict[str, str]]:
+        flavor = {"metadata-flavor": "Google"}
+        if seen.headers.get("metadata-flavor") != "Google":
+            return 403, {"error": "Missing Metadata-Flavor:Google header"}, flavor
+        if path == METADATA_TOKEN_PATH:
+            return 200, self._issue("metadata-default"), flavor
+        return 200, {}, flavor
+
+    def close(self) -> None:
+        async def shut() -> None:
+            self.server.close()
+        self.lt.run(shut())
+
+
+@pytest.fixture
+def fake_google(loop_thread: LoopThread) -> Iterator[FakeGoogle]:
+    fake = FakeGoogle(loop_thread)
+    yield fake
+    fake.close()
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> Any:
+    """One RSA key for the module, generated here: nothing real is ever read."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture
+def service_account(fake_google: FakeGoogle, rsa_key: Any, tmp_path: Any) -> Callable[..., str]:
+    """Writes a service-account key file whose token_uri is the fake; the fake learns the key."""
+    def write(name: str = "vertex-sa", path: str | None = None) -> str:
+        email = f"{name}@ccm-test.iam.gserviceaccount.com"
+        pem = rsa_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()).decode()
+        key_id = f"kid-{name}-0123456789abcdef"
+        fake_google.accounts[email] = Account(email, key_id, rsa_key.public_key())
+        info = {"type": "service_account", "project_id": "ccm-test", "private_key_id": key_id,
+                "private_key": pem, "client_email": email, "client_id": "1234567890",
+                "auth_uri": "https://accounts.google.com/o/oauth2/auth",
+                "token_uri": fake_google.token_uri, "universe_domain": "googleapis.com"}
+        return write_json(path or str(tmp_path / f"{name}.json"), info)
+    return write
+
+
+@pytest.fixture
+def authorized_user(fake_google: FakeGoogle, tmp_path: Any) -> Callable[..., str]:
+    """Writes an authorized_user file as `gcloud auth application-default login` does."""
+    def write(name: str = "user", path: str | None = None, quota_project: str | None = None) -> str:
+        user = User(f"{name}-client.apps.googleusercontent.com", f"GOCSPX-secret-{name}-0001",
+                    f"1//refresh-token-{name}-abcdefghijklmnop")
+        fake_google.users[user.client_id] = user
+        info: dict[str, Any] = {"type": "authorized_user", "client_id": user.client_id,
+                                "client_secret": user.client_secret,
+                                "refresh_token": user.refresh_token, "token_uri": fake_google.token_uri,
+                                "account": "", "universe_domain": "googleapis.com"}
+        if quota_project:
+            info["quota_project_id"] = quota_project
+        return write_json(path or str(tmp_path / f"{name}.json"), info)
+    return write
+
+
+def write_json(path: str, data: Any) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+def loopback_client() -> httpx.Client:
+    return httpx.Client(timeout=httpx.Timeout(10, connect=5), trust_env=False)
 
 
 def write_private(path: str, text: str) -> str:
@@ -2894,6 +3355,1127 @@ def test_translate_stream_text_between_tool_fragments_waits_for_the_call() -> No
     assert [d["content_block"]["type"] for e, d in evs if e == "content_block_start"] == ["tool_use", "text"]
 
 
+# --- 10f. Gemini / Vertex translation --------------------------------------------------------
+# PROTOCOL.md §2, §5, §6, §9: pure tests first (request, response, stream, errors, URLs), then
+# the gemini fake (WIRES["gemini"]: it enforces the thought-signature and function-response
+# rules as Google does) driven with httpx through the translation functions.
+
+
+SIGNER = "google/gemini-3-pro"
+
+
+def assistant_blocks(*blocks: Any) -> dict[str, Any]:
+    return {"role": "assistant", "content": list(blocks)}
+
+
+def text_block(t: str) -> dict[str, Any]:
+    return {"type": "text", "text": t}
+
+
+def tool_use(tid: str, name: str = "Bash", inp: Any = None) -> dict[str, Any]:
+    return {"type": "tool_use", "id": tid, "name": name, "input": inp or {"command": "ls"}}
+
+
+def tool_result(tid: str, content: Any = "ok", **kw: Any) -> dict[str, Any]:
+    return {"type": "tool_result", "tool_use_id": tid, "content": content, **kw}
+
+
+def gem(body: dict[str, Any], opts: dict[str, Any] | None = None, signer: str = SIGNER) -> dict[str, Any]:
+    return ccm.to_gemini(body, "gemini-3-pro", opts or {}, SECRET, signer=signer)
+
+
+def sse_bytes(*chunks: Any, crlf: bool = False) -> bytes:
+    sep = b"\r\n\r\n" if crlf else b"\n\n"
+    return b"".join(b"data: " + json.dumps(c, ensure_ascii=False).encode() + sep for c in chunks)
+
+
+def gemini_run_stream(pieces: list[bytes], input_tokens: int = 0, eof: bool = True,
+                      signer: str = SIGNER, names: dict[str, str] | None = None,
+                      counter: Any = None) -> tuple[bytes, ccm.GeminiStream]:
+    s = ccm.GeminiStream(MODEL, SECRET, input_tokens, signer=signer, names=names, counter=counter)
+    s.label = "gem"
+    out: list[bytes] = []
+    for p in pieces:
+        got = s.feed(p)
+        assert all(isinstance(b, bytes) for b in got)
+        out += got
+    if eof:
+        out += s.finish_stream()
+    return b"".join(out), s
+
+
+def gemini_events_of(raw: bytes, **kw: Any) -> list[tuple[str, dict[str, Any]]]:
+    return sse_events(gemini_run_stream([raw], **kw)[0], normalise_id=True)
+
+
+def gemini_check_invariants(evs: list[tuple[str, dict[str, Any]]]) -> dict[int, str]:
+    """check_invariants, and what a Gemini translation adds: a thinking block has exactly one
+    signature_delta, last; a tool_use block has one complete input_json_delta."""
+    jsons = check_invariants(evs)
+    open_idx: int | None = None
+    kinds: dict[int, str] = {}
+    deltas: dict[int, list[str]] = collections.defaultdict(list)
+    for name, d in evs:
+        if name == "content_block_start":
+            open_idx = d["index"]
+            kinds[open_idx] = d["content_block"]["type"]
+        elif name == "content_block_delta":
+            deltas[open_idx].append(d["delta"]["type"])
+        elif name == "content_block_stop":
+            if kinds[open_idx] == "thinking":
+                assert deltas[open_idx].count("signature_delta") == 1
+                assert deltas[open_idx][-1] == "signature_delta"
+            if kinds[open_idx] == "tool_use":
+                assert deltas[open_idx] == ["input_json_delta"]     # one complete delta
+            open_idx = None
+    return jsons
+
+
+def echo_turn(evs: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The assistant turn Claude Code sends back after such a stream (CLAUDE_CODE.md §4)."""
+    blocks: list[dict[str, Any]] = []
+    jbuf = ""
+    for name, d in evs:
+        if name == "content_block_start":
+            blocks.append(dict(d["content_block"]))
+            jbuf = ""
+        elif name == "content_block_delta":
+            b, dl = blocks[-1], d["delta"]
+            if dl["type"] == "text_delta":
+                b["text"] += dl["text"]
+            elif dl["type"] == "thinking_delta":
+                b["thinking"] += dl["thinking"]
+            elif dl["type"] == "signature_delta":
+                b["signature"] = dl["signature"]
+            else:
+                jbuf += dl["partial_json"]
+        elif name == "content_block_stop" and blocks[-1]["type"] == "tool_use":
+            blocks[-1]["input"] = json.loads(jbuf)
+    return {"role": "assistant", "content": blocks}
+
+
+@pytest.fixture
+def fake_gemini(fake_upstream: Callable[[str], FakeUpstream]) -> FakeUpstream:
+    return fake_upstream("gemini")
+
+
+def script_gemini(fake: FakeUpstream, *chunk_lists: list[dict[str, Any]]) -> FakeUpstream:
+    """Each list of response chunks is one answer (the stream sends them all, generateContent
+    the first: WIRES["gemini"].issue)."""
+    return fake.script(*(Reply(events=list(c)) for c in chunk_lists))
+
+
+# ---- Request: system, roles, parts ---------------------------------------------------------
+
+BILLING = {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.9; cc_entrypoint=cli;"}
+
+
+def test_gemini_request_system_billing_removed_and_mid_conversation_system_folded() -> None:
+    body = req(user("hi"), {"role": "system", "content": "Plan mode is active."},
+               assistant_blocks(text_block("ok")), user("go"),
+               system=[BILLING, {"type": "text", "text": "You are Claude Code.",
+                                 "cache_control": {"type": "ephemeral"}}])
+    out = gem(body)
+    assert out["systemInstruction"] == {"parts": [{"text": "You are Claude Code.\n\nPlan mode is active."}]}
+    assert out["contents"] == [{"role": "user", "parts": [{"text": "hi"}]},
+                               {"role": "model", "parts": [{"text": "ok"}]},
+                               {"role": "user", "parts": [{"text": "go"}]}]
+    assert "x-anthropic" not in json.dumps(out)
+
+
+def test_gemini_request_no_system_no_system_instruction() -> None:
+    assert "systemInstruction" not in gem(req(user("hi"), system=[BILLING]))
+
+
+def test_gemini_request_consecutive_same_role_merged_and_empty_turns_skipped() -> None:
+    body = req(user("a"), user(text_block("b"), text_block("")), assistant_blocks(), assistant_blocks(text_block("c")),
+               assistant_blocks(text_block("d")), user("e"))
+    assert gem(body)["contents"] == [
+        {"role": "user", "parts": [{"text": "a"}, {"text": "b"}]},
+        {"role": "model", "parts": [{"text": "c"}, {"text": "d"}]},
+        {"role": "user", "parts": [{"text": "e"}]}]
+
+
+MEDIA_CASES = [
+    ({"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": "QUJD"}},
+     [{"inlineData": {"mimeType": "image/jpeg", "data": "QUJD"}}]),
+    ({"type": "image", "source": {"type": "url", "url": "https://x.test/cat.webp"}},
+     [{"fileData": {"mimeType": "image/webp", "fileUri": "https://x.test/cat.webp"}}]),
+    ({"type": "image", "source": {"type": "file", "file_id": "file_1"}}, [{"text": "[image omitted]"}]),
+    ({"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBE"}},
+     [{"inlineData": {"mimeType": "application/pdf", "data": "JVBE"}}]),
+    ({"type": "document", "title": "Spec", "source": {"type": "base64", "media_type": "application/pdf",
+                                                      "data": "JVBE"}},
+     [{"text": "Document: Spec"}, {"inlineData": {"mimeType": "application/pdf", "data": "JVBE"}}]),
+    ({"type": "document", "title": "Notes", "source": {"type": "text", "media_type": "text/plain",
+                                                       "data": "plain é"}},
+     [{"text": "Document: Notes\n\nplain é"}]),
+    ({"type": "document", "source": {"type": "content", "content": [text_block("one"), text_block("two")]}},
+     [{"text": "one\n\ntwo"}]),
+    ({"type": "document", "source": {"type": "url", "url": "https://x.test/a.pdf"}},
+     [{"fileData": {"mimeType": "application/pdf", "fileUri": "https://x.test/a.pdf"}}]),
+    ({"type": "search_result", "source": "https://kb.test/1", "title": "KB",
+      "content": [text_block("answer")]}, [{"text": "Search result: KB (https://kb.test/1)\nanswer"}]),
+]
+
+
+@pytest.mark.parametrize("block,parts", MEDIA_CASES,
+                         ids=["image-b64", "image-url", "image-file", "pdf", "pdf-titled", "text-doc",
+                              "content-doc", "pdf-url", "search-result"])
+def test_gemini_request_user_media_parts(block: dict[str, Any], parts: list[dict[str, Any]]) -> None:
+    assert gem(req(user(text_block("look"), block)))["contents"] == [
+        {"role": "user", "parts": [{"text": "look"}, *parts]}]
+
+
+def test_gemini_request_server_tool_history_becomes_readable_text() -> None:
+    turn = assistant_blocks({"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search",
+                      "input": {"query": "ccm"}},
+                     {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1",
+                      "content": [{"type": "web_search_result", "url": "https://a.test", "title": "A",
+                                   "encrypted_content": "xx"}]},
+                     {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_2",
+                      "content": {"type": "web_search_tool_result_error", "error_code": "max_uses_exceeded"}},
+                     text_block("Found it."))
+    parts = gem(req(user("q"), turn))["contents"][1]["parts"]
+    assert parts == [{"text": '[web_search: {"query":"ccm"}]'},
+                     {"text": "Web search results:\n- A: https://a.test"},
+                     {"text": "Web search failed: max_uses_exceeded"}, {"text": "Found it."}]
+
+
+def test_gemini_request_thinking_and_redacted_thinking_never_sent_as_text() -> None:
+    turn = assistant_blocks({"type": "thinking", "thinking": "SECRET-THOUGHT", "signature": "EqQBgenuine"},
+                     {"type": "redacted_thinking", "data": "REDACTED-DATA"}, text_block("answer"))
+    out = gem(req(user("q"), turn))
+    assert out["contents"][1] == {"role": "model", "parts": [{"text": "answer"}]}
+    assert "SECRET-THOUGHT" not in json.dumps(out) and "REDACTED-DATA" not in json.dumps(out)
+
+
+# ---- tool_use / tool_result ----------------------------------------------------------------
+
+def test_gemini_request_tool_use_and_results_golden() -> None:
+    img = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBO"}}
+    body = req(user("do it"),
+               assistant_blocks(text_block("Running."), tool_use("toolu_a", "Bash", {"command": "ls"}),
+                         tool_use("toolu_b", "mcp__" + "x" * 70, {"q": 1})),
+               user(tool_result("toolu_b", [text_block("shot:"), img]),
+                    tool_result("toolu_a", "boom", is_error=True), text_block("and then?")))
+    long_name = ccm.short_tool_name("mcp__" + "x" * 70)
+    assert gem(body)["contents"][1:] == [
+        {"role": "model", "parts": [
+            {"text": "Running."},
+            {"functionCall": {"name": "Bash", "args": {"command": "ls"}}, "thoughtSignature": BYPASS},
+            {"functionCall": {"name": long_name, "args": {"q": 1}}}]},
+        {"role": "user", "parts": [
+            {"functionResponse": {"name": "Bash", "response": {"error": "boom"}}},
+            {"functionResponse": {"name": long_name, "response": {"output": "shot:"}}},
+            {"inlineData": {"mimeType": "image/png", "data": "iVBO"}},
+            {"text": "and then?"}]}]
+
+
+COUNT_CASES = {
+    "orphan-result-is-text": (
+        [assistant_blocks(tool_use("toolu_a")), user(tool_result("toolu_a"), tool_result("toolu_zz", "late"))],
+        1, [{"text": "Tool result for toolu_zz: late"}]),
+    "missing-result-gets-error": (
+        [assistant_blocks(tool_use("toolu_a"), tool_use("toolu_b")), user(tool_result("toolu_b"))], 2, []),
+    "duplicate-result-is-text": (
+        [assistant_blocks(tool_use("toolu_a")), user(tool_result("toolu_a", "1"), tool_result("toolu_a", "2"))],
+        1, [{"text": "Tool result for toolu_a: 2"}]),
+    "user-text-instead-of-results": (
+        [assistant_blocks(tool_use("toolu_a")), user("stop")], 1, [{"text": "stop"}]),
+}
+
+
+@pytest.mark.parametrize("history,n,extra", list(COUNT_CASES.values()), ids=list(COUNT_CASES))
+def test_gemini_request_function_response_count_equals_calls(history: list[Any], n: int,
+                                                      extra: list[Any]) -> None:
+    contents = gem(req(user("q"), *history))["contents"]
+    model, answer = contents[1], contents[2]
+    responses = [p for p in answer["parts"] if "functionResponse" in p]
+    assert len(calls_of(model)) == len(responses) == n
+    assert [p["functionResponse"]["name"] for p in responses] == \
+        [p["functionCall"]["name"] for p in calls_of(model)]
+    assert [p for p in answer["parts"] if "functionResponse" not in p] == extra
+
+
+def test_gemini_request_call_without_any_user_turn_after_gets_error_response_before_next_model_turn() -> None:
+    contents = gem(req(user("q"), assistant_blocks(tool_use("toolu_a")), assistant_blocks(text_block("more"))))["contents"]
+    assert [c["role"] for c in contents] == ["user", "model", "user", "model"]
+    assert contents[2]["parts"] == [{"functionResponse": {"name": "Bash",
+                                                          "response": {"error": "no result"}}}]
+
+
+def test_gemini_request_missing_result_response_names_the_call() -> None:
+    contents = gem(req(user("q"), assistant_blocks(tool_use("toolu_a", "Read"), tool_use("toolu_b", "Bash")),
+                       user(tool_result("toolu_b", "done"))))["contents"]
+    assert contents[2]["parts"] == [
+        {"functionResponse": {"name": "Read", "response": {"error": "no result"}}},
+        {"functionResponse": {"name": "Bash", "response": {"output": "done"}}}]
+
+
+# ---- tools and schemas ----------------------------------------------------------------------
+
+CC_SCHEMA = {
+    "$schema": "http://json-schema.org/draft-07/schema#",
+    "type": "object",
+    "properties": {
+        "url": {"type": "string", "format": "uri", "description": "The URL"},
+        "mode": {"type": "string", "enum": ["fast", "slow", ""]},
+        "kind": {"const": "exact"},
+        "count": {"type": "integer", "exclusiveMinimum": 0, "default": 3},
+        "level": {"type": "integer", "enum": [1, 2]},
+        "when": {"type": "string", "format": "date-time"},
+        "maybe": {"anyOf": [{"type": "string"}, {"type": "null"}], "description": "optional"},
+        "either": {"anyOf": [{"type": "string"}, {"type": "number"}]},
+        "nullable_list": {"type": ["array", "null"], "items": {"$ref": "#/$defs/Item"}},
+        "labels": {"type": "object", "propertyNames": {"pattern": "^[a-z]+$"},
+                   "additionalProperties": {"type": "string"}},
+        "empty": {"type": "object", "properties": {}},
+        "$schema": {"type": "string", "description": "a property that happens to be named $schema"},
+    },
+    "required": ["url", "ghost"],
+    "additionalProperties": False,
+    "$defs": {"Item": {"type": "object", "properties": {"id": {"type": "string"},
+                                                        "next": {"$ref": "#/$defs/Item"}},
+                       "required": ["id"], "additionalProperties": False}},
+}
+
+
+def test_gemini_schema_json_schema_path_removes_only_dollar_schema() -> None:
+    out = ccm.gemini_json_schema(CC_SCHEMA)
+    expected = copy.deepcopy(CC_SCHEMA)
+    del expected["$schema"]
+    assert out == expected                                 # the property named $schema is kept
+    assert out["properties"]["$schema"] == CC_SCHEMA["properties"]["$schema"]
+
+
+def test_gemini_schema_json_schema_nested_dollar_schema_removed() -> None:
+    schema = {"type": "object", "properties": {"a": {"$schema": "x", "type": "array",
+                                                     "items": [{"$schema": "y", "type": "string"}]}}}
+    assert ccm.gemini_json_schema(schema) == {"type": "object", "properties": {
+        "a": {"type": "array", "items": [{"type": "string"}]}}}
+
+
+def test_gemini_schema_openapi_sanitiser_golden() -> None:
+    out = ccm.gemini_schema(CC_SCHEMA)
+    assert out is not None
+    props = out["properties"]
+    assert props["url"] == {"type": "string", "description": "The URL"}
+    assert props["mode"] == {"type": "string", "enum": ["fast", "slow"]}
+    assert props["kind"] == {"type": "string", "enum": ["exact"]}
+    assert props["count"] == {"type": "integer"}
+    assert props["level"] == {"type": "integer", "description": "(one of: 1, 2)"}
+    assert props["when"] == {"type": "string", "format": "date-time"}
+    assert props["maybe"] == {"type": "string", "description": "optional", "nullable": True}
+    assert props["either"] == {"anyOf": [{"type": "string"}, {"type": "number"}]}
+    assert props["nullable_list"]["nullable"] is True and props["nullable_list"]["type"] == "array"
+    first = props["nullable_list"]["items"]
+    assert first["properties"]["id"] == {"type": "string"} and first["required"] == ["id"]
+    # the recursive $ref is inlined until the depth limit, where it becomes a plain object
+    node, depth = first, 0
+    while "properties" in node:
+        node, depth = node["properties"]["next"], depth + 1
+    assert node == {"type": "object"} and 3 < depth <= 12
+    assert props["labels"] == {"type": "object"}
+    assert props["empty"] == {"type": "object"}
+    assert out["required"] == ["url"]
+    banned = {"$schema", "$defs", "$ref", "additionalProperties", "propertyNames",
+              "exclusiveMinimum", "const", "default"}
+
+    def keys(n: Any) -> set[str]:
+        if isinstance(n, dict):
+            own = set(n) if "type" in n or "anyOf" in n else set()
+            return own | {k for v in n.values() for k in keys(v)}
+        return set()
+    assert not (keys({k: v for k, v in out.items() if k != "properties"}) & banned)
+    assert not any(keys(v) & banned for v in props.values())
+
+
+@pytest.mark.parametrize("schema", [None, {}, {"type": "object"}, {"type": "object", "properties": {}},
+                                    {"$schema": "x", "type": "object", "properties": {},
+                                     "additionalProperties": False}],
+                         ids=["none", "empty", "object", "empty-properties", "zod-empty"])
+def test_gemini_schema_openapi_empty_object_omits_parameters(schema: Any) -> None:
+    assert ccm.gemini_schema(schema) is None
+    body = req(user("q"), tools=[{"name": "Noop", "description": "d", "input_schema": schema}])
+    decl = gem(body, {"schema_profile": "openapi"})["tools"][0]["functionDeclarations"][0]
+    assert decl == {"name": "Noop", "description": "d"}
+
+
+def test_gemini_schema_openapi_all_of_and_definitions() -> None:
+    schema = {"definitions": {"P": {"type": "object", "properties": {"p": {"type": "boolean"}}}},
+              "allOf": [{"$ref": "#/definitions/P"},
+                        {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}]}
+    assert ccm.gemini_schema(schema) == {"type": "object", "properties": {"p": {"type": "boolean"},
+                                                                      "q": {"type": "string"}},
+                                       "required": ["q"]}
+
+
+def test_gemini_request_tools_default_use_parameters_json_schema() -> None:
+    body = req(user("q"), tools=[{"name": "WebFetch", "description": "Fetch", "input_schema": CC_SCHEMA,
+                                  "cache_control": {"type": "ephemeral"}},
+                                 {"name": "Noop", "input_schema": {"type": "object", "properties": {}}},
+                                 {"name": "Bare"}])
+    decls = gem(body)["tools"][0]["functionDeclarations"]
+    assert decls[0]["parametersJsonSchema"] == ccm.gemini_json_schema(CC_SCHEMA)
+    assert "parameters" not in decls[0] and "cache_control" not in json.dumps(decls)
+    assert decls[1] == {"name": "Noop", "parametersJsonSchema": {"type": "object", "properties": {}}}
+    assert decls[2] == {"name": "Bare", "parametersJsonSchema": {"type": "object", "properties": {}}}
+
+
+def test_gemini_request_tools_openapi_profile_sends_parameters() -> None:
+    body = req(user("q"), tools=[{"name": "WebFetch", "input_schema": CC_SCHEMA}])
+    decl = gem(body, {"schema_profile": "openapi"})["tools"][0]["functionDeclarations"][0]
+    assert decl["parameters"] == ccm.gemini_schema(CC_SCHEMA) and "parametersJsonSchema" not in decl
+
+
+TOOL_CHOICES = [
+    ({"type": "auto"}, {"functionCallingConfig": {"mode": "AUTO"}}),
+    ({"type": "any", "disable_parallel_tool_use": True}, {"functionCallingConfig": {"mode": "ANY"}}),
+    ({"type": "tool", "name": "Bash"}, {"functionCallingConfig": {"mode": "ANY",
+                                                                  "allowedFunctionNames": ["Bash"]}}),
+    ({"type": "none"}, {"functionCallingConfig": {"mode": "NONE"}}),
+    (None, None),
+]
+
+
+@pytest.mark.parametrize("choice,config", TOOL_CHOICES, ids=["auto", "any", "tool", "none", "absent"])
+def test_gemini_request_tool_choice(choice: Any, config: Any) -> None:
+    body = req(user("q"), tools=[{"name": "Bash", "input_schema": {"type": "object"}}])
+    if choice is not None:
+        body["tool_choice"] = choice
+    assert gem(body).get("toolConfig") == config
+
+
+def test_gemini_request_web_search_becomes_google_search_without_tool_config() -> None:
+    body = req(user("Perform a web search for the query: ccm"),
+               tools=[{"type": "web_search_20250305", "name": "web_search", "max_uses": 8}],
+               tool_choice={"type": "tool", "name": "web_search"})
+    out = gem(body)
+    assert out["tools"] == [{"googleSearch": {}}] and "toolConfig" not in out
+
+
+def test_gemini_request_no_tools_no_tool_config() -> None:
+    out = gem(req(user("q"), tools=[], tool_choice={"type": "auto"}))
+    assert "tools" not in out and "toolConfig" not in out
+
+
+@pytest.mark.parametrize("tool", [{"type": "bash_20250124", "name": "bash"},
+                                  {"type": "code_execution_20250522", "name": "code_execution"},
+                                  {"type": "web_fetch_20250910", "name": "web_fetch"}],
+                         ids=["bash", "code-execution", "web-fetch"])
+def test_gemini_request_other_server_tools_are_400_naming_the_tool(tool: dict[str, Any]) -> None:
+    with pytest.raises(ccm.ProxyError) as exc:
+        gem(req(user("q"), tools=[tool]))
+    assert exc.value.status == 400 and exc.value.etype == "invalid_request_error"
+    assert tool["name"] in exc.value.message and tool["type"] in exc.value.message
+
+
+# ---- generationConfig ----------------------------------------------------------------------
+
+GEN_CASES = {
+    "plain": ({"max_tokens": 1000}, {}, {"maxOutputTokens": 1000}),
+    "clamped": ({"max_tokens": 64000}, {"max_output_tokens": 8192}, {"maxOutputTokens": 8192}),
+    "sampling": ({"max_tokens": 10, "temperature": 0.5, "top_p": 0.9, "top_k": 40,
+                  "stop_sequences": ["a", "b", "c", "d", "e", "f"]}, {},
+                 {"maxOutputTokens": 10, "temperature": 0.5, "topP": 0.9, "topK": 40,
+                  "stopSequences": ["a", "b", "c", "d", "e"]}),
+    "thinking-enabled": ({"max_tokens": 32000, "thinking": {"type": "enabled", "budget_tokens": 31999}}, {},
+                         {"maxOutputTokens": 32000,
+                          "thinkingConfig": {"thinkingBudget": 24576, "includeThoughts": True}}),
+    "thinking-small": ({"max_tokens": 32000, "thinking": {"type": "enabled", "budget_tokens": 2048}}, {},
+                       {"maxOutputTokens": 32000,
+                        "thinkingConfig": {"thinkingBudget": 2048, "includeThoughts": True}}),
+    "thinking-capped-by-option": ({"max_tokens": 32000, "thinking": {"type": "enabled",
+                                                                     "budget_tokens": 31999}},
+                                  {"thinking_budget_max": 8192},
+                                  {"maxOutputTokens": 32000,
+                                   "thinkingConfig": {"thinkingBudget": 8192, "includeThoughts": True}}),
+    "adaptive": ({"max_tokens": 64000, "thinking": {"type": "adaptive"},
+                  "output_config": {"effort": "high"}}, {},
+                 {"maxOutputTokens": 64000, "thinkingConfig": {"thinkingBudget": -1, "includeThoughts": True}}),
+    "disabled": ({"max_tokens": 100, "thinking": {"type": "disabled"}, "temperature": 1}, {},
+                 {"maxOutputTokens": 100, "temperature": 1}),
+}
+
+
+@pytest.mark.parametrize("fields,opts,config", list(GEN_CASES.values()), ids=list(GEN_CASES))
+def test_gemini_request_generation_config(fields: dict[str, Any], opts: dict[str, Any],
+                                   config: dict[str, Any]) -> None:
+    body = {"model": MODEL, "messages": [user("q")], "metadata": {"user_id": "u"}, **fields}
+    out = gem(body, opts)
+    assert out["generationConfig"] == config
+    assert set(out) == {"contents", "generationConfig"}     # metadata etc. never sent
+
+
+# ---- Response: whole messages --------------------------------------------------------------
+
+def test_gemini_response_whole_message_golden() -> None:
+    data = gemini_resp({"text": "Let me think é", "thought": True},
+                {"text": "I will list."},
+                fcall("Bash", {"command": "ls"}, sig="SIG-A"),
+                fcall("Read", {"path": "/x"}),
+                usage={"promptTokenCount": 100, "cachedContentTokenCount": 30,
+                       "toolUsePromptTokenCount": 5, "candidatesTokenCount": 20,
+                       "thoughtsTokenCount": 7})
+    msg = ccm.from_gemini(data, MODEL, SECRET, signer=SIGNER)
+    assert MSG_ID_RE.fullmatch(msg["id"]) and msg["model"] == MODEL
+    kinds = [b["type"] for b in msg["content"]]
+    assert kinds == ["thinking", "text", "thinking", "tool_use", "tool_use"]
+    assert msg["content"][0]["thinking"] == "Let me think é"
+    assert ccm.thinking_payload(SECRET, "Let me think é", msg["content"][0]["signature"]) is None
+    assert msg["content"][0]["signature"] == ccm.sign_thinking(SECRET, "Let me think é")
+    carrier = msg["content"][2]
+    payload = ccm.thinking_payload(SECRET, "", carrier["signature"])
+    first_id = msg["content"][3]["id"]
+    assert payload == {"v": 1, "s": SIGNER, "g": {first_id: "SIG-A"}}
+    assert msg["content"][3]["input"] == {"command": "ls"} and msg["content"][4]["name"] == "Read"
+    assert re.fullmatch(r"toolu_[a-z2-7]{24}", first_id) and first_id != msg["content"][4]["id"]
+    assert msg["stop_reason"] == "tool_use" and msg["stop_sequence"] is None
+    assert msg["usage"] == {"input_tokens": 75, "output_tokens": 27, "cache_read_input_tokens": 30,
+                            "cache_creation_input_tokens": 0}
+
+
+def test_gemini_response_gemini_issued_id_kept_and_marked() -> None:
+    msg = ccm.from_gemini(gemini_resp(fcall("Bash", {}, sig="S1", fid="call-7")), MODEL, SECRET, signer=SIGNER)
+    assert msg["content"][1] == {"type": "tool_use", "id": "call-7", "name": "Bash", "input": {}}
+    assert ccm.thinking_payload(SECRET, "", msg["content"][0]["signature"])["i"] == ["call-7"]
+
+
+def test_gemini_response_illegal_id_replaced() -> None:
+    msg = ccm.from_gemini(gemini_resp(fcall("Bash", {}, fid="functions.Bash:0")), MODEL, SECRET, signer=SIGNER)
+    tool = [b for b in msg["content"] if b["type"] == "tool_use"][0]
+    assert re.fullmatch(r"toolu_[a-z2-7]{24}", tool["id"])
+
+
+def test_gemini_response_names_map_restores_long_tool_names() -> None:
+    long = "mcp__server__" + "y" * 60
+    body = req(user("q"), tools=[{"name": long, "input_schema": {"type": "object"}}])
+    names = ccm.gemini_names(body)
+    short = gem(body)["tools"][0]["functionDeclarations"][0]["name"]
+    assert names == {short: long} and len(short) <= 64
+    msg = ccm.from_gemini(gemini_resp(fcall(short, {})), MODEL, SECRET, signer=SIGNER, names=names)
+    assert [b["name"] for b in msg["content"] if b["type"] == "tool_use"] == [long]
+
+
+FINISH_CASES = [("STOP", False, "end_turn"), ("STOP", True, "tool_use"), ("MAX_TOKENS", False, "max_tokens"),
+                *[(r, False, "refusal") for r in ("SAFETY", "RECITATION", "BLOCKLIST",
+                                                  "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY")],
+                ("MALFORMED_FUNCTION_CALL", False, "end_turn"), ("OTHER", False, "end_turn"),
+                ("LANGUAGE", False, "end_turn"), ("FINISH_REASON_UNSPECIFIED", False, "end_turn")]
+
+
+@pytest.mark.parametrize("finish,with_call,stop", FINISH_CASES,
+                         ids=[f"{f}-{'call' if c else 'text'}" for f, c, _ in FINISH_CASES])
+def test_gemini_response_finish_reason_mapping(finish: str, with_call: bool, stop: str) -> None:
+    parts = [{"text": "x"}] + ([fcall("Bash", {})] if with_call else [])
+    assert ccm.from_gemini(gemini_resp(*parts, finish=finish), MODEL, SECRET, signer=SIGNER)["stop_reason"] == stop
+
+
+def test_gemini_response_blocked_prompt_is_refusal_with_empty_content() -> None:
+    data = {"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": {"promptTokenCount": 9}}
+    msg = ccm.from_gemini(data, MODEL, SECRET, signer=SIGNER)
+    assert msg["content"] == [] and msg["stop_reason"] == "refusal"
+    assert msg["usage"]["input_tokens"] == 9
+
+
+def test_gemini_response_grounding_sources_appended_as_text() -> None:
+    meta = {"webSearchQueries": ["ccm proxy"],
+            "groundingChunks": [{"web": {"uri": "https://a.test/1", "title": "A"}},
+                                {"web": {"uri": "https://b.test/2", "title": "B"}},
+                                {"web": {"uri": "https://a.test/1", "title": "A"}}]}
+    msg = ccm.from_gemini(gemini_resp({"text": "Answer."}, groundingMetadata=meta), MODEL, SECRET, signer=SIGNER)
+    assert msg["content"] == [
+        {"type": "text", "text": "Answer."},
+        {"type": "text", "text": "\n\nSearched for: ccm proxy\nSources:\n- A: https://a.test/1\n"
+                                 "- B: https://b.test/2"}]
+
+
+def test_gemini_response_text_part_signature_carried_after_text() -> None:
+    data = gemini_resp({"text": "Hello", "thoughtSignature": "TXT-SIG"}, {"text": " world"})
+    msg = ccm.from_gemini(data, MODEL, SECRET, signer=SIGNER)
+    assert [b["type"] for b in msg["content"]] == ["text", "thinking"]
+    assert ccm.thinking_payload(SECRET, "", msg["content"][1]["signature"]) == \
+        {"v": 1, "s": SIGNER, "t": "TXT-SIG"}
+
+
+def test_gemini_response_error_object_raises_mapped_error() -> None:
+    with pytest.raises(ccm.UpstreamError) as exc:
+        ccm.from_gemini({"error": {"code": 429, "message": "quota", "status": "RESOURCE_EXHAUSTED"}},
+                      MODEL, SECRET, signer=SIGNER)
+    assert exc.value.status == 429 and exc.value.etype == "rate_limit_error"
+
+
+# ---- Stream --------------------------------------------------------------------------------
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+def test_gemini_stream_text_exact_events() -> None:
+    raw = sse_bytes(gemini_resp({"text": "hel"}, finish=None, usage={"promptTokenCount": 12}),
+                    gemini_resp({"text": "lo"}, finish="STOP",
+                         usage={"promptTokenCount": 12, "candidatesTokenCount": 2}))
+    evs = gemini_events_of(raw)
+    assert evs == [msg_start(12), PING, block_start(0, {"type": "text", "text": ""}),
+                   block_delta(0, {"type": "text_delta", "text": "hel"}),
+                   block_delta(0, {"type": "text_delta", "text": "lo"}), block_stop(0), *msg_end("end_turn", usage(12, 2))]
+    gemini_check_invariants(evs)
+
+
+def test_gemini_stream_thinking_then_call_exact_events() -> None:
+    raw = sse_bytes(gemini_resp({"text": "plan", "thought": True}, finish=None),
+                    gemini_resp(fcall("Bash", {"command": "ls"}, sig="SIG-1"), finish="STOP",
+                         usage={"promptTokenCount": 5, "candidatesTokenCount": 3, "thoughtsTokenCount": 1}))
+    evs = gemini_events_of(raw)
+    tid = ccm.tool_id(None, "resp-1", 0)
+    sig = ccm.sign_thinking(SECRET, "plan", {"v": 1, "s": SIGNER, "g": {tid: "SIG-1"}})
+    assert evs == [msg_start(), PING,
+                   block_start(0, {"type": "thinking", "thinking": "", "signature": ""}),
+                   block_delta(0, {"type": "thinking_delta", "thinking": "plan"}),
+                   block_delta(0, {"type": "signature_delta", "signature": sig}), block_stop(0),
+                   block_start(1, {"type": "tool_use", "id": tid, "name": "Bash", "input": {}}),
+                   block_delta(1, {"type": "input_json_delta", "partial_json": '{"command":"ls"}'}), block_stop(1),
+                   *msg_end("tool_use", usage(5, 4))]
+
+
+def test_gemini_stream_signature_without_thought_text_gets_empty_thinking_block_before_tool() -> None:
+    raw = sse_bytes(gemini_resp({"text": "Sure."}, finish=None),
+                    gemini_resp(fcall("Bash", {"command": "ls"}, sig="SIG-2"), fcall("Bash", {"command": "pwd"})))
+    evs = gemini_events_of(raw)
+    gemini_check_invariants(evs)
+    blocks = [d["content_block"]["type"] for e, d in evs if e == "content_block_start"]
+    assert blocks == ["text", "thinking", "tool_use", "tool_use"]
+
+
+def test_gemini_stream_eof_without_finish_reason_is_error() -> None:
+    evs = gemini_events_of(sse_bytes(gemini_resp({"text": "partial"}, finish=None)))
+    gemini_check_invariants(evs)
+    assert evs[-1] == ("error", {"type": "error", "error": {
+        "type": "api_error", "message": "gem: upstream stream ended before the message was complete"}})
+
+
+def test_gemini_stream_empty_body_is_error_without_message_start() -> None:
+    out, s = gemini_run_stream([b""])
+    assert sse_events(out, normalise_id=True) == [("error", {"type": "error", "error": {
+        "type": "api_error", "message": "gem: upstream stream ended before the message was complete"}})]
+    assert s.failed is not None and s.failed.status == 502 and s.done
+
+
+def test_gemini_stream_error_object_mid_stream() -> None:
+    err = {"error": {"code": 503, "message": "The model is overloaded.", "status": "UNAVAILABLE"}}
+    out, s = gemini_run_stream([sse_bytes(gemini_resp({"text": "a"}, finish=None), err, gemini_resp({"text": "never"}))])
+    evs = sse_events(out, normalise_id=True)
+    gemini_check_invariants(evs)
+    assert evs[-1] == ("error", {"type": "error", "error": {"type": "overloaded_error",
+                                                            "message": "gem: The model is overloaded."}})
+    assert s.failed.status == 529 and b"never" not in out
+
+
+def test_gemini_stream_invalid_json_is_error() -> None:
+    evs = gemini_events_of(b"data: {not json\n\n")
+    assert [e for e, _ in evs] == ["error"]
+
+
+def test_gemini_stream_usage_from_local_counts_when_upstream_sends_none() -> None:
+    class Counter:
+        def text(self, s: str) -> int:
+            return len(s)
+    evs = gemini_events_of(sse_bytes(gemini_resp({"text": "abcd"})), input_tokens=77, counter=Counter())
+    assert evs[-2][1]["usage"] == usage(77, 4)
+
+
+def test_gemini_stream_final_usage_and_cached_tokens() -> None:
+    _, s = gemini_run_stream([sse_bytes(gemini_resp({"text": "x"}, usage={
+        "promptTokenCount": 50, "cachedContentTokenCount": 40, "candidatesTokenCount": 1}))])
+    assert s.final_usage() == ccm.Usage(10, 1, 40, 0)
+
+
+def test_gemini_stream_grounding_sources_block_at_end() -> None:
+    meta = {"groundingChunks": [{"web": {"uri": "https://s.test", "title": "S"}}]}
+    evs = gemini_events_of(sse_bytes(gemini_resp({"text": "Found"}, finish=None),
+                              gemini_resp({"text": "."}, groundingMetadata=meta)))
+    gemini_check_invariants(evs)
+    assert evs[-5:-2] == [block_start(1, {"type": "text", "text": ""}),
+                          block_delta(1, {"type": "text_delta", "text": "\n\nSources:\n- S: https://s.test"}),
+                          block_stop(1)]
+
+
+def test_gemini_stream_blocked_prompt_is_refusal() -> None:
+    evs = gemini_events_of(sse_bytes({"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"}}))
+    gemini_check_invariants(evs)
+    assert evs[2:] == msg_end("refusal", usage(0, 0))
+
+
+def test_gemini_stream_fail_after_content_is_error_event() -> None:
+    s = ccm.GeminiStream(MODEL, SECRET, signer=SIGNER)
+    out = s.feed(sse_bytes(gemini_resp({"text": "a"}, finish=None)))
+    out += s.fail(ccm.UpstreamError(504, "gem: read timeout", "timeout_error"))
+    assert s.fail(ccm.UpstreamError(500, "again")) == [] and s.finish_stream() == []
+    evs = sse_events(b"".join(out), normalise_id=True)
+    gemini_check_invariants(evs)
+    assert evs[-1][1]["error"] == {"type": "timeout_error", "message": "gem: read timeout"}
+
+
+def test_gemini_stream_events_after_finish_with_trailing_usage_chunk() -> None:
+    raw = sse_bytes(gemini_resp({"text": "a"}, finish="STOP"), {"usageMetadata": {"promptTokenCount": 3,
+                                                                         "candidatesTokenCount": 1}})
+    evs = gemini_events_of(raw)
+    gemini_check_invariants(evs)
+    assert evs[-2][1]["usage"] == usage(3, 1)
+
+
+# ---- the same complex fixture fed whole, byte by byte and split at every offset ------------
+
+GEMINI_SPLIT_CHUNKS = [
+    gemini_resp({"text": "Think \u2028 é", "thought": True}, finish=None, usage={"promptTokenCount": 9}),
+    gemini_resp({"text": "ing 😀", "thought": True, "thoughtSignature": "TH-SIG"}, finish=None),
+    gemini_resp({"text": "Answer ✓\u2028", "thoughtSignature": "TXT-SIG"}, finish=None),
+    gemini_resp(fcall("Bash", {"command": "ls é"}, sig="CALL-SIG"), fcall("Read", {"path": "/tmp/✓"}),
+         finish="STOP", usage={"promptTokenCount": 9, "candidatesTokenCount": 6}),
+]
+GEMINI_SPLIT_RAW = b": comment\n\n" + sse_bytes(*GEMINI_SPLIT_CHUNKS, crlf=True)
+
+
+def _gemini_normalised(pieces: list[bytes]) -> list[tuple[str, dict[str, Any]]]:
+    out, s = gemini_run_stream(pieces)
+    assert s.done and s.failed is None
+    return sse_events(out, normalise_id=True)
+
+
+GEMINI_WHOLE = _gemini_normalised([GEMINI_SPLIT_RAW])
+
+
+def test_gemini_stream_split_fixture_has_multibyte_u2028_and_crlf() -> None:
+    assert "\u2028".encode() in GEMINI_SPLIT_RAW and "😀".encode() in GEMINI_SPLIT_RAW and b"\r\n" in GEMINI_SPLIT_RAW
+    jsons = gemini_check_invariants(GEMINI_WHOLE)
+    assert {i: json.loads(t) for i, t in jsons.items()} == {3: {"command": "ls é"}, 4: {"path": "/tmp/✓"}}
+    turn = echo_turn(GEMINI_WHOLE)
+    assert [b["type"] for b in turn["content"]] == ["thinking", "text", "thinking", "tool_use", "tool_use"]
+    assert turn["content"][0]["thinking"] == "Think \u2028 éing 😀"
+    assert turn["content"][1]["text"] == "Answer ✓\u2028"
+
+
+def test_gemini_stream_three_ways_same_events() -> None:
+    for how, pieces in three_ways(GEMINI_SPLIT_RAW):
+        assert _gemini_normalised(pieces) == GEMINI_WHOLE, how
+
+
+# ---- Thought signatures: round trips (PROTOCOL.md §5) --------------------------------------
+
+def roundtrip(chunks: list[dict[str, Any]], signer: str = SIGNER,
+              edit: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Gemini stream -> Anthropic events -> Claude Code's echo -> the next Gemini request."""
+    evs = sse_events(gemini_run_stream([sse_bytes(*chunks)], signer=signer)[0], normalise_id=True)
+    gemini_check_invariants(evs)
+    turn = echo_turn(evs)
+    if edit:
+        edit(turn)
+    results = [tool_result(b["id"], "out") for b in turn["content"] if b["type"] == "tool_use"]
+    return gem(req(user("go"), turn, user(*results)))
+
+
+def test_gemini_signature_round_trip_exact_signature_on_exact_call() -> None:
+    out = roundtrip([gemini_resp({"text": "hm", "thought": True}, finish=None),
+                     gemini_resp(fcall("Read", {"path": "a"}, sig="SIG-READ"))])
+    model = model_turns(out["contents"])[0]
+    assert model["parts"] == [{"functionCall": {"name": "Read", "args": {"path": "a"}},
+                               "thoughtSignature": "SIG-READ"}]
+
+
+def test_gemini_signature_parallel_calls_only_first_carries_it() -> None:
+    out = roundtrip([gemini_resp(fcall("Read", {"path": "a"}, sig="SIG-P"), fcall("Read", {"path": "b"}),
+                          fcall("Bash", {"command": "c"}))])
+    calls = calls_of(model_turns(out["contents"])[0])
+    assert [c.get("thoughtSignature") for c in calls] == ["SIG-P", None, None]
+    assert len([p for p in out["contents"][2]["parts"] if "functionResponse" in p]) == 3
+
+
+def test_gemini_signature_on_second_call_stays_on_second_and_first_gets_bypass() -> None:
+    out = roundtrip([gemini_resp(fcall("Read", {"path": "a"}), fcall("Read", {"path": "b"}, sig="SIG-2ND"))])
+    calls = calls_of(model_turns(out["contents"])[0])
+    assert [c.get("thoughtSignature") for c in calls] == [BYPASS, "SIG-2ND"]
+
+
+def test_gemini_signature_text_part_signature_kept_on_its_text() -> None:
+    out = roundtrip([gemini_resp({"text": "Let me", "thoughtSignature": "TXT"}, finish=None),
+                     gemini_resp({"text": " check."}, fcall("Bash", {"command": "ls"}, sig="CALL"))])
+    parts = model_turns(out["contents"])[0]["parts"]
+    assert parts == [{"text": "Let me check.", "thoughtSignature": "TXT"},
+                     {"functionCall": {"name": "Bash", "args": {"command": "ls"}}, "thoughtSignature": "CALL"}]
+
+
+def test_gemini_signature_text_only_answer_signature_kept() -> None:
+    evs = sse_events(gemini_run_stream([sse_bytes(gemini_resp({"text": "Done.", "thoughtSignature": "END"}))])[0], normalise_id=True)
+    out = gem(req(user("q"), echo_turn(evs), user("thanks")))
+    assert out["contents"][1]["parts"] == [{"text": "Done.", "thoughtSignature": "END"}]
+
+
+def test_gemini_signature_thought_part_signature_used_for_first_call_without_its_own() -> None:
+    out = roundtrip([gemini_resp({"text": "t", "thought": True, "thoughtSignature": "THOUGHT"}, finish=None),
+                     gemini_resp(fcall("Bash", {"command": "x"}))])
+    assert calls_of(model_turns(out["contents"])[0])[0]["thoughtSignature"] == "THOUGHT"
+
+
+def test_gemini_signature_gemini_ids_sent_back_on_call_and_response() -> None:
+    out = roundtrip([gemini_resp(fcall("Bash", {"command": "x"}, sig="S", fid="fc-1"))])
+    assert out["contents"][1]["parts"][0]["functionCall"]["id"] == "fc-1"
+    assert out["contents"][2]["parts"][0]["functionResponse"]["id"] == "fc-1"
+
+
+def test_gemini_signature_generated_ids_not_sent() -> None:
+    out = roundtrip([gemini_resp(fcall("Bash", {"command": "x"}, sig="S"))])
+    assert "id" not in out["contents"][1]["parts"][0]["functionCall"]
+    assert "id" not in out["contents"][2]["parts"][0]["functionResponse"]
+
+
+def test_gemini_signature_different_signer_gets_bypass() -> None:
+    evs = sse_events(gemini_run_stream([sse_bytes(gemini_resp(fcall("Bash", {"command": "x"}, sig="S", fid="fc-1")))],
+                            signer="other/gemini-2.5-pro")[0], normalise_id=True)
+    out = gem(req(user("go"), echo_turn(evs), user(tool_result("fc-1"))))
+    part = out["contents"][1]["parts"][0]
+    assert part == {"functionCall": {"name": "Bash", "args": {"command": "x"}}, "thoughtSignature": BYPASS}
+
+
+def _alter_signature(turn: dict[str, Any]) -> None:
+    for b in turn["content"]:
+        if b["type"] == "thinking":
+            b["signature"] = b["signature"][:-2] + ("AA" if not b["signature"].endswith("AA") else "BB")
+
+
+def _alter_thinking_text(turn: dict[str, Any]) -> None:
+    for b in turn["content"]:
+        if b["type"] == "thinking":
+            b["thinking"] += " (edited)"
+
+
+def _alter_tool_id(turn: dict[str, Any]) -> None:
+    for b in turn["content"]:
+        if b["type"] == "tool_use":
+            b["id"] = "toolu_other"
+
+
+def _drop_thinking(turn: dict[str, Any]) -> None:
+    turn["content"] = [b for b in turn["content"] if b["type"] != "thinking"]
+
+
+@pytest.mark.parametrize("edit", [_alter_signature, _alter_thinking_text, _alter_tool_id, _drop_thinking],
+                         ids=["altered-signature", "altered-thinking", "altered-tool-id", "thinking-dropped"])
+def test_gemini_signature_altered_history_gets_bypass(edit: Callable[[dict[str, Any]], None]) -> None:
+    out = roundtrip([gemini_resp({"text": "plan", "thought": True}, finish=None),
+                     gemini_resp(fcall("Bash", {"command": "x"}, sig="REAL"))], edit=edit)
+    assert calls_of(model_turns(out["contents"])[0])[0]["thoughtSignature"] == BYPASS
+
+
+def test_gemini_signature_history_from_other_providers_gets_bypass() -> None:
+    body = req(user("q"),
+               assistant_blocks({"type": "thinking", "thinking": "t", "signature": "EqQBanthropic"},
+                         tool_use("toolu_01A", "Bash")),
+               user(tool_result("toolu_01A")),
+               assistant_blocks({"type": "thinking", "thinking": "r", "signature": ccm.sign_thinking(SECRET, "r")},
+                         tool_use("call_abc", "Read"), tool_use("call_def", "Read")),
+               user(tool_result("call_abc"), tool_result("call_def")))
+    models = model_turns(gem(body)["contents"])
+    assert [[c.get("thoughtSignature") for c in calls_of(m)] for m in models] == [[BYPASS], [BYPASS, None]]
+
+
+
+
+
+def test_gemini_signature_conversation_across_providers_never_sends_unsigned_call_turn() -> None:
+    issued = {"Bash|" + json.dumps({"command": "one"}): "G1-SIG"}
+    # 1. Gemini answers with a signed call
+    evs = sse_events(gemini_run_stream([sse_bytes(gemini_resp({"text": "plan", "thought": True}, finish=None),
+                                       gemini_resp(fcall("Bash", {"command": "one"}, sig="G1-SIG")))])[0], normalise_id=True)
+    history = [user("start"), echo_turn(evs)]
+    history.append(user(*[tool_result(b["id"], "1") for b in history[-1]["content"]
+                          if b["type"] == "tool_use"]))
+    # 2. an OpenAI provider answers the next step (ccm's OpenAIStream, its own thinking signature)
+    oreq, _ = ccm.to_openai(req(*history), "gpt-5")
+    assert all("G1-SIG" not in json.dumps(m) for m in oreq["messages"])
+    chunks = [{"id": "c1", "choices": [{"index": 0, "delta": {"reasoning_content": "hmm"}}]},
+              {"id": "c1", "choices": [{"index": 0, "delta": {"tool_calls": [{
+                  "index": 0, "id": "call_9", "function": {"name": "Bash", "arguments": '{"command":"two"}'}}]}}]},
+              {"id": "c1", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}]
+    ostream = ccm.OpenAIStream(MODEL, {}, SECRET)
+    raw = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+    oevs = sse_events(b"".join(ostream.feed(raw) + ostream.finish_stream()), normalise_id=True)
+    history += [echo_turn(oevs), user(tool_result("call_9", "2"))]
+    # 3. back to Gemini: turn 1 keeps its real signature, turn 2 gets the bypass
+    body = gem(req(*history))
+    assert signature_problems(body["contents"], issued) == []
+    assert [calls_of(m)[0]["thoughtSignature"] for m in model_turns(body["contents"])] == ["G1-SIG", BYPASS]
+    # 3b. the same history under another Gemini model: every call turn gets the bypass
+    other = gem(req(*history), signer="google/gemini-2.5-flash")
+    assert [calls_of(m)[0]["thoughtSignature"] for m in model_turns(other["contents"])] == [BYPASS, BYPASS]
+    # 4. and to Anthropic: ccm's thinking blocks are stripped, real content kept
+    raw_body = json.dumps(req(*history)).encode()
+    sent = json.loads(ccm.passthrough_body(raw_body, req(*history), MODEL, MODEL))
+    for m in sent["messages"]:
+        for b in m["content"] if isinstance(m["content"], list) else []:
+            assert not (b.get("type") == "thinking" and str(b.get("signature", "")).startswith("ccm1."))
+    assert sum(b.get("type") == "tool_use" for m in sent["messages"] if m["role"] == "assistant"
+               for b in m["content"]) == 2
+
+
+# ---- Errors --------------------------------------------------------------------------------
+
+
+
+
+RETRY = [{"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": []},
+         {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "31s"}]
+ERROR_CASES = [
+    (429, google_error(429, "RESOURCE_EXHAUSTED", "Quota exceeded", RETRY), 429, "rate_limit_error", 31),
+    (429, google_error(429, "RESOURCE_EXHAUSTED", "q", [{"@type": "type.googleapis.com/google.rpc.RetryInfo",
+                                                         "retryDelay": "0.2s"}]), 429, "rate_limit_error", 1),
+    (503, google_error(503, "UNAVAILABLE", "The model is overloaded."), 529, "overloaded_error", None),
+    (400, google_error(400, "INVALID_ARGUMENT", "Function call is missing a thought_signature"), 400,
+     "invalid_request_error", None),
+    (400, google_error(400, "FAILED_PRECONDITION", "User location is not supported"), 400,
+     "invalid_request_error", None),
+    (403, google_error(403, "PERMISSION_DENIED", "denied"), 403, "permission_error", None),
+    (401, google_error(401, "UNAUTHENTICATED", "bad creds"), 401, "authentication_error", None),
+    (404, google_error(404, "NOT_FOUND", "models/x is not found"), 404, "not_found_error", None),
+    (500, google_error(500, "INTERNAL", "oops"), 500, "api_error", None),
+    (504, google_error(504, "DEADLINE_EXCEEDED", "slow"), 504, "timeout_error", None),
+    (502, b"<html>Bad Gateway</html>", 502, "api_error", None),
+    (503, b"", 529, "overloaded_error", None),
+]
+
+
+@pytest.mark.parametrize("status,body,mapped,etype,retry", ERROR_CASES,
+                         ids=["429-retryinfo", "429-fraction", "503", "400-signature", "400-precondition",
+                              "403", "401", "404", "500", "504", "502-html", "503-empty"])
+def test_gemini_errors_google_mapping(status: int, body: bytes, mapped: int, etype: str, retry: Any) -> None:
+    err = ccm.gemini_error(status, body, {}, "gem")
+    assert (err.status, err.etype, err.retry_after_s) == (mapped, etype, retry)
+    assert err.message.startswith("gem: ") and err.provider == "gem"
+    assert dict(err.headers).get("retry-after") == (str(retry) if retry is not None else None)
+    if body.startswith(b"{"):
+        assert err.message == "gem: " + json.loads(body)["error"]["message"]
+    assert err.retryable == (mapped in (429, 500, 502, 504, 529))
+
+
+def test_gemini_errors_retry_after_header_used_without_retry_info() -> None:
+    err = ccm.gemini_error(429, google_error(429, "RESOURCE_EXHAUSTED"), {"retry-after": "7"}, "gem")
+    assert err.retry_after_s == 7 and ("retry-after", "7") in err.headers
+
+
+def test_gemini_errors_array_body_from_non_sse_stream() -> None:
+    body = b"[" + google_error(400, "INVALID_ARGUMENT", "bad") + b"]"
+    err = ccm.gemini_error(400, body, {}, "gem")
+    assert (err.status, err.message) == (400, "gem: bad")
+
+
+def test_gemini_errors_message_never_contains_api_key_from_headers() -> None:
+    err = ccm.gemini_error(401, google_error(401, "UNAUTHENTICATED", "API key not valid."),
+                         {"x-goog-api-key": PROVIDER_KEY}, "gem")
+    assert PROVIDER_KEY not in err.message and PROVIDER_KEY not in json.dumps(err.headers)
+
+
+# ---- count_tokens, URLs, Vertex bodies -----------------------------------------------------
+
+def test_gemini_count_request_and_result() -> None:
+    body = {"model": MODEL, "messages": [user("hello")], "system": [BILLING, text_block("sys")],
+            "tools": [{"name": "Bash", "input_schema": {"type": "object"}}]}
+    out = ccm.gemini_count_request(body, "gemini-2.5-pro", {}, SECRET, signer=SIGNER)
+    assert out == {"generateContentRequest": {
+        "model": "models/gemini-2.5-pro", "contents": [{"role": "user", "parts": [{"text": "hello"}]}],
+        "systemInstruction": {"parts": [{"text": "sys"}]},
+        "tools": [{"functionDeclarations": [{"name": "Bash", "parametersJsonSchema": {"type": "object"}}]}]}}
+    assert ccm.vertex_count_request(body, "gemini-2.5-pro", {}, SECRET, signer=SIGNER) == {
+        k: v for k, v in out["generateContentRequest"].items() if k != "model"}
+    assert ccm.gemini_count_result({"totalTokens": 31, "promptTokensDetails": []}) == 31
+    assert [ccm.gemini_count_result(x) for x in ({}, {"totalTokens": "3"}, [], {"totalTokens": True})] == \
+        [None] * 4
+
+
+URL_CASES = [
+    ("https://generativelanguage.googleapis.com", False, False,
+     "https://generativelanguage.googleapis.com/v1beta/models/gemini-3-pro:generateContent"),
+    ("https://generativelanguage.googleapis.com/", True, False,
+     "https://generativelanguage.googleapis.com/v1beta/models/gemini-3-pro:streamGenerateContent?alt=sse"),
+    ("https://generativelanguage.googleapis.com/v1beta", False, True,
+     "https://generativelanguage.googleapis.com/v1beta/models/gemini-3-pro:countTokens"),
+    ("https://generativelanguage.googleapis.com/v1beta/", True, False,
+     "https://generativelanguage.googleapis.com/v1beta/models/gemini-3-pro:streamGenerateContent?alt=sse"),
+    ("", False, False, "https://generativelanguage.googleapis.com/v1beta/models/gemini-3-pro:generateContent"),
+    ("http://127.0.0.1:9/proxy", False, False, "http://127.0.0.1:9/proxy/v1beta/models/gemini-3-pro:generateContent"),
+]
+
+
+@pytest.mark.parametrize("base,stream,count,url", URL_CASES,
+                         ids=["root", "root-slash-stream", "v1beta-count", "v1beta-slash", "default", "custom"])
+def test_gemini_urls(base: str, stream: bool, count: bool, url: str) -> None:
+    assert ccm.gemini_url(base, "gemini-3-pro", stream, count) == url
+    assert "key=" not in url
+
+
+def test_gemini_urls_model_prefix_and_escaping() -> None:
+    assert ccm.gemini_url("", "models/gemini-3-pro", False).endswith("/v1beta/models/gemini-3-pro:generateContent")
+    assert "/../" not in ccm.gemini_url("", "../x", False) and "%2F" in ccm.gemini_url("", "../x", False)
+
+
+VERTEX_CASES = [
+    (None, "us-central1", "gemini-2.5-pro", False, False,
+     "https://us-central1-aiplatform.googleapis.com/v1/projects/p1/locations/us-central1/publishers/google/"
+     "models/gemini-2.5-pro:generateContent"),
+    (None, "global", "gemini-3-pro", True, False,
+     "https://aiplatform.googleapis.com/v1/projects/p1/locations/global/publishers/google/models/gemini-3-pro"
+     ":streamGenerateContent?alt=sse"),
+    (None, "europe-west4", "gemini-3-pro", False, True,
+     "https://europe-west4-aiplatform.googleapis.com/v1/projects/p1/locations/europe-west4/publishers/google/"
+     "models/gemini-3-pro:countTokens"),
+    ("http://127.0.0.1:9", "us-east5", "claude-sonnet-4-5@20250929", False, False,
+     "http://127.0.0.1:9/v1/projects/p1/locations/us-east5/publishers/anthropic/models/"
+     "claude-sonnet-4-5@20250929:rawPredict"),
+    ("http://127.0.0.1:9/v1/", "us-east5", "claude-sonnet-4-5@20250929", True, False,
+     "http://127.0.0.1:9/v1/projects/p1/locations/us-east5/publishers/anthropic/models/"
+     "claude-sonnet-4-5@20250929:streamRawPredict"),
+    (None, "global", "claude-opus-4-1", False, True,
+     "https://aiplatform.googleapis.com/v1/projects/p1/locations/global/publishers/anthropic/models/"
+     "count-tokens:rawPredict"),
+]
+
+
+@pytest.mark.parametrize("base,loc,model,stream,count,url", VERTEX_CASES,
+                         ids=["regional", "global-stream", "count", "claude", "claude-stream", "claude-count"])
+def test_vertex_urls(base: Any, loc: str, model: str, stream: bool, count: bool, url: str) -> None:
+    assert ccm.vertex_url(base, "p1", loc, model, stream, count) == url
+
+
+def test_vertex_anthropic_bodies() -> None:
+    body = req(user("q"), assistant_blocks({"type": "thinking", "thinking": "x", "signature": ccm.sign_thinking(SECRET, "x")},
+                                    text_block("a")), user("b"), stream=True)
+    out = json.loads(ccm.vertex_anthropic_body(body, "claude-sonnet-4-5@20250929", True))
+    assert "model" not in out and out["anthropic_version"] == "vertex-2023-10-16" and out["stream"] is True
+    assert out["messages"][1]["content"] == [text_block("a")]          # ccm's thinking stripped
+    assert "stream" not in json.loads(ccm.vertex_anthropic_body(body, "m", False))
+    count = json.loads(ccm.vertex_anthropic_count_body(body, "claude-sonnet-4-5@20250929"))
+    assert count["model"] == "claude-sonnet-4-5@20250929" and "max_tokens" not in count
+    assert "stream" not in count
+
+
+# ============================================================================================
+# FakeGemini: an in-process generateContent / streamGenerateContent server on 127.0.0.1
+
+
+def gemini_send(fake: FakeUpstream, body: dict[str, Any], stream: bool, key: str = PROVIDER_KEY,
+         model: str = "gemini-3-pro") -> tuple[int, Any]:
+    """One translated exchange: Anthropic body -> Gemini request -> Anthropic answer or error."""
+    gbody = ccm.to_gemini(body, model, {}, SECRET, signer=SIGNER)
+    url = ccm.gemini_url(fake.base_url, model, stream)
+    with httpx.Client(trust_env=False, timeout=10) as client:
+        r = client.post(url, headers={"x-goog-api-key": key}, json=gbody)
+    if r.status_code != 200:
+        err = ccm.gemini_error(r.status_code, r.content, r.headers, "gem")
+        return r.status_code, err
+    if not stream:
+        return 200, ccm.from_gemini(r.json(), MODEL, SECRET, signer=SIGNER)
+    s = ccm.GeminiStream(MODEL, SECRET, signer=SIGNER)
+    out: list[bytes] = []
+    for i in range(0, len(r.content), 7):                  # delivered in small pieces
+        out += s.feed(r.content[i:i + 7])
+    evs = sse_events(b"".join(out + s.finish_stream()), normalise_id=True)
+    gemini_check_invariants(evs)
+    return 200, evs
+
+
+def test_gemini_fake_rejects_wrong_key_and_unsigned_call(fake_gemini: FakeUpstream) -> None:
+    status, err = gemini_send(fake_gemini, req(user("hi")), False, key="wrong")
+    assert status == 400 and "API key not valid" in err.message
+    unsigned = {"contents": [{"role": "user", "parts": [{"text": "q"}]},
+                             {"role": "model", "parts": [{"functionCall": {"name": "Bash", "args": {}}}]},
+                             {"role": "user", "parts": [{"functionResponse": {"name": "Bash",
+                                                                              "response": {"output": ""}}}]}]}
+    with httpx.Client(trust_env=False, timeout=10) as client:
+        r = client.post(ccm.gemini_url(fake_gemini.base_url, "gemini-3-pro", False),
+                        headers={"x-goog-api-key": PROVIDER_KEY}, json=unsigned)
+    err = ccm.gemini_error(r.status_code, r.content, r.headers, "gem")
+    assert (err.status, err.etype) == (400, "invalid_request_error")
+    assert "missing a thought_signature" in err.message
+
+
+def test_gemini_fake_end_to_end_tool_loop_with_signatures(fake_gemini: FakeUpstream) -> None:
+    script_gemini(fake_gemini, 
+        [gemini_resp({"text": "I should look", "thought": True}, finish=None),
+         gemini_resp(fcall("Bash", {"command": "ls"}, sig="FAKE-SIG-1"), fcall("Bash", {"command": "pwd"}),
+              usage={"promptTokenCount": 20, "candidatesTokenCount": 8})],
+        [gemini_resp({"text": "Now read"}, finish=None),
+         gemini_resp(fcall("Read", {"path": "a.txt"}, sig="FAKE-SIG-2"))],
+        [gemini_resp({"text": "All done ✓"})])
+    history: list[Any] = [user("list files")]
+    for step in range(3):
+        status, evs = gemini_send(fake_gemini, req(*history, tools=[
+            {"name": "Bash", "input_schema": CC_SCHEMA}, {"name": "Read", "input_schema": {"type": "object"}}],
+            thinking={"type": "adaptive"}), True)
+        assert status == 200, evs.message if status != 200 else ""
+        turn = echo_turn(evs)
+        history.append(turn)
+        calls = [b for b in turn["content"] if b["type"] == "tool_use"]
+        if not calls:
+            break
+        history.append(user(*[tool_result(b["id"], f"result {step}") for b in calls]))
+    assert history[-1]["content"][-1] == text_block("All done ✓")
+    last = fake_gemini.seen[-1].json
+    sigs = [calls_of(m)[0]["thoughtSignature"] for m in model_turns(last["contents"])]
+    assert sigs == ["FAKE-SIG-1", "FAKE-SIG-2"]
+    assert last["generationConfig"]["thinkingConfig"] == {"thinkingBudget": -1, "includeThoughts": True}
+    assert all(s.headers["x-goog-api-key"] == PROVIDER_KEY for s in fake_gemini.seen)
+
+
+def test_gemini_fake_rejects_a_wrong_real_signature(fake_gemini: FakeUpstream) -> None:
+    script_gemini(fake_gemini, [gemini_resp(fcall("Bash", {"command": "ls"}, sig="GOOD"))])
+    status, evs = gemini_send(fake_gemini, req(user("q")), True)
+    turn = echo_turn(evs)
+    history = [user("q"), turn, user(tool_result(turn["content"][1]["id"]))]
+    gbody = ccm.to_gemini(req(*history), "gemini-3-pro", {}, SECRET, signer=SIGNER)
+    gbody["contents"][1]["parts"][0]["thoughtSignature"] = "FORGED"
+    with httpx.Client(trust_env=False, timeout=10) as client:
+        r = client.post(ccm.gemini_url(fake_gemini.base_url, "gemini-3-pro", True),
+                        headers={"x-goog-api-key": PROVIDER_KEY}, json=gbody)
+    assert r.status_code == 400
+    status, _ = gemini_send(fake_gemini, req(*history), True)       # the translator's own body passes
+    assert status == 200
+
+
+def test_gemini_fake_non_streaming_and_count_tokens(fake_gemini: FakeUpstream) -> None:
+    script_gemini(fake_gemini, [gemini_resp({"text": "hi there"}, usage={"promptTokenCount": 4, "candidatesTokenCount": 2})])
+    status, msg = gemini_send(fake_gemini, req(user("hello")), False)
+    assert status == 200 and msg["content"] == [text_block("hi there")] and msg["usage"]["output_tokens"] == 2
+    body = ccm.gemini_count_request(req(user("hello")), "gemini-3-pro", {}, SECRET, signer=SIGNER)
+    with httpx.Client(trust_env=False, timeout=10) as client:
+        r = client.post(ccm.gemini_url(fake_gemini.base_url, "gemini-3-pro", False, count=True),
+                        headers={"x-goog-api-key": PROVIDER_KEY}, json=body)
+    assert r.status_code == 200 and isinstance(ccm.gemini_count_result(r.json()), int)
+
+
+def test_gemini_fake_history_from_another_provider_accepted_with_bypass(fake_gemini: FakeUpstream) -> None:
+    body = req(user("q"), assistant_blocks({"type": "thinking", "thinking": "t", "signature": "EqQBreal"},
+                                    tool_use("toolu_01X", "Bash", {"command": "x"})),
+               user(tool_result("toolu_01X", "done")))
+    status, evs = gemini_send(fake_gemini, body, True)
+    assert status == 200
+    assert calls_of(fake_gemini.seen[-1].json["contents"][1])[0]["thoughtSignature"] == BYPASS
+
+
 # ============================================================================================
 # 11. Upstream client, credentials, health
 # ============================================================================================
@@ -3157,6 +4739,389 @@ def test_failover_cancelled_probe_is_released(fake_upstream, ccm_server) -> None
     assert "p1" not in h.probing
     assert [t.provider for t in h.order(c.app.cfg.models["m"].mappings and
                                         [ccm.Target("p1", "a"), ccm.Target("p2", "b")])] == ["p1", "p2"]
+
+
+# --- 11a. Google credentials ------------------------------------------------------------
+# GoogleCredentials for vertex-ai (PROTOCOL.md §9) against the fake Google of the fixtures: its
+# token endpoint verifies the RS256 JWT-bearer assertion google-auth really sends (with the
+# public half of a key generated here) and the refresh_token grant; its metadata endpoint
+# insists on Metadata-Flavor: Google. google-auth itself runs unmocked.
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture
+def make_creds() -> Iterator[Callable[..., ccm.GoogleCredentials]]:
+    made: list[ccm.GoogleCredentials] = []
+
+    def make(credentials_file: str | None = None, name: str = "vertex-test",
+             factory: Any = loopback_client) -> ccm.GoogleCredentials:
+        made.append(ccm.GoogleCredentials(name, credentials_file, factory))
+        return made[-1]
+    yield make
+    for c in made:
+        c.close()
+
+
+def auth_failure(coro: Any) -> ccm.UpstreamError:
+    with pytest.raises(ccm.UpstreamError) as info:
+        asyncio.run(coro)
+    return info.value
+
+
+def assert_auth_error(exc: ccm.UpstreamError, provider: str = "vertex-test") -> None:
+    assert (exc.status, exc.etype, exc.provider, exc.retryable) == \
+        (401, "authentication_error", provider, True)
+    assert exc.message.startswith(f"{provider}: ") and "\n" not in exc.message
+    assert "Traceback" not in exc.message
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": HERE, **env})
+
+
+# ---- Google credentials: tokens, caching, refresh ------------------------------------------
+
+
+def test_google_credentials_service_account_token_from_verified_assertion(fake_google: FakeGoogle, service_account: Any,
+                                                              make_creds: Any) -> None:
+    creds = make_creds(service_account())
+    token = asyncio.run(creds.token())
+    assert token == "ya29.fake-access-token-0001"
+    assert fake_google.rejections == [] and fake_google.exchanges == 1
+    (req,) = fake_google.token_requests()
+    assert req.form["grant_type"] == JWT_BEARER
+    assert req.headers["content-type"] == "application/x-www-form-urlencoded"
+    assert fake_google.identities == ["vertex-sa@ccm-test.iam.gserviceaccount.com"]
+    assert ccm.vertex_headers(token) == {"authorization": "Bearer ya29.fake-access-token-0001"}
+
+
+def test_google_credentials_token_cached_for_sequential_and_concurrent_calls(fake_google: FakeGoogle,
+                                                                 service_account: Any,
+                                                                 make_creds: Any) -> None:
+    path = service_account()
+
+    async def sequential(c: ccm.GoogleCredentials) -> set[str]:
+        return {await c.token() for _ in range(25)}
+
+    async def concurrent(c: ccm.GoogleCredentials) -> set[str]:
+        return set(await asyncio.gather(*(c.token() for _ in range(25))))
+
+    assert asyncio.run(sequential(make_creds(path))) == {"ya29.fake-access-token-0001"}
+    assert fake_google.exchanges == 1
+    assert asyncio.run(concurrent(make_creds(path))) == {"ya29.fake-access-token-0002"}
+    assert fake_google.exchanges == 2 and len(fake_google.token_requests()) == 2
+
+
+@pytest.mark.parametrize("expires_in, exchanges", [(299, 2), (3600, 1)],
+                         ids=["under-5-min-left-refreshes", "an-hour-left-is-reused"])
+def test_google_credentials_token_refreshed_before_expiry(fake_google: FakeGoogle, service_account: Any,
+                                              make_creds: Any, expires_in: int, exchanges: int) -> None:
+    fake_google.expires_in = expires_in
+    creds = make_creds(service_account())
+
+    async def twice() -> list[str]:
+        return [await creds.token(), await creds.token()]
+
+    tokens = asyncio.run(twice())
+    assert fake_google.exchanges == exchanges
+    assert tokens[-1] == f"ya29.fake-access-token-{exchanges:04d}"
+
+
+def test_google_credentials_on_401_forces_one_refresh(fake_google: FakeGoogle, service_account: Any,
+                                          make_creds: Any) -> None:
+    creds = make_creds(service_account())
+
+    async def flow() -> tuple[str, str, str, list[str]]:
+        first = await creds.token()
+        second = await creds.on_401()
+        again = await creds.token()
+        # Two requests that both got 401 with `second` share one refresh.
+        both = await asyncio.gather(creds.on_401(second), creds.on_401(second))
+        return first, second, again, both
+
+    first, second, again, both = asyncio.run(flow())
+    assert first != second == again
+    assert both == ["ya29.fake-access-token-0003"] * 2
+    assert fake_google.exchanges == 3
+
+
+def test_google_credentials_authorized_user_uses_refresh_token_grant(fake_google: FakeGoogle, authorized_user: Any,
+                                                         make_creds: Any) -> None:
+    creds = make_creds(authorized_user(quota_project="billing-proj"))
+    token = asyncio.run(creds.token())
+    assert fake_google.rejections == [] and fake_google.exchanges == 1
+    form = fake_google.token_requests()[0].form
+    assert form["grant_type"] == "refresh_token"
+    assert fake_google.identities == ["user-client.apps.googleusercontent.com"]
+    assert ccm.vertex_headers(token, creds.quota_project) == {
+        "authorization": f"Bearer {token}", "x-goog-user-project": "billing-proj"}
+    assert "(authorized_user)" in creds.describe()
+
+
+# ---- Lookup order (credentials_file, GOOGLE_APPLICATION_CREDENTIALS, gcloud ADC, metadata) ----
+
+
+@pytest.mark.parametrize("present, winner", [
+    (("explicit", "env", "gcloud"), "explicit"),
+    (("env", "gcloud"), "env"),
+    (("gcloud",), "gcloud"),
+], ids=["credentials_file-beats-env-and-gcloud", "env-beats-gcloud", "gcloud-adc-under-home"])
+def test_google_credentials_lookup_follows_google_order(fake_google: FakeGoogle, service_account: Any,
+                                            authorized_user: Any, make_creds: Any, tmp_home: Any,
+                                            monkeypatch: pytest.MonkeyPatch, present: tuple[str, ...],
+                                            winner: str) -> None:
+    explicit = service_account("explicit-sa") if "explicit" in present else None
+    if "env" in present:
+        monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", service_account("env-sa"))
+    if "gcloud" in present:
+        authorized_user("gcloud", path=str(tmp_home / ".config/gcloud/application_default_credentials.json"))
+    creds = make_creds(explicit)
+    asyncio.run(creds.token())
+    expected = {"explicit": ("explicit-sa@ccm-test.iam.gserviceaccount.com", "credentials_file"),
+                "env": ("env-sa@ccm-test.iam.gserviceaccount.com", "GOOGLE_APPLICATION_CREDENTIALS"),
+                "gcloud": ("gcloud-client.apps.googleusercontent.com", "gcloud ADC file")}[winner]
+    assert fake_google.identities == [expected[0]]
+    assert creds.describe().startswith(expected[1] + " ")
+    assert creds.check() is None
+
+
+def test_google_credentials_env_naming_a_missing_file_does_not_fall_through(authorized_user: Any, make_creds: Any,
+                                                                tmp_home: Any, tmp_path: Any,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """As google.auth.default: a set GOOGLE_APPLICATION_CREDENTIALS is used or reported, never skipped."""
+    authorized_user("gcloud", path=str(tmp_home / ".config/gcloud/application_default_credentials.json"))
+    missing = str(tmp_path / "gone.json")
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", missing)
+    creds = make_creds()
+    exc = auth_failure(creds.token())
+    assert_auth_error(exc)
+    assert f"GOOGLE_APPLICATION_CREDENTIALS {missing} does not exist" in exc.message
+    assert creds.describe() == f"GOOGLE_APPLICATION_CREDENTIALS {missing} does not exist"
+
+
+def test_google_credentials_metadata_server_when_no_file(fake_google: FakeGoogle, make_creds: Any,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GCE_METADATA_HOST", fake_google.host)
+    creds = make_creds()
+    assert creds.describe() == f"GCE metadata server http://{fake_google.host} (no credentials file found)"
+    assert creds.check() is None
+    token = asyncio.run(creds.token())
+    assert token == "ya29.fake-access-token-0001"
+    calls = [s for s in fake_google.seen if s.path.startswith(METADATA_TOKEN_PATH)]
+    assert len(calls) == 1 and calls[0].headers["metadata-flavor"] == "Google"
+    assert "cloud-platform" in urllib.parse.unquote(calls[0].path)
+    assert all(s.headers.get("metadata-flavor") == "Google" for s in fake_google.seen)
+
+
+def test_google_credentials_default_client_does_not_proxy_loopback(fake_google: FakeGoogle, service_account: Any,
+                                                       make_creds: Any,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    for var in ("NO_PROXY", "no_proxy"):            # only ccm's own loopback rule keeps it direct
+        monkeypatch.delenv(var, raising=False)
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.setenv(var, dead)
+    creds = make_creds(service_account(), factory=None)     # ccm's own google_http_client
+    assert asyncio.run(creds.token()) == "ya29.fake-access-token-0001"
+
+
+# ---- Failures: one 401 authentication_error naming the provider, no secret -----------------
+
+
+def test_google_credentials_no_credentials_anywhere_is_401(make_creds: Any) -> None:
+    creds = make_creds(name="vertex-prod")
+    exc = auth_failure(creds.token())
+    assert_auth_error(exc, "vertex-prod")
+    assert "no Google credentials found" in exc.message
+    assert "gcloud auth application-default login" in exc.message
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in exc.message and "credentials_file" in exc.message
+    assert creds.check() == exc.message
+
+
+@pytest.mark.parametrize("kind", ["service_account", "authorized_user"])
+def test_google_credentials_token_endpoint_400_is_401_without_secrets(fake_google: FakeGoogle, service_account: Any,
+                                                          authorized_user: Any, make_creds: Any,
+                                                          caplog: pytest.LogCaptureFixture,
+                                                          kind: str) -> None:
+    path = service_account() if kind == "service_account" else authorized_user()
+    info = json.load(open(path))
+    secrets = [info.get("private_key", "").splitlines()[5:6], info.get("client_secret"),
+               info.get("refresh_token")]
+    secrets = [s[0] if isinstance(s, list) else s for s in secrets if s]
+    fake_google.reject = (400, {"error": "invalid_grant", "error_description":
+                           "Token has been expired or revoked. " + " ".join(secrets)})
+    caplog.set_level("DEBUG")
+    creds = make_creds(path)
+    exc = auth_failure(creds.token())
+    assert_auth_error(exc)
+    assert "invalid_grant: Token has been expired or revoked." in exc.message
+    assert path in exc.message and fake_google.token_uri in exc.message
+    seen_form = fake_google.token_requests()[0].form
+    for secret in [*secrets, seen_form.get("assertion", ""), seen_form.get("refresh_token", "")]:
+        if secret:
+            assert secret not in exc.message and secret not in caplog.text
+
+
+def test_google_credentials_assertion_signed_with_another_key_is_refused(fake_google: FakeGoogle, service_account: Any,
+                                                             make_creds: Any) -> None:
+    """The fake really verifies the signature: a file whose key is not the account's fails."""
+    path = service_account()
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    info = json.load(open(path))
+    info["private_key"] = other.private_bytes(serialization.Encoding.PEM,
+                                              serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()).decode()
+    write_json(path, info)
+    exc = auth_failure(make_creds(path).token())
+    assert_auth_error(exc)
+    assert fake_google.rejections == ["Invalid JWT Signature."]
+    assert "invalid_grant: Invalid JWT Signature." in exc.message
+
+
+@pytest.mark.parametrize("content, problem", [
+    (None, "does not exist"),
+    ("{not json", "is not JSON"),
+    ([1, 2], "is not a JSON object"),
+    ({"type": "wizard"}, "does not have a valid type"),
+    ({"type": "service_account", "client_email": "x@y"}, "missing fields"),
+    ({"type": "service_account", "client_email": "x@y.iam.gserviceaccount.com",
+      "token_uri": "http://127.0.0.1:9/token", "private_key_id": "k1",
+      "private_key": "-----BEGIN PRIVATE KEY-----\nMIIBVQIBADANBgkqhkiG9w0BAQEFAASCAT8wggE7AgE\n"
+                     "-----END PRIVATE KEY-----\n"}, "not usable"),
+], ids=["missing", "not-json", "json-array", "unknown-type", "sa-missing-fields", "sa-broken-key"])
+def test_google_credentials_bad_credentials_file_is_401_naming_the_file(make_creds: Any, tmp_path: Any,
+                                                            content: Any, problem: str) -> None:
+    path = str(tmp_path / "creds.json")
+    if content is not None:
+        write_json(path, content)
+    creds = make_creds(path)
+    exc = auth_failure(creds.token())
+    assert_auth_error(exc)
+    assert path in exc.message and problem in exc.message
+    assert "MIIBVQ" not in exc.message and "BEGIN PRIVATE" not in exc.message
+    assert creds.check() == exc.message
+
+
+def test_google_credentials_fixed_file_is_picked_up_after_a_failure(fake_google: FakeGoogle, service_account: Any,
+                                                        make_creds: Any, tmp_path: Any) -> None:
+    path = str(tmp_path / "later.json")
+    creds = make_creds(path)
+
+    async def flow() -> str:
+        with pytest.raises(ccm.UpstreamError):
+            await creds.token()
+        service_account(path=path)
+        return await creds.token()
+
+    assert asyncio.run(flow()) == "ya29.fake-access-token-0001"
+
+
+def test_google_credentials_google_auth_missing_is_one_install_line() -> None:
+    code = ("import sys, asyncio\n"
+            "sys.modules['google.auth'] = None\n"
+            "import ccm\n"
+            "c = ccm.GoogleCredentials('vertex-x', None, None)\n"
+            "try:\n"
+            "    asyncio.run(c.token())\n"
+            "except ccm.UpstreamError as e:\n"
+            "    print(e.status, e.etype, e.provider, e.retryable)\n"
+            "    print(e.message)\n"
+            "print(c.check())\n")
+    out = run_python(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "401 authentication_error vertex-x True",
+        "vertex-x: vertex-ai needs the google-auth package: pip install 'ccm[vertex]'",
+        "vertex-x: vertex-ai needs the google-auth package: pip install 'ccm[vertex]'"]
+
+
+def test_google_credentials_google_auth_imported_only_on_first_use(service_account: Any) -> None:
+    code = ("import sys\n"
+            "import ccm\n"
+            "c = ccm.GoogleCredentials('v', None, None)\n"
+            "print(c.describe())\n"
+            "print('google.auth' in sys.modules)\n"
+            "c.check()\n"
+            "print('google.auth' in sys.modules)\n")
+    out = run_python(code, GCE_METADATA_HOST=f"127.0.0.1:{free_port()}")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[1:] == ["False", "True"]
+
+
+# ---- Off the event loop, and the transport adapter -----------------------------------------
+
+
+def test_google_credentials_refresh_runs_off_the_event_loop(fake_google: FakeGoogle, service_account: Any,
+                                                make_creds: Any) -> None:
+    """The token endpoint answers only after a coroutine on the caller's loop opens the gate:
+    a refresh that blocked the loop would leave it shut until the fake gave up."""
+    fake_google.gate = threading.Event()
+    creds = make_creds(service_account())
+
+    async def open_gate_once_request_arrives() -> None:
+        for _ in range(1000):                      # bounded: at most ~10 s
+            if fake_google.token_requests():
+                fake_google.gate.set()
+                return
+            await asyncio.sleep(0.01)
+
+    async def both() -> str:
+        token, _ = await asyncio.gather(creds.token(), open_gate_once_request_arrives())
+        return token
+
+    assert asyncio.run(both()) == "ya29.fake-access-token-0001"
+    assert fake_google.gate_was_open == [True]
+
+
+def test_google_credentials_cancelled_caller_leaves_one_exchange_for_the_next(fake_google: FakeGoogle,
+                                                                  service_account: Any,
+                                                                  make_creds: Any) -> None:
+    fake_google.gate = threading.Event()
+    creds = make_creds(service_account())
+
+    async def flow() -> str:
+        first = asyncio.create_task(creds.token())
+        for _ in range(1000):                      # bounded: at most ~10 s
+            if fake_google.token_requests():
+                break
+            await asyncio.sleep(0.01)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        second = asyncio.create_task(creds.token())
+        await asyncio.sleep(0)
+        fake_google.gate.set()
+        return await second
+
+    assert asyncio.run(flow()) == "ya29.fake-access-token-0001"
+    assert fake_google.exchanges == 1 and len(fake_google.token_requests()) == 1
+
+
+def test_google_credentials_transport_is_a_google_auth_request(fake_google: FakeGoogle) -> None:
+    from google.auth import exceptions, transport as google_transport
+    ccm._import_google_auth("p")
+    with loopback_client() as client:
+        transport = ccm.GoogleTransport(client)
+        assert isinstance(transport, google_transport.Request)
+        r = transport(f"http://{fake_google.host}/computeMetadata/v1/", headers={"Metadata-Flavor": "Google"},
+                      timeout=5)
+        assert (r.status, r.headers["metadata-flavor"], json.loads(r.data)) == (200, "Google", {})
+        with pytest.raises(exceptions.TransportError):
+            transport(f"http://127.0.0.1:{free_port()}/token", method="POST", body=b"x=1", timeout=5)
+
+
+@pytest.mark.parametrize("text, secret", [
+    ("key -----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBg\n-----END PRIVATE KEY-----\n end", "MIIEvQ"),
+    ("bearer ya29.a0AfH6SMBx-very-secret", "a0AfH6SMBx"),
+    ("assertion=eyJhbGciOiJSUzI1NiJ9.eyJpc3MiOiJ4In0.c2lnbmF0dXJl", "eyJpc3MiOiJ4In0"),
+    ("refresh 1//0gAbCdEfGhIjKlMn", "0gAbCdEfGhIjKlMn"),
+], ids=["pem", "access-token", "jwt", "refresh-token"])
+def test_google_credentials_scrub_masks_google_secrets(text: str, secret: str) -> None:
+    out = ccm._scrub_google(text, [])
+    assert secret not in out and "\n" not in out
 
 
 # ============================================================================================
@@ -5489,6 +7454,248 @@ def test_app_count_tokens_remembers_a_provider_without_it(fake_upstream, ccm_ser
     assert len(up.seen) == 1                                      # asked once, then remembered
 
 
+# --- Gemini and Vertex AI through ccm's real server (the anthropic SDK as Claude Code) --------
+
+
+GEM_TOOLS = [{"name": "Bash", "description": "Run a command", "input_schema": {
+                 "type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]}},
+             {"name": "Read", "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}}}]
+
+
+THINKING = {"type": "enabled", "budget_tokens": 2048}
+
+
+_ECHOED = {"text": ("type", "text"), "thinking": ("type", "thinking", "signature"),
+           "redacted_thinking": ("type", "data"), "tool_use": ("type", "id", "name", "input")}
+
+
+def echo_blocks(msg: Any) -> dict[str, Any]:
+    """The assistant turn Claude Code sends back: every block it received, thinking included,
+    with exactly the fields the API defines."""
+    return {"role": "assistant", "content": [{k: b[k] for k in _ECHOED[b["type"]]}
+                                             for b in (blk.model_dump() for blk in msg.content)]}
+
+
+def results_for(turn: dict[str, Any], label: str) -> dict[str, Any]:
+    return user(*[tool_result(b["id"], f"{label} {b['id']}") for b in turn["content"]
+                  if b["type"] == "tool_use"])
+
+
+def streamed(c: CCM, **body: Any) -> Any:
+    with sdk(c).messages.stream(**body) as s:
+        return s.get_final_message()
+
+
+def vertex_toml(name: str, url: str, creds: str, location: str = "us-east5") -> str:
+    return provider_toml(name, "vertex-ai", url, key=None, extra=(
+        f'project_id = "ccm-test"\nlocation = "{location}"\ncredentials_file = "{creds}"\n'))
+
+
+def routed(providers: str, *mappings: tuple[str, str]) -> str:
+    """Model m served by these mappings in order, each provider asked once."""
+    return (f'[server]\n{NO_RETRY_TIMEOUTS}\n[router]\ndefault = "m"\n\n' + providers
+            + no_retry(model_toml("m", *mappings)))
+
+
+def test_app_gemini_whole_and_streamed_messages(fake_upstream, ccm_server) -> None:
+    g = fake_upstream("gemini")
+    script_gemini(g, [gemini_resp({"text": "hi there"}, usage={"promptTokenCount": 4,
+                                                               "candidatesTokenCount": 2})],
+                  [gemini_resp({"text": "hel"}, finish=None),
+                   gemini_resp({"text": "lo ✓"}, usage={"promptTokenCount": 4, "candidatesTokenCount": 3})])
+    c = ccm_server(simple_cfg(g, "gemini"))
+    msg = sdk(c).messages.create(**BASIC_REQ)
+    assert (msg.content[0].text, msg.model, msg.stop_reason) == ("hi there", BASIC_REQ["model"], "end_turn")
+    assert (msg.usage.input_tokens, msg.usage.output_tokens) == (4, 2)
+    final = streamed(c, **BASIC_REQ)
+    assert final.content[0].text == "hello ✓" and final.usage.output_tokens == 3
+    assert [s.path for s in g.seen] == ["/v1beta/models/real-model:generateContent",
+                                        "/v1beta/models/real-model:streamGenerateContent?alt=sse"]
+    assert all(s.headers["x-goog-api-key"] == PROVIDER_KEY and "key=" not in s.path for s in g.seen)
+    assert all("x-api-key" not in s.headers and "authorization" not in s.headers for s in g.seen)
+
+
+def test_app_gemini_three_turn_tool_loop_keeps_thought_signatures(fake_upstream, ccm_server) -> None:
+    g = fake_upstream("gemini")
+    script_gemini(g,
+                  [gemini_resp({"text": "I should look", "thought": True}, finish=None),
+                   gemini_resp(fcall("Bash", {"command": "ls"}, sig="FAKE-SIG-1"),
+                               fcall("Bash", {"command": "pwd"}))],
+                  [gemini_resp({"text": "Now read"}, finish=None),
+                   gemini_resp(fcall("Read", {"path": "a.txt"}, sig="FAKE-SIG-2"))],
+                  [gemini_resp({"text": "All done ✓"})])
+    c = ccm_server(simple_cfg(g, "gemini", once=True))
+    history: list[Any] = [user("list files")]
+    for step in range(3):
+        msg = streamed(c, model="claude-opus-4-8", max_tokens=4096, thinking=THINKING,
+                       tools=GEM_TOOLS, messages=history)
+        turn = echo_blocks(msg)
+        history.append(turn)
+        if msg.stop_reason != "tool_use":
+            break
+        history.append(results_for(turn, f"step {step}"))
+    assert step == 2 and msg.content[-1].text == "All done ✓"
+    kinds = [[b["type"] for b in t["content"]] for t in history if t["role"] == "assistant"]
+    assert kinds == [["thinking", "tool_use", "tool_use"], ["text", "thinking", "tool_use"], ["text"]]
+    assert len(g.seen) == 3 and all(s.path.endswith(":streamGenerateContent?alt=sse") for s in g.seen)
+    last = g.seen[-1].json
+    assert [calls_of(m)[0]["thoughtSignature"] for m in model_turns(last["contents"])] == \
+        ["FAKE-SIG-1", "FAKE-SIG-2"]
+    assert signature_problems(last["contents"], g.issued) == []
+    assert all(s.headers["x-goog-api-key"] == PROVIDER_KEY and "key=" not in s.path for s in g.seen)
+
+
+def test_app_gemini_count_tokens_asks_count_tokens(fake_upstream, ccm_server) -> None:
+    g = fake_upstream("gemini")
+    c = ccm_server(simple_cfg(g, "gemini"))
+    got = sdk(c).messages.count_tokens(model="claude-opus-4-8", messages=[user("hello there")])
+    (seen,) = g.seen
+    assert seen.path == "/v1beta/models/real-model:countTokens"
+    assert got.input_tokens == len(json.dumps(seen.json["generateContentRequest"]["contents"])) // 4
+    assert seen.headers["x-goog-api-key"] == PROVIDER_KEY
+
+
+GEMINI_429 = google_error(429, "RESOURCE_EXHAUSTED", "Quota exceeded", RETRY)
+
+
+def test_app_gemini_429_fails_over_to_the_next_provider(fake_upstream, ccm_server) -> None:
+    g, a = fake_upstream("gemini"), fake_upstream("anthropic")
+    g.script(Reply(429, raw=GEMINI_429))
+    c = ccm_server(two_cfg(g.base_url, a.base_url, "gemini", "anthropic"))
+    assert sdk(c).messages.create(**BASIC_REQ).content[0].text == "hello"
+    assert len(g.seen) == 1 and len(a.seen) == 1
+
+
+def test_app_gemini_429_alone_surfaces_retry_after(fake_upstream, ccm_server) -> None:
+    g = fake_upstream("gemini")
+    g.script(Reply(429, raw=GEMINI_429))
+    c = ccm_server(simple_cfg(g, "gemini", once=True))
+    r = post(c, BASIC_REQ)
+    body = assert_error_shape(r, 429, "rate_limit_error")
+    assert r.headers["retry-after"] == "31" and "Quota exceeded" in body["error"]["message"]
+    assert len(g.seen) == 1
+
+
+def test_app_session_across_anthropic_gemini_openai_keeps_every_provider_valid(
+        fake_upstream, ccm_server) -> None:
+    """Claude Code's /model switching Anthropic -> Gemini -> OpenAI -> Gemini -> Anthropic in
+    one conversation, thinking on, the whole history sent each time: no provider sees a
+    signature it did not issue (the anthropic fake is strict; the gemini fake enforces its own)."""
+    a, g, o = fake_upstream("anthropic"), fake_upstream("gemini"), fake_upstream("openai")
+    a.strict = True
+    a.script(Reply(events=anthropic_events([
+        {"type": "thinking", "thinking": "Anthropic thinks", "signature": "ANTH-SIG-1"},
+        {"type": "tool_use", "id": "toolu_01A", "name": "Bash", "input": {"command": "ls"}}], stop="tool_use")))
+    script_gemini(g, [gemini_resp({"text": "gem plan", "thought": True},
+                                  fcall("Bash", {"command": "pwd"}, sig="G-SIG-1"))],
+                  [gemini_resp({"text": "Done."})])
+    o.script(Reply(events=[chunk({"role": "assistant", "reasoning_content": "openai hmm"}),
+                           chunk({"tool_calls": [call(0, "call_9", "Bash", '{"command":"whoami"}')]}),
+                           chunk({}, "tool_calls"), usage_chunk()]))
+    c = ccm_server('[router]\ndefault = "m"\n\n' + provider_toml("anth", "anthropic", a.base_url)
+                   + provider_toml("gem", "gemini", g.base_url) + provider_toml("oai", "openai", o.base_url)
+                   + model_toml("m", ("anth", "claude-opus-4-8")))
+    history: list[Any] = [user("go")]
+    steps = [("anth,claude-opus-4-8", True), ("gem,gemini-3-pro", False), ("oai,gpt-5", True),
+             ("gem,gemini-3-pro", True), ("anth,claude-opus-4-8", False)]
+    for i, (model, stream) in enumerate(steps):
+        body = dict(model=model, max_tokens=4096, thinking=THINKING, tools=GEM_TOOLS, messages=history)
+        msg = streamed(c, **body) if stream else sdk(c).messages.create(**body)
+        turn = echo_blocks(msg)
+        history.append(turn)
+        history.append(results_for(turn, f"r{i}") if msg.stop_reason == "tool_use" else user("one more"))
+    assert [len(a.seen), len(g.seen), len(o.seen)] == [2, 2, 1]
+    final = a.seen[-1].json
+    assert b"ccm1." not in a.seen[-1].body and final["model"] == "claude-opus-4-8"
+    assert {"type": "thinking", "thinking": "Anthropic thinks", "signature": "ANTH-SIG-1"} in \
+        final["messages"][1]["content"]
+    assert sum(b["type"] == "tool_use" for m in final["messages"] if m["role"] == "assistant"
+               for b in m["content"]) == 3
+    gem_last = g.seen[-1].json["contents"]
+    assert [calls_of(m)[0]["thoughtSignature"] for m in model_turns(gem_last) if calls_of(m)] == \
+        [BYPASS, "G-SIG-1", BYPASS]
+    assert all(s not in o.seen[0].body for s in (b"G-SIG-1", b"ANTH-SIG-1"))
+
+
+# ---- Vertex AI ---------------------------------------------------------------------------
+
+
+TOKEN_1, TOKEN_2 = "ya29.fake-access-token-0001", "ya29.fake-access-token-0002"
+
+
+VERTEX_MODELS = [("gemini-2.5-pro", "google", ("generateContent", "streamGenerateContent?alt=sse")),
+                 ("claude-sonnet-4-5@20250929", "anthropic", ("rawPredict", "streamRawPredict"))]
+
+
+@pytest.mark.parametrize("model,publisher,actions", VERTEX_MODELS, ids=["gemini", "claude"])
+def test_app_vertex_whole_and_streamed_with_the_issued_token(fake_upstream, ccm_server, fake_google,
+                                                             service_account, model, publisher,
+                                                             actions) -> None:
+    v = fake_upstream("vertex")
+    v.accepts = {TOKEN_1}
+    c = ccm_server(routed(vertex_toml("vx", v.base_url, service_account()), ("vx", model)))
+    whole = sdk(c).messages.create(**BASIC_REQ)
+    final = streamed(c, **BASIC_REQ)
+    assert (whole.content[0].text, final.content[0].text) == (("ok", "ok") if publisher == "google"
+                                                              else ("hello", "hello"))
+    base = f"/v1/projects/ccm-test/locations/us-east5/publishers/{publisher}/models/{model}"
+    assert [s.path for s in v.seen] == [f"{base}:{actions[0]}", f"{base}:{actions[1]}"]
+    assert [s.headers["authorization"] for s in v.seen] == [f"Bearer {TOKEN_1}"] * 2
+    assert fake_google.exchanges == 1 and fake_google.rejections == []
+    if publisher == "anthropic":
+        assert [(s.json["anthropic_version"], "model" in s.json, s.json.get("stream")) for s in v.seen] == \
+            [("vertex-2023-10-16", False, None), ("vertex-2023-10-16", False, True)]
+
+
+@pytest.mark.parametrize("model,publisher,actions", VERTEX_MODELS, ids=["gemini", "claude"])
+def test_app_vertex_count_tokens_sends_the_issued_token(fake_upstream, ccm_server, fake_google,
+                                                        service_account, model, publisher,
+                                                        actions) -> None:
+    v = fake_upstream("vertex")
+    v.accepts = {TOKEN_1}
+    c = ccm_server(routed(vertex_toml("vx", v.base_url, service_account()), ("vx", model)))
+    r = post(c, {"model": "claude-opus-4-8", "messages": [user("hello there")]},
+             path="/v1/messages/count_tokens")
+    assert r.status_code == 200, r.text
+    (seen,) = v.seen
+    assert seen.headers["authorization"] == f"Bearer {TOKEN_1}"
+    assert r.headers.get("x-ccm-token-count") == "provider vx"
+    assert seen.path.endswith(":countTokens" if publisher == "google" else "count-tokens:rawPredict")
+
+
+def test_app_vertex_401_refreshes_the_token_once_and_retries(fake_upstream, ccm_server, fake_google,
+                                                             service_account) -> None:
+    v = fake_upstream("vertex")
+    v.accepts = {TOKEN_2}                   # the first token is refused, as a revoked one would be
+    c = ccm_server(routed(vertex_toml("vx", v.base_url, service_account()), ("vx", "gemini-2.5-pro")))
+    assert sdk(c).messages.create(**BASIC_REQ).content[0].text == "ok"
+    assert [s.headers["authorization"] for s in v.seen] == [f"Bearer {TOKEN_1}", f"Bearer {TOKEN_2}"]
+    assert fake_google.exchanges == 2
+    v.accepts = set()                        # still refused after one refresh: the 401 surfaces
+    r = post(c, BASIC_REQ)
+    assert_error_shape(r, 401, "authentication_error")
+    assert fake_google.exchanges == 3 and len(v.seen) == 4
+
+
+def test_app_vertex_missing_credentials_file_is_401_naming_the_provider(fake_upstream, ccm_server,
+                                                                        tmp_path) -> None:
+    v = fake_upstream("vertex")
+    missing = str(tmp_path / "missing-sa.json")
+    c = ccm_server(routed(vertex_toml("vx", v.base_url, missing), ("vx", "gemini-2.5-pro")))
+    body = assert_error_shape(post(c, BASIC_REQ), 401, "authentication_error")
+    assert body["error"]["message"].startswith("vx: ") and missing in body["error"]["message"]
+    assert v.seen == []
+
+
+def test_app_vertex_missing_credentials_fails_over(fake_upstream, ccm_server, tmp_path) -> None:
+    v, a = fake_upstream("vertex"), fake_upstream("anthropic")
+    c = ccm_server(routed(vertex_toml("vx", v.base_url, str(tmp_path / "missing-sa.json"))
+                          + provider_toml("p2", "anthropic", a.base_url),
+                          ("vx", "gemini-2.5-pro"), ("p2", "real-2")))
+    assert sdk(c).messages.create(**BASIC_REQ).content[0].text == "hello"
+    assert v.seen == [] and len(a.seen) == 1
+
+
 # ============================================================================================
 # 17. Service plumbing
 # ============================================================================================
@@ -5792,3 +7999,58 @@ def test_cli_dry_run_shows_live_breaker_state(fake_upstream, ccm_server, tmp_pat
     assert got == [("p2", "closed"), ("p1", "open")]
     code, out, _ = run_cli(capsys, "-c", str(cfg), "route", "--dry-run", str(req))
     assert "breaker open" in out and out.index("p2 ->") < out.index("p1 ->")
+
+
+def test_cli_route_dry_run_shows_the_gemini_request(capsys: Any, tmp_home: Any) -> None:
+    write_cfg(tmp_home, '[router]\ndefault = "m"\n\n' + provider_toml("gem", "gemini", "http://127.0.0.1:9")
+              + model_toml("m", ("gem", "gemini-3-pro")))
+    code, out, err = run_cli(capsys, "route", "--dry-run", "--json",
+                             _req_file(tmp_home, dict(BASIC_REQ, stream=True)))
+    assert code == 0, err
+    r = json.loads(out)["providers"][0]["request"]
+    assert (r["method"], r["url"]) == (
+        "POST", "http://127.0.0.1:9/v1beta/models/gemini-3-pro:streamGenerateContent?alt=sse")
+    assert r["headers"]["x-goog-api-key"] == ccm.mask_secret(PROVIDER_KEY) == "****0001"
+    assert r["body"] == {"contents": [{"role": "user", "parts": [{"text": "hi"}]}],
+                         "generationConfig": {"maxOutputTokens": 100}}
+    code, text_out, _ = run_cli(capsys, "route", "--dry-run", _req_file(tmp_home, BASIC_REQ))
+    assert code == 0
+    assert "POST http://127.0.0.1:9/v1beta/models/gemini-3-pro:generateContent\n" in text_out
+    assert "x-goog-api-key: ****0001" in text_out
+    assert PROVIDER_KEY not in out + text_out and "key=" not in out + text_out
+
+
+@pytest.mark.parametrize("model,url_tail", [
+    ("gemini-2.5-pro", "publishers/google/models/gemini-2.5-pro:generateContent"),
+    ("claude-sonnet-4-5@20250929", "publishers/anthropic/models/claude-sonnet-4-5@20250929:rawPredict"),
+], ids=["gemini", "claude"])
+def test_cli_route_dry_run_shows_the_vertex_request_with_a_placeholder_token(
+        capsys: Any, tmp_home: Any, fake_google: FakeGoogle, service_account: Any, model: str,
+        url_tail: str) -> None:
+    write_cfg(tmp_home, '[router]\ndefault = "m"\n\n'
+              + vertex_toml("vx", "http://127.0.0.1:9", service_account()) + model_toml("m", ("vx", model)))
+    code, out, err = run_cli(capsys, "route", "--dry-run", "--json", _req_file(tmp_home, BASIC_REQ))
+    assert code == 0, err
+    r = json.loads(out)["providers"][0]["request"]
+    assert r["url"] == f"http://127.0.0.1:9/v1/projects/ccm-test/locations/us-east5/{url_tail}"
+    assert r["headers"]["authorization"] in ("Bearer <google access token>",
+                                             ccm.mask_secret("Bearer <google access token>"))
+    assert "ya29." not in out and fake_google.seen == []          # no token was fetched
+    if "anthropic" in url_tail:
+        assert r["body"]["anthropic_version"] == "vertex-2023-10-16" and "model" not in r["body"]
+    else:
+        assert r["body"]["contents"] == [{"role": "user", "parts": [{"text": "hi"}]}]
+
+
+def test_cli_config_check_names_vertex_provider_without_credentials(
+        capsys: Any, tmp_home: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = str(tmp_home / "nowhere" / "sa.json")
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", missing)
+    write_cfg(tmp_home, '[router]\ndefault = "m"\n\n'
+              + provider_toml("vx", "vertex-ai", "http://127.0.0.1:9", key=None,
+                              extra='project_id = "ccm-test"\nlocation = "us-east5"\n')
+              + model_toml("m", ("vx", "gemini-2.5-pro")))
+    code, out, err = run_cli(capsys, "config", "check")
+    assert code == 1
+    assert "provider vx" in err and missing in err and "does not exist" in err
+    assert "Traceback" not in err + out
