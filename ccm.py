@@ -1713,16 +1713,66 @@ def strip_foreign_thinking(body: Json) -> tuple[Json, int]:
 _EMPTY_SIGNATURE = re.compile(rb'"signature"\s*:\s*""')
 
 
-def passthrough_body(raw: bytes, route_body: Json, model: str, requested: str) -> bytes:
+def _tool_loop_without_thinking(body: Json) -> bool:
+    """Thinking is on, a tool loop is in progress (the last turn carries tool results) and its
+    assistant turn does not start with a genuine thinking block: Anthropic would answer 400
+    ("a final assistant message must start with a thinking block"), PROTOCOL.md §7."""
+    thinking = body.get("thinking")
+    if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "adaptive"):
+        return False
+    turns = [m for m in body.get("messages") or [] if isinstance(m, dict) and m.get("role") != "system"]
+    if len(turns) < 2 or turns[-1].get("role") != "user" or turns[-2].get("role") != "assistant":
+        return False
+    results = turns[-1].get("content")
+    if not isinstance(results, list) or not any(isinstance(b, dict) and b.get("type") == "tool_result"
+                                                for b in results):
+        return False
+    content = turns[-2].get("content")
+    first = content[0] if isinstance(content, list) and content else None
+    return not (isinstance(first, dict) and first.get("type") in ("thinking", "redacted_thinking"))
+
+
+def without_thinking(body: Json) -> Json:
+    """The body with thinking off for this request (and the context edits that need it)."""
+    out = {k: v for k, v in body.items() if k != "thinking"}
+    cm = body.get("context_management")
+    if isinstance(cm, dict) and isinstance(cm.get("edits"), list):
+        edits = [e for e in cm["edits"] if not (isinstance(e, dict) and
+                                                 str(e.get("type", "")).startswith("clear_thinking"))]
+        if edits:
+            out["context_management"] = dict(cm, edits=edits)
+        else:
+            out.pop("context_management")
+    return out
+
+
+def anthropic_edits(raw: bytes, body: Json, notes: list[str] | None = None) -> Json | None:
+    """What ccm must change in a conversation before an Anthropic-format upstream sees it
+    (thinking it signed itself; thinking off where a tool loop lost its thinking), or None."""
+    edited, changed = body, False
+    if SIGNATURE_PREFIX.encode() in raw or _EMPTY_SIGNATURE.search(raw):
+        edited, removed = strip_foreign_thinking(body)
+        if removed and notes is not None:
+            notes.append(f"removed {removed} thinking block(s) made by ccm from another "
+                         "provider's reasoning (Anthropic rejects their signatures)")
+        changed = bool(removed)
+    if _tool_loop_without_thinking(edited):
+        edited, changed = without_thinking(edited), True
+        if notes is not None:
+            notes.append("thinking turned off for this request: the tool loop's assistant turn "
+                         "has no thinking block of Anthropic's (PROTOCOL.md §7)")
+    return edited if changed else None
+
+
+def passthrough_body(raw: bytes, route_body: Json, model: str, requested: str,
+                     notes: list[str] | None = None) -> bytes:
     """The bytes an Anthropic-format upstream receives: the client's, with the model replaced;
     re-serialised only when ccm must edit content (a subagent tag, invented thinking)."""
-    edited = route_body
-    if SIGNATURE_PREFIX.encode() in raw or _EMPTY_SIGNATURE.search(raw):
-        edited, removed = strip_foreign_thinking(route_body)
-        if removed:
-            return dumps(dict(edited, model=model)).encode()
-    if _TAG_MARK in raw and find_subagent_tag(json.loads(raw)):
+    edited = anthropic_edits(raw, route_body, notes)
+    if edited is not None:
         return dumps(dict(edited, model=model)).encode()
+    if _TAG_MARK in raw and find_subagent_tag(json.loads(raw)):
+        return dumps(dict(route_body, model=model)).encode()
     return raw if model == requested else replace_model(raw, model)
 
 
@@ -3593,6 +3643,8 @@ def vertex_anthropic_body(body: Json, model: str, stream: bool) -> bytes:
     """The rawPredict body for Claude on Vertex: no `model`, anthropic_version set, and
     ccm's own thinking blocks removed as for any Anthropic upstream (PROTOCOL.md §7, §9)."""
     edited, _ = strip_foreign_thinking(body)
+    if _tool_loop_without_thinking(edited):
+        edited = without_thinking(edited)
     out = {k: v for k, v in edited.items() if k != "model"}
     out["anthropic_version"] = VERTEX_ANTHROPIC_VERSION
     if stream:
