@@ -109,16 +109,33 @@ HOP_BY_HOP = frozenset({
 RELAY_HEADERS = ("request-id", "retry-after", "retry-after-ms", "x-should-retry")
 RELAY_PREFIXES = ("anthropic-ratelimit-",)
 
+# RFC 9110 §15 and the IANA HTTP Status Code Registry (RFC 9110's names; 306 and 418 are
+# registered as "(Unused)"), plus Anthropic's unregistered 529. A relayed upstream status that
+# is not here is still sent with a reason phrase: "Unknown" (RFC 9112 §4: the phrase is free text).
 STATUS_PHRASES = {
-    100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
-    402: "Payment Required", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-    408: "Request Timeout", 409: "Conflict", 413: "Content Too Large", 422: "Unprocessable Content",
-    429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
-    501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable",
-    504: "Gateway Timeout", 505: "HTTP Version Not Supported", 529: "Overloaded",
+    100: "Continue", 101: "Switching Protocols", 102: "Processing", 103: "Early Hints",
+    200: "OK", 201: "Created", 202: "Accepted", 203: "Non-Authoritative Information",
+    204: "No Content", 205: "Reset Content", 206: "Partial Content", 207: "Multi-Status",
+    208: "Already Reported", 226: "IM Used",
+    300: "Multiple Choices", 301: "Moved Permanently", 302: "Found", 303: "See Other",
+    304: "Not Modified", 305: "Use Proxy", 306: "Unused", 307: "Temporary Redirect",
+    308: "Permanent Redirect",
+    400: "Bad Request", 401: "Unauthorized", 402: "Payment Required", 403: "Forbidden",
+    404: "Not Found", 405: "Method Not Allowed", 406: "Not Acceptable",
+    407: "Proxy Authentication Required", 408: "Request Timeout", 409: "Conflict", 410: "Gone",
+    411: "Length Required", 412: "Precondition Failed", 413: "Content Too Large",
+    414: "URI Too Long", 415: "Unsupported Media Type", 416: "Range Not Satisfiable",
+    417: "Expectation Failed", 418: "Unused", 421: "Misdirected Request",
+    422: "Unprocessable Content", 423: "Locked", 424: "Failed Dependency", 425: "Too Early",
+    426: "Upgrade Required", 428: "Precondition Required", 429: "Too Many Requests",
+    431: "Request Header Fields Too Large", 451: "Unavailable For Legal Reasons",
+    500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
+    503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
+    506: "Variant Also Negotiates", 507: "Insufficient Storage", 508: "Loop Detected",
+    510: "Not Extended", 511: "Network Authentication Required", 529: "Overloaded",
 }
 STATUS_LINES = {
-    code: f"HTTP/1.1 {code} {STATUS_PHRASES.get(code, 'Status')}\r\n".encode()
+    code: f"HTTP/1.1 {code} {STATUS_PHRASES.get(code, 'Unknown')}\r\n".encode()
     for code in range(100, 600)
 }
 ERROR_TYPES = {
@@ -7187,7 +7204,21 @@ _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])")
 _HEADER_LINE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*((?:[\x21-\x7e\x80-\xff](?:[ \t\x21-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?)[ \t]*")
 _CONTENT_LENGTH = re.compile(rb"[0-9]{1,15}")
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[\x20-\x7e\t]*)?")
+# RFC 9112 §7.1.1: chunk-size [ chunk-ext ]; chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS val ] )
+# Whitespace is only allowed around ";" and "=", so "a " (a size, then a space) is refused.
+# Methods ccm implements; any other token is answered 501 (RFC 9110 §9.1), CONNECT and TRACE too.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_LEADING_CRLF = re.compile(rb"(?:\r\n)*")      # RFC 9112 §2.2: empty lines before a request
+# RFC 9112 §3.2.2 absolute-form for http(s): authority without userinfo (RFC 9110 §4.2.4).
+_ABSOLUTE_FORM = re.compile(
+    r"[hH][tT][tT][pP][sS]?://((?:[A-Za-z0-9._~!$&'()*+,;=%-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]*)?)"
+    r"(/[^?]*)?(?:\?(.*))?", re.S)
+_QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+
+
+_CHUNK_SIZE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*" + _TOKEN
+    + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN + rb"|" + _QUOTED + rb"))?)*")
 
 
 @dataclass(slots=True)
@@ -7210,28 +7241,57 @@ class HTTPError(ProxyError):
 
 def parse_head(buf: bytes | bytearray, max_head: int = MAX_HEAD_BYTES) -> tuple[RequestHead, int] | None:
     """Parse a request head strictly (RFC 9112 §2-§7); None until the head is complete."""
-    start = 0
-    while buf[start:start + 2] == b"\r\n":             # RFC 9112 §2.2: ignore leading CRLF
-        start += 2
+    start = _LEADING_CRLF.match(buf).end()
     end = buf.find(b"\r\n\r\n", start)
     if end < 0:
-        if len(buf) > max_head:                         # skipped empty lines count too
-            raise HTTPError(431, "request header block is larger than 64 KiB")
+        _check_partial(buf, start, max_head)
         return None
     if end > max_head:
         raise HTTPError(431, "request header block is larger than 64 KiB")
     lines = bytes(buf[start:end]).split(b"\r\n")
-    m = _REQUEST_LINE.fullmatch(lines[0])
-    if not m:
-        raise HTTPError(400, "malformed request line")
-    method, target = m.group(1).decode(), m.group(2).decode("latin-1")
-    if m.group(3) != b"1" or m.group(4) not in (b"0", b"1"):
-        raise HTTPError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
-    version = "1." + m.group(4).decode()
-    if not target.startswith("/"):
-        raise HTTPError(400, "request target must be an absolute path")
+    method, target, version = _request_line(lines[0])
     headers, lengths, te = _parse_fields(lines[1:])
     return _head(method, target, version, headers, lengths, te), end + 4
+
+
+def _check_partial(buf: bytes | bytearray, start: int, max_head: int) -> None:
+    """Refuse at once an incomplete head that can never become valid, not at the head timeout."""
+    if len(buf) > max_head:                             # skipped empty lines count too
+        raise HTTPError(431, "request header block is larger than 64 KiB")
+    eol = buf.find(b"\r\n", start)
+    if eol >= 0:
+        _request_line(bytes(buf[start:eol]))
+    crlf = buf.count(b"\r\n", start)
+    if buf.count(b"\n", start) != crlf:                 # RFC 9112 §2.2: ccm refuses bare LF
+        raise HTTPError(400, "bare LF in the request head (lines must end with CRLF)")
+    if buf.count(b"\r", start) - crlf not in (0, buf.endswith(b"\r")):
+        raise HTTPError(400, "bare CR in the request head (RFC 9112 §2.2)")
+
+
+def _request_line(line: bytes) -> tuple[str, str, str]:
+    m = _REQUEST_LINE.fullmatch(line)
+    if not m:
+        raise HTTPError(400, "malformed request line")
+    if m.group(3) != b"1" or m.group(4) not in (b"0", b"1"):
+        raise HTTPError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
+    method = m.group(1).decode()
+    if method not in _METHODS:
+        raise HTTPError(501, f"method {method} is not implemented")
+    return method, m.group(2).decode("latin-1"), "1." + m.group(4).decode()
+
+
+def _split_target(target: str, headers: dict[str, str]) -> tuple[str, str]:
+    """(path, query) of an origin-form or absolute-form target (RFC 9112 §3.2.1-§3.2.2)."""
+    if "#" in target:
+        raise HTTPError(400, "a request target cannot carry a fragment (RFC 9112 §3.2)")
+    if target[:1] == "/":
+        path, _, query = target.partition("?")
+        return path, query
+    m = _ABSOLUTE_FORM.fullmatch(target)
+    if not m:
+        raise HTTPError(400, "request target must be an absolute path or an http(s) URL")
+    headers["host"] = m.group(1)    # RFC 9112 §3.2.2: the target's authority replaces Host
+    return m.group(2) or "/", m.group(3) or ""
 
 
 def _parse_fields(lines: list[bytes]) -> tuple[dict[str, str], list[bytes], list[str]]:
@@ -7276,9 +7336,9 @@ def _head(method: str, target: str, version: str, headers: dict[str, str],
         if len(te) > 1 or te[0].strip().lower() != "chunked":
             raise HTTPError(501, f"unsupported Transfer-Encoding {', '.join(te)!r}")
         chunked = True
+    path, query = _split_target(target, headers)     # after the framing checks: they win
     tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
     keep_alive = "close" not in tokens and (version == "1.1" or "keep-alive" in tokens)
-    path, _, query = target.partition("?")
     expect = version == "1.1" and headers.get("expect", "").strip().lower() == "100-continue"
     return RequestHead(method, target, path, query, version, headers, length, chunked,
                        keep_alive, expect)
@@ -7308,12 +7368,14 @@ class ChunkedReader:
     def _size(self, buf: bytearray, pos: int) -> int:
         eol = buf.find(b"\r\n", pos, pos + MAX_CHUNK_LINE_BYTES)
         if eol < 0:
-            if len(buf) - pos >= MAX_CHUNK_LINE_BYTES or b"\n" in buf[pos:]:
+            # Refuse at once a line that can never end well: too long, a bare LF or a bare CR.
+            tail = buf[pos:pos + MAX_CHUNK_LINE_BYTES]
+            if len(tail) >= MAX_CHUNK_LINE_BYTES or b"\n" in tail or b"\r" in tail[:-1]:
                 raise HTTPError(400, "malformed chunk size line")
             return pos
         m = _CHUNK_SIZE.fullmatch(buf, pos, eol)
         if not m:
-            raise HTTPError(400, "malformed chunk size line")
+            raise HTTPError(400, "malformed chunk size line (RFC 9112 §7.1.1)")
         size = int(m.group(1), 16)
         if len(self.body) + size > self.max_body:
             raise HTTPError(413, f"request body is larger than {self.max_body} bytes",
@@ -7345,6 +7407,8 @@ class ChunkedReader:
         if eol < 0:
             if len(buf) - pos + self.trailer_bytes > MAX_HEAD_BYTES:
                 raise HTTPError(431, "chunked trailer section too large")
+            if b"\n" in buf[pos:] or b"\r" in buf[pos:-1]:   # bare LF or CR: refuse now
+                raise HTTPError(400, "malformed trailer field")
             return pos
         line = bytes(buf[pos:eol])
         self.trailer_bytes += len(line) + 2
@@ -7427,6 +7491,10 @@ class Server:
             conn.close()
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=2)
+
+
+# STYLE.md §3.9: a refused HEAD request gets its error status without a body.
+_HEAD_REQUEST = re.compile(rb"(?:\r\n)*HEAD ")
 
 
 class HTTPProtocol(asyncio.Protocol):
@@ -7612,7 +7680,8 @@ class HTTPProtocol(asyncio.Protocol):
     # ---- writing -----------------------------------------------------------------------
     def _head_bytes(self, status: int, headers: list[tuple[str, str]], keep_alive: bool,
                     extra: bytes) -> bytes:
-        parts = [STATUS_LINES[status], _DateHeader.get()]
+        # A status outside 100-599 (a broken upstream) cannot go on the wire (RFC 9110 §15).
+        parts = [STATUS_LINES.get(status, STATUS_LINES[502]), _DateHeader.get()]
         for k, v in headers:
             if "\r" in k or "\n" in k or "\r" in v or "\n" in v:
                 continue                   # response splitting guard
@@ -7659,13 +7728,16 @@ class HTTPProtocol(asyncio.Protocol):
         return keep_alive
 
     def _refuse(self, status: int, message: str, etype: str | None = None) -> None:
-        """Answer a request the server itself refuses, then close (the framing is unknown)."""
+        """Answer a request the server itself refuses, then close (the framing is unknown).
+        No body in reply to HEAD, even for an error (RFC 9110 §9.3.2, STYLE.md §3.9)."""
         if self.transport is None or self.transport.is_closing():
             return
         body = error_body(status, message, etype)
         headers = [("content-type", "application/json")]
         extra = b"content-length: %d\r\n" % len(body)
-        self.transport.write(self._head_bytes(status, headers, False, extra) + body)
+        head = self._head_bytes(status, headers, False, extra)
+        head_only = self.head.method == "HEAD" if self.head else _HEAD_REQUEST.match(self.buf)
+        self.transport.write(head if head_only else head + body)
         self.close()
 
     def close(self) -> None:
