@@ -21,6 +21,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import csv
 import dataclasses
 import datetime
 import email.utils
@@ -28,15 +29,18 @@ import fcntl
 import gc
 import hashlib
 import hmac
+import io
 import json
 import logging
 import math
 import mimetypes
 import os
+import queue
 import random
 import re
 import secrets
 import signal
+import sqlite3
 import string
 import struct
 import sys
@@ -171,6 +175,7 @@ class Request:
     version: str = "1.1"
     peer: str = ""
     id: str = ""
+    client: str = ""                  # the [[clients]] name its key belongs to
 
 
 @dataclass(slots=True)
@@ -213,6 +218,7 @@ class Usage:
     output_tokens: int = 0
     cache_read_input_tokens: int = 0
     cache_creation_input_tokens: int = 0
+    local: bool = False               # counted by ccm: the provider reported none
 
 
 @dataclass(slots=True, frozen=True)
@@ -504,6 +510,9 @@ class Config:
     warnings: list[str] = field(default_factory=list)
     auto_map_re: re.Pattern[str] | None = None
     background_re: re.Pattern[str] | None = None
+    usage: Any = None                  # UsageCfg ([usage]); None only before parse_config
+    prices: dict[str, Any] = field(default_factory=dict)    # actual model -> Price
+    clients: list[Any] = field(default_factory=list)        # [[clients]] (ClientCfg)
 
 
 # Per-provider and per-mapping translation options (issue: OpenAI-compatible providers).
@@ -785,10 +794,203 @@ def _parse_models(ck: _Checker, raw: Any, providers: dict[str, Provider]) -> dic
     return models
 
 
+# --- 6b. Usage, prices and clients: [usage], [prices."MODEL"], [[clients]] ----------------
+
+DEFAULT_USAGE_DB = "~/.claude-code-mux/usage.db"
+
+
+
+@dataclass(slots=True)
+class Price:
+    """USD per million tokens."""
+    input: float
+    output: float
+    cache_read: float
+    cache_write: float
+
+
+def _p(inp: float, out: float, cache_read: float | None = None,
+       cache_write: float | None = None) -> Price:
+    """A price whose cache rates default to the input rate (providers without a cache surcharge
+    bill cache writes as input; OpenAI, Gemini and DeepSeek list their discounted cache reads)."""
+    return Price(inp, out, inp if cache_read is None else cache_read,
+                 inp if cache_write is None else cache_write)
+
+
+# Public list prices, USD per million tokens, as published by each vendor's pricing page,
+# checked 2025-12 (standard tier, prompts <= 200k tokens, 5-minute cache writes for Anthropic).
+# Prices change: override any of them with [prices."MODEL"] in config.toml.
+BUILTIN_PRICES: dict[str, Price] = {
+    # Anthropic: cache read 0.1x input, cache write 1.25x input.
+    "claude-opus-4-5": _p(5, 25, 0.50, 6.25),
+    "claude-opus-4-6": _p(5, 25, 0.50, 6.25),
+    "claude-opus-4": _p(5, 25, 0.50, 6.25),          # later opus 4.x keep the 4.5 price
+    "claude-opus-4-1": _p(15, 75, 1.50, 18.75),
+    "claude-opus-4-0": _p(15, 75, 1.50, 18.75),
+    "claude-opus-4-20250514": _p(15, 75, 1.50, 18.75),
+    "claude-sonnet-4": _p(3, 15, 0.30, 3.75),
+    "claude-3-7-sonnet": _p(3, 15, 0.30, 3.75),
+    "claude-haiku-4": _p(1, 5, 0.10, 1.25),
+    "claude-3-5-haiku": _p(0.80, 4, 0.08, 1.0),
+    # OpenAI: cached input is discounted, there is no cache-write surcharge.
+    "gpt-5": _p(1.25, 10, 0.125),
+    "gpt-5-mini": _p(0.25, 2, 0.025),
+    "gpt-5-nano": _p(0.05, 0.40, 0.005),
+    "gpt-5-pro": _p(15, 120),
+    "gpt-4.1": _p(2, 8, 0.50),
+    "gpt-4.1-mini": _p(0.40, 1.60, 0.10),
+    "gpt-4.1-nano": _p(0.10, 0.40, 0.025),
+    "gpt-4o": _p(2.50, 10, 1.25),
+    "gpt-4o-mini": _p(0.15, 0.60, 0.075),
+    "o1": _p(15, 60, 7.50),
+    "o1-mini": _p(1.10, 4.40, 0.55),
+    "o3": _p(2, 8, 0.50),
+    "o3-mini": _p(1.10, 4.40, 0.55),
+    "o3-pro": _p(20, 80),
+    "o4-mini": _p(1.10, 4.40, 0.275),
+    # Google Gemini (paid tier, prompts <= 200k tokens).
+    "gemini-3-pro": _p(2, 12, 0.20),
+    "gemini-3-flash": _p(0.50, 3, 0.05),
+    "gemini-2.5-pro": _p(1.25, 10, 0.125),
+    "gemini-2.5-flash": _p(0.30, 2.50, 0.03),
+    "gemini-2.5-flash-lite": _p(0.10, 0.40, 0.01),
+    # DeepSeek V3.2 (chat and reasoner share one price; cache hit is the cache_read rate).
+    "deepseek-chat": _p(0.28, 0.42, 0.028),
+    "deepseek-reasoner": _p(0.28, 0.42, 0.028),
+    # Z.ai GLM.
+    "glm-4.6": _p(0.60, 2.20, 0.11),
+    "glm-4.7": _p(0.60, 2.20, 0.11),
+    "glm-4.5": _p(0.60, 2.20, 0.11),
+    "glm-4.5-air": _p(0.20, 1.10, 0.03),
+    # Moonshot Kimi.
+    "kimi-k2": _p(0.60, 2.50, 0.15),
+    "kimi-k2-thinking": _p(0.60, 2.50, 0.15),
+    "kimi-k2-turbo": _p(1.15, 8, 0.15),
+}
+
+
+@dataclass(slots=True)
+class UsageCfg:
+    enabled: bool = True
+    database: str = DEFAULT_USAGE_DB    # a file path (SQLite) or postgresql://... (psycopg 3)
+
+
+@dataclass(slots=True)
+class ClientCfg:
+    """One [[clients]] entry: who may use ccm with which key, and what they may spend."""
+    name: str
+    key: str = field(repr=False)
+    credits: float | None = None        # None: not metered (never refused for its balance)
+    markup: float = 1.0                 # multiplies the cost debited from the balance
+    rpm: int | None = None              # requests per minute, sliding window
+
+
+_PRICE_KEYS = ("input", "output", "cache_read", "cache_write")
+_CLIENT_KEYS: dict[str, tuple[type, ...]] = {
+    "name": (str,), "key": (str,), "credits": (int, float), "markup": (int, float),
+    "rpm": (int,),
+}
+
+
+def _parse_usage(ck: _Checker, raw: Json) -> UsageCfg:
+    t = ck.table(raw, "usage")
+    ck.unknown(t, ["enabled", "database"], "usage")
+    cfg = UsageCfg()
+    enabled = ck.typed(t, "enabled", (bool,), "usage")
+    if enabled is not None:
+        cfg.enabled = enabled
+    database = ck.typed(t, "database", (str,), "usage")
+    if database is not None:
+        database = ck.expand(database, "usage.database").strip()
+        if not database:
+            ck.errors.append("usage.database: must be a file path or a postgresql:// URL")
+        else:
+            cfg.database = database
+    return cfg
+
+
+def _parse_prices(ck: _Checker, raw: Json) -> dict[str, Price]:
+    """BUILTIN_PRICES with each [prices."MODEL"] table laid over it (names in lower case)."""
+    prices = dict(BUILTIN_PRICES)
+    for model, t in ck.table(raw, "prices").items():
+        where = f"prices.{model}"
+        t = ck.table(t, where)
+        ck.unknown(t, _PRICE_KEYS, where)
+        vals = {k: ck.typed(t, k, (int, float), where) for k in _PRICE_KEYS}
+        for key in ("input", "output"):
+            if vals[key] is None and key not in t:
+                ck.errors.append(f"{where}.{key}: required (USD per million tokens)")
+        if any(v is not None and not (math.isfinite(v) and v >= 0) for v in vals.values()):
+            ck.errors.append(f"{where}: prices must be finite and >= 0")
+            continue
+        if vals["input"] is not None and vals["output"] is not None:
+            prices[model.lower()] = _p(vals["input"], vals["output"], vals["cache_read"],
+                                       vals["cache_write"])
+    return prices
+
+
+def _parse_clients(ck: _Checker, raw: Any) -> list[ClientCfg]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        ck.errors.append("clients: must be an array of tables ([[clients]])")
+        return []
+    clients: list[ClientCfg] = []
+    for i, t in enumerate(raw):
+        c = _parse_client(ck, ck.table(t, f"clients[{i}]"), f"clients[{i}]")
+        if c is None:
+            continue
+        if any(o.name == c.name for o in clients):
+            ck.errors.append(f"clients[{i}].name: duplicate client name {c.name!r}")
+        elif any(hmac.compare_digest(o.key, c.key) for o in clients):
+            ck.errors.append(f"clients[{i}].key: the same key as another client")
+        clients.append(c)
+    return clients
+
+
+def _parse_client(ck: _Checker, t: Json, where: str) -> ClientCfg | None:
+    ck.unknown(t, _CLIENT_KEYS, where)
+    vals = {k: ck.typed(t, k, types, where) for k, types in _CLIENT_KEYS.items()}
+    if not vals["name"]:
+        ck.errors.append(f"{where}.name: required")
+        return None
+    where = f"{where} ({vals['name']})"
+    key = _clean_key(ck, ck.expand(vals["key"], f"{where}.key") if vals["key"] else None,
+                     f"{where}.key")
+    if not key:
+        # Fail closed: an unset $VAR must not become a client that an empty key matches.
+        ck.errors.append(f"{where}.key: required and must not be empty (is the environment "
+                         "variable set?)")
+        return None
+    c = ClientCfg(name=vals["name"], key=key)
+    if vals["credits"] is not None:
+        if not (math.isfinite(vals["credits"]) and vals["credits"] >= 0):
+            ck.errors.append(f"{where}.credits: must be a number of USD >= 0")
+        c.credits = float(vals["credits"])
+    if vals["markup"] is not None:
+        if not (math.isfinite(vals["markup"]) and vals["markup"] > 0):
+            ck.errors.append(f"{where}.markup: must be a positive multiplier")
+        c.markup = float(vals["markup"])
+    if vals["rpm"] is not None:
+        if vals["rpm"] < 1:
+            ck.errors.append(f"{where}.rpm: must be at least 1 request per minute")
+        c.rpm = vals["rpm"]
+    return c
+
+
+def _check_usage_clients(ck: _Checker, usage: UsageCfg, clients: list[ClientCfg]) -> None:
+    """Credits need somewhere to keep balances."""
+    metered = [c.name for c in clients if c.credits is not None]
+    if metered and not usage.enabled:
+        ck.errors.append(f"clients: {', '.join(metered)} have credits, which need the usage "
+                         "ledger ([usage] enabled = true)")
+
+
 def parse_config(raw: Json, path: str = "<config>") -> Config:
     """Validate a parsed TOML document; raises ConfigError listing every problem (pure)."""
     ck = _Checker()
-    ck.unknown(raw, ["server", "router", "providers", "models"], "(top level)")
+    ck.unknown(raw, ["server", "router", "providers", "models", "usage", "prices", "clients"],
+               "(top level)")
     server = _parse_server(ck, raw.get("server"))
     router = _parse_router(ck, raw.get("router"))
     providers: dict[str, Provider] = {}
@@ -812,10 +1014,15 @@ def parse_config(raw: Json, path: str = "<config>") -> Config:
                              f"(configured: {', '.join(models) or 'none'})")
     auto_re = ck.regex(router.auto_map_regex, "router.auto_map_regex")
     bg_re = ck.regex(router.background_regex, "router.background_regex")
+    usage = _parse_usage(ck, raw.get("usage"))
+    prices = _parse_prices(ck, raw.get("prices"))
+    clients = _parse_clients(ck, raw.get("clients"))
+    _check_usage_clients(ck, usage, clients)
     if ck.errors:
         raise ConfigError(path, ck.errors)
     return Config(server=server, router=router, providers=providers, models=models, path=path,
-                  raw=raw, warnings=ck.warnings, auto_map_re=auto_re, background_re=bg_re)
+                  raw=raw, warnings=ck.warnings, auto_map_re=auto_re, background_re=bg_re,
+                  usage=usage, prices=prices, clients=clients)
 
 
 def _explicit_pair(name: str, providers: dict[str, Provider]) -> tuple[str, str] | None:
@@ -2447,7 +2654,8 @@ class OpenAIStream(EventWriter):
     def final_usage(self) -> Usage:
         u = self._usage()
         return Usage(u["input_tokens"], u["output_tokens"], u.get("cache_read_input_tokens", 0),
-                     u.get("cache_creation_input_tokens", 0))
+                     u.get("cache_creation_input_tokens", 0),
+                     local=not any(openai_usage(self.usage).values()))
 
     # ---- events ------------------------------------------------------------------------
     def _event(self, ev: SSEEvent, out: list[bytes]) -> None:
@@ -3504,7 +3712,7 @@ class GeminiStream(_GeminiReader):
     def final_usage(self) -> Usage:
         u = self._usage()
         return Usage(u["input_tokens"], u["output_tokens"], u["cache_read_input_tokens"],
-                     u["cache_creation_input_tokens"])
+                     u["cache_creation_input_tokens"], local=not gemini_usage(self.usage_meta))
 
     # ---- events ------------------------------------------------------------------------
     def _event(self, data: str) -> None:
@@ -4195,7 +4403,7 @@ def responses_error(status: int, body: bytes, headers: dict[str, str] | httpx.He
 # ---- response: the stream (PROTOCOL.md §8, §4) ---------------------------------------------
 
 
-class ResponsesStream:
+class ResponsesStream(EventWriter):
     """State machine: Responses SSE bytes in, Anthropic SSE event bytes out. Output items
     arrive one after another, so each maps onto at most one block, opened as it starts."""
 
@@ -4240,16 +4448,11 @@ class ResponsesStream:
                                      "response.completed", "api_error", retryable=True), out)
         return out
 
-    def fail(self, exc: UpstreamError) -> list[bytes]:
-        out: list[bytes] = []
-        if not self.done:
-            self._fail(exc, out)
-        return out
-
     def final_usage(self) -> Usage:
         u = self._usage()
         return Usage(u["input_tokens"], u["output_tokens"], u["cache_read_input_tokens"],
-                     u["cache_creation_input_tokens"])
+                     u["cache_creation_input_tokens"],
+                     local=not any((responses_usage(self.usage) or {}).values()))
 
     # ---- events ------------------------------------------------------------------------
     def _event(self, ev: SSEEvent, out: list[bytes]) -> None:
@@ -4439,11 +4642,6 @@ class ResponsesStream:
     # ---- end ---------------------------------------------------------------------------
     def _usage(self) -> Json:
         return _usage_or_count(self.usage, self.input_estimate, self.counter, self.out_parts)
-
-    def _fail(self, exc: UpstreamError, out: list[bytes]) -> None:
-        self.failed = exc
-        self.done = True
-        out.append(error_event(exc))
 
 
 def _usage_or_count(usage: Json, input_estimate: int, counter: TokenCounter,
@@ -4646,6 +4844,8 @@ class Outbound:
     headers: dict[str, Any]
     body: bytes
     state: Any = None                 # e.g. the short -> original tool-name map
+    local_usage: bool = False         # the answer's usage was counted by ccm
+    notes: list[str] = field(default_factory=list)   # what ccm changed or dropped (dry run)
 
 
 def usage_of(u: Any) -> Usage:
@@ -4656,7 +4856,7 @@ def usage_of(u: Any) -> Usage:
                  num("cache_creation_input_tokens"))
 
 
-def _fill_usage(msg: Json, data: Json, body: Json) -> None:
+def _fill_usage(msg: Json, data: Json, body: Json, out: Outbound | None = None) -> None:
     """An upstream that sent no usage gets ccm's own counts, never zeros."""
     u = data.get("usage") if isinstance(data.get("usage"), dict) else {}
     if not u.get("prompt_tokens"):
@@ -4665,6 +4865,8 @@ def _fill_usage(msg: Json, data: Json, body: Json) -> None:
         parts = [b.get("text") or b.get("thinking") or dumps(b.get("input", {}))
                  for b in msg["content"]]
         msg["usage"]["output_tokens"] = COUNTER.text("".join(parts)) if parts else 0
+    if out is not None and not (u.get("prompt_tokens") and u.get("completion_tokens")):
+        out.local_usage = True
 
 
 def relay_headers(headers: Any) -> list[tuple[str, str]]:
@@ -4782,7 +4984,7 @@ class OpenAIAdapter(Adapter):
 
     def whole(self, c: Call, out: Outbound, data: Json, raw: bytes) -> tuple[Json, bytes | None]:
         msg = from_openai(data, c.requested, out.state or {}, c.secret, c.body.get("stop_sequences"))
-        _fill_usage(msg, data, c.body)
+        _fill_usage(msg, data, c.body, out)
         return msg, None
 
     def stream(self, c: Call, out: Outbound) -> StreamTranslator:
@@ -4818,7 +5020,7 @@ class ResponsesAdapter(Adapter):
     def whole(self, c: Call, out: Outbound, data: Json, raw: bytes) -> tuple[Json, bytes | None]:
         msg = from_responses(data, c.requested, out.state or {}, c.secret)
         if not isinstance(data.get("usage"), dict):
-            _fill_usage(msg, {}, c.body)
+            _fill_usage(msg, {}, c.body, out)
         return msg, None
 
     def whole_sse(self, c: Call, out: Outbound, raw: bytes) -> Json:
@@ -4880,7 +5082,7 @@ class GeminiAdapter(Adapter):
         signer, names = out.state
         msg = from_gemini(data, c.requested, c.secret, signer=signer, names=names)
         if "usageMetadata" not in data:
-            _fill_usage(msg, {}, c.body)
+            _fill_usage(msg, {}, c.body, out)
         return msg, None
 
     def stream(self, c: Call, out: Outbound) -> StreamTranslator:
@@ -6796,6 +6998,7 @@ class Failover:
         headers = [("content-type", "application/json"), self._route_header(ex, call.target),
                    *adapter.response_headers(resp.headers)]
         usage = usage_of(msg.get("usage"))
+        usage.local = out.local_usage
         att.ms = (time.monotonic() - att.started) * 1000
         ex.first_byte_ms = (time.monotonic() - ex.started) * 1000
         if ex.stream:                       # asked to stream, got JSON: stream it anyway
@@ -7112,6 +7315,7 @@ class RequestRecord:
     latency_ms: float = 0.0
     first_byte_ms: float | None = None
     session_id: str = ""
+    client: str = ""
     trace: list[str] = field(default_factory=list)
 
 
@@ -7124,7 +7328,7 @@ def record_of(ex: Exchange) -> RequestRecord:
         status=ex.status, error=ex.error,
         error_type=error_type_for(ex.status) if ex.status >= 400 else "", stream=ex.stream,
         attempts=ex.attempts, usage=ex.usage, latency_ms=(time.monotonic() - ex.started) * 1000,
-        first_byte_ms=ex.first_byte_ms,
+        first_byte_ms=ex.first_byte_ms, client=ex.req.client,
         session_id=ex.req.headers.get("x-claude-code-session-id", ""), trace=ex.route.trace)
 
 
@@ -7137,7 +7341,7 @@ def refused_record(req: Request, exc: ProxyError, started: float) -> RequestReco
     return RequestRecord(id=req.id, time=time.time(), path=req.path, requested_model=requested,
                          status=exc.status, error=exc.message, error_type=exc.etype,
                          refused=True, latency_ms=(time.monotonic() - started) * 1000,
-                         session_id=req.headers.get("x-claude-code-session-id", ""),
+                         session_id=req.headers.get("x-claude-code-session-id", ""), client=req.client,
                          trace=[f"refused: {exc.message}"])
 
 
@@ -7173,7 +7377,8 @@ class Recorder:
                 "attempts": [{"provider": a.provider, "model": a.model, "status": a.status,
                               "error": a.error, "ms": round(a.ms, 1)} for a in rec.attempts],
                 "status": rec.status, "latency_ms": round(rec.latency_ms, 1), "stream": rec.stream,
-                "error": rec.error, "refused": rec.refused,
+                "error": rec.error, "refused": rec.refused, "session_id": rec.session_id,
+                "client": rec.client,
                 "usage": {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
                           "cache_read_input_tokens": u.cache_read_input_tokens,
                           "cache_creation_input_tokens": u.cache_creation_input_tokens},
@@ -7189,6 +7394,893 @@ class Recorder:
                   rec.model or rec.requested_model or "-", rec.provider or "-", rec.status, chain,
                   rec.latency_ms, u.input_tokens, u.output_tokens,
                   f" error={rec.error!r}" if rec.error else "")
+
+
+# --- 13a. The usage ledger (sqlite3 WAL; PostgreSQL optional) --------------------------------
+
+LEDGER_FLUSH_S = 1.0              # no accepted row waits longer than this for its commit
+LEDGER_BATCH_ROWS = 500           # rows per commit at most
+LEDGER_MAX_BACKLOG_ROWS = 100_000  # rows kept for retry while the database cannot be written
+LEDGER_WAIT_S = 10.0              # how long a top-up waits for its commit
+RPM_WINDOW_S = 60.0
+SCHEMA_VERSION = 2
+USAGE_GROUPS = ("model", "provider", "route", "client", "day")
+POSTGRES_EXTRA_HINT = "pip install 'ccm[postgres]'"
+
+
+@dataclass(slots=True)
+class LedgerRow:
+    """One request as the ledger stores it, refused ones included (status >= 400)."""
+    ts: float                                   # unix time the request arrived
+    request_id: str
+    client: str = ""                            # [[clients]] name, "" without client keys
+    session_id: str = ""                        # x-claude-code-session-id
+    requested_model: str = ""
+    route: str = ""                             # the router rule that won
+    routed_model: str = ""                      # ccm model name
+    provider: str = ""
+    actual_model: str = ""                      # the model the provider was asked for
+    status: int = 0
+    error_type: str = ""
+    error: str = ""                             # short text, never a key
+    attempts: list[Json] = field(default_factory=list)   # {provider, model, status, error, ms}
+    failovers: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_creation_tokens: int = 0
+    usage_source: str = "none"                  # "provider" | "local" | "none"
+    cost_usd: float | None = None               # None: no price known (never 0 for unknown)
+    latency_first_byte_ms: float | None = None
+    latency_total_ms: float | None = None
+    stream: bool = False
+
+
+_RECORD_COLUMNS = tuple(LedgerRow.__dataclass_fields__)
+
+
+# --- 13b. Prices -----------------------------------------------------------------------------
+
+_DATE_SUFFIX = re.compile(r"(?:[-_@]\d{8}|-\d{4}-\d{2}-\d{2}|@.*|-latest)$")
+_PREFIX_BOUNDARY = "-._:@"
+
+
+def normalise_model(model: str) -> str:
+    """The name prices are looked up by: lower case, no `vendor/` or `models/` prefix (OpenRouter,
+    Gemini), no date or `@version` suffix (`claude-sonnet-4-5-20250929`, Vertex `...@20250929`,
+    `gpt-4o-2024-08-06`), no `-latest`."""
+    name = model.strip().lower().rsplit("/", 1)[-1]
+    return _DATE_SUFFIX.sub("", name)
+
+
+def price_for(model: str, prices: dict[str, Price]) -> Price | None:
+    """The price of a model: the exact name, else its normalised name, else the longest listed
+    prefix of the normalised name that ends at a '-', '.', '_', ':' or '@'."""
+    if not model:
+        return None
+    for name in (model, model.lower(), normalise_model(model)):
+        if name in prices:
+            return prices[name]
+    name = normalise_model(model)
+    best = ""
+    for key in prices:
+        if len(key) > len(best) and name.startswith(key) and name[len(key)] in _PREFIX_BOUNDARY:
+            best = key
+    return prices[best] if best else None
+
+
+def cost_of(rec: LedgerRow, prices: dict[str, Price], markup: float = 1.0) -> float | None:
+    """USD for one request times markup; None when its model has no price. A request that used
+    no tokens at all (refused, or failed before any upstream billed it) costs 0."""
+    tokens = (rec.input_tokens, rec.output_tokens, rec.cache_read_tokens,
+              rec.cache_creation_tokens)
+    if not any(tokens):
+        return 0.0
+    price = price_for(rec.actual_model, prices)
+    if price is None:
+        return None
+    rates = (price.input, price.output, price.cache_read, price.cache_write)
+    return sum(n * r for n, r in zip(tokens, rates)) / 1_000_000 * markup
+
+
+# --- 13c. Storage backends ------------------------------------------------------------------
+
+# Each step brings the schema from version N to N+1 (index N). Version 0 is an empty database;
+# version 1 was requests only, without session_id. {pk} and {real} differ per backend.
+_MIGRATIONS: list[list[str]] = [
+    ["""CREATE TABLE IF NOT EXISTS requests (id {pk}, ts {real} NOT NULL,
+        request_id TEXT NOT NULL DEFAULT '', client TEXT NOT NULL DEFAULT '',
+        requested_model TEXT NOT NULL DEFAULT '', route TEXT NOT NULL DEFAULT '',
+        routed_model TEXT NOT NULL DEFAULT '', provider TEXT NOT NULL DEFAULT '',
+        actual_model TEXT NOT NULL DEFAULT '', status INTEGER NOT NULL DEFAULT 0,
+        error_type TEXT NOT NULL DEFAULT '', error TEXT NOT NULL DEFAULT '',
+        attempts TEXT NOT NULL DEFAULT '[]', failovers INTEGER NOT NULL DEFAULT 0,
+        input_tokens BIGINT NOT NULL DEFAULT 0, output_tokens BIGINT NOT NULL DEFAULT 0,
+        cache_read_tokens BIGINT NOT NULL DEFAULT 0, cache_creation_tokens BIGINT NOT NULL DEFAULT 0,
+        usage_source TEXT NOT NULL DEFAULT 'none', cost_usd {real},
+        latency_first_byte_ms {real}, latency_total_ms {real},
+        stream INTEGER NOT NULL DEFAULT 0)""",
+     "CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts)"],
+    ["ALTER TABLE requests ADD COLUMN session_id TEXT NOT NULL DEFAULT ''",
+     "CREATE INDEX IF NOT EXISTS requests_client_ts ON requests (client, ts)",
+     """CREATE TABLE IF NOT EXISTS clients (name TEXT PRIMARY KEY,
+        key_hash TEXT NOT NULL DEFAULT '', key_masked TEXT NOT NULL DEFAULT '',
+        markup {real} NOT NULL DEFAULT 1, rpm INTEGER, balance_usd {real} NOT NULL DEFAULT 0,
+        created_ts {real} NOT NULL)""",
+     """CREATE TABLE IF NOT EXISTS transactions (id {pk}, client TEXT NOT NULL,
+        ts {real} NOT NULL, amount_usd {real} NOT NULL, request_id TEXT NOT NULL DEFAULT '',
+        note TEXT NOT NULL DEFAULT '')""",
+     "CREATE INDEX IF NOT EXISTS transactions_client_ts ON transactions (client, ts)"],
+]
+assert len(_MIGRATIONS) == SCHEMA_VERSION
+
+
+class LedgerError(Exception):
+    """A database ccm cannot use (a schema newer than this ccm)."""
+
+
+class _SQLite:
+    """stdlib sqlite3 in WAL mode; BEGIN IMMEDIATE serialises writers across processes."""
+    kind = "sqlite"
+    types = {"pk": "INTEGER PRIMARY KEY", "real": "REAL"}
+    day = "strftime('%Y-%m-%d', ts, 'unixepoch')"
+    for_update = ""
+    errors: tuple[type[BaseException], ...] = (sqlite3.Error, OSError, LedgerError)
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(os.path.expanduser(path))
+        self.where = self.path
+
+    def connect(self) -> Any:
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        if not os.path.exists(self.path):         # clients' key hashes: owner only
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+                               check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 30000")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")   # WAL: durable at checkpoint, never corrupt
+        return conn
+
+    def begin(self, conn: Any) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+
+    def lock_schema(self, conn: Any) -> None:
+        """BEGIN IMMEDIATE already holds the database's write lock."""
+
+    def sql(self, text: str) -> str:
+        return text
+
+
+class _Postgres:
+    """PostgreSQL through psycopg 3, imported only when a postgresql:// database is configured."""
+    kind = "postgres"
+    types = {"pk": "BIGSERIAL PRIMARY KEY", "real": "DOUBLE PRECISION"}
+    day = "to_char(to_timestamp(ts) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+    for_update = " FOR UPDATE"
+
+    def __init__(self, url: str) -> None:
+        try:
+            self.psycopg = importlib.import_module("psycopg")
+        except ImportError:
+            raise ProxyError(500, "usage.database is a PostgreSQL URL but psycopg is not "
+                             f"installed: {POSTGRES_EXTRA_HINT}") from None
+        self.url = url
+        self.where = _masked_url(url)
+        self.errors = (self.psycopg.Error, OSError, LedgerError)
+
+    def connect(self) -> Any:
+        return self.psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+
+    def begin(self, conn: Any) -> None:
+        conn.execute("BEGIN")
+
+    def lock_schema(self, conn: Any) -> None:
+        """Two ccm processes starting at once must not both run a migration step."""
+        conn.execute("SELECT pg_advisory_xact_lock(7263312)")
+
+    def sql(self, text: str) -> str:
+        return text.replace("?", "%s")
+
+
+def _masked_url(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0].split(":", 1)[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:{mask_secret(parts.password) or '****'}@{netloc[1]}"))
+
+
+def _backend_for(database: str) -> _SQLite | _Postgres:
+    if database.startswith(("postgresql://", "postgres://")):
+        return _Postgres(database)
+    return _SQLite(database)
+
+
+@contextlib.contextmanager
+def _transaction(db: _SQLite | _Postgres, conn: Any) -> Iterator[None]:
+    db.begin(conn)
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(*db.errors):
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _migrate(db: _SQLite | _Postgres, conn: Any) -> int:
+    """Bring the schema to SCHEMA_VERSION in one transaction; returns the version found."""
+    with _transaction(db, conn):
+        db.lock_schema(conn)
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+        found = row[0] or 0
+        if found > SCHEMA_VERSION:
+            raise LedgerError(f"schema version {found} is newer than this ccm "
+                                        f"understands ({SCHEMA_VERSION}); upgrade ccm")
+        for step in _MIGRATIONS[found:]:
+            for statement in step:
+                conn.execute(statement.format(**db.types))
+        if found < SCHEMA_VERSION:
+            conn.execute("DELETE FROM schema_version")
+            conn.execute(db.sql("INSERT INTO schema_version (version) VALUES (?)"),
+                         (SCHEMA_VERSION,))
+    return found
+
+
+def _register_clients(db: _SQLite | _Postgres, conn: Any, clients: Iterable[ClientCfg]) -> None:
+    """A client's row is made the first time it is seen, together with its initial credits as one
+    top-up: ON CONFLICT makes that idempotent across restarts and racing processes."""
+    for c in clients:
+        with _transaction(db, conn):
+            cur = conn.execute(db.sql(
+                "INSERT INTO clients (name, key_hash, key_masked, markup, rpm, created_ts) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING"),
+                (c.name, hashlib.sha256(c.key.encode()).hexdigest(), mask_secret(c.key),
+                 c.markup, c.rpm, time.time()))
+            if cur.rowcount == 1 and c.credits:
+                _apply_transactions(db, conn, [(c.name, time.time(), c.credits, "",
+                                                "initial credits")])
+            conn.execute(db.sql("UPDATE clients SET key_hash = ?, key_masked = ?, markup = ?, "
+                                "rpm = ? WHERE name = ?"),
+                         (hashlib.sha256(c.key.encode()).hexdigest(), mask_secret(c.key),
+                          c.markup, c.rpm, c.name))
+
+
+def _apply_transactions(db: _SQLite | _Postgres, conn: Any, rows: list[tuple]) -> dict[str, float]:
+    """Insert transactions and move each client's cached balance by their sum, inside the
+    caller's transaction. Rows are locked in name order (FOR UPDATE on PostgreSQL, the write lock
+    of BEGIN IMMEDIATE on SQLite), so two processes never lose each other's debits."""
+    totals: dict[str, float] = collections.defaultdict(float)
+    for client, _ts, amount, _rid, _note in rows:
+        totals[client] += amount
+    for name in sorted(totals):
+        conn.execute(db.sql("INSERT INTO clients (name, created_ts) VALUES (?, ?) "
+                            "ON CONFLICT (name) DO NOTHING"), (name, time.time()))
+        conn.execute(db.sql("SELECT balance_usd FROM clients WHERE name = ?" + db.for_update),
+                     (name,)).fetchone()
+    conn.cursor().executemany(db.sql(
+        "INSERT INTO transactions (client, ts, amount_usd, request_id, note) "
+        "VALUES (?, ?, ?, ?, ?)"), rows)
+    for name in sorted(totals):
+        conn.execute(db.sql("UPDATE clients SET balance_usd = balance_usd + ? WHERE name = ?"),
+                     (totals[name], name))
+    return dict(totals)
+
+
+_INSERT_REQUEST = (f"INSERT INTO requests ({', '.join(_RECORD_COLUMNS)}) "
+                   f"VALUES ({', '.join('?' for _ in _RECORD_COLUMNS)})")
+
+
+def _row_of(rec: LedgerRow) -> tuple:
+    values = [getattr(rec, name) for name in _RECORD_COLUMNS]
+    values[_RECORD_COLUMNS.index("attempts")] = json.dumps(rec.attempts, default=str)
+    values[_RECORD_COLUMNS.index("stream")] = int(bool(rec.stream))
+    return tuple(values)
+
+
+def _record_of(row: tuple) -> Json:
+    out = dict(zip(_RECORD_COLUMNS, row))
+    out["attempts"] = json.loads(out["attempts"] or "[]")
+    out["stream"] = bool(out["stream"])
+    return out
+
+
+# --- 13d. The ledger: a queue in memory, one writer thread ------------------------------------
+
+@dataclass(slots=True)
+class _Item:
+    kind: str                                   # "request" | "transaction"
+    row: tuple
+    done: threading.Event | None = None         # set once committed (or failed: error)
+    error: str = ""
+
+
+class Ledger:
+    """Usage rows and credit transactions: record()/add_transaction() only queue; one thread
+    commits batches at least every flush_s; failures are logged once, never raised."""
+
+    def __init__(self, database: str = DEFAULT_USAGE_DB, clients: Iterable[ClientCfg] = (),
+                 flush_s: float = LEDGER_FLUSH_S) -> None:
+        self.db = _backend_for(database)        # a missing psycopg fails here, at startup
+        self.flush_s = flush_s
+        self.clients = list(clients)
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.error = ""                         # the last write error; "" while healthy
+        self.balances_loaded = False
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()           # guards _closed, _balances, _pending
+        self._late_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._closed = False
+        self._balances: dict[str, float] = {}
+        self._pending: dict[str, float] = collections.defaultdict(float)
+        self._backlog: list[_Item] = []
+        self._reader: Any = None
+        self._late_conn: Any = None
+        self._conn: Any = None
+        self._connect()
+        self._thread = threading.Thread(target=self._run, name="ccm-ledger", daemon=True)
+        self._thread.start()
+
+    # ---- request path: never blocks on the database, never raises ----------------------
+    def record(self, rec: LedgerRow) -> None:
+        """Queue one request's row."""
+        self._put(_Item("request", _row_of(rec)))
+
+    def add_transaction(self, client: str, amount_usd: float, request_id: str = "",
+                        note: str = "", wait: bool = False) -> None:
+        """Queue a top-up (> 0) or debit (< 0); it counts in balance() at once. With wait, block
+        until it is committed and raise ProxyError(503) when it could not be."""
+        item = _Item("transaction", (client, time.time(), float(amount_usd), request_id, note),
+                     threading.Event() if wait else None)
+        with self._lock:
+            self._pending[client] += item.row[2]
+        self._put(item)
+        if item.done is not None and (not item.done.wait(LEDGER_WAIT_S) or item.error):
+            raise ProxyError(503, f"usage ledger {self.db.where}: the transaction is not written "
+                             f"yet ({item.error or 'timed out'}); it is kept and retried")
+
+    def balance(self, client: str) -> float:
+        """The committed balance plus every queued transaction of this process."""
+        with self._lock:
+            return self._balances.get(client, 0.0) + self._pending.get(client, 0.0)
+
+    def balances(self) -> dict[str, float]:
+        with self._lock:
+            names = set(self._balances) | set(self._pending)
+            return {n: self._balances.get(n, 0.0) + self._pending.get(n, 0.0) for n in names}
+
+    def _put(self, item: _Item) -> None:
+        with self._lock:
+            if not self._closed:
+                self._queue.put(item)
+                return
+        with self._late_lock:                   # after close (a request drained late): direct
+            self._flush([item], late=True)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Write every queued row, then stop the writer (SIGTERM: no row lost)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
+        self._thread.join(timeout_s)
+        with self._read_lock:
+            if self._reader is not None:
+                with contextlib.suppress(*self.db.errors):
+                    self._reader.close()
+                self._reader = None
+
+    # ---- the writer thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            items, stop = self._collect()
+            if items or self._backlog:
+                self._flush(items)
+            else:
+                self._refresh()                 # other processes' charges show within flush_s
+        if self._backlog:
+            _log.error("usage ledger %s: %d rows could not be written before shutdown",
+                       self.db.where, len(self._backlog))
+        if self._conn is not None:
+            with contextlib.suppress(*self.db.errors):
+                self._conn.close()
+
+    def _collect(self) -> tuple[list[_Item], bool]:
+        """Wait for a first item, then gather more for up to flush_s (or a full batch)."""
+        try:
+            first = self._queue.get(timeout=self.flush_s)
+        except queue.Empty:
+            return [], False
+        if first is None:
+            return _drain(self._queue, []), True
+        items, deadline = [first], time.monotonic() + self.flush_s
+        while len(items) < LEDGER_BATCH_ROWS:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is None:
+                return _drain(self._queue, items), True
+            items.append(item)
+        return items, False
+
+    def _flush(self, items: list[_Item], late: bool = False) -> None:
+        batch = items if late else self._backlog + items
+        try:
+            conn = (self._connect_late() if late else self._conn or self._connect())
+            if conn is None:
+                raise LedgerError(self.error or "not connected")
+            committed = self._write(conn, batch)
+            balances = _read_balances(conn)
+        except self.db.errors as exc:
+            self._failed(exc, batch, late)
+            return
+        self._backlog = [] if not late else self._backlog
+        self._healthy()
+        with self._lock:
+            self._balances = balances
+            self.balances_loaded = True
+            for client, amount in committed.items():
+                self._pending[client] -= amount
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(batch)
+        for item in batch:
+            if item.done is not None:
+                item.done.set()
+
+    def _write(self, conn: Any, batch: list[_Item]) -> dict[str, float]:
+        requests = [it.row for it in batch if it.kind == "request"]
+        txns = [it.row for it in batch if it.kind == "transaction"]
+        with _transaction(self.db, conn):
+            if requests:
+                conn.cursor().executemany(self.db.sql(_INSERT_REQUEST), requests)
+            return _apply_transactions(self.db, conn, txns) if txns else {}
+
+    def _failed(self, exc: BaseException, batch: list[_Item], late: bool) -> None:
+        self._log_failure(exc)
+        if not late:
+            if self._conn is not None:
+                with contextlib.suppress(*self.db.errors):
+                    self._conn.close()
+            self._conn = None
+            keep = batch[-LEDGER_MAX_BACKLOG_ROWS:]
+            self.stats["dropped"] += len(batch) - len(keep)
+            self._backlog = keep
+        else:
+            self.stats["dropped"] += len(batch)
+            with contextlib.suppress(*self.db.errors):
+                if self._late_conn is not None:
+                    self._late_conn.close()
+            self._late_conn = None
+        for item in batch:
+            if item.done is not None:
+                item.error = self.error
+                item.done.set()
+
+    def _log_failure(self, exc: BaseException) -> None:
+        """One error line per outage, not one per row."""
+        first = not self.error
+        self.error = f"{type(exc).__name__}: {exc}".strip()
+        if first:
+            _log.error("usage ledger %s cannot be written (%s); requests are still served, rows "
+                       "are kept in memory and retried", self.db.where, self.error)
+
+    def _healthy(self) -> None:
+        if self.error:
+            _log.warning("usage ledger %s: writing again", self.db.where)
+            self.error = ""
+
+    def _connect(self) -> Any:
+        """Connect, migrate, register configured clients and load balances; None on failure."""
+        try:
+            conn = self.db.connect()
+            try:
+                _migrate(self.db, conn)
+                _register_clients(self.db, conn, self.clients)
+                balances = _read_balances(conn)
+            except BaseException:
+                conn.close()
+                raise
+        except self.db.errors as exc:
+            self._log_failure(exc)
+            return None
+        self._healthy()
+        with self._lock:
+            self._balances = balances
+            self.balances_loaded = True
+        self._conn = conn
+        return conn
+
+    def _connect_late(self) -> Any:
+        """One connection for rows recorded after close (requests drained during shutdown)."""
+        if self._late_conn is None:
+            self._late_conn = self.db.connect()
+            _migrate(self.db, self._late_conn)
+        return self._late_conn
+
+    def _refresh(self) -> None:
+        conn = self._conn or self._connect()
+        if conn is None:
+            return
+        try:
+            balances = _read_balances(conn)
+        except self.db.errors as exc:
+            self._log_failure(exc)
+            with contextlib.suppress(*self.db.errors):
+                conn.close()
+            self._conn = None
+            return
+        with self._lock:
+            self._balances = balances
+
+    # ---- reads (admin page, CLI; not the request path) -------------------------------------
+    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """Run one read-only statement (`?` placeholders) on a reader connection."""
+        with self._read_lock:
+            try:
+                if self._reader is None:
+                    self._reader = self.db.connect()
+                    _migrate(self.db, self._reader)
+                return self._reader.execute(self.db.sql(sql), params).fetchall()
+            except self.db.errors as exc:
+                with contextlib.suppress(*self.db.errors):
+                    if self._reader is not None:
+                        self._reader.close()
+                self._reader = None
+                raise ProxyError(503, f"usage ledger {self.db.where} cannot be read: "
+                                 f"{type(exc).__name__}: {exc}") from None
+
+    def usage(self, since: float, group_by: str = "model", client: str | None = None) -> Json:
+        """Requests, tokens and cost since a unix time, grouped by one of USAGE_GROUPS."""
+        return usage_report(self, since, group_by, client)
+
+    def recent(self, limit: int = 50, filters: Json | None = None) -> list[Json]:
+        """The newest request rows, newest first; filters: RECENT_FILTERS and since."""
+        return recent_requests(self, limit, filters)
+
+    def transactions(self, client: str | None = None) -> list[Json]:
+        """Every credit transaction (of one client), oldest first."""
+        return list_transactions(self, client)
+
+
+def _drain(q: queue.SimpleQueue[_Item | None], items: list[_Item]) -> list[_Item]:
+    """Everything still queued: nothing arrives after the close sentinel."""
+    with contextlib.suppress(queue.Empty):
+        while True:
+            item = q.get_nowait()
+            if item is not None:
+                items.append(item)
+    return items
+
+
+def _read_balances(conn: Any) -> dict[str, float]:
+    rows = conn.execute("SELECT name, balance_usd FROM clients").fetchall()
+    return {name: float(balance) for name, balance in rows}
+
+
+def list_transactions(ledger: Ledger, client: str | None = None) -> list[Json]:
+    where, params = ("WHERE client = ?", (client,)) if client else ("", ())
+    rows = ledger.query("SELECT client, ts, amount_usd, request_id, note FROM transactions "
+                        f"{where} ORDER BY id", params)
+    return [{"client": c, "ts": float(ts), "amount_usd": float(a), "request_id": r,
+             "note": n} for c, ts, a, r, n in rows]
+
+
+def open_ledger(usage: UsageCfg, clients: Iterable[ClientCfg] = ()) -> Ledger | None:
+    """The configured ledger, or None when [usage] enabled = false."""
+    return Ledger(usage.database, clients) if usage.enabled else None
+
+
+# --- 13e. Credits and per-client limits --------------------------------------------------------
+
+class Credits:
+    """Client keys, balances and rpm limits on top of the ledger (request path: memory only)."""
+
+    def __init__(self, clients: Iterable[ClientCfg], ledger: Ledger | None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.clients = {c.name: c for c in clients}
+        self.ledger = ledger
+        self.clock = clock
+        self._digests = [(c.name, hashlib.sha256(c.key.encode()).digest())
+                         for c in self.clients.values()]
+        self._windows: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
+        self._lock = threading.Lock()
+
+    def authenticate(self, key: str | None) -> str | None:
+        """The client whose key this is; every key is compared, in constant time."""
+        given = hashlib.sha256((key or "").encode()).digest()
+        found = None
+        for name, digest in self._digests:
+            if hmac.compare_digest(given, digest) and found is None and key:
+                found = name
+        return found
+
+    def check(self, client: str | None) -> None:
+        """Refuse a metered client whose balance (queued debits included) is spent (402), then
+        apply its rpm limit (429). Call before any upstream is contacted."""
+        c = self.clients.get(client or "")
+        if c is None:
+            return
+        if c.credits is not None:
+            if self.ledger is None or not self.ledger.balances_loaded:
+                raise ProxyError(503, "the usage ledger is unavailable, so credits cannot be "
+                                 "checked", "api_error")
+            balance = self.ledger.balance(c.name)
+            if balance <= 0:
+                raise ProxyError(402, f"client {c.name!r} has no credits left (balance "
+                                 f"${balance:.4f}); ask the operator to run `ccm credits add "
+                                 f"{c.name} AMOUNT`", "billing_error")
+        self._limit(c)
+
+    def _limit(self, c: ClientCfg) -> None:
+        if not c.rpm:
+            return
+        now = self.clock()
+        with self._lock:
+            window = self._windows[c.name]
+            while window and now - window[0] >= RPM_WINDOW_S:
+                window.popleft()
+            if len(window) >= c.rpm:
+                wait = max(1, math.ceil(RPM_WINDOW_S - (now - window[0])))
+                raise ProxyError(429, f"client {c.name!r} is over its limit of {c.rpm} requests "
+                                 f"per minute; retry in {wait}s", "rate_limit_error",
+                                 headers=[("retry-after", str(wait))])
+            window.append(now)
+
+    def charge(self, client: str, request_id: str, cost_usd: float | None) -> None:
+        """Queue a debit of cost_usd (markup already applied); unknown or zero cost: nothing."""
+        if self.ledger is None or not client or not cost_usd or cost_usd <= 0:
+            return
+        self.ledger.add_transaction(client, -cost_usd, request_id, "request")
+
+    def settle(self, rec: LedgerRow) -> float | None:
+        """Debit a finished request's cost_usd times its client's markup; returns the debit."""
+        c = self.clients.get(rec.client)
+        if c is None or rec.cost_usd is None:
+            return None
+        amount = rec.cost_usd * c.markup
+        self.charge(c.name, rec.request_id, amount)
+        return amount
+
+    def top_up(self, client: str, amount_usd: float, note: str = "top-up") -> float:
+        """Add (or with a negative amount, remove) credits; waits for the commit."""
+        if self.ledger is None:
+            raise ProxyError(400, "the usage ledger is disabled ([usage] enabled = false)")
+        if client not in self.clients and client not in self.ledger.balances():
+            raise ProxyError(404, f"no client named {client!r} (configured: "
+                             f"{', '.join(self.clients) or 'none'})", "not_found_error")
+        if not math.isfinite(amount_usd) or amount_usd == 0:
+            raise ProxyError(400, f"amount must be a non-zero number of USD, got {amount_usd}")
+        self.ledger.add_transaction(client, amount_usd, "", note, wait=True)
+        return self.ledger.balance(client)
+
+    def balances(self) -> list[Json]:
+        """Every known client with its balance (configured clients first)."""
+        known = self.ledger.balances() if self.ledger is not None else {}
+        names = list(self.clients) + sorted(n for n in known if n not in self.clients)
+        out = []
+        for name in names:
+            c = self.clients.get(name)
+            out.append({"client": name, "balance_usd": round(known.get(name, 0.0), 10),
+                        "metered": bool(c and c.credits is not None),
+                        "markup": c.markup if c else 1.0, "rpm": c.rpm if c else None,
+                        "configured": c is not None})
+        return out
+
+
+# --- 13f. Queries and exports ----------------------------------------------------------------
+
+_GROUP_COLUMNS = {"model": "COALESCE(NULLIF(actual_model, ''), routed_model)",
+                  "provider": "provider", "route": "route", "client": "client"}
+RECENT_FILTERS = ("client", "provider", "route", "routed_model", "actual_model", "session_id",
+                  "status", "request_id")
+_SUM_FIELDS = ("requests", "errors", "input_tokens", "output_tokens", "cache_read_input_tokens",
+               "cache_creation_input_tokens", "unpriced_requests")
+_SINCE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """'30m', '1h', '7d', '2w' ago, or an ISO date/time ('2026-11-01' is local midnight)."""
+    now = time.time() if now is None else now
+    m = _SINCE_RE.match(text)
+    if m:
+        return now - float(m.group(1)) * _SINCE_UNITS[m.group(2)]
+    try:
+        return datetime.datetime.fromisoformat(text.strip()).timestamp()
+    except ValueError:
+        raise ValueError(f"--since {text!r}: expected a duration like 30m, 1h, 7d or a date "
+                         "like 2026-11-01") from None
+
+
+def usage_report(ledger: Ledger, since: float, group_by: str = "model",
+                 client: str | None = None) -> Json:
+    """Totals and groups; a group's cost_usd is None when any of its requests has no price
+    (known_cost_usd then sums the priced ones, unpriced_requests counts the rest)."""
+    if group_by not in USAGE_GROUPS:
+        raise ProxyError(400, f"group_by {group_by!r} is not one of {', '.join(USAGE_GROUPS)}")
+    expr = ledger.db.day if group_by == "day" else _GROUP_COLUMNS[group_by]
+    where, params = "ts >= ?", [since]
+    if client is not None:
+        where, params = where + " AND client = ?", params + [client]
+    rows = ledger.query(
+        f"SELECT {expr}, COUNT(*), SUM(CASE WHEN status >= 400 THEN 1 ELSE 0 END), "
+        "SUM(input_tokens), SUM(output_tokens), SUM(cache_read_tokens), "
+        "SUM(cache_creation_tokens), COUNT(*) - COUNT(cost_usd), SUM(cost_usd) "
+        f"FROM requests WHERE {where} GROUP BY 1", tuple(params))
+    groups = [_group(row) for row in rows]
+    key = (lambda g: g["key"]) if group_by == "day" else \
+        (lambda g: (-(g["known_cost_usd"]), -g["requests"], g["key"]))
+    groups.sort(key=key)
+    total = {f: sum(g[f] for g in groups) for f in _SUM_FIELDS}
+    total["known_cost_usd"] = sum(g["known_cost_usd"] for g in groups)
+    total["cost_usd"] = None if total["unpriced_requests"] else total["known_cost_usd"]
+    return {"since": since, "group_by": group_by, "client": client, "total": total,
+            "groups": groups}
+
+
+def _group(row: tuple) -> Json:
+    g: Json = {"key": "" if row[0] is None else str(row[0])}
+    for name, value in zip(_SUM_FIELDS, row[1:8]):
+        g[name] = int(value or 0)
+    g["known_cost_usd"] = float(row[8] or 0.0)
+    g["cost_usd"] = None if g["unpriced_requests"] else g["known_cost_usd"]
+    return g
+
+
+def recent_requests(ledger: Ledger, limit: int = 50, filters: Json | None = None) -> list[Json]:
+    clauses, params = [], []
+    for key, value in (filters or {}).items():
+        if key == "since":
+            clauses.append("ts >= ?")
+        elif key in RECENT_FILTERS:
+            clauses.append(f"{key} = ?")
+        else:
+            raise ProxyError(400, f"unknown filter {key!r} (one of since, "
+                             f"{', '.join(RECENT_FILTERS)})")
+        params.append(value)
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    rows = ledger.query(f"SELECT {', '.join(_RECORD_COLUMNS)} FROM requests {where} "
+                        "ORDER BY ts DESC, id DESC LIMIT ?", (*params, max(0, int(limit))))
+    return [_record_of(row) for row in rows]
+
+
+_CSV_GROUP_FIELDS = ("key", *_SUM_FIELDS[:6], "cost_usd", "known_cost_usd", "unpriced_requests")
+
+
+def to_csv(result: Json | list[Json]) -> str:
+    """A usage report (one line per group, then TOTAL) or a list of request rows as CSV."""
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    if isinstance(result, list):
+        w.writerow(_RECORD_COLUMNS)
+        for rec in result:
+            w.writerow(["" if rec[k] is None else json.dumps(rec[k]) if k == "attempts"
+                        else rec[k] for k in _RECORD_COLUMNS])
+        return out.getvalue()
+    w.writerow(_CSV_GROUP_FIELDS)
+    for g in [*result["groups"], {"key": "TOTAL", **result["total"]}]:
+        w.writerow(["" if g[f] is None else g[f] for f in _CSV_GROUP_FIELDS])
+    return out.getvalue()
+
+
+def _money(value: float | None) -> str:
+    return "n/a" if value is None else f"${value:,.4f}"
+
+
+def _table(header: list[str], rows: list[list[str]], left: int = 1) -> list[str]:
+    """Columns padded to their widest cell: the first `left` left-aligned, the rest right."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return [line(header), "  ".join("-" * w for w in widths), *map(line, rows)]
+
+
+def format_usage_table(result: Json) -> str:
+    """The usage report as an aligned text table with a TOTAL line."""
+    since = datetime.datetime.fromtimestamp(result["since"]).strftime("%Y-%m-%d %H:%M")
+    who = f" for client {result['client']}" if result.get("client") else ""
+    head = [f"Usage since {since}{who}, by {result['group_by']}", ""]
+    header = [result["group_by"].upper(), "REQUESTS", "ERRORS", "INPUT", "OUTPUT",
+              "CACHE READ", "CACHE WRITE", "COST USD"]
+
+    def cells(key: str, g: Json) -> list[str]:
+        cost = _money(g["cost_usd"]) if g["cost_usd"] is not None else \
+            f"{_money(g['known_cost_usd'])} +?"
+        return [key, *(f"{g[f]:,}" for f in _SUM_FIELDS[:6]), cost]
+    rows = [cells(g["key"] or "-", g) for g in result["groups"]]
+    lines = _table(header, [*rows, cells("TOTAL", result["total"])])
+    lines.insert(len(lines) - 1, lines[1])
+    unpriced = result["total"]["unpriced_requests"]
+    if unpriced:
+        lines += ["", f"+? {unpriced} requests used a model without a price: add "
+                  '[prices."MODEL"] with input and output (USD per million tokens)']
+    if not result["groups"]:
+        lines = ["(no requests)"]
+    return "\n".join(head + lines) + "\n"
+
+
+def format_credits_table(balances: list[Json]) -> str:
+    rows = [[b["client"], _money(b["balance_usd"]), "yes" if b["metered"] else "no",
+             f"{b['markup']:g}", str(b["rpm"] or "-")] for b in balances]
+    if not rows:
+        return "(no clients: add [[clients]] to the config)\n"
+    return "\n".join(_table(["CLIENT", "BALANCE", "METERED", "MARKUP", "RPM"], rows)) + "\n"
+
+
+def cmd_usage(args: argparse.Namespace, ledger: Ledger | None) -> int:
+    """Show requests, tokens and cost by model, provider, route, client or day.
+
+    Example:
+      ccm usage --since 7d --by provider
+    """
+    if ledger is None:
+        raise ProxyError(400, "the usage ledger is disabled ([usage] enabled = false)")
+    since = getattr(args, "since", None) or "7d"
+    try:
+        since_ts = since if isinstance(since, (int, float)) else parse_since(since)
+    except ValueError as exc:
+        raise ProxyError(400, str(exc)) from None
+    result = ledger.usage(since_ts, getattr(args, "by", None) or "model",
+                          getattr(args, "client", None))
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2))
+    elif getattr(args, "csv", False):
+        print(to_csv(result), end="")
+    else:
+        print(format_usage_table(result), end="")
+    return 0
+
+
+def cmd_credits(args: argparse.Namespace, credits: Credits) -> int:
+    """Add credits to a client, or list every client's balance.
+
+    Example:
+      ccm credits add alice 20
+      ccm credits list --json
+    """
+    if args.action == "add":
+        try:
+            amount = float(args.amount)
+        except ValueError:
+            raise ProxyError(400, f"AMOUNT {args.amount!r} is not a number of USD") from None
+        balance = credits.top_up(args.name, amount, getattr(args, "note", None) or "top-up")
+        print(f"{'added' if amount > 0 else 'removed'} {_money(abs(amount))} "
+              f"{'to' if amount > 0 else 'from'} {args.name}: balance {_money(balance)}")
+        return 0
+    if getattr(args, "json", False):
+        print(json.dumps(credits.balances(), indent=2))
+    else:
+        print(format_credits_table(credits.balances()), end="")
+    return 0
+
+
+def ledger_row(rec: RequestRecord, prices: dict[str, Price]) -> LedgerRow:
+    """The ledger's row for one recorded request, with its cost (unknown price: None)."""
+    u = rec.usage
+    tokens = u.input_tokens or u.output_tokens or u.cache_read_input_tokens
+    row = LedgerRow(
+        ts=rec.time - rec.latency_ms / 1000, request_id=rec.id, client=rec.client,
+        session_id=rec.session_id, requested_model=rec.requested_model, route=rec.rule,
+        routed_model=rec.model, provider=rec.provider, actual_model=rec.upstream_model,
+        status=rec.status, error_type=rec.error_type, error=rec.error[:300],
+        attempts=[{"provider": a.provider, "model": a.model, "status": a.status,
+                   "error": a.error, "ms": round(a.ms, 1)} for a in rec.attempts],
+        failovers=max(0, len({a.provider for a in rec.attempts}) - 1),
+        input_tokens=u.input_tokens, output_tokens=u.output_tokens,
+        cache_read_tokens=u.cache_read_input_tokens, cache_creation_tokens=u.cache_creation_input_tokens,
+        usage_source="none" if not tokens else "local" if u.local else "provider",
+        latency_first_byte_ms=rec.first_byte_ms, latency_total_ms=rec.latency_ms, stream=rec.stream)
+    row.cost_usd = cost_of(row, prices)
+    return row
 
 
 # ============================================================================================
@@ -9262,15 +10354,18 @@ class App:
     it delegates to."""
 
     def __init__(self, cfg: Config, upstreams: Upstreams | None = None,
-                 admin_token: str | None = None) -> None:
+                 admin_token: str | None = None, ledger: Ledger | None = None) -> None:
         self.cfg = cfg
         self.up = upstreams or Upstreams(cfg)
+        self.ledger = ledger
+        self.credits = Credits(cfg.clients, ledger)
         self.on_config: Callable[[Config], None] | None = None
         self.on_reload: Callable[[], bool] | None = None
         self.no_count: dict[str, float] = {}
         self.started = time.time()
         self.counters: collections.Counter[str] = collections.Counter()
         self.recorder = Recorder(self.counters)
+        self.recorder.hooks.append(self._to_ledger)
         self.failover = Failover(self.up, self.counters)
         self.admin = Admin(self, admin_token or secrets.token_urlsafe(24))
         self.table: dict[tuple[str, str], Callable[[Request], Awaitable[Any]]] = {
@@ -9320,7 +10415,7 @@ class App:
 
     def _auth(self, req: Request) -> None:
         try:
-            self.check_auth(req.path, req.headers)
+            req.client = self.check_auth(req.path, req.headers)
         except ProxyError as exc:
             if req.path == "/v1/messages":      # refused requests are recorded too
                 self.recorder.finish(refused_record(req, exc, time.monotonic()))
@@ -9352,19 +10447,31 @@ class App:
             return exc
         return None
 
-    def check_auth(self, path: str, headers: dict[str, str]) -> None:
-        """server.api_key guards the proxy endpoints (x-api-key or Bearer, constant time)."""
-        key = self.cfg.server.api_key
-        if not key or not path.startswith("/v1/"):
-            return
+    def check_auth(self, path: str, headers: dict[str, str]) -> str:
+        """server.api_key and [[clients]] keys guard the proxy endpoints (x-api-key or Bearer,
+        constant time); the name of the client whose key it was, or ""."""
+        key, clients = self.cfg.server.api_key, self.cfg.clients
+        if not (key or clients) or not path.startswith("/v1/"):
+            return ""
         given = headers.get("x-api-key", "")
         auth = headers.get("authorization", "")
         bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-        ok = hmac.compare_digest(given.encode(), key.encode()) if given else False
-        ok = ok or (hmac.compare_digest(bearer.encode(), key.encode()) if bearer else False)
-        if not ok:
-            raise ProxyError(401, "invalid or missing ccm API key (send it as x-api-key or "
-                             "Authorization: Bearer)")
+        for candidate in (given, bearer):
+            if key and candidate and hmac.compare_digest(candidate.encode(), key.encode()):
+                return ""
+            client = self.credits.authenticate(candidate) if clients and candidate else None
+            if client:
+                return client
+        raise ProxyError(401, "invalid or missing ccm API key (send it as x-api-key or "
+                         "Authorization: Bearer)")
+
+    def _to_ledger(self, rec: RequestRecord) -> None:
+        """The recorder's hook: the request's row (and its client's debit) to the ledger."""
+        if self.ledger is None or rec.path != "/v1/messages":
+            return
+        row = ledger_row(rec, self.cfg.prices)
+        self.credits.settle(row)
+        self.ledger.record(row)
 
     def apply_config(self, cfg: Config) -> None:
         """A config saved from the admin page: new requests use it, in-flight ones keep theirs."""
@@ -9415,6 +10522,7 @@ class App:
         started = time.monotonic()
         cfg = self.cfg                      # in-flight requests keep the config they started with
         try:
+            self.credits.check(req.client)         # 402 / 429 before any upstream is called
             body = _json_body(req)
             validate_messages(body)
             if _needs_counting(cfg, len(req.body)):
@@ -9509,7 +10617,8 @@ class Service:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.app = App(cfg, admin_token=load_admin_token(cfg))
+        self.ledger = open_ledger(cfg.usage, cfg.clients)
+        self.app = App(cfg, admin_token=load_admin_token(cfg), ledger=self.ledger)
         self.app.up.secret = load_secret(cfg.path)
         self.app.on_config = self.apply
         self.app.on_reload = self.reload
@@ -9543,8 +10652,10 @@ class Service:
 
     def apply(self, cfg: Config) -> None:
         cfg.server.host, cfg.server.port = self.cfg.server.host, self.cfg.server.port  # bound
-        self.cfg = cfg
+        old, self.cfg = self.cfg, cfg
         self.app.cfg = cfg
+        self._reopen_ledger(old, cfg)
+        self.app.credits = Credits(cfg.clients, self.ledger)
         if cfg.server.admin_token:
             self.app.admin.token = cfg.server.admin_token
         health = self.app.up.health
@@ -9556,10 +10667,23 @@ class Service:
             for conn in self.server.connections:
                 conn.cfg = cfg.server
 
+    def _reopen_ledger(self, was: Config, cfg: Config) -> None:
+        """New clients or another database: a new ledger; the old one writes its last rows."""
+        def shape(c: Config) -> Any:
+            return (c.usage.enabled, c.usage.database, [(k.name, k.key, k.credits) for k in c.clients])
+        if shape(cfg) == shape(was):
+            return
+        old, self.ledger = self.ledger, open_ledger(cfg.usage, cfg.clients)
+        self.app.ledger = self.ledger
+        if old is not None:
+            threading.Thread(target=old.close, name="ccm-ledger-close", daemon=True).start()
+
     async def stop(self) -> None:
         if self.server:
             await self.server.shutdown(self.cfg.server.shutdown_grace_ms / 1000)
         await self.app.up.aclose()
+        if self.ledger is not None:            # after the drain: the last rows are written
+            await asyncio.get_running_loop().run_in_executor(None, self.ledger.close)
         self.stopped.set()
 
 
@@ -9772,7 +10896,48 @@ def build_parser() -> argparse.ArgumentParser:
     _cmd(sub, "status", cmd_status, "Ask a running ccm for its health.", "python ccm.py status")
     _cmd(sub, "stop", cmd_stop, "Stop the ccm started with this config (SIGTERM).", "python ccm.py stop")
     add_login_commands(sub, _cmd)
+    _add_usage_commands(sub)
     return parser
+
+
+def _add_usage_commands(sub: Any) -> None:
+    p = _cmd(sub, "usage", cmd_usage_cli, "Show requests, tokens and cost from the usage ledger.",
+             "python ccm.py usage --since 7d --by provider")
+    p.add_argument("--since", default="7d", help="1h, 7d, 30m or a date such as 2026-11-01")
+    p.add_argument("--by", choices=USAGE_GROUPS, default="model", help="group rows by")
+    p.add_argument("--client", help="only this client's requests")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="an object with total and groups")
+    out.add_argument("--csv", action="store_true", help="CSV, one group a line")
+    p = _cmd(sub, "credits", cmd_credits_cli, "Add credits to a client, or list balances.",
+             "python ccm.py credits add alice 20")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser, required=True)
+    add = actions.add_parser("add", help="top up a client (a negative amount takes credits away)")
+    add.add_argument("name")
+    add.add_argument("amount", help="USD")
+    add.add_argument("--note", help="recorded with the transaction")
+    lst = actions.add_parser("list", help="every client's balance")
+    lst.add_argument("--json", action="store_true")
+
+
+def _with_ledger(args: argparse.Namespace, run: Callable[[Config, Ledger | None], int]) -> int:
+    cfg = load_config(config_path(args.config))
+    ledger = open_ledger(cfg.usage, cfg.clients)
+    try:
+        return run(cfg, ledger)
+    finally:
+        if ledger is not None:
+            ledger.close()
+
+
+def cmd_usage_cli(args: argparse.Namespace) -> int:
+    """Show requests, tokens and cost by model, provider, route, client or day."""
+    return _with_ledger(args, lambda cfg, ledger: cmd_usage(args, ledger))
+
+
+def cmd_credits_cli(args: argparse.Namespace) -> int:
+    """Add credits to a client, or list every client's balance."""
+    return _with_ledger(args, lambda cfg, ledger: cmd_credits(args, Credits(cfg.clients, ledger)))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -9881,7 +11046,7 @@ def _masked_raw(raw: Any, key: str = "") -> Any:
         return {k: _masked_raw(v, k) for k, v in raw.items()}
     if isinstance(raw, list):
         return [_masked_raw(v, key) for v in raw]
-    if key in ("api_key", "api_keys", "admin_token", "client_secret") and isinstance(raw, str) \
+    if key in ("api_key", "api_keys", "admin_token", "client_secret", "key") and isinstance(raw, str) \
             and not raw.startswith("$"):
         return mask_secret(raw)
     return raw
