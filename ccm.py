@@ -182,6 +182,7 @@ class Request:
     peer: str = ""
     id: str = ""
     client: str = ""                  # the [[clients]] name its key belongs to
+    simulate: tuple[str, ...] = ()    # providers to fail on purpose (the admin Test tab only)
 
 
 @dataclass(slots=True)
@@ -6903,6 +6904,12 @@ class Failover:
         att.total_s = max(0.05, min((p.api_timeout_ms or srv.api_timeout_ms) / 1000,
                                     ex.deadline - att.started))
         ex.attempts.append(att)
+        if p.name in ex.req.simulate:          # never a mark against the provider's health
+            exc = UpstreamError(503, f"{p.name}: simulated failure (admin Test tab)", "api_error",
+                                provider=p.name, retryable=True)
+            att.status, att.error = exc.status, exc.message
+            ex.route.trace.append(exc.message)
+            return Outcome(error=exc)
         self.up.health.begin(p.name)
         ok, error = False, None
         try:
@@ -10298,6 +10305,9 @@ class Admin:
             headers["x-provider"] = str(body["provider"])
         inner = Request("POST", "/v1/messages", "", headers, dumps(msg).encode(), "1.1",
                         req.peer, req.id)
+        fail = body.get("simulate_failure")
+        if isinstance(fail, list):
+            inner.simulate = tuple(str(n) for n in fail if isinstance(n, str))
         return await self.app.messages(inner)
 
     # ---- status ------------------------------------------------------------------------
