@@ -1202,18 +1202,149 @@ def _json_body(req: Request) -> Json:
     return body
 
 
+def _bad(path: str, what: str) -> ProxyError:
+    return ProxyError(400, f"{path}: {what}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class _Validator:
+    """Structural checks of a Messages request, each error naming its JSON path in Anthropic's
+    words. Only shapes every upstream needs are checked: unknown fields and block types pass."""
+
+    def __init__(self, pairs: bool = True) -> None:
+        self.tool_ids: set[str] = set()
+        self.pairs = pairs                 # a tool_result must answer an earlier tool_use
+
+    def body(self, body: Json, need_max_tokens: bool) -> None:
+        if not isinstance(body.get("model"), str) or not body["model"]:
+            raise _bad("model", "Field required (a non-empty string)")
+        if not isinstance(body.get("messages"), list):
+            raise _bad("messages", "Field required (a list)")
+        if need_max_tokens:
+            if not body["messages"]:
+                raise _bad("messages", "at least one message is required")
+            mt = body.get("max_tokens")
+            if not _is_int(mt) or mt < 1:
+                raise _bad("max_tokens", "Field required (a positive integer)")
+        if "stream" in body and not isinstance(body["stream"], bool):
+            raise _bad("stream", "must be a boolean")
+        self.system(body.get("system"))
+        for i, msg in enumerate(body["messages"]):
+            self.message(msg, f"messages.{i}")
+        self.tools(body.get("tools"))
+        self.tool_choice(body.get("tool_choice"))
+        self.options(body)
+
+    def system(self, system: Any) -> None:
+        if system is None or isinstance(system, str):
+            return
+        if not isinstance(system, list):
+            raise _bad("system", "Input should be a valid string or a list of text blocks")
+        for i, b in enumerate(system):
+            if not isinstance(b, dict) or b.get("type", "text") != "text" or not isinstance(b.get("text"), str):
+                raise _bad(f"system.{i}", "Input should be a text block with a string `text`")
+
+    def message(self, msg: Any, path: str) -> None:
+        if not isinstance(msg, dict):
+            raise _bad(path, "Input should be an object")
+        if msg.get("role") not in ("user", "assistant", "system"):
+            raise _bad(f"{path}.role", "Input should be 'user', 'assistant' or 'system'")
+        content = msg.get("content")
+        if isinstance(content, str):
+            return
+        if not isinstance(content, list):
+            raise _bad(f"{path}.content", "Input should be a valid string or a list of blocks")
+        for j, block in enumerate(content):
+            self.block(block, f"{path}.content.{j}")
+
+    def block(self, b: Any, path: str) -> None:
+        if not isinstance(b, dict) or not isinstance(b.get("type"), str):
+            raise _bad(path, "Input should be a content block (an object with a string `type`)")
+        check = getattr(self, "_" + b["type"], None)
+        if check is not None:
+            check(b, path)
+
+    def _text(self, b: Json, path: str) -> None:
+        if not isinstance(b.get("text"), str):
+            raise _bad(f"{path}.text", "Input should be a valid string")
+
+    def _image(self, b: Json, path: str) -> None:
+        if not isinstance(b.get("source"), dict):
+            raise _bad(f"{path}.source", "Field required (an object)")
+
+    _document = _image
+
+    def _tool_use(self, b: Json, path: str) -> None:
+        if not isinstance(b.get("id"), str) or not b["id"]:
+            raise _bad(f"{path}.id", "Field required (a string)")
+        if not isinstance(b.get("name"), str) or not b["name"]:
+            raise _bad(f"{path}.name", "Field required (a string)")
+        if "input" in b and not isinstance(b["input"], dict):
+            raise _bad(f"{path}.input", "Input should be a valid dictionary")
+        self.tool_ids.add(b["id"])
+
+    def _tool_result(self, b: Json, path: str) -> None:
+        tid = b.get("tool_use_id")
+        if not isinstance(tid, str) or not tid:
+            raise _bad(f"{path}.tool_use_id", "Field required (a string)")
+        content = b.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise _bad(f"{path}.content", "Input should be a valid string or a list of blocks")
+        for k, inner in enumerate(content if isinstance(content, list) else []):
+            self.block(inner, f"{path}.content.{k}")
+        if self.pairs and tid not in self.tool_ids:
+            raise _bad(path, f"unexpected `tool_use_id` found in `tool_result` blocks: {tid}. "
+                       "Each `tool_result` block must have a corresponding `tool_use` block in "
+                       "the previous message.")
+
+    def _thinking(self, b: Json, path: str) -> None:
+        if not isinstance(b.get("thinking"), str):
+            raise _bad(f"{path}.thinking", "Input should be a valid string")
+
+    def tools(self, tools: Any) -> None:
+        if tools is None:
+            return
+        if not isinstance(tools, list):
+            raise _bad("tools", "Input should be a valid list")
+        for i, t in enumerate(tools):
+            if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
+                raise _bad(f"tools.{i}", "Input should be a tool with a string `name`")
+            if t.get("type") in (None, "custom") and "input_schema" in t and \
+                    not isinstance(t["input_schema"], dict):
+                raise _bad(f"tools.{i}.input_schema", "Input should be a valid dictionary")
+
+    def tool_choice(self, choice: Any) -> None:
+        if choice is None:
+            return
+        if not isinstance(choice, dict) or choice.get("type") not in ("auto", "any", "tool", "none"):
+            raise _bad("tool_choice", "Input should be an object with type 'auto', 'any', 'tool' "
+                       "or 'none'")
+        if choice["type"] == "tool" and not isinstance(choice.get("name"), str):
+            raise _bad("tool_choice.name", "Field required (a string)")
+
+    def options(self, body: Json) -> None:
+        for key in ("temperature", "top_p"):
+            v = body.get(key)
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+                raise _bad(key, "Input should be a valid number")
+        if body.get("top_k") is not None and not _is_int(body["top_k"]):
+            raise _bad("top_k", "Input should be a valid integer")
+        stops = body.get("stop_sequences")
+        if stops is not None and (not isinstance(stops, list) or
+                                  not all(isinstance(s, str) for s in stops)):
+            raise _bad("stop_sequences", "Input should be a list of strings")
+        for key in ("thinking", "metadata"):
+            if body.get(key) is not None and not isinstance(body[key], dict):
+                raise _bad(key, "Input should be a valid dictionary")
+
+
 def validate_messages(body: Json, need_max_tokens: bool = True) -> None:
-    """Reject what no upstream would accept, before any upstream is called (PROTOCOL.md §7)."""
-    if not isinstance(body.get("model"), str) or not body["model"]:
-        raise ProxyError(400, "model: Field required (a non-empty string)")
-    if not isinstance(body.get("messages"), list):
-        raise ProxyError(400, "messages: Field required (a list)")
-    if need_max_tokens:
-        mt = body.get("max_tokens")
-        if not isinstance(mt, int) or isinstance(mt, bool) or mt < 1:
-            raise ProxyError(400, "max_tokens: Field required (a positive integer)")
-    if "stream" in body and not isinstance(body["stream"], bool):
-        raise ProxyError(400, "stream: must be a boolean")
+    """Reject what no upstream would accept, before any upstream is called (PROTOCOL.md §7):
+    every structural error is a 400 invalid_request_error naming its JSON path."""
+    _Validator(pairs=need_max_tokens).body(body, need_max_tokens)   # count_tokens measures pieces
 
 
 # --- 7b. The router --------------------------------------------------------------------------
