@@ -297,12 +297,15 @@ class UpstreamError(ProxyError):
     def __init__(self, status: int, message: str, etype: str | None = None, *,
                  provider: str = "", body: bytes | None = None,
                  headers: list[tuple[str, str]] | None = None, retryable: bool = False,
-                 retry_after_s: float | None = None) -> None:
+                 retry_after_s: float | None = None, fault: bool = True,
+                 unreachable: bool = False) -> None:
         super().__init__(status, message, etype, headers)
         self.provider = provider
         self.body = body
         self.retryable = retryable
         self.retry_after_s = retry_after_s
+        self.fault = fault                # the provider's fault: counts against its health
+        self.unreachable = unreachable    # no answer at all (connect, timeout, transport)
 
 
 class ConfigError(Exception):
@@ -5364,15 +5367,17 @@ async def upstream_errors(p: Provider, doing: str, timeout_s: float,
         raise
     except (asyncio.TimeoutError, httpx.TimeoutException):
         raise UpstreamError(504, f"{p.name}: {doing}: nothing within {timeout_s:g} s",
-                            "timeout_error", provider=p.name, retryable=True) from None
+                            "timeout_error", provider=p.name, retryable=True,
+                            unreachable=True) from None
     except httpx.ConnectError as exc:
         raise UpstreamError(529, f"{p.name}: cannot connect ({scrub(str(exc), p)})",
-                            "overloaded_error", provider=p.name, retryable=True) from None
+                            "overloaded_error", provider=p.name, retryable=True,
+                            unreachable=True) from None
     except (httpx.HTTPError, OSError, EOFError) as exc:
         # Only the class name: a protocol error's text can quote a header value, i.e. a key.
         raise UpstreamError(broken_status, f"{p.name}: {doing} failed ({type(exc).__name__})",
                             error_type_for(broken_status), provider=p.name,
-                            retryable=True) from None
+                            retryable=True, unreachable=broken_status == 529) from None
 
 
 class Health:
@@ -6825,7 +6830,8 @@ class Credentials:
             return None if self.passes_client_login(p) else "<oauth access token>"
         if p.missing_env and not p.keys():
             raise UpstreamError(401, f"{p.name}: api_key uses ${p.missing_env[0]}, which is not set",
-                                "authentication_error", provider=p.name, retryable=True)
+                                "authentication_error", provider=p.name, retryable=True,
+                                fault=False)
         return self.keys.pick(p)
 
     async def get(self, p: Provider) -> tuple[str | None, Json]:
@@ -6940,6 +6946,7 @@ class Exchange:
     on_finish: Callable[[Exchange], None]
     deadline: float = 0.0
     attempts: list[Attempt] = field(default_factory=list)
+    errors: list[ProxyError] = field(default_factory=list)   # each failed attempt's error
     status: int = 0
     usage: Usage = field(default_factory=Usage)
     error: str = ""
@@ -6963,6 +6970,43 @@ class Outcome:
     """What one attempt returns: a response for the client, or the error that ended it."""
     response: Response | StreamResponse | None = None
     error: ProxyError | None = None
+
+
+def _build(adapter: Adapter, call: Call) -> Outbound:
+    """The upstream request. What this provider cannot take (a server tool it cannot run) moves
+    on to the next provider; a shape translation cannot handle is a 400 for this request.
+    Neither is a mark against the provider's health."""
+    p = call.provider
+    try:
+        return adapter.build(call)
+    except UpstreamError:
+        raise
+    except ProxyError as exc:
+        raise UpstreamError(exc.status, exc.message if exc.message.startswith(p.name) else
+                            f"{p.name}: {exc.message}", exc.etype, provider=p.name,
+                            retryable=True, fault=False) from None
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+        _log.warning("%s: cannot translate the request (%s: %s)", p.name, type(exc).__name__, exc)
+        raise UpstreamError(400, f"{p.name}: ccm cannot translate this request for the provider "
+                            f"({type(exc).__name__}); the request has a shape ccm does not "
+                            "handle", "invalid_request_error", provider=p.name,
+                            fault=False) from None
+
+
+def _final_error(ex: Exchange, last: ProxyError | None) -> ProxyError:
+    """What the client is told when no provider answered (PROTOCOL.md §2): the upstream's own
+    status, but 502 naming them when none could be reached at all, and a non-retryable 400
+    that says what to fix when the config leaves the model without a provider."""
+    if last is None:
+        names = ", ".join(f"{t.provider} ({'disabled' if t.provider in ex.cfg.providers else 'unknown'})"
+                          for t in ex.route.targets) or "none"
+        return ProxyError(400, f"model {ex.route.model!r} has no enabled provider ({names}): "
+                          "enable one or add a [[models.mappings]] entry to the config")
+    errors = [e for e in ex.errors if isinstance(e, UpstreamError)]
+    if errors and all(e.unreachable for e in errors):
+        tried = "; ".join(dict.fromkeys(e.message for e in errors))
+        return ProxyError(502, f"no provider could be reached: {tried}", "api_error")
+    return last
 
 
 class Failover:
@@ -6993,8 +7037,7 @@ class Failover:
             last = outcome.error
             if not (isinstance(last, UpstreamError) and last.retryable):
                 break
-        if last is None:
-            last = ProxyError(503, f"no enabled provider for model {rt.model!r}", "overloaded_error")
+        last = _final_error(ex, last)
         ex.finish(last.status, error=str(last.message))
         raise last
 
@@ -7040,6 +7083,7 @@ class Failover:
                                 provider=p.name, retryable=True)
             att.status, att.error = exc.status, exc.message
             ex.route.trace.append(exc.message)
+            ex.errors.append(exc)
             return Outcome(error=exc)
         self.up.health.begin(p.name)
         ok, error = False, None
@@ -7053,6 +7097,7 @@ class Failover:
             error = exc
             att.status, att.error = exc.status, exc.message
             ex.route.trace.append(f"{p.name}: {exc.message}")
+            ex.errors.append(exc)
             return Outcome(error=exc)
         finally:
             if att.ms == 0.0:
@@ -7064,7 +7109,7 @@ class Failover:
         health = self.up.health
         if ok:
             health.success(p.name)
-        elif error is not None and error.retryable:
+        elif error is not None and error.retryable and error.fault:
             health.failure(p.name)
         health.probing.discard(p.name)          # a probe never outlives its attempt
         if error is not None and error.status in (401, 403, 429) and att.key and len(p.keys()) > 1:
@@ -7098,12 +7143,7 @@ class Failover:
         adapter = adapter_for(p, target)
         call = Call(p, target, ex.req, ex.route.body, ex.requested, att.key,
                     ex.cfg.server.api_key is not None, self.up.secret, att.auth)
-        try:
-            out = adapter.build(call)
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise UpstreamError(502, f"{p.name}: cannot build the upstream request "
-                                f"({type(exc).__name__})", "api_error", provider=p.name,
-                                retryable=True)
+        out = _build(adapter, call)
         connect_s = (p.connect_timeout_ms or ex.cfg.server.connect_timeout_ms) / 1000
         resp = await self.up.send(p, out, min(att.first_byte_s, att.total_s), connect_s)
         att.status = resp.status_code
@@ -7138,7 +7178,7 @@ class Failover:
         if "text/event-stream" in resp.headers.get("content-type", ""):
             msg, relayed = adapter.whole_sse(call, out, raw), None
         else:
-            msg, relayed = adapter.whole(call, out, _json_object(p, raw), raw)
+            msg, relayed = adapter.whole(call, out, _json_object(p, raw, adapter, resp.headers), raw)
         headers = [("content-type", "application/json"), self._route_header(ex, call.target),
                    *adapter.response_headers(resp.headers)]
         usage = usage_of(msg.get("usage"))
@@ -7168,6 +7208,9 @@ class Failover:
         def on_end(tr: StreamTranslator, outcome: str) -> None:
             status = 200 if outcome == "ok" else (tr.failed.status if tr.failed and
                                                    outcome == "error" else 499)
+            if outcome == "error" and tr.failed is not None and tr.failed.status >= 500:
+                tr.failed.retryable = True                  # a stream that broke mid-way
+                self._settle(p, att, False, tr.failed)
             ex.finish(status, tr.final_usage(), outcome if outcome != "ok" else "", call.target)
         chunks = relay_stream(first, it, tr, ping_s=ex.cfg.server.ping_interval_s, idle_s=idle_s,
                               provider=p.name, on_end=on_end, close=resp.aclose)
@@ -7341,7 +7384,7 @@ async def relay_stream(first: list[bytes], it: AsyncIterator[bytes], tr: StreamT
         on_end(tr, outcome)
 
 
-def _json_object(p: Provider, raw: bytes) -> Json:
+def _json_object(p: Provider, raw: bytes, adapter: Adapter, headers: Any) -> Json:
     try:
         data = json.loads(raw)
     except ValueError:
@@ -7349,7 +7392,30 @@ def _json_object(p: Provider, raw: bytes) -> Json:
     if not isinstance(data, dict):          # a truncated or garbled 200 is a failure, not an answer
         raise UpstreamError(502, f"{p.name}: upstream answered with invalid JSON", "api_error",
                             provider=p.name, retryable=True)
+    if data.get("type") == "error" or ("error" in data and not _has_answer(data)):
+        # An error inside a 200 is the provider's failure, tried like the status it names.
+        raise adapter.error(_status_in(data), raw, headers, p.name)
     return data
+
+
+def _has_answer(data: Json) -> bool:
+    return any(k in data for k in ("content", "choices", "candidates", "output", "response"))
+
+
+def _status_in(data: Json) -> int:
+    """The HTTP status an error object inside a 200 stands for (502 when it names none)."""
+    err = data.get("error")
+    if isinstance(err, dict):
+        code = err.get("code")
+        if _is_int(code) and 400 <= code <= 599:
+            return code
+        etype = err.get("type") or err.get("status")
+        for status, name in ERROR_TYPES.items():
+            if etype == name:
+                return status
+        if etype in _GOOGLE_STATUS:
+            return {529: 503}.get(_GOOGLE_STATUS[etype][0], _GOOGLE_STATUS[etype][0])
+    return 502
 
 
 def message_to_events(msg: Json) -> list[bytes]:
