@@ -251,8 +251,10 @@ PROVIDER_TYPES: dict[str, ProviderType] = {
     "zenmux": ProviderType("anthropic", "https://zenmux.ai/api/anthropic"),
     "kimi-coding": ProviderType("anthropic", "https://api.kimi.com/coding"),
     "openai": ProviderType("openai", "https://api.openai.com/v1", "bearer",
+                           default_options=(("prompt_cache_key", True),),
                            oauth_base_url="https://chatgpt.com/backend-api/codex"),
-    "openrouter": ProviderType("openai", "https://openrouter.ai/api/v1", "bearer", _OPENROUTER_HEADERS),
+    "openrouter": ProviderType("openai", "https://openrouter.ai/api/v1", "bearer", _OPENROUTER_HEADERS,
+                               (("web_plugin", True),)),
     "groq": ProviderType("openai", "https://api.groq.com/openai/v1", "bearer"),
     "together": ProviderType("openai", "https://api.together.xyz/v1", "bearer"),
     "fireworks": ProviderType("openai", "https://api.fireworks.ai/inference/v1", "bearer"),
@@ -529,7 +531,8 @@ class Config:
 _MODEL_OPTIONS: dict[str, tuple[type, ...]] = {
     "max_output_tokens": (int,), "reasoning": (bool,), "reasoning_echo": (bool,),
     "extra_body": (dict,), "stream_options": (bool,), "schema_profile": (str,),
-    "api": (str,), "codex_instructions": (str,),
+    "api": (str,), "codex_instructions": (str,), "web_plugin": (bool,),
+    "prompt_cache_key": (bool,),
 }
 _SERVER_KEYS: dict[str, tuple[type, ...]] = {
     "host": (str,), "port": (int,), "api_key": (str,), "admin_token": (str,),
@@ -2249,7 +2252,24 @@ def _user_parts(blocks: list[Json]) -> list[Json]:
             parts.append(_image_part(b.get("source")) or {"type": "text", "text": "[image omitted]"})
         elif kind == "document":
             parts.append(_document_part(b.get("source")))
+        elif kind in _AS_TEXT:
+            parts.append({"type": "text", "text": _block_as_text(b)})
     return parts
+
+
+# Blocks with no equivalent in a translated format become text the model can read (never lost).
+_AS_TEXT = ("search_result", "web_search_tool_result", "server_tool_use", "web_fetch_tool_result")
+
+
+def _block_as_text(b: Json) -> str:
+    kind = b.get("type")
+    if kind == "search_result":
+        return _search_result_text(b)
+    if kind == "web_search_tool_result":
+        return _web_results_text(b)
+    if kind == "server_tool_use":
+        return f"[server tool {b.get('name', '')} called with {dumps(b.get('input') or {})}]"
+    return f"[{kind}: {dumps(b.get('content'))[:2000]}]"
 
 
 def _document_part(source: Any) -> Json:
@@ -2348,6 +2368,8 @@ class _OpenAIRequestBuilder:
                                            "arguments": args}})
             elif kind == "thinking":
                 thinking.append(str(b.get("thinking", "")))
+            elif kind in _AS_TEXT:              # history with no Chat Completions equivalent
+                texts.append(_block_as_text(b))
         self._flush_deferred()
         if not texts and not calls:
             return
@@ -2423,11 +2445,23 @@ def _reasoning_effort(thinking: Any, output_config: Any) -> str | None:
     return None
 
 
+def _server_tools(body: Json, opts: Json) -> list[Json]:
+    """The server tools of a request this provider can run: web search through OpenRouter's
+    web plugin (opts web_plugin); any other is refused, never silently dropped (§3)."""
+    found = [t for t in body.get("tools") or [] if isinstance(t, dict)
+             and t.get("type") not in (None, "custom")]
+    for t in found:
+        if not (str(t.get("type", "")).startswith("web_search") and opts.get("web_plugin")):
+            raise ProxyError(400, f"this provider cannot run the server tool {t.get('name')!r} "
+                             f"({t.get('type')}); route it to a provider that can (router.websearch)")
+    return found
+
+
 def _openai_tools(body: Json, b: _OpenAIRequestBuilder) -> list[Json]:
     tools = []
     for t in body.get("tools") or []:
         if not isinstance(t, dict) or t.get("type") not in (None, "custom"):
-            continue                        # server tools (web_search_*, bash_*, ...) are not functions
+            continue                        # server tools are checked by _server_tools
         fn: Json = {"name": b.name(str(t.get("name", "")))}
         if t.get("description"):
             fn["description"] = t["description"]
@@ -2463,6 +2497,9 @@ def to_openai(body: Json, model: str, opts: Json | None = None) -> tuple[Json, d
         getattr(b, msg.get("role") if msg.get("role") in ("system", "assistant") else "user")(msg)
     b._close_calls()
     req: Json = {"model": model, "messages": b.out}
+    servers = _server_tools(body, opts)
+    if servers:
+        req["plugins"] = [{"id": "web", "max_results": int(servers[0].get("max_uses") or 5)}]
     tools = _openai_tools(body, b)
     if tools:
         req["tools"] = tools
@@ -5021,6 +5058,27 @@ class Adapter:
     stream. `passthrough` families speak Anthropic's format (bytes relayed, count_tokens
     forwarded); the others are translated (local token estimates fill missing usage)."""
     passthrough = False
+    # Request fields a translated family carries over; the dry run names every other one.
+    carries = frozenset({"model", "messages", "system", "tools", "tool_choice", "max_tokens",
+                         "temperature", "top_p", "stop_sequences", "metadata", "stream",
+                         "thinking", "output_config"})
+
+    def notes(self, c: Call, out: Outbound) -> list[str]:
+        """What translation changed or dropped, for the dry run (PROTOCOL.md §3, §5, §8)."""
+        if self.passthrough:
+            return out.notes
+        notes = [f"dropped field {k!r} (no equivalent)" for k in c.body if k not in self.carries]
+        kinds = collections.Counter(b.get("type") for m in c.body.get("messages") or []
+                                    if isinstance(m, dict) and isinstance(m.get("content"), list)
+                                    for b in m["content"] if isinstance(b, dict))
+        for kind in ("thinking", "redacted_thinking"):
+            if kinds[kind]:
+                notes.append(f"{kinds[kind]} {kind} block(s) not sent as text")
+        notes += [f"{kinds[k]} {k} block(s) sent as text" for k in _AS_TEXT if kinds[k]]
+        if isinstance(c.body.get("system"), list) and any(
+                str(b.get("text", "")).startswith(_BILLING) for b in c.body["system"] if isinstance(b, dict)):
+            notes.append("Claude Code's billing header block removed from the system prompt")
+        return notes + out.notes
 
     def build(self, c: Call) -> Outbound:
         raise NotImplementedError
@@ -5076,8 +5134,9 @@ class AnthropicAdapter(Adapter):
             plain["anthropic-beta"] = ",".join(dict.fromkeys([*betas, "oauth-2025-04-20"]))
         headers = {k: v.encode("latin-1", "replace") for k, v in plain.items()}
         url = p.base_url + c.req.path + (f"?{c.req.query}" if c.req.query else "")
-        body = passthrough_body(c.req.body, c.body, c.target.model, c.body.get("model", ""))
-        return Outbound(url, headers, body)
+        notes: list[str] = []
+        body = passthrough_body(c.req.body, c.body, c.target.model, c.body.get("model", ""), notes)
+        return Outbound(url, headers, body, notes=notes)
 
     def count_request(self, c: Call) -> Outbound | None:
         return self.build(c)
@@ -5117,6 +5176,9 @@ class OpenAIAdapter(Adapter):
     def build(self, c: Call) -> Outbound:
         p = c.provider
         oreq, names = to_openai(c.body, c.target.model, c.opts)
+        session = c.req.headers.get("x-claude-code-session-id")
+        if session and c.opts.get("prompt_cache_key"):    # keeps the upstream's cache warm
+            oreq["prompt_cache_key"] = session
         headers = {"content-type": "application/json", "accept-encoding": "identity",
                    **dict(PROVIDER_TYPES[p.provider_type].default_headers), **p.headers}
         if c.key:
@@ -6892,10 +6954,12 @@ def _dry_request(up: Upstreams, p: Provider, t: Target, req: Request, rt: Route,
     try:
         call = Call(p, t, req, rt.body, rt.body.get("model", ""), up.credentials.pick(p),
                     cfg.server.api_key is not None, up.secret)
-        out = adapter_for(p, t).build(call)
+        adapter = adapter_for(p, t)
+        out = adapter.build(call)
         hreq = up.request(out)
     except ProxyError as exc:
         return {"error": exc.message}
+    changes = adapter.notes(call, out)
     secret_names = {"x-api-key", "authorization", "x-goog-api-key", "cookie"} | \
         {k.lower() for k in p.headers}
     headers = {k: (mask_secret(v) if k.lower() in secret_names else v) for k, v in hreq.headers.items()}
@@ -6903,7 +6967,8 @@ def _dry_request(up: Upstreams, p: Provider, t: Target, req: Request, rt: Route,
         body: Any = json.loads(hreq.content)
     except ValueError:
         body = hreq.content.decode("utf-8", "replace")
-    return {"request": {"method": hreq.method, "url": str(hreq.url), "headers": headers, "body": body}}
+    return {"request": {"method": hreq.method, "url": str(hreq.url), "headers": headers, "body": body},
+            "changes": changes}
 
 
 # ============================================================================================
@@ -11583,6 +11648,8 @@ def cmd_route(args: argparse.Namespace) -> int:
             for k, v in r["headers"].items():
                 print(f"     {k}: {v}")
             print("     " + json.dumps(r["body"], ensure_ascii=False)[:4000])
+        for change in p.get("changes") or []:
+            print(f"     changed: {change}")
     return 0
 
 

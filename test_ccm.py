@@ -2614,9 +2614,10 @@ TOOLS = [{"name": "Bash", "description": "Run a command", "input_schema": BASH_S
 
 def test_translate_to_openai_tools_to_functions() -> None:
     chat, names = ccm.to_openai(oa_req([{"role": "user", "content": "hi"}], tools=TOOLS,
-                                    tool_choice={"type": "auto"}), "gpt-4o", {})
+                                    tool_choice={"type": "auto"}), "gpt-4o", {"web_plugin": True})
     assert chat == {"model": "gpt-4o", "max_tokens": 1000,
                     "messages": [{"role": "user", "content": "hi"}],
+                    "plugins": [{"id": "web", "max_results": 5}],
                     "tools": [{"type": "function", "function": {"name": "Bash", "description": "Run a command",
                                                                 "parameters": BASH_PARAMS}},
                               {"type": "function", "function": {"name": "NoSchema", "parameters": {
@@ -2634,9 +2635,28 @@ def test_translate_to_openai_only_server_tools_sends_no_tools(choice: Any) -> No
                tools=[{"type": "web_search_20250305", "name": "web_search", "max_uses": 8}])
     if choice is not None:
         body["tool_choice"] = choice
-    chat, _ = ccm.to_openai(body, "gpt-4o", {})
-    assert chat == {"model": "gpt-4o", "max_tokens": 1000,
+    chat, _ = ccm.to_openai(body, "gpt-4o", {"web_plugin": True})     # OpenRouter's web plugin
+    assert chat == {"model": "gpt-4o", "max_tokens": 1000, "plugins": [{"id": "web", "max_results": 8}],
                     "messages": [{"role": "user", "content": "search"}]}
+    with pytest.raises(ccm.ProxyError) as ei:                          # never silently dropped
+        ccm.to_openai(body, "gpt-4o", {})
+    assert ei.value.status == 400 and "web_search" in ei.value.message
+
+
+def test_translate_to_openai_history_without_equivalent_becomes_text() -> None:
+    body = oa_req([{"role": "user", "content": [
+                       {"type": "search_result", "title": "T", "source": "https://s",
+                        "content": [{"type": "text", "text": "found it"}]}]},
+                   {"role": "assistant", "content": [
+                       {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search",
+                        "input": {"query": "q"}},
+                       {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1",
+                        "content": [{"type": "web_search_result", "title": "Page", "url": "https://p"}]},
+                       {"type": "text", "text": "done"}]}])
+    chat, _ = ccm.to_openai(body, "gpt-4o", {})
+    user, asst = chat["messages"]
+    assert "found it" in user["content"] and "https://s" in user["content"]
+    assert "web_search" in asst["content"] and "https://p" in asst["content"] and "done" in asst["content"]
 
 
 @pytest.mark.parametrize("choice,expected", [
