@@ -470,6 +470,7 @@ class ModelMap:
     name: str
     mappings: list[Mapping]
     max_retries: int = 1               # extra tries of the last provider in the chain
+    strategy: str = "priority"         # "priority" | "round_robin" | "weighted"
 
 
 @dataclass(slots=True)
@@ -557,8 +558,10 @@ _PROVIDER_KEYS: dict[str, tuple[type, ...]] = {
     "api_timeout_ms": (int,), **_MODEL_OPTIONS,
 }
 _MAPPING_KEYS: dict[str, tuple[type, ...]] = {
-    "priority": (int,), "provider": (str,), "actual_model": (str,), **_MODEL_OPTIONS,
+    "priority": (int,), "provider": (str,), "actual_model": (str,), "weight": (int, float),
+    **_MODEL_OPTIONS,
 }
+STRATEGIES = ("priority", "round_robin", "weighted")
 
 
 class _Checker:
@@ -771,7 +774,10 @@ def _parse_models(ck: _Checker, raw: Any, providers: dict[str, Provider]) -> dic
     for i, t in enumerate(raw):
         where = f"models[{i}]"
         t = ck.table(t, where)
-        ck.unknown(t, ["name", "mappings", "max_retries"], where)
+        ck.unknown(t, ["name", "mappings", "max_retries", "strategy"], where)
+        strategy = ck.typed(t, "strategy", (str,), where) or "priority"
+        if strategy not in STRATEGIES:
+            ck.errors.append(f"{where}.strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
         name = ck.typed(t, "name", (str,), where)
         retries = ck.typed(t, "max_retries", (int,), where)
         if retries is not None and not 0 <= retries <= 10:
@@ -797,13 +803,20 @@ def _parse_models(ck: _Checker, raw: Any, providers: dict[str, Provider]) -> dic
                 continue
             prio = ck.typed(m, "priority", (int,), mw)
             actual = ck.expand(ck.typed(m, "actual_model", (str,), mw) or "", f"{mw}.actual_model")
+            weight = ck.typed(m, "weight", (int, float), mw)
+            if weight is not None and weight <= 0:
+                ck.errors.append(f"{mw}.weight: must be positive")
+            opts = _parse_options(ck, m, mw)
+            if weight is not None and weight > 0:
+                opts["weight"] = float(weight)
             mappings.append(Mapping(priority=j + 1 if prio is None else prio, provider=prov,
-                                    actual_model=actual, options=_parse_options(ck, m, mw)))
+                                    actual_model=actual, options=opts))
         if not mappings:
             ck.errors.append(f"{where}.mappings: at least one [[models.mappings]] is required")
         mappings.sort(key=lambda mp: mp.priority)
         models[name] = ModelMap(name=name, mappings=mappings,
-                                max_retries=1 if retries is None else retries)
+                                max_retries=1 if retries is None else retries,
+                                strategy=strategy if strategy in STRATEGIES else "priority")
     return models
 
 
@@ -7074,6 +7087,9 @@ def _final_error(ex: Exchange, last: ProxyError | None) -> ProxyError:
     return last
 
 
+SESSIONS_KEPT = 10_000           # Claude Code sessions whose provider ccm remembers
+
+
 class Failover:
     """The try loop: the model's providers in priority order (open breakers last, one
     half-open probe), retries with retry-after or jittered backoff, key-pool rotation, all
@@ -7082,11 +7098,41 @@ class Failover:
     def __init__(self, up: Upstreams, counters: collections.Counter[str]) -> None:
         self.up = up
         self.counters = counters
+        self.turns: collections.Counter[str] = collections.Counter()     # round_robin
+        self.affinity: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
+
+    def order(self, ex: Exchange, mm: ModelMap | None) -> list[Target]:
+        """The chain for this request: the model's strategy, then the provider its Claude Code
+        session started on first while that provider is healthy (its prompt cache stays warm),
+        then open breakers last."""
+        targets = list(ex.route.targets)
+        strategy = mm.strategy if mm else "priority"
+        if strategy == "round_robin" and targets:
+            k = self.turns[ex.route.model] % len(targets)
+            self.turns[ex.route.model] += 1
+            targets = targets[k:] + targets[:k]
+        elif strategy == "weighted":            # weighted random order (Efraimidis-Spirakis)
+            targets.sort(key=lambda t: -random.random() ** (1 / float(t.options.get("weight", 1))))
+        sticky = self.affinity.get(self._session(ex))
+        if sticky and self.up.health.state(sticky) == "closed":
+            targets.sort(key=lambda t: t.provider != sticky)
+        return self.up.health.order(targets)
+
+    def _session(self, ex: Exchange) -> tuple[str, str]:
+        return (ex.req.headers.get("x-claude-code-session-id", ""), ex.route.model)
+
+    def _remember(self, ex: Exchange, provider: str) -> None:
+        key = self._session(ex)
+        if key[0]:
+            self.affinity[key] = provider
+            self.affinity.move_to_end(key)
+            if len(self.affinity) > SESSIONS_KEPT:
+                self.affinity.popitem(last=False)
 
     async def call(self, ex: Exchange) -> Response | StreamResponse:
         cfg, rt = ex.cfg, ex.route
-        chain = self.up.health.order(rt.targets)
         mm = cfg.models.get(rt.model) or _model_ci(rt.model, cfg)
+        chain = self.order(ex, mm)
         max_retries = mm.max_retries if mm else 1
         last: ProxyError | None = None
         for n, target in enumerate(chain):
@@ -7098,6 +7144,7 @@ class Failover:
                 self.counters[f"failovers.{chain[n - 1].provider}"] += 1
             outcome = await self._provider(ex, p, target, n == len(chain) - 1, max_retries)
             if outcome.response is not None:
+                self._remember(ex, p.name)
                 return outcome.response
             last = outcome.error
             if not (isinstance(last, UpstreamError) and last.retryable):

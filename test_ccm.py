@@ -1618,6 +1618,13 @@ def test_config_deepseek_echoes_reasoning_by_default() -> None:
     assert off.providers["d"].options == {"reasoning_echo": False}
 
 
+def test_config_strategy_and_weight_are_checked() -> None:
+    errs = config_errors('[[providers]]\nname = "a"\nprovider_type = "anthropic"\n'
+                         '[[models]]\nname = "m"\nstrategy = "random"\n'
+                         '[[models.mappings]]\nprovider = "a"\nweight = -1\n')
+    assert any("strategy" in e for e in errs) and any("weight" in e for e in errs)
+
+
 # ============================================================================================
 # 7. Routing
 # ============================================================================================
@@ -1965,6 +1972,51 @@ def test_routing_server_x_provider_unserved_is_400(fake_upstream: Any, ccm_serve
     r = c.client.post("/v1/messages", json=BASIC_REQ, headers={"X-Provider": "elsewhere"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     assert up.seen == []
+
+
+# --- request validation (issue: no surprises) ---------------------------------------------
+
+MALFORMED = [
+    ({"system": 123}, "system"),
+    ({"messages": [{"role": "user", "content": 123}]}, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages.0.content.0.text"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_x",
+                                                  "content": 7}]}]}, "messages.0.content.0.content"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_x",
+                                                  "content": "ok"}]}]}, "tool_use_id"),
+    ({"messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "Bash",
+                                                       "input": "ls"}]}]}, "messages.0.content.0.input"),
+    ({"tools": {"name": "x"}}, "tools"),
+    ({"tools": [{"name": "Bash", "input_schema": "nope"}]}, "tools.0.input_schema"),
+    ({"tool_choice": {"type": "sometimes"}}, "tool_choice"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"stop_sequences": ["a", 1]}, "stop_sequences"),
+    ({"messages": [{"role": "user", "content": [{"type": 3}]}]}, "messages.0.content.0"),
+]
+
+
+@pytest.mark.parametrize("patch,path", MALFORMED, ids=[p for _, p in MALFORMED])
+def test_routing_validation_names_the_json_path(patch: dict[str, Any], path: str) -> None:
+    body = {**BASIC_REQ, **patch}
+    with pytest.raises(ccm.ProxyError) as ei:
+        ccm.validate_messages(body)
+    assert ei.value.status == 400 and ei.value.etype == "invalid_request_error"
+    assert path in ei.value.message
+
+
+def test_routing_validation_accepts_unknown_fields_and_blocks() -> None:
+    body = {**BASIC_REQ, "context_management": {"edits": []}, "future_field": 1,
+            "messages": [{"role": "user", "content": [{"type": "brand_new_block", "x": 1},
+                                                      {"type": "text", "text": "hi"}]}]}
+    ccm.validate_messages(body)                         # no exception
+
+
+def test_routing_validation_count_tokens_measures_pieces() -> None:
+    piece = {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "toolu_1", "content": "big file"}]}]}
+    ccm.validate_messages(piece, need_max_tokens=False)   # a piece may hold a lone result
 
 
 # ============================================================================================
@@ -4494,6 +4546,47 @@ def test_gemini_fake_history_from_another_provider_accepted_with_bypass(fake_gem
     status, evs = gemini_send(fake_gemini, body, True)
     assert status == 200
     assert calls_of(fake_gemini.seen[-1].json["contents"][1])[0]["thoughtSignature"] == BYPASS
+
+
+# --- thinking off when a tool loop lost its thinking (PROTOCOL.md §7) -----------------------
+
+def _loop_body(first_block: dict[str, Any] | None, thinking: Any = {"type": "adaptive"}) -> dict[str, Any]:
+    turn = [b for b in [first_block, {"type": "text", "text": "reading"},
+                        {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"p": "x"}}] if b]
+    body = {"model": "claude-opus-4-8", "max_tokens": 100,
+            "messages": [{"role": "user", "content": "read x"}, {"role": "assistant", "content": turn},
+                         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                                       "content": "1\tdata"}]}],
+            "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}}
+    if thinking is not None:
+        body["thinking"] = thinking
+    return body
+
+
+@pytest.mark.parametrize("first,off", [
+    (None, True),                                                           # history from OpenAI
+    ({"type": "thinking", "thinking": "t", "signature": "ccm1.xxxx"}, True),   # ccm's own: stripped
+    ({"type": "thinking", "thinking": "t", "signature": "EqAnthropicSig"}, False),
+    ({"type": "redacted_thinking", "data": "abc"}, False),
+], ids=["no-thinking", "ccm-signed", "genuine", "redacted"])
+def test_translate_passthrough_turns_thinking_off_for_a_tool_loop_without_thinking(first: Any, off: bool) -> None:
+    body = _loop_body(first)
+    raw = json.dumps(body).encode()
+    notes: list[str] = []
+    sent = json.loads(ccm.passthrough_body(raw, body, "claude-opus-4-8", "claude-opus-4-8", notes))
+    assert ("thinking" not in sent) is off
+    assert ("context_management" not in sent) is off        # clear_thinking needs thinking on
+    assert any("thinking turned off" in n for n in notes) is off
+    assert not any(str(b.get("signature", "")).startswith("ccm1.") for m in sent["messages"]
+                   if isinstance(m["content"], list) for b in m["content"])
+
+
+def test_translate_passthrough_keeps_thinking_when_no_tool_loop_is_in_progress() -> None:
+    body = _loop_body(None)
+    body["messages"].append({"role": "assistant", "content": "done"})
+    body["messages"].append({"role": "user", "content": "thanks"})
+    raw = json.dumps(body).encode()
+    assert ccm.passthrough_body(raw, body, "claude-opus-4-8", "claude-opus-4-8") == raw
 
 
 # ============================================================================================
@@ -7715,6 +7808,107 @@ def test_app_vertex_missing_credentials_fails_over(fake_upstream, ccm_server, tm
                           ("vx", "gemini-2.5-pro"), ("p2", "real-2")))
     assert sdk(c).messages.create(**BASIC_REQ).content[0].text == "hello"
     assert v.seen == [] and len(a.seen) == 1
+
+
+# --- no surprises: client mistakes never hurt a provider -------------------------------------
+
+@pytest.mark.parametrize("kind", ["anthropic", "openai"])
+@pytest.mark.parametrize("patch,path", MALFORMED[:6], ids=[p for _, p in MALFORMED[:6]])
+def test_app_malformed_request_is_400_without_any_upstream(fake_upstream: Any, ccm_server: Any,
+                                                           kind: str, patch: Any, path: str) -> None:
+    up = fake_upstream(kind)
+    c = ccm_server(simple_cfg(up, kind))
+    r = post(c, {**BASIC_REQ, **patch})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and path in err["message"]
+    assert up.seen == [] and c.app.up.health.snapshot() == {}
+    assert wait_for(lambda: c.app.recent and c.app.recent[-1]["refused"])
+    assert c.app.recent[-1]["requested_model"] == BASIC_REQ["model"]
+
+
+def test_app_fifty_client_errors_leave_health_untouched(fake_upstream: Any, ccm_server: Any) -> None:
+    up = fake_upstream("openai")
+    c = ccm_server(simple_cfg(up, "openai"))
+    for i in range(50):
+        assert post(c, {**BASIC_REQ, "system": i}).status_code == 400
+    assert up.seen == [] and c.app.up.health.snapshot() == {}
+    assert not any(k.startswith("failures.") for k in c.app.up.health.counters)
+    assert post(c, BASIC_REQ).status_code == 200
+
+
+def test_app_error_inside_a_200_fails_over(fake_upstream: Any, ccm_server: Any) -> None:
+    bad = fake_upstream("anthropic").script(Reply(json={"type": "error", "error": {
+        "type": "overloaded_error", "message": "Overloaded"}}))
+    good = fake_upstream("anthropic")
+    c = ccm_server(two_cfg(bad.base_url, good.base_url))
+    r = post(c, BASIC_REQ)
+    assert r.status_code == 200 and r.json()["type"] == "message"
+    assert [a["provider"] for a in c.app.recent[-1]["attempts"]] == ["p1", "p2"]
+    assert len(good.seen) == 1
+
+
+def test_app_all_providers_unreachable_is_502_naming_them(ccm_server: Any) -> None:
+    c = ccm_server(two_cfg(closed_port_url(), closed_port_url()))
+    r = post(c, BASIC_REQ)
+    assert r.status_code == 502, r.text
+    err = r.json()["error"]
+    assert err["type"] == "api_error" and "p1" in err["message"] and "p2" in err["message"]
+
+
+def test_app_no_enabled_provider_is_a_400_saying_what_to_fix(fake_upstream: Any, ccm_server: Any) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up).replace('provider_type = "anthropic"',
+                                          'provider_type = "anthropic"\nenabled = false', 1))
+    r = post(c, BASIC_REQ)
+    assert r.status_code == 400, r.text
+    assert "no enabled provider" in r.json()["error"]["message"] and up.seen == []
+
+
+def test_app_web_search_refused_where_it_cannot_run(fake_upstream: Any, ccm_server: Any) -> None:
+    up = fake_upstream("openai")
+    c = ccm_server(simple_cfg(up, "openai"))
+    body = {**BASIC_REQ, "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 2}]}
+    r = post(c, body)
+    assert r.status_code == 400 and "web_search" in r.json()["error"]["message"]
+    assert up.seen == [] and c.app.up.health.snapshot() == {}
+
+
+def test_app_session_affinity_over_three_sessions_with_a_failing_provider(fake_upstream: Any,
+                                                                         ccm_server: Any) -> None:
+    ups = [fake_upstream("anthropic") for _ in range(3)]
+    text = ('[server]\n' + NO_RETRY_TIMEOUTS + '\n[router]\ndefault = "m"\n\n'
+            + "".join(provider_toml(f"p{i}", "anthropic", u.base_url) for i, u in enumerate(ups))
+            + '[[models]]\nname = "m"\nstrategy = "round_robin"\nmax_retries = 0\n'
+            + "".join(f'[[models.mappings]]\nprovider = "p{i}"\nactual_model = "x"\n' for i in range(3)))
+    c = ccm_server(text)
+    chosen: dict[str, list[str]] = collections.defaultdict(list)
+    for n in range(100):
+        if n == 50:                      # the provider of session s0 starts failing
+            victim = chosen["s0"][-1]
+            vi = int(victim[1:])
+            ups[vi].script(*[Reply(status=500, json={"type": "error", "error": {
+                "type": "api_error", "message": "boom"}})] * 200)
+        sid = f"s{n % 3}"
+        r = post(c, BASIC_REQ, **{"x-claude-code-session-id": sid})
+        assert r.status_code == 200, r.text
+        chosen[sid].append(c.app.recent[-1]["provider"])
+    for sid, seq in chosen.items():
+        before, after = seq[:16], seq[17:]
+        assert len(set(before)) == 1, (sid, seq)     # each session stays on its provider
+        assert len(set(after)) == 1, (sid, seq)
+    assert chosen["s0"][-1] != victim                # s0 moved only because its provider failed
+    assert len({chosen[s][0] for s in chosen}) == 3  # round robin spread the sessions
+
+
+def test_app_dry_run_lists_what_translation_changed(fake_upstream: Any, tmp_path: Any) -> None:
+    up = fake_upstream("openai")
+    cfg = ccm.parse_config(tomllib.loads(simple_cfg(up, "openai")))
+    body = {**BASIC_REQ, "top_k": 3, "system": [{"type": "text", "text": "x-anthropic-billing-header: cc"},
+                                                  {"type": "text", "text": "be brief"}]}
+    info = ccm.explain(json.dumps(body).encode(), {}, cfg)
+    changes = info["providers"][0]["changes"]
+    assert any("top_k" in c for c in changes) and any("billing" in c for c in changes)
 
 
 # ============================================================================================
