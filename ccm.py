@@ -570,6 +570,7 @@ class _Checker:
     def __init__(self) -> None:
         self.errors: list[str] = []
         self.warnings: list[str] = []
+        self.broken: set[str] = set()      # providers already reported as invalid
 
     def table(self, value: Any, where: str) -> Json:
         if value is None:
@@ -705,6 +706,7 @@ def _parse_provider(ck: _Checker, t: Json, where: str) -> Provider | None:
         return None
     if ptype not in PROVIDER_TYPES:
         ck.errors.append(f"{where}.provider_type: {ptype!r} is not one of {', '.join(PROVIDER_TYPES)}")
+        ck.broken.add(name)               # one error: its mappings are not reported again
         return None
     ptinfo = PROVIDER_TYPES[ptype]
     family = ptinfo.family
@@ -720,9 +722,13 @@ def _parse_provider(ck: _Checker, t: Json, where: str) -> Provider | None:
     api_key = _clean_key(ck, api_key, f"{where}.api_key")
     keys = [_clean_key(ck, k, f"{where}.api_keys[{n}]") for n, k in enumerate(keys)]
     default_url = ptinfo.oauth_base_url if auth == "oauth" and ptinfo.oauth_base_url else ptinfo.base_url
-    base_url = ck.expand(vals["base_url"] or default_url, f"{where}.base_url")
+    unset: list[str] = []
+    base_url = ck.expand(vals["base_url"] or default_url, f"{where}.base_url", unset)
     if not re.match(r"^https?://[^\s/]+", base_url):
-        ck.errors.append(f"{where}.base_url: {base_url!r} is not an http(s) URL")
+        why = (f" (${unset[0]} is not set)" if unset else "")
+        ck.errors.append(f"{where}.base_url: {vals['base_url'] or base_url!r} is not an http(s) URL{why}"
+                         if not unset else f"{where}.base_url: {vals['base_url']!r} uses ${unset[0]}, "
+                         "which is not set")
     headers = ck.expand(vals["headers"] or {}, f"{where}.headers")
     if any(not isinstance(v, str) or re.search(r"[\x00-\x08\x0a-\x1f\x7f]", v) or
            not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", k) for k, v in headers.items()):
@@ -798,8 +804,9 @@ def _parse_models(ck: _Checker, raw: Any, providers: dict[str, Provider]) -> dic
                 ck.errors.append(f"{mw}.provider: required")
                 continue
             if prov not in providers:
-                ck.errors.append(f"{mw}.provider: no provider named {prov!r} "
-                                 f"(configured: {', '.join(providers) or 'none'})")
+                if prov not in ck.broken:
+                    ck.errors.append(f"{mw}.provider: no provider named {prov!r} "
+                                     f"(configured: {', '.join(providers) or 'none'})")
                 continue
             prio = ck.typed(m, "priority", (int,), mw)
             actual = ck.expand(ck.typed(m, "actual_model", (str,), mw) or "", f"{mw}.actual_model")
@@ -811,7 +818,8 @@ def _parse_models(ck: _Checker, raw: Any, providers: dict[str, Provider]) -> dic
                 opts["weight"] = float(weight)
             mappings.append(Mapping(priority=j + 1 if prio is None else prio, provider=prov,
                                     actual_model=actual, options=opts))
-        if not mappings:
+        if not mappings and not any(isinstance(m, dict) and m.get("provider") in ck.broken
+                                    for m in t.get("mappings") or []):
             ck.errors.append(f"{where}.mappings: at least one [[models.mappings]] is required")
         mappings.sort(key=lambda mp: mp.priority)
         models[name] = ModelMap(name=name, mappings=mappings,
@@ -11425,6 +11433,9 @@ def run_server(cfg_path: str, host: str | None = None, port: int | None = None,
     setup_logging("debug" if debug else cfg.server.log_level)
     for w in cfg.warnings:
         _log.warning("config: %s", w)
+    if not _LOOPBACK_HOSTS.match(cfg.server.host) and not (cfg.server.api_key or cfg.clients):
+        _log.warning("listening on %s without server.api_key or [[clients]]: anyone who can reach "
+                     "this address can use your providers; set server.api_key", cfg.server.host)
     return asyncio.run(_serve(cfg))
 
 
@@ -11462,7 +11473,7 @@ def add_login_commands(sub: Any, cmd: Callable[..., argparse.ArgumentParser]) ->
     p.add_argument("--device", action="store_true", help="device-code login (no browser here)")
     p.add_argument("--name", help="token store id (default: the provider id)")
     p.add_argument("--list", action="store_true", help="list stored logins (never a token)")
-    p.add_argument("--port", type=int, help="callback port (openai-codex: 1455)")
+    p.add_argument("--port", type=_port, help="callback port (openai-codex: 1455)")
     p.add_argument("--no-browser", action="store_true", help="print the URL, do not open it")
     p = cmd(sub, "logout", cmd_logout, "Forget a stored login.", "python ccm.py logout openai-codex")
     p.add_argument("name", help="token store id")
@@ -11562,6 +11573,17 @@ def cmd_logout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    """A TCP port for --port (argparse turns the ValueError into one usage line)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0-65535)")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ccm", description="Claude Code Mux: route Claude Code to any LLM provider.",
                      epilog="Example:\n  python ccm.py serve\n  export ANTHROPIC_BASE_URL=http://127.0.0.1:13456",
@@ -11572,7 +11594,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     p = _cmd(sub, "serve", cmd_serve, "Run the proxy in the foreground.", "python ccm.py serve --port 13456")
     p.add_argument("--host", help="listen address (default from config)")
-    p.add_argument("--port", type=int, help="listen port (default from config, 13456)")
+    p.add_argument("--port", type=_port, help="listen port (default from config, 13456)")
     p.add_argument("--log-file", help="write the log to this file, rotated at 5 MB x 3")
     p = _cmd(sub, "route", cmd_route, "Explain where a request would be routed, without sending it.",
              "python ccm.py route --dry-run request.json")
@@ -11672,7 +11694,9 @@ def cmd_route(args: argparse.Namespace) -> int:
     cfg = load_config(config_path(args.config))
     headers = {}
     for h in args.header:
-        name, _, value = h.partition(":")
+        name, colon, value = h.partition(":")
+        if not colon or not name.strip():
+            raise ProxyError(400, f"-H {h!r}: expected NAME:VALUE, e.g. -H 'x-provider: zai'")
         headers[name.strip().lower()] = value.strip()
     info = explain(_read_request_file(args.file), headers, cfg, _live_upstreams(cfg))
     if args.json:
@@ -12950,7 +12974,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 # --- 18g. Registration -----------------------------------------------------------------------
 
 def _client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--port", type=int, default=None,
+    p.add_argument("--port", type=_port, default=None,
                    help="the ccm port (default $CCM_PORT, else the pidfile's, else the config's)")
 
 
@@ -12968,7 +12992,7 @@ def add_ops_commands(sub: Any) -> None:
 
 def _args_start(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="listen address (default from config)")
-    p.add_argument("--port", type=int, help="listen port (default from config)")
+    p.add_argument("--port", type=_port, help="listen port (default from config)")
 
 
 def _args_status(p: argparse.ArgumentParser) -> None:
@@ -13090,6 +13114,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:                  # `ccm route --dry-run --json - | head`
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:
         if args.debug:
             raise

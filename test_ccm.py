@@ -25,6 +25,7 @@ import os
 import pathlib
 import re
 import select
+import shlex
 import signal
 import socket
 import stat
@@ -8269,3 +8270,36 @@ def test_cli_config_check_names_vertex_provider_without_credentials(
     assert code == 1
     assert "provider vx" in err and missing in err and "does not exist" in err
     assert "Traceback" not in err + out
+
+
+def test_cli_messages_without_tracebacks(capsys: Any, tmp_home: Any) -> None:
+    code, out, err = run_cli(capsys, "serve", "--port", "99999")
+    assert code == 2 and "99999 is not a TCP port" in err and "Traceback" not in err
+    cfg = write_cfg(tmp_home, '[router]\ndefault = "m"\n[[providers]]\nname = "a"\n'
+                              'provider_type = "nope"\n[[models]]\nname = "m"\n'
+                              '[[models.mappings]]\nprovider = "a"\n')
+    code, out, err = run_cli(capsys, "--config", cfg, "config", "check")
+    assert code == 2 and err.count("\n  ") == 1 and "provider_type" in err   # one error, not three
+
+
+def test_cli_unset_variable_named_where_it_is_used(capsys: Any, tmp_home: Any,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOPE_URL", raising=False)
+    cfg = write_cfg(tmp_home, '[[providers]]\nname = "b"\nprovider_type = "openai"\n'
+                              'base_url = "$NOPE_URL/v1"\n')
+    code, out, err = run_cli(capsys, "--config", cfg, "config", "check")
+    assert code == 2 and "$NOPE_URL" in err and "which is not set" in err
+
+
+def test_cli_header_without_colon_and_closed_pipe(tmp_home: Any) -> None:
+    env = {**os.environ, "HOME": str(tmp_home)}
+    ccm.ensure_config(ccm.config_path(None), io.StringIO())
+    p = subprocess.run([sys.executable, ccm.__file__, "route", "--dry-run", "-H", "nocolon", "-"],
+                       input=json.dumps(BASIC_REQ), capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 1 and "expected NAME:VALUE" in p.stderr and "Traceback" not in p.stderr
+    cmd = f"{shlex.quote(sys.executable)} {shlex.quote(ccm.__file__)} route --dry-run --json - | head -c 1"
+    p = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], input=json.dumps(BASIC_REQ),
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert "BrokenPipeError" not in p.stderr and "Traceback" not in p.stderr
+
+
