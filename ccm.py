@@ -4897,6 +4897,228 @@ _STREAM_HANDLERS = {
 }
 
 
+# --- 10i. OpenAI-format ingress: Chat Completions in, through ccm's routes, back out ---------
+# PROTOCOL.md §3 and §4 run in reverse, for tools that speak Chat Completions to ccm.
+
+CHAT_DEFAULT_MAX_TOKENS = 4096
+_CHAT_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
+                "tool_use": "tool_calls", "refusal": "content_filter", "pause_turn": "stop"}
+
+
+def _chat_part(part: Any) -> Json | None:
+    if isinstance(part, str):
+        return {"type": "text", "text": part}
+    if not isinstance(part, dict):
+        return None
+    if part.get("type") == "text":
+        return {"type": "text", "text": str(part.get("text", ""))}
+    if part.get("type") == "image_url":
+        url = str((part.get("image_url") or {}).get("url", "")) if isinstance(part.get("image_url"), dict) \
+            else str(part.get("image_url") or "")
+        m = re.match(r"data:([^;,]+);base64,(.*)$", url, re.S)
+        source = {"type": "base64", "media_type": m.group(1), "data": m.group(2)} if m else \
+            {"type": "url", "url": url}
+        return {"type": "image", "source": source}
+    return None
+
+
+def _chat_content(content: Any) -> list[Json]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    return [b for b in (_chat_part(p) for p in content or []) if b]
+
+
+def _chat_assistant(msg: Json) -> list[Json]:
+    blocks = _chat_content(msg.get("content"))
+    for call in msg.get("tool_calls") or []:
+        fn = call.get("function") if isinstance(call, dict) and isinstance(call.get("function"), dict) else {}
+        try:
+            args = json.loads(fn.get("arguments") or "{}")
+        except ValueError:
+            args = {}
+        blocks.append({"type": "tool_use", "id": str(call.get("id") or new_id("toolu_")),
+                       "name": str(fn.get("name", "")), "input": args if isinstance(args, dict) else {}})
+    return blocks
+
+
+def _chat_messages(messages: list[Any]) -> tuple[list[str], list[Json]]:
+    """(system texts, Anthropic messages): tool messages become tool_result blocks of a user
+    turn, consecutive same-role turns are merged."""
+    system, out = [], []
+    for msg in messages:
+        if not isinstance(msg, dict):
+            raise ProxyError(400, "messages: each message must be an object")
+        role = msg.get("role")
+        if role in ("system", "developer"):
+            system.extend(b["text"] for b in _chat_content(msg.get("content")) if b["type"] == "text")
+            continue
+        if role == "tool":
+            text = msg.get("content")
+            text = text if isinstance(text, str) else "\n".join(
+                b.get("text", "") for b in _chat_content(text) if b["type"] == "text")
+            blocks, role = [{"type": "tool_result", "tool_use_id": str(msg.get("tool_call_id", "")),
+                             "content": text}], "user"
+        elif role == "assistant":
+            blocks = _chat_assistant(msg)
+        elif role == "user":
+            blocks = _chat_content(msg.get("content"))
+        else:
+            raise ProxyError(400, f"messages: unknown role {role!r}")
+        if out and out[-1]["role"] == role:
+            out[-1]["content"].extend(blocks)
+        elif blocks:
+            out.append({"role": role, "content": blocks})
+    return system, out
+
+
+def _chat_tools(req: Json) -> list[Json]:
+    tools = []
+    for t in req.get("tools") or []:
+        fn = t.get("function") if isinstance(t, dict) and isinstance(t.get("function"), dict) else None
+        if fn and fn.get("name"):
+            tools.append({"name": fn["name"], "description": fn.get("description", ""),
+                          "input_schema": fn.get("parameters") or {"type": "object", "properties": {}}})
+    return tools
+
+
+def _chat_tool_choice(choice: Any) -> Json | None:
+    if choice in ("auto", "none"):
+        return {"type": choice}
+    if choice == "required":
+        return {"type": "any"}
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        return {"type": "tool", "name": str(choice["function"].get("name", ""))}
+    return None
+
+
+def from_chat_request(req: Json) -> Json:
+    """A Chat Completions request as the Anthropic Messages request ccm routes."""
+    if not isinstance(req.get("model"), str) or not isinstance(req.get("messages"), list):
+        raise ProxyError(400, "model and messages are required")
+    system, messages = _chat_messages(req["messages"])
+    body: Json = {"model": req["model"], "messages": messages,
+                  "max_tokens": int(req.get("max_completion_tokens") or req.get("max_tokens")
+                                    or CHAT_DEFAULT_MAX_TOKENS)}
+    if system:
+        body["system"] = "\n\n".join(system)
+    tools = _chat_tools(req)
+    if tools:
+        body["tools"] = tools
+        choice = _chat_tool_choice(req.get("tool_choice"))
+        if choice and choice["type"] != "none":
+            body["tool_choice"] = choice
+    for key in ("temperature", "top_p"):
+        if isinstance(req.get(key), (int, float)):
+            body[key] = req[key]
+    stop = req.get("stop")
+    if stop:
+        body["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    if req.get("stream"):
+        body["stream"] = True
+    return body
+
+
+def _chat_usage(u: Any) -> Json:
+    u = u if isinstance(u, dict) else {}
+    cached = int(u.get("cache_read_input_tokens") or 0)
+    prompt = int(u.get("input_tokens") or 0) + cached + int(u.get("cache_creation_input_tokens") or 0)
+    out = int(u.get("output_tokens") or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def to_chat_completion(msg: Json, model: str) -> Json:
+    """An Anthropic message as a Chat Completions response."""
+    text = "".join(b.get("text", "") for b in msg.get("content") or [] if b.get("type") == "text")
+    reasoning = "".join(b.get("thinking", "") for b in msg.get("content") or []
+                        if b.get("type") == "thinking")
+    calls = [{"id": b.get("id"), "type": "function",
+              "function": {"name": b.get("name"), "arguments": dumps(b.get("input") or {})}}
+             for b in msg.get("content") or [] if b.get("type") == "tool_use"]
+    message: Json = {"role": "assistant", "content": text or None}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if calls:
+        message["tool_calls"] = calls
+    return {"id": "chatcmpl-" + new_id("", 24), "object": "chat.completion",
+            "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": message,
+                         "finish_reason": _CHAT_FINISH.get(msg.get("stop_reason") or "", "stop")}],
+            "usage": _chat_usage(msg.get("usage"))}
+
+
+def chat_error(status: int, body: bytes) -> bytes:
+    """An Anthropic error body in OpenAI's error shape."""
+    err: Json = {}
+    with contextlib.suppress(ValueError, AttributeError):
+        err = json.loads(body).get("error") or {}
+    return dumps({"error": {"message": err.get("message") or STATUS_PHRASES.get(status, "error"),
+                            "type": err.get("type") or error_type_for(status), "code": status}}).encode()
+
+
+class ChatChunks:
+    """Anthropic SSE events in, Chat Completions `data:` chunks out (PROTOCOL.md §4 reversed)."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.decoder = SSEDecoder()
+        self.id = "chatcmpl-" + new_id("", 24)
+        self.created = int(time.time())
+        self.calls = -1                      # index of the last tool call started
+        self.usage: Json = {}
+        self.done = False
+
+    def _chunk(self, delta: Json, finish: str | None = None) -> bytes:
+        data = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return f"data: {dumps(data)}\n\n".encode()
+
+    def feed(self, chunk: bytes) -> bytes:
+        out = [self._event(json.loads(ev.data)) for ev in self.decoder.feed(chunk)
+               if ev.data.strip() and not self.done]
+        return b"".join(o for o in out if o)
+
+    def _event(self, ev: Json) -> bytes:
+        kind = ev.get("type")
+        if kind == "message_start":
+            self.usage = dict((ev.get("message") or {}).get("usage") or {})
+            return self._chunk({"role": "assistant", "content": ""})
+        if kind == "content_block_start" and (ev.get("content_block") or {}).get("type") == "tool_use":
+            self.calls += 1
+            b = ev["content_block"]
+            return self._chunk({"tool_calls": [{"index": self.calls, "id": b.get("id"), "type": "function",
+                                                "function": {"name": b.get("name"), "arguments": ""}}]})
+        if kind == "content_block_delta":
+            return self._delta(ev.get("delta") or {})
+        if kind == "message_delta":
+            self.usage.update({k: v for k, v in (ev.get("usage") or {}).items() if v is not None})
+            stop = (ev.get("delta") or {}).get("stop_reason") or ""
+            return self._chunk({}, _CHAT_FINISH.get(stop, "stop"))
+        if kind == "message_stop":
+            return self._finish()
+        if kind == "error":
+            self.done = True
+            err = ev.get("error") or {}
+            return f"data: {dumps({'error': err})}\n\n".encode()
+        return b""
+
+    def _delta(self, d: Json) -> bytes:
+        if d.get("type") == "text_delta":
+            return self._chunk({"content": d.get("text", "")})
+        if d.get("type") == "thinking_delta":
+            return self._chunk({"reasoning_content": d.get("thinking", "")})
+        if d.get("type") == "input_json_delta":
+            return self._chunk({"tool_calls": [{"index": self.calls,
+                                                "function": {"arguments": d.get("partial_json", "")}}]})
+        return b""
+
+    def _finish(self) -> bytes:
+        self.done = True
+        data = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "choices": [], "usage": _chat_usage(self.usage)}
+        return f"data: {dumps(data)}\n\ndata: [DONE]\n\n".encode()
+
+
 # --- 10h. Adapters: one class per wire family, one dispatch table (STYLE.md §1) -------------
 # A new family is one Adapter subclass (with its translator) and one ADAPTERS entry; provider
 # types name their family in PROVIDER_TYPES (section 3). Nothing else compares families.
@@ -10712,6 +10934,17 @@ async def _encoding_ready() -> None:
         await asyncio.get_running_loop().run_in_executor(None, COUNTER.encoding)
 
 
+async def _chat_stream(chunks: AsyncIterator[bytes], model: str) -> AsyncIterator[bytes]:
+    conv = ChatChunks(model)
+    try:
+        async for chunk in chunks:
+            out = conv.feed(chunk)
+            if out:
+                yield out
+    finally:                                  # a client that left stops the upstream too
+        await chunks.aclose()                 # type: ignore[attr-defined]
+
+
 class App:
     """The route table, client auth, the endpoint handlers, and the one place handler
     exceptions become Anthropic errors. Failover, recording and the admin API are objects
@@ -10735,6 +10968,7 @@ class App:
         self.table: dict[tuple[str, str], Callable[[Request], Awaitable[Any]]] = {
             ("POST", "/v1/messages"): self.messages,
             ("POST", "/v1/messages/count_tokens"): self.count_tokens,
+            ("POST", "/v1/chat/completions"): self.chat_completions,
             ("GET", "/v1/models"): self.models,
             ("GET", "/health"): self.health,
             ("HEAD", "/"): self.hello,
@@ -10882,6 +11116,30 @@ class App:
         n, how = COUNTER.count(body)
         return Response(200, [("content-type", "application/json"), ("x-ccm-token-count", how)],
                         dumps({"input_tokens": n}).encode())
+
+    # ---- OpenAI-format ingress ----------------------------------------------------------
+    async def chat_completions(self, req: Request) -> Response | StreamResponse:
+        """Chat Completions in: routed, failed over and recorded like /v1/messages."""
+        try:
+            chat = json.loads(req.body or b"null")
+        except (ValueError, UnicodeDecodeError):
+            chat = None
+        try:
+            if not isinstance(chat, dict):
+                raise ProxyError(400, "request body must be a JSON object")
+            body = from_chat_request(chat)
+            inner = Request("POST", "/v1/messages", "", dict(req.headers), dumps(body).encode(),
+                            req.version, req.peer, req.id, req.client)
+            resp = await self.messages(inner)
+        except ProxyError as exc:
+            err = error_response(exc)
+            return Response(err.status, err.headers, chat_error(err.status, err.body))
+        if isinstance(resp, StreamResponse):
+            return StreamResponse(resp.status, resp.headers, _chat_stream(resp.chunks, chat["model"]))
+        if resp.status >= 400:
+            return Response(resp.status, resp.headers, chat_error(resp.status, resp.body))
+        out = to_chat_completion(json.loads(resp.body), chat["model"])
+        return Response(200, resp.headers, dumps(out).encode())
 
     # ---- messages ----------------------------------------------------------------------
     async def messages(self, req: Request) -> Response | StreamResponse:

@@ -7912,6 +7912,63 @@ def test_app_dry_run_lists_what_translation_changed(fake_upstream: Any, tmp_path
     assert any("top_k" in c for c in changes) and any("billing" in c for c in changes)
 
 
+# --- OpenAI-format ingress: POST /v1/chat/completions ----------------------------------------
+
+def _chat_client(c: CCM) -> Any:
+    import openai
+    return openai.OpenAI(base_url=c.base_url + "/v1", api_key="client-key", max_retries=0, timeout=30)
+
+
+def test_app_chat_completions_whole_and_streamed(fake_upstream: Any, ccm_server: Any) -> None:
+    up = fake_upstream("anthropic")
+    up.script(Reply(json=anthropic_message(text="hello there")))
+    c = ccm_server(simple_cfg(up))
+    client = _chat_client(c)
+    r = client.chat.completions.create(model="claude-opus-4-8", max_tokens=50,
+                                       messages=[{"role": "system", "content": "be brief"},
+                                                 {"role": "user", "content": "hi"}])
+    assert r.choices[0].message.content == "hello there" and r.choices[0].finish_reason == "stop"
+    sent = up.seen[-1].json
+    assert sent["system"] == "be brief" and sent["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    up.script(Reply(events=anthropic_events()))
+    stream = client.chat.completions.create(model="claude-opus-4-8", max_tokens=50, stream=True,
+                                            messages=[{"role": "user", "content": "hi"}])
+    chunks = list(stream)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text and any(ch.choices and ch.choices[0].finish_reason for ch in chunks)
+    assert chunks[-1].usage is not None
+
+
+def test_app_chat_completions_tool_round_trip_and_errors(fake_upstream: Any, ccm_server: Any) -> None:
+    up = fake_upstream("openai")
+    c = ccm_server(simple_cfg(up, "openai"))
+    client = _chat_client(c)
+    tools = [{"type": "function", "function": {"name": "Read", "description": "read",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "p": {"type": "string"}}}}}]
+    up.script(Reply(json=openai_completion(tool_calls=[{"id": "call_1", "type": "function", "function": {
+        "name": "Read", "arguments": '{"p": "x"}'}}])))
+    r = client.chat.completions.create(model="claude-opus-4-8", max_tokens=50, tools=tools,
+                                       messages=[{"role": "user", "content": "read x"}])
+    call = r.choices[0].message.tool_calls[0]
+    assert call.function.name == "Read" and json.loads(call.function.arguments) == {"p": "x"}
+    assert r.choices[0].finish_reason == "tool_calls"
+    up.script(Reply(json=openai_completion(text="it says 1")))
+    r = client.chat.completions.create(model="claude-opus-4-8", max_tokens=50, tools=tools, messages=[
+        {"role": "user", "content": "read x"},
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "1"}])
+    assert r.choices[0].message.content == "it says 1"
+    sent = up.seen[-1].json["messages"]
+    assert sent[-1] == {"role": "tool", "tool_call_id": call.id, "content": "1"}
+    import openai
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(model="no-such-model-zzz", max_tokens=5,
+                                       messages=[{"role": "user", "content": "x"}])
+    assert "no-such-model-zzz" in str(ei.value)
+
+
 # ============================================================================================
 # 17. Service plumbing
 # ============================================================================================
