@@ -2689,7 +2689,7 @@ def from_openai(data: Json, model: str, names: dict[str, str], secret: bytes,
     refusal = msg.get("refusal")
     if isinstance(refusal, str) and refusal:
         content.append({"type": "text", "text": refusal})
-    salt = str(data.get("id") or new_id(""))
+    salt = f"{data.get('id')}|{new_id('')}"
     for i, call in enumerate(msg.get("tool_calls") or []):
         fn = call.get("function") or {} if isinstance(call, dict) else {}
         name = names.get(str(fn.get("name", "")), str(fn.get("name", "")))
@@ -2834,6 +2834,7 @@ class OpenAIStream(EventWriter):
         self.held: list[tuple[str, str]] = []   # text waiting for an unfinished tool call
         self.saw_done = False
         self.upstream_id = ""
+        self.nonce = ""
 
     # ---- public ------------------------------------------------------------------------
     def feed(self, chunk: bytes) -> list[bytes]:
@@ -2994,7 +2995,8 @@ class OpenAIStream(EventWriter):
 
     def _open_call(self, call: _Call, out: list[bytes]) -> None:
         name = self.names.get(call.name, call.name)
-        cid = tool_id(call.id, self.upstream_id or self.msg_id, self.calls.index(call))
+        # The adapter sets a nonce per answer: Claude Code takes a repeated id for an answered call.
+        cid = tool_id(call.id, (self.upstream_id or self.msg_id) + self.nonce, self.calls.index(call))
         call.block = self._open("tool", {"type": "tool_use", "id": cid, "name": name,
                                          "input": {}}, out)
         self.open_call = call
@@ -3668,6 +3670,7 @@ class _GeminiReader:
         self.signer = signer
         self.names = names or {}
         self.salt = ""
+        self.nonce = ""                   # the adapter sets one per answer (unique tool ids)
         self.open: str | None = None      # "text" | "thinking" | "tool" | None
         self.thinking = ""
         self.carry: Json = {}             # Gemini state no thinking block has carried yet
@@ -3742,7 +3745,8 @@ class _GeminiReader:
 
     def _call(self, fc: Json, sig: str | None) -> None:
         raw_name = str(fc.get("name") or "unknown_tool")
-        cid = tool_id(fc.get("id"), self.salt or "gemini", self.calls)
+        # A fresh part per answer: Claude Code takes a repeated tool_use id for an answered call.
+        cid = tool_id(fc.get("id"), (self.salt or "gemini") + self.nonce, self.calls)
         self.calls += 1
         if sig:
             self.carry.setdefault("g", {})[cid] = sig
@@ -3848,13 +3852,14 @@ class _GeminiMessage(_GeminiReader):
 
 
 def from_gemini(data: Json, model: str, secret: bytes, *, signer: str,
-                names: dict[str, str] | None = None) -> Json:
+                names: dict[str, str] | None = None, nonce: str = "") -> Json:
     """A whole GenerateContentResponse as an Anthropic message (PROTOCOL.md §5); `model` is
     the model the client asked for. Usage is all zeros when the upstream sent none."""
     if "error" in data:
         raise gemini_error(int(_google_error_of(data).get("code") or 500), dumps(data).encode(),
                            None, "gemini")
     m = _GeminiMessage(secret, signer, names)
+    m.nonce = nonce
     m._response(data)
     m._end_blocks()
     usage = gemini_usage(m.usage_meta) or {"input_tokens": 0, "output_tokens": 0,
@@ -5443,8 +5448,10 @@ class OpenAIAdapter(Adapter):
         return msg, None
 
     def stream(self, c: Call, out: Outbound) -> StreamTranslator:
-        return OpenAIStream(c.requested, out.state or {}, c.secret, COUNTER.count(c.body)[0],
-                            c.body.get("stop_sequences") or [])
+        tr = OpenAIStream(c.requested, out.state or {}, c.secret, COUNTER.count(c.body)[0],
+                          c.body.get("stop_sequences") or [])
+        tr.nonce = new_id("")             # tool ids unique per answer (Claude Code dedupes ids)
+        return tr
 
 
 class ResponsesAdapter(Adapter):
@@ -5535,15 +5542,17 @@ class GeminiAdapter(Adapter):
 
     def whole(self, c: Call, out: Outbound, data: Json, raw: bytes) -> tuple[Json, bytes | None]:
         signer, names = out.state
-        msg = from_gemini(data, c.requested, c.secret, signer=signer, names=names)
+        msg = from_gemini(data, c.requested, c.secret, signer=signer, names=names, nonce=new_id(""))
         if "usageMetadata" not in data:
             _fill_usage(msg, {}, c.body, out)
         return msg, None
 
     def stream(self, c: Call, out: Outbound) -> StreamTranslator:
         signer, names = out.state
-        return GeminiStream(c.requested, c.secret, COUNTER.count(c.body)[0], signer=signer,
-                            names=names)
+        tr = GeminiStream(c.requested, c.secret, COUNTER.count(c.body)[0], signer=signer,
+                          names=names)
+        tr.nonce = new_id("")             # tool ids unique per answer (Claude Code dedupes ids)
+        return tr
 
 
 class CodeAssistAdapter(GeminiAdapter):
@@ -5573,8 +5582,10 @@ class CodeAssistAdapter(GeminiAdapter):
 
     def stream(self, c: Call, out: Outbound) -> StreamTranslator:
         signer, names = out.state
-        return CodeAssistStream(c.requested, c.secret, COUNTER.count(c.body)[0], signer=signer,
-                                names=names)
+        tr = CodeAssistStream(c.requested, c.secret, COUNTER.count(c.body)[0], signer=signer,
+                              names=names)
+        tr.nonce = new_id("")
+        return tr
 
 
 class VertexAdapter(GeminiAdapter):

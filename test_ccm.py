@@ -4590,6 +4590,30 @@ def test_translate_passthrough_keeps_thinking_when_no_tool_loop_is_in_progress()
     assert ccm.passthrough_body(raw, body, "claude-opus-4-8", "claude-opus-4-8") == raw
 
 
+def test_translate_generated_tool_ids_are_unique_per_answer() -> None:
+    """Found with the real Claude Code CLI: it takes a repeated tool_use id for a call it has
+    already answered, so two answers without upstream ids must never share one."""
+    cfg = cfg_of('[[providers]]\nname = "g"\nprovider_type = "gemini"\napi_key = "k-000000000001"\n'
+                 '[[providers]]\nname = "o"\nprovider_type = "openai"\napi_key = "k-000000000001"\n')
+    req = ccm.Request("POST", "/v1/messages", "", {}, b"{}")
+    gem = b'data: {"candidates":[{"content":{"parts":[{"functionCall":{"name":"Read","args":{}}}]},' \
+          b'"finishReason":"STOP"}]}\n\n'
+    oai = (b'data: {"id":"chatcmpl-1","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,'
+           b'"id":"functions.Read:0","function":{"name":"Read","arguments":"{}"}}]},'
+           b'"finish_reason":"tool_calls"}]}\n\ndata: [DONE]\n\n')
+    for name, raw in (("g", gem), ("o", oai)):
+        p = cfg.providers[name]
+        ids = []
+        for _ in range(2):
+            call = ccm.Call(p, ccm.Target(name, "m"), req, dict(BASIC_REQ, stream=True), "m", "k", False, SECRET)
+            adapter = ccm.adapter_for(p, call.target)
+            tr = adapter.stream(call, adapter.build(call))
+            evs = sse_events(b"".join(tr.feed(raw) + tr.finish_stream()))
+            ids += [d["content_block"]["id"] for n, d in evs if n == "content_block_start"
+                    and d["content_block"]["type"] == "tool_use"]
+        assert len(ids) == 2 and ids[0] != ids[1] and all(i.startswith("toolu_") for i in ids), ids
+
+
 # ============================================================================================
 # 11. Upstream client, credentials, health
 # ============================================================================================
