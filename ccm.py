@@ -9449,8 +9449,10 @@ async def start_server(app: Any, cfg: ServerCfg, sock: Any = None) -> Server:
 
 # ============================================================================================
 # 15. Admin page and API
-# Exports: ADMIN_HTML, Admin (the object App delegates /api/* to), load_admin_token,
-#          config_json, merge_config_json, merge_patch
+# Exports: ADMIN_HTML, DASH_HTML, Admin (the object App delegates /api/* to; it holds
+#          UsageApi, AdminLogins and ClientDashboard), load_admin_token, config_json,
+#          config_meta, merge_config_json, merge_patch, attempts_by_provider, since_of,
+#          recent_filters
 # Uses: 2-14
 # ============================================================================================
 
@@ -9529,11 +9531,38 @@ pre { background: var(--bg); border: 1px solid var(--line); border-radius: 8px; 
 .maps { list-style: none; padding: 0; margin: .3rem 0 }
 .head { display: flex; justify-content: space-between; align-items: center; gap: .6rem }
 .head h2 { margin: 0 }
+.chart { margin: 0 0 .8rem }
+.chart figcaption { font-size: .8rem; color: var(--mute); margin-bottom: .2rem }
+.chart svg { display: block; width: 100%; height: auto }
+.charts { display: grid; grid-template-columns: repeat(auto-fit,minmax(280px,1fr)); gap: 1rem }
+.wide { display: grid; grid-template-columns: repeat(auto-fit,minmax(min(100%,420px),1fr)); gap: 1rem }
+.head select { width: auto }
+.chart .bar { fill: var(--acc) }
+.chart .axis { stroke: var(--line) }
+.chart text { fill: var(--mute); font: 9px system-ui,sans-serif }
+.attempts { margin: .3rem 0; padding-left: 1.4rem }
+.attempts li { margin: .15rem 0 }
+.refused { background: #fde8e7; color: #8a1c14 }
+.warnbox { border-left: 4px solid var(--warn); padding: .5rem .8rem; background: var(--bg) }
+.chips { display: flex; flex-wrap: wrap; gap: .2rem 1rem }
+.chips label { display: inline-flex; gap: .3rem; align-items: center; color: var(--ink); font-size: .9rem; margin: .2rem 0 }
+fieldset { border: 1px solid var(--line); border-radius: 8px; margin: .6rem 0; padding: .3rem .8rem .6rem }
+legend { font-size: .8rem; color: var(--mute) }
+td code { word-break: break-all }
+a { color: var(--acc) }
+#who { margin-left: auto }
+.url { word-break: break-all; font-family: var(--mono); font-size: .8rem }
 @media (max-width: 640px) {
   main { padding: .7rem }
-  .card { overflow-x: auto }
+  .card { overflow-x: auto; padding: .8rem }
   nav { order: 3; flex-basis: 100% }
   header { gap: .5rem }
+  /* tables stack: one block per row, each cell labelled by its column (data-label) */
+  table.stack thead { display: none }
+  table.stack tr { display: block; border-bottom: 1px solid var(--line); padding: .3rem 0 }
+  table.stack td { display: flex; gap: .6rem; border: 0; padding: .15rem .2rem; overflow-wrap: anywhere }
+  table.stack td::before { content: attr(data-label); flex: 0 0 6.5rem; color: var(--mute); font-size: .8rem }
+  table.stack td[data-label=""]::before { display: none }
 }
 """
 
@@ -9541,20 +9570,27 @@ ADMIN_BODY = """<header><h1>ccm <span id="ver"></span></h1>
 <nav role="tablist" aria-label="Sections">
 <button role="tab" data-tab="overview" aria-selected="true">Overview</button>
 <button role="tab" data-tab="providers" aria-selected="false">Providers</button>
+<button role="tab" data-tab="logins" aria-selected="false">Logins</button>
 <button role="tab" data-tab="models" aria-selected="false">Models</button>
 <button role="tab" data-tab="router" aria-selected="false">Router</button>
+<button role="tab" data-tab="settings" aria-selected="false">Settings</button>
 <button role="tab" data-tab="test" aria-selected="false">Test</button>
+<button role="tab" data-tab="usage" aria-selected="false">Usage</button>
 <button role="tab" data-tab="requests" aria-selected="false">Requests</button></nav>
 <span id="dirty" class="mute"></span><button id="save" class="primary" disabled>Save</button></header>
 <main><div id="banner" role="status" aria-live="polite"></div>
 <section id="tab-overview" role="tabpanel"></section>
 <section id="tab-providers" role="tabpanel" hidden></section>
+<section id="tab-logins" role="tabpanel" hidden></section>
 <section id="tab-models" role="tabpanel" hidden></section>
 <section id="tab-router" role="tabpanel" hidden></section>
+<section id="tab-settings" role="tabpanel" hidden></section>
 <section id="tab-test" role="tabpanel" hidden></section>
+<section id="tab-usage" role="tabpanel" hidden></section>
 <section id="tab-requests" role="tabpanel" hidden></section></main>"""
 
-ADMIN_SCRIPT = r"""
+# The helpers both pages use: DOM building, the API, numbers, SVG charts.
+_SCRIPT_COMMON = r"""
 'use strict';
 
 // ---- DOM helpers ---------------------------------------------------------------------------
@@ -9605,16 +9641,18 @@ function card(...children) {
   return element('div', {class: 'card'}, ...children);
 }
 
+// On a narrow screen the table stacks (CSS: table.stack), each cell labelled by its column.
 function table(columns, rows, onRowChosen) {
   const headings = columns.map((column) => element('th', {}, column));
   const head = element('thead', {}, element('tr', {}, headings));
   const body = rows.length
-    ? rows.map((cells, index) => tableRow(cells, index, onRowChosen))
-    : element('tr', {}, element('td', {colspan: columns.length, class: 'mute'}, 'nothing yet'));
-  return element('table', {}, head, element('tbody', {}, body));
+    ? rows.map((cells, index) => tableRow(cells, index, onRowChosen, columns))
+    : element('tr', {}, element('td', {colspan: columns.length, class: 'mute', 'data-label': ''},
+      'nothing yet'));
+  return element('table', {class: 'stack'}, head, element('tbody', {}, body));
 }
 
-function tableRow(cells, index, onRowChosen) {
+function tableRow(cells, index, onRowChosen, columns) {
   const attrs = onRowChosen
     ? {
       class: 'click',
@@ -9627,7 +9665,8 @@ function tableRow(cells, index, onRowChosen) {
       },
     }
     : {};
-  return element('tr', attrs, cells.map((cell) => element('td', {}, cell)));
+  const labelled = cells.map((cell, i) => element('td', {'data-label': columns[i] || ''}, cell));
+  return element('tr', attrs, labelled);
 }
 
 // Replaces a tab's content; children that are null or false are left out.
@@ -9637,15 +9676,8 @@ function panel(tab, ...children) {
   return section;
 }
 
-// ---- page state and the API ----------------------------------------------------------------
 
-const state = {
-  cfg: null,          // the config as JSON, secrets masked by the server, edited in place
-  meta: {},           // the server's _meta: provider_types and the config path
-  dirty: false,
-  invalid: new Set(), // fields the server said are invalid: Save stays disabled
-  tab: 'overview',
-};
+// ---- the API, the banner, numbers ---------------------------------------------------------
 
 // raw: return the fetch Response itself (the Test tab reads its stream and headers)
 async function api(method, path, body, raw) {
@@ -9668,6 +9700,7 @@ async function api(method, path, body, raw) {
     const message = data && data.error ? data.error.message : ('HTTP ' + response.status);
     const error = new Error(message);
     error.data = data;
+    error.status = response.status;
     throw error;
   }
   return data;
@@ -9678,6 +9711,120 @@ function banner(message, kind) {
   box.textContent = message;
   box.className = message ? 'show ' + kind : '';
 }
+
+function formatAge(unixTime) {
+  const seconds = Math.round(Date.now() / 1000 - unixTime);
+  if (seconds < 60) {
+    return seconds + ' s ago';
+  }
+  if (seconds < 3600) {
+    return Math.round(seconds / 60) + ' min ago';
+  }
+  return new Date(unixTime * 1000).toLocaleString();
+}
+
+
+function money(value) {
+  if (value === null || value === undefined) {
+    return 'n/a';
+  }
+  return '$' + Number(value).toFixed(value !== 0 && Math.abs(value) < 0.01 ? 6 : 4);
+}
+
+function count(value) {
+  return Number(value || 0).toLocaleString('en-US');
+}
+
+function percent(part, whole) {
+  return whole ? (100 * part / whole).toFixed(1) + ' %' : '-';
+}
+
+function stat(value, label) {
+  return element('div', {class: 'stat'}, element('b', {}, value), element('span', {}, label));
+}
+
+// The share of prompt tokens read from the provider's cache.
+function cacheHitRate(total) {
+  const prompt = (total.input_tokens || 0) + (total.cache_read_input_tokens || 0)
+    + (total.cache_creation_input_tokens || 0);
+  return percent(total.cache_read_input_tokens || 0, prompt);
+}
+
+// ---- charts: SVG drawn here, no library -----------------------------------------------------
+
+const SVG_NS = 'http://www.w3.org/2000/svg';
+
+function svg(tag, attrs, ...children) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [name, value] of Object.entries(attrs || {})) {
+    node.setAttribute(name, value);
+  }
+  for (const child of children) {
+    node.append(child.nodeType ? child : String(child));
+  }
+  return node;
+}
+
+// The last `days` UTC dates (the ledger groups by UTC day), oldest first.
+function lastDays(days) {
+  const out = [];
+  for (let back = days - 1; back >= 0; back--) {
+    out.push(new Date(Date.now() - back * 86400000).toISOString().slice(0, 10));
+  }
+  return out;
+}
+
+// One value per day from a usage report grouped by day; days without requests are 0.
+function dailySeries(report, days, valueOf) {
+  const byDay = new Map((report.groups || []).map((group) => [group.key, group]));
+  return lastDays(days).map((day) => {
+    const group = byDay.get(day);
+    return {label: day, value: group ? valueOf(group) : 0};
+  });
+}
+
+// A bar chart of [{label, value}]: bars scaled to the largest value, each with a tooltip.
+function barChart(title, points, format) {
+  const width = 360;
+  const height = 130;
+  const left = 8;
+  const bottom = 18;
+  const top = 16;
+  const largest = Math.max(0, ...points.map((point) => point.value));
+  const scale = largest > 0 ? (height - bottom - top) / largest : 0;
+  const slot = (width - left * 2) / Math.max(points.length, 1);
+  const bars = points.map((point, index) => {
+    const barHeight = Math.max(point.value > 0 ? 1 : 0, point.value * scale);
+    return svg('rect', {
+      class: 'bar',
+      x: (left + index * slot + slot * 0.15).toFixed(1),
+      y: (height - bottom - barHeight).toFixed(1),
+      width: (slot * 0.7).toFixed(1),
+      height: barHeight.toFixed(1),
+    }, svg('title', {}, point.label + ': ' + format(point.value)));
+  });
+  const first = points.length ? points[0].label : '';
+  const last = points.length ? points[points.length - 1].label : '';
+  const chart = svg('svg', {viewBox: '0 0 ' + width + ' ' + height, role: 'img', 'aria-label': title},
+    svg('line', {class: 'axis', x1: left, x2: width - left, y1: height - bottom, y2: height - bottom}),
+    svg('text', {x: left, y: 10}, 'max ' + format(largest)),
+    svg('text', {x: left, y: height - 4}, first),
+    svg('text', {x: width - left, y: height - 4, 'text-anchor': 'end'}, last),
+    ...bars);
+  return element('figure', {class: 'chart'}, element('figcaption', {}, title), chart);
+}
+"""
+
+ADMIN_SCRIPT = _SCRIPT_COMMON + r"""
+// ---- page state and the API ----------------------------------------------------------------
+
+const state = {
+  cfg: null,          // the config as JSON, secrets masked by the server, edited in place
+  meta: {},           // the server's _meta: provider_types and the config path
+  dirty: false,
+  invalid: new Set(), // fields the server said are invalid: Save stays disabled
+  tab: 'overview',
+};
 
 function markDirty() {
   state.dirty = true;
@@ -9726,13 +9873,17 @@ const RENDERERS = {
   overview: renderOverview,
   providers: renderProviders,
   models: renderModels,
+  logins: renderLogins,
   router: renderRouter,
+  settings: renderSettings,
   test: renderTest,
+  usage: renderUsage,
   requests: renderRequests,
 };
 
+// A renderer that fails (the server down, a 500) says so in the banner, not in the console.
 function render() {
-  RENDERERS[state.tab]();
+  Promise.resolve(RENDERERS[state.tab]()).catch((error) => banner(error.message, 'bad'));
 }
 
 function showTab(tab) {
@@ -9747,26 +9898,11 @@ function showTab(tab) {
   render();
 }
 
-function formatAge(unixTime) {
-  const seconds = Math.round(Date.now() / 1000 - unixTime);
-  if (seconds < 60) {
-    return seconds + ' s ago';
-  }
-  if (seconds < 3600) {
-    return Math.round(seconds / 60) + ' min ago';
-  }
-  return new Date(unixTime * 1000).toLocaleString();
-}
-
 // ---- Overview ------------------------------------------------------------------------------
 
 function breakerState(breaker) {
   const kind = breaker === 'closed' ? 'ok' : breaker === 'open' ? 'bad' : 'warn';
   return element('span', {class: kind}, breaker);
-}
-
-function stat(value, label) {
-  return element('div', {class: 'stat'}, element('b', {}, value), element('span', {}, label));
 }
 
 async function renderOverview() {
@@ -9805,8 +9941,9 @@ function providerCountsCard(overview) {
   const rows = Object.entries(overview.by_provider)
     .map(([name, counts]) => [name, counts.requests, counts.errors]);
   return card(
-    element('h2', {}, 'Recent requests by provider'),
-    table(['provider', 'requests', 'errors'], rows));
+    element('h2', {}, 'Attempts by provider (recent requests)'),
+    element('p', {class: 'mute'}, 'Each attempt counts for the provider that answered it.'),
+    table(['provider', 'attempts', 'errors'], rows));
 }
 
 function breakersCard(overview) {
@@ -9857,15 +9994,24 @@ function providerRow(list, provider, index) {
     element('b', {}, provider.name),
     element('span', {class: 'pill'}, provider.provider_type),
     element('code', {}, provider.base_url || providerType(provider.provider_type).base_url || ''),
-    element('code', {}, keyLabel(provider)),
+    element('code', {class: 'key'}, keyLabel(provider)),
     enabled,
     actions,
   ];
 }
 
-// What the table shows for a key: the server's mask or a $VAR, never a key typed on this page.
+// What the table shows for a key: the server's mask or a $VAR, never a key typed on this page;
+// a $VAR whose variable is unset (so the provider has no key) is marked with its name.
 function keyLabel(provider) {
+  const missing = (state.meta.missing_env || {})[provider.name];
+  if (missing && missing.length && !provider._was) {
+    return element('span', {class: 'bad', title: 'the environment variable is not set'},
+      '$' + missing.join(', $') + ' not set');
+  }
   const key = provider.api_key;
+  if (!key && !provider.api_keys && provider.auth_type === 'oauth') {
+    return 'subscription login (Logins tab)';
+  }
   if (!key) {
     return provider.api_keys ? 'pool of ' + provider.api_keys.length : 'client credential';
   }
@@ -10139,8 +10285,8 @@ function renderRouter() {
       element('div', {class: 'row'},
         field('long_context_threshold (tokens)', 'r-threshold', threshold),
         field('think_trigger', 'r-trigger', trigger)),
-      regexField(router, 'auto_map_regex', '^claude-'),
-      regexField(router, 'background_regex', '(?i)claude.*haiku')));
+      regexField(router, 'auto_map_regex', '^claude-', 'r-'),
+      regexField(router, 'background_regex', '(?i)claude.*haiku', 'r-')));
 }
 
 function routeSelect(router, route) {
@@ -10164,15 +10310,16 @@ function routeSelect(router, route) {
 }
 
 // The server compiles the regex with Python's re, so it checks it (POST /api/validate),
-// 250 ms after the last keystroke.
-function regexField(router, key, defaultValue) {
-  const error = element('div', {class: 'err', id: 'err-' + key});
+// 250 ms after the last keystroke. prefix keeps the Router and Settings tabs' ids apart.
+function regexField(router, key, defaultValue, prefix) {
+  const errorId = (prefix === 'r-' ? 'err-' : prefix + 'err-') + key;
+  const error = element('div', {class: 'err', id: errorId});
   let timer;
   const input = element('input', {
-    id: 'r-' + key,
+    id: prefix + key,
     class: 'mono',
     value: router[key] || defaultValue,
-    'aria-describedby': 'err-' + key,
+    'aria-describedby': errorId,
     oninput: (event) => {
       router[key] = event.target.value;
       markDirty();
@@ -10181,7 +10328,7 @@ function regexField(router, key, defaultValue) {
     },
   });
   return element('div', {},
-    element('label', {for: 'r-' + key}, key + ' (Python regex)'),
+    element('label', {for: prefix + key}, key + ' (Python regex)'),
     input,
     error);
 }
@@ -10216,6 +10363,12 @@ function renderTest() {
   form.websearch = element('input', {type: 'checkbox', id: 't-web'});
   form.plan = element('input', {type: 'checkbox', id: 't-plan'});
   form.message = element('textarea', {id: 't-msg'}, 'Say hello in five words.');
+  form.fail = providerNames().map((name) => element('input', {
+    type: 'checkbox',
+    name: 'simulate',
+    value: name,
+    'aria-label': 'simulate failure of ' + name,
+  }));
   panel('test',
     card(
       element('h2', {}, 'Send a message as Claude Code would'),
@@ -10230,6 +10383,10 @@ function renderTest() {
         element('label', {}, form.thinking, ' thinking'),
         element('label', {}, form.websearch, ' web_search tool'),
         element('label', {}, form.plan, ' plan mode')),
+      element('fieldset', {},
+        element('legend', {}, 'Simulate failure (this request only; no health mark)'),
+        element('div', {class: 'chips'},
+          form.fail.map((box) => element('label', {}, box, box.value)))),
       element('label', {for: 't-msg'}, 'Message'),
       form.message,
       element('p', {class: 'row'},
@@ -10252,6 +10409,7 @@ function testBody(form) {
     plan: form.plan.checked,
     message: form.message.value,
     stream: true,
+    simulate_failure: form.fail.filter((box) => box.checked).map((box) => box.value),
   };
 }
 
@@ -10398,17 +10556,33 @@ async function showRecord(requestId, latencyMs, info) {
   if (!record) {
     return;
   }
-  const attempts = record.attempts.map((attempt) => {
-    const error = attempt.error ? ': ' + attempt.error : '';
-    return attempt.provider + ' (' + (attempt.status || '-') + error + ')';
-  });
+  const chain = record.attempts.map((attempt) => attempt.provider + ' (' + (attempt.status || '-') + ')');
   info.replaceChildren(
     element('p', {},
       'Latency ',
       element('b', {}, latencyMs + ' ms'),
       ' · status ' + record.status + ' · tokens ' + record.usage.input_tokens + ' in / '
         + record.usage.output_tokens + ' out'),
-    traceView(record.rule, record.model, record.trace, attempts));
+    element('h3', {class: 'mute'}, 'Failover chain'),
+    attemptList(record.attempts, 't-attempts'),
+    traceView(record.rule, record.model, record.trace, chain));
+}
+
+// The attempts of one request, in order: provider, model, status, time, and the error if any.
+function attemptList(attempts, id) {
+  if (!attempts.length) {
+    return element('p', {class: 'mute', id}, 'no provider was called');
+  }
+  const items = attempts.map((attempt) => {
+    const failed = attempt.error || (attempt.status || 0) >= 400;
+    return element('li', {class: failed ? 'bad' : 'ok'},
+      element('b', {}, attempt.provider),
+      ' · ',
+      element('code', {}, attempt.model || '-'),
+      ' · status ' + (attempt.status || '-') + ' · ' + Math.round(attempt.ms || 0) + ' ms',
+      attempt.error ? ' · ' + attempt.error : '');
+  });
+  return element('ol', {class: 'attempts', id}, items);
 }
 
 // ---- Requests ------------------------------------------------------------------------------
@@ -10420,13 +10594,21 @@ async function renderRequests() {
     const record = records[index];
     detail.replaceChildren(card(
       element('h2', {}, record.id),
+      element('p', {},
+        'Asked for ',
+        element('code', {}, record.requested_model || '-'),
+        ' → routed to ',
+        element('code', {}, record.model || '-'),
+        record.upstream_model ? ' (' + record.provider + ' ' + record.upstream_model + ')' : ''),
+      record.refused ? element('p', {class: 'bad'}, 'Refused before any provider was called.') : null,
       traceView(record.rule, record.model, record.trace, null),
       record.error ? element('p', {class: 'bad'}, record.error) : null,
-      element('pre', {}, JSON.stringify(record.attempts, null, 2))));
+      element('h3', {class: 'mute'}, 'Attempts'),
+      attemptList(record.attempts, 'req-attempts')));
     detail.scrollIntoView({block: 'nearest'});
   };
   const columns = [
-    'time', 'route', 'model', 'providers tried', 'status', 'latency', 'tokens in/out',
+    'time', 'route', 'requested → routed', 'providers tried', 'status', 'latency', 'tokens in/out',
   ];
   panel('requests',
     card(
@@ -10439,15 +10621,487 @@ function requestRow(record) {
   const tried = record.attempts
     .map((attempt) => attempt.provider + ':' + (attempt.status || '-'))
     .join(' › ');
+  const status = element('span', {class: record.status < 400 ? 'ok' : 'bad'}, record.status);
   return [
     formatAge(record.time),
-    element('span', {class: 'pill'}, record.rule),
-    record.model,
-    element('span', {class: 'mono'}, tried),
-    element('span', {class: record.status < 400 ? 'ok' : 'bad'}, record.status),
+    record.rule ? element('span', {class: 'pill'}, record.rule) : '-',
+    element('span', {class: 'mono'},
+      (record.requested_model || '-') + ' → ' + (record.model || '-')),
+    element('span', {class: 'mono'}, tried || '-'),
+    record.refused
+      ? element('span', {}, status, ' ', element('span', {class: 'pill refused'}, 'refused'))
+      : status,
     Math.round(record.latency_ms) + ' ms',
     record.usage.input_tokens + ' / ' + record.usage.output_tokens,
   ];
+}
+
+// ---- Settings ([server] and the router's regexes) --------------------------------------------
+
+const TIMEOUT_KEYS = [
+  'api_timeout_ms', 'connect_timeout_ms', 'first_byte_timeout_ms', 'idle_timeout_ms',
+  'header_timeout_ms', 'body_timeout_ms', 'keepalive_timeout_ms', 'shutdown_grace_ms',
+  'write_timeout_ms', 'retry_after_max_ms',
+];
+
+const LIMIT_KEYS = [
+  'ping_interval_s', 'breaker_failures', 'breaker_cooldown_ms', 'max_body_bytes', 'max_connections',
+];
+
+// The [server] table, made only when a field is set, so an untouched file stays as it was.
+function serverTable(create) {
+  if (!state.cfg.server && create) {
+    state.cfg.server = {};
+  }
+  return state.cfg.server || {};
+}
+
+function timeoutsTable(create) {
+  const server = serverTable(create);
+  if (!server.timeouts && create) {
+    server.timeouts = {};
+  }
+  return server.timeouts || {};
+}
+
+// undefined removes the key: the default (the placeholder) applies again.
+function setSetting(tableOf, key, value) {
+  const target = tableOf(value !== undefined);
+  if (value === undefined) {
+    delete target[key];
+  } else {
+    target[key] = value;
+  }
+  markDirty();
+}
+
+function numberSetting(tableOf, key) {
+  const current = tableOf(false)[key];
+  const input = element('input', {
+    id: 's-' + key,
+    type: 'number',
+    min: 0,
+    step: 'any',
+    value: current === undefined ? '' : String(current),
+    placeholder: String((state.meta.server_defaults || {})[key] ?? ''),
+    oninput: (event) => {
+      const text = event.target.value.trim();
+      setSetting(tableOf, key, text === '' ? undefined : Number(text));
+    },
+  });
+  return field(key, 's-' + key, input);
+}
+
+function renderSettings() {
+  const server = serverTable(false);
+  const defaults = state.meta.server_defaults || {};
+  const host = element('input', {
+    id: 's-host',
+    value: server.host || '',
+    placeholder: defaults.host,
+    oninput: (event) => setSetting(serverTable, 'host', event.target.value.trim() || undefined),
+  });
+  const port = element('input', {
+    id: 's-port',
+    value: String(server.port ?? defaults.port),
+    readonly: true,
+    'aria-describedby': 's-port-note',
+  });
+  const levels = state.meta.log_levels || ['debug', 'info', 'warn', 'error'];
+  const level = server.log_level || 'info';
+  const logLevel = element('select', {
+    id: 's-log_level',
+    onchange: (event) => setSetting(serverTable, 'log_level', event.target.value),
+  }, levels.map((name) => option(name, name, name === level)));
+  panel('settings',
+    card(
+      element('h2', {}, 'Server'),
+      element('div', {class: 'row'},
+        field('host (restart needed)', 's-host', host),
+        field('port (read-only)', 's-port', port),
+        field('log_level', 's-log_level', logLevel)),
+      element('p', {class: 'mute', id: 's-port-note'}, 'ccm binds its address once: a new host '
+        + 'or port takes effect when ccm is restarted (edit the port in the config file).'),
+      apiKeySetting(server)),
+    card(
+      element('h2', {}, 'Limits and the circuit breaker'),
+      element('div', {class: 'grid'}, LIMIT_KEYS.map((key) => numberSetting(serverTable, key)))),
+    card(
+      element('h2', {}, 'Timeouts [server.timeouts] (milliseconds)'),
+      element('div', {class: 'grid'}, TIMEOUT_KEYS.map((key) => numberSetting(timeoutsTable, key)))),
+    card(
+      element('h2', {}, 'Router regexes'),
+      regexField(state.cfg.router, 'auto_map_regex', '^claude-', 's-'),
+      regexField(state.cfg.router, 'background_regex', '(?i)claude.*haiku', 's-')),
+    card(
+      element('p', {class: 'row'},
+        element('span', {class: 'mute'}, 'Save (top right) validates, writes the file '
+          + 'atomically with a .bak and applies it live. Reload re-reads the file from disk.'),
+        element('button', {id: 's-reload', onclick: reloadConfig}, 'Reload from disk'))));
+}
+
+// The proxy's client key: a password field never given a value, so a key never reaches the DOM.
+function apiKeySetting(server) {
+  const current = server.api_key;
+  const input = element('input', {
+    id: 's-api_key',
+    type: 'password',
+    autocomplete: 'off',
+    placeholder: current ? 'set (' + current + '): type to replace' : 'not set: any client may connect',
+    oninput: (event) => {
+      if (event.target.value) {
+        setSetting(serverTable, 'api_key', event.target.value);
+      } else if (current) {
+        setSetting(serverTable, 'api_key', current);
+      } else {
+        setSetting(serverTable, 'api_key', undefined);
+      }
+    },
+  });
+  const remove = element('input', {
+    type: 'checkbox',
+    id: 's-api_key-remove',
+    onchange: (event) => {
+      input.disabled = event.target.checked;
+      setSetting(serverTable, 'api_key', event.target.checked ? undefined : current);
+    },
+  });
+  return element('div', {},
+    field('api_key (clients send it as x-api-key or Bearer)', 's-api_key', input),
+    current ? element('label', {}, remove, ' remove the key (clients then need none)') : null);
+}
+
+async function reloadConfig() {
+  try {
+    const result = await api('POST', '/api/restart', {});
+    banner(result.message, 'ok');
+    await load();
+  } catch (error) {
+    banner('Not reloaded: ' + error.message, 'bad');
+  }
+}
+
+// ---- Logins (subscription OAuth: tokens stay on the server, never on this page) -------------
+
+async function renderLogins() {
+  const data = await api('GET', '/api/logins');
+  const flow = find('#login-flow') || element('div', {id: 'login-flow'});
+  const columns = ['login', 'provider', 'kind', 'status', 'account', 'quota', ''];
+  panel('logins',
+    card(
+      element('h2', {}, 'Subscription logins'),
+      element('p', {class: 'mute'},
+        'Providers with auth_type = "oauth". Tokens are kept in ',
+        element('code', {}, data.store),
+        ' (0600) and never sent to this page.'),
+      table(columns, data.logins.map(loginRow))),
+    flow);
+}
+
+function quotaText(quota) {
+  if (!quota || !quota.windows || !quota.windows.length) {
+    return '-';
+  }
+  const windows = quota.windows
+    .filter((window) => typeof window.used_percent === 'number')
+    .map((window) => window.name + ' ' + window.used_percent + '%');
+  return (quota.plan ? quota.plan + ': ' : '') + (windows.join(' · ') || '-');
+}
+
+function loginStatus(login) {
+  const kind = login.status === 'valid' || login.status === 'api key' ? 'ok' : 'bad';
+  const left = login.minutes_left !== null && login.minutes_left !== undefined
+    ? ' (' + login.minutes_left + ' min left)'
+    : '';
+  const pending = login.pending && login.pending.status === 'waiting'
+    ? element('span', {class: 'warn'}, ' · login in progress')
+    : null;
+  return element('span', {}, element('span', {class: kind}, login.status + left), pending);
+}
+
+function loginRow(login) {
+  const held = login.status !== 'not logged in';
+  const actions = element('span', {class: 'row'},
+    element('button', {
+      class: 'primary',
+      onclick: () => confirmLogin(login),
+    }, held ? 'Log in again' : 'Log in'),
+    held
+      ? element('button', {class: 'danger', onclick: () => logout(login)}, 'Log out')
+      : null);
+  return [
+    element('b', {}, login.id),
+    login.provider || element('span', {class: 'mute'}, '(no provider uses it)'),
+    element('span', {class: 'pill'}, login.kind),
+    loginStatus(login),
+    login.account || '-',
+    element('span', {class: 'mono'}, quotaText(login.quota)),
+    actions,
+  ];
+}
+
+// Anthropic and Google restrict these logins: their warning is shown before anything starts.
+function confirmLogin(login) {
+  if (!login.warning) {
+    startLogin(login);
+    return;
+  }
+  find('#login-flow').replaceChildren(card(
+    element('h2', {}, 'Before logging in to ' + login.label),
+    element('p', {class: 'warnbox', id: 'login-warning'}, login.warning),
+    element('p', {class: 'row'},
+      element('button', {class: 'primary', onclick: () => startLogin(login)}, 'I accept, continue'),
+      element('button', {onclick: () => find('#login-flow').replaceChildren()}, 'Cancel'))));
+}
+
+async function startLogin(login) {
+  const box = find('#login-flow');
+  box.replaceChildren(card(element('p', {}, 'Starting the login…')));
+  try {
+    const started = await api('POST', '/api/logins/start', {id: login.id, kind: login.kind});
+    if (started.flow === 'paste') {
+      box.replaceChildren(pasteCard(login, started.url));
+    } else {
+      box.replaceChildren(callbackCard(login, started.url));
+      await waitForCallback(login.id);
+    }
+  } catch (error) {
+    box.replaceChildren(card(element('p', {class: 'bad'}, 'Login failed: ' + error.message)));
+  }
+}
+
+function authorizeLink(url) {
+  return element('a', {href: url, target: '_blank', rel: 'noopener noreferrer', class: 'url',
+    id: 'login-url'}, url);
+}
+
+// Anthropic's page shows a code#state to copy; the server keeps the PKCE verifier for it.
+function pasteCard(login, url) {
+  const code = element('input', {id: 'login-code', type: 'password', autocomplete: 'off'});
+  const error = element('div', {class: 'err'});
+  const finish = async () => {
+    try {
+      const result = await api('POST', '/api/logins/finish', {id: login.id, code: code.value.trim()});
+      code.value = '';
+      find('#login-flow').replaceChildren();
+      banner('Logged in: ' + result.id + ' (' + result.account + ')', 'ok');
+      await renderLogins();
+    } catch (failure) {
+      error.textContent = failure.message;
+    }
+  };
+  return card(
+    element('h2', {}, 'Log in to ' + login.label),
+    element('p', {}, '1. Open this link, sign in and approve:'),
+    element('p', {}, authorizeLink(url)),
+    element('label', {for: 'login-code'}, '2. Paste the code the page shows (code#state)'),
+    code,
+    error,
+    element('p', {class: 'row'},
+      element('button', {class: 'primary', id: 'login-finish', onclick: finish}, 'Finish login'),
+      element('button', {onclick: () => find('#login-flow').replaceChildren()}, 'Cancel')));
+}
+
+function callbackCard(login, url) {
+  return card(
+    element('h2', {}, 'Log in to ' + login.label),
+    element('p', {}, 'Open this link in a browser on this machine; the provider redirects back '
+      + 'to ccm\'s listener on localhost:'),
+    element('p', {}, authorizeLink(url)),
+    element('p', {class: 'mute', id: 'login-wait'}, 'Waiting for the redirect…'));
+}
+
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+// Polls GET /api/logins until the server's listener got the redirect (or gave up): at most
+// 10 minutes, and only while the Logins tab is shown.
+async function waitForCallback(id) {
+  for (let poll = 0; poll < 400; poll++) {
+    await sleep(1500);
+    if (state.tab !== 'logins') {
+      return;
+    }
+    const data = await api('GET', '/api/logins');
+    const login = data.logins.find((candidate) => candidate.id === id);
+    const pending = login && login.pending;
+    if (!pending || pending.status !== 'waiting') {
+      const failed = pending && pending.status === 'failed';
+      find('#login-flow').replaceChildren();
+      banner(failed ? 'Login failed: ' + pending.error : 'Logged in: ' + id, failed ? 'bad' : 'ok');
+      await renderLogins();
+      return;
+    }
+  }
+}
+
+async function logout(login) {
+  try {
+    await api('POST', '/api/logins/logout', {id: login.id});
+    banner('Logged out: ' + login.id, 'ok');
+  } catch (error) {
+    banner(error.message, 'bad');
+  }
+  await renderLogins();
+}
+
+// ---- Usage (the ledger: totals, breakdowns, charts, recent rows, client balances) ----------
+
+const USAGE_GROUPS = ['model', 'provider', 'route', 'client'];
+const PERIODS = [['today', 'today'], ['7d', '7 days'], ['30d', '30 days']];
+
+function usagePath(since, groupBy, format) {
+  return '/api/usage?since=' + encodeURIComponent(since) + '&group_by=' + groupBy
+    + (format ? '&format=' + format : '');
+}
+
+async function renderUsage() {
+  const period = state.usagePeriod || '30d';
+  const totals = await Promise.all(PERIODS.map(([since]) => api('GET', usagePath(since, 'model'))));
+  if (!totals[0].enabled) {
+    panel('usage', card(element('h2', {}, 'Usage'), element('p', {class: 'warn', id: 'usage-off'},
+      totals[0].message)));
+    return;
+  }
+  const groups = await Promise.all(USAGE_GROUPS.map((name) => api('GET', usagePath(period, name))));
+  const daily = await api('GET', usagePath('30d', 'day'));
+  const credits = await api('GET', '/api/credits');
+  panel('usage',
+    card(element('h2', {}, 'Totals'), element('div', {class: 'grid'}, totals.map(totalsBlock))),
+    card(
+      element('h2', {}, 'Last 30 days'),
+      element('div', {class: 'charts'},
+        barChart('Requests per day (UTC)', dailySeries(daily, 30, (group) => group.requests), count),
+        barChart('Cost per day (USD)', dailySeries(daily, 30, (group) => group.known_cost_usd), money))),
+    card(
+      element('div', {class: 'head'},
+        element('h2', {}, 'Breakdown'),
+        periodSelect(period)),
+      element('div', {class: 'wide'}, groups.map(groupTable))),
+    recentCard(),
+    balancesCard(credits));
+  await loadRecent();
+}
+
+function totalsBlock(report, index) {
+  const total = report.total;
+  return element('div', {class: 'stat'},
+    element('span', {}, PERIODS[index][1]),
+    element('b', {}, count(total.requests) + ' requests'),
+    element('span', {}, count(total.input_tokens + total.output_tokens) + ' tokens · '
+      + money(total.known_cost_usd) + (total.unpriced_requests ? ' + unpriced' : '')
+      + ' · cache hits ' + cacheHitRate(total)));
+}
+
+function periodSelect(period) {
+  return element('select', {
+    id: 'u-period',
+    'aria-label': 'period',
+    onchange: (event) => {
+      state.usagePeriod = event.target.value;
+      renderUsage();
+    },
+  }, PERIODS.map(([since, label]) => option(since, label, since === period)));
+}
+
+function groupTable(report) {
+  const rows = report.groups.map((group) => [
+    group.key || '(none)',
+    count(group.requests),
+    count(group.input_tokens + group.output_tokens),
+    money(group.cost_usd),
+  ]);
+  const csv = element('a', {href: usagePath(state.usagePeriod || '30d', report.group_by, 'csv')},
+    'CSV');
+  return element('div', {class: 'usage-group'},
+    element('h3', {class: 'mute'}, 'by ' + report.group_by + ' · ', csv),
+    table([report.group_by, 'requests', 'tokens', 'cost'], rows));
+}
+
+const RECENT_FILTER_NAMES = ['client', 'provider', 'route', 'model', 'status'];
+
+function recentCard() {
+  const inputs = RECENT_FILTER_NAMES.map((name) => field(name, 'u-f-' + name,
+    element('input', {id: 'u-f-' + name, placeholder: 'any'})));
+  return card(
+    element('h2', {}, 'Recent requests (ledger)'),
+    element('form', {
+      class: 'row',
+      id: 'u-filters',
+      onsubmit: (event) => {
+        event.preventDefault();
+        loadRecent();
+      },
+    }, inputs, element('button', {type: 'submit'}, 'Filter')),
+    element('div', {id: 'u-recent'}));
+}
+
+async function loadRecent() {
+  const params = new URLSearchParams({limit: '50'});
+  for (const name of RECENT_FILTER_NAMES) {
+    const value = find('#u-f-' + name).value.trim();
+    if (value) {
+      params.set(name, value);
+    }
+  }
+  const box = find('#u-recent');
+  try {
+    const data = await api('GET', '/api/usage/requests?' + params.toString());
+    const rows = data.requests.map((row) => [
+      formatAge(row.ts),
+      row.client || '-',
+      row.route || '-',
+      element('span', {class: 'mono'}, (row.routed_model || '-') + ' → ' + (row.actual_model || '-')),
+      row.provider || '-',
+      element('span', {class: row.status < 400 ? 'ok' : 'bad'}, row.status),
+      count(row.input_tokens) + ' / ' + count(row.output_tokens),
+      money(row.cost_usd),
+    ]);
+    const columns = ['time', 'client', 'route', 'model', 'provider', 'status', 'tokens', 'cost'];
+    const csv = element('a', {href: '/api/usage/requests?' + params.toString() + '&format=csv'},
+      'Download CSV');
+    box.replaceChildren(table(columns, rows), element('p', {}, csv));
+  } catch (error) {
+    box.replaceChildren(element('p', {class: 'bad'}, error.message));
+  }
+}
+
+function balancesCard(credits) {
+  const rows = credits.balances.map((entry) => [
+    element('b', {}, entry.client),
+    money(entry.balance_usd),
+    entry.metered ? 'metered' : 'not metered',
+    entry.markup,
+    entry.rpm || '-',
+  ]);
+  const name = element('select', {id: 'u-topup-name'},
+    credits.balances.map((entry) => option(entry.client, entry.client)));
+  const amount = element('input', {id: 'u-topup-amount', type: 'number', step: 'any'});
+  const note = element('input', {id: 'u-topup-note', placeholder: 'top-up'});
+  const error = element('div', {class: 'err'});
+  const topUp = async (event) => {
+    event.preventDefault();
+    try {
+      const body = {name: name.value, amount: Number(amount.value), note: note.value};
+      const result = await api('POST', '/api/credits', body);
+      banner(result.client + ': balance ' + money(result.balance_usd), 'ok');
+      await renderUsage();
+    } catch (failure) {
+      error.textContent = failure.message;
+    }
+  };
+  return card(
+    element('h2', {}, 'Client balances'),
+    table(['client', 'balance', 'credits', 'markup', 'rpm'], rows),
+    credits.balances.length
+      ? element('form', {class: 'row', id: 'u-topup', onsubmit: topUp},
+        field('client', 'u-topup-name', name),
+        field('amount (USD, negative takes back)', 'u-topup-amount', amount),
+        field('note', 'u-topup-note', note),
+        element('button', {class: 'primary', type: 'submit'}, 'Top up'))
+      : element('p', {class: 'mute'}, 'No [[clients]] are configured.'),
+    error);
 }
 
 // ---- Save, tab navigation, start -----------------------------------------------------------
@@ -10500,6 +11154,114 @@ window.addEventListener('beforeunload', (event) => {
 load().catch((error) => banner(error.message, 'bad'));
 """
 
+DASH_BODY = """<header><h1>ccm <span>your usage</span></h1><span id="who" class="mute"></span>
+<button id="d-out" hidden>Sign out</button></header>
+<main><div id="banner" role="status" aria-live="polite"></div>
+<section id="signin" class="card" hidden><h2>Sign in</h2><form id="d-form">
+<label for="d-key">Your ccm client key (the one Claude Code sends as its API key)</label>
+<input id="d-key" type="password" autocomplete="off" required>
+<p><button class="primary" type="submit">Sign in</button></p></form>
+<p class="mute">The key is checked once; this page then keeps only a session cookie.</p></section>
+<section id="mine" hidden></section></main>"""
+
+DASH_SCRIPT = _SCRIPT_COMMON + r"""
+// ---- the client dashboard: one client's own balance, usage and models ----------------------
+
+// The key goes from a password field straight into one POST; the server answers with an
+// HttpOnly cookie holding a session id, so no script here ever holds the key afterwards.
+async function signIn(event) {
+  event.preventDefault();
+  const input = find('#d-key');
+  const key = input.value.trim();
+  input.value = '';
+  try {
+    await api('POST', '/dashboard/login', {key});
+    banner('', '');
+    await showMine();
+  } catch (error) {
+    banner(error.message, 'bad');
+  }
+}
+
+async function signOut() {
+  await api('POST', '/dashboard/logout', {});
+  find('#mine').replaceChildren();
+  showSignIn();
+}
+
+function showSignIn() {
+  find('#mine').hidden = true;
+  find('#signin').hidden = false;
+  find('#d-out').hidden = true;
+  find('#who').textContent = '';
+  find('#d-key').focus();
+}
+
+async function showMine() {
+  let mine;
+  try {
+    mine = await api('GET', '/dashboard/api/me');
+  } catch (error) {
+    if (error.status === 401) {
+      showSignIn();
+      return;
+    }
+    throw error;
+  }
+  find('#signin').hidden = true;
+  find('#d-out').hidden = false;
+  find('#who').textContent = mine.client;
+  const section = find('#mine');
+  section.hidden = false;
+  section.replaceChildren(...mineCards(mine));
+}
+
+function mineCards(mine) {
+  const balance = mine.balance || {};
+  const models = card(element('h2', {}, 'Models you may use'),
+    element('p', {class: 'mono'}, mine.models.join(', ') || '(none configured)'));
+  if (!mine.enabled) {
+    return [card(element('p', {class: 'warn'}, 'Usage is not recorded on this ccm.')), models];
+  }
+  const total = mine.by_day.total;
+  const stats = card(element('div', {class: 'grid'},
+    stat(money(balance.balance_usd), balance.metered ? 'balance' : 'balance (not metered)'),
+    stat(count(total.requests), 'requests, 30 days'),
+    stat(money(total.known_cost_usd), 'cost, 30 days'),
+    stat(count(total.input_tokens + total.output_tokens), 'tokens, 30 days'),
+    stat(cacheHitRate(total), 'cache hits')));
+  const charts = card(element('div', {class: 'charts'},
+    barChart('Requests per day (UTC)', dailySeries(mine.by_day, 30, (group) => group.requests), count),
+    barChart('Cost per day (USD)', dailySeries(mine.by_day, 30, (group) => group.known_cost_usd), money)));
+  const byModel = mine.by_model.groups.map((group) => [
+    group.key || '(none)',
+    count(group.requests),
+    count(group.input_tokens + group.output_tokens),
+    money(group.cost_usd),
+  ]);
+  const recent = mine.recent.map((row) => [
+    formatAge(row.ts),
+    element('span', {class: 'mono'}, row.requested_model || row.routed_model || '-'),
+    element('span', {class: row.status < 400 ? 'ok' : 'bad'}, row.status),
+    count(row.input_tokens) + ' / ' + count(row.output_tokens),
+    money(row.cost_usd),
+  ]);
+  return [
+    stats,
+    charts,
+    card(element('h2', {}, 'By model, 30 days'), table(['model', 'requests', 'tokens', 'cost'], byModel)),
+    card(element('h2', {}, 'Recent requests'),
+      table(['time', 'model', 'status', 'tokens in/out', 'cost'], recent)),
+    models,
+  ];
+}
+
+find('#d-form').addEventListener('submit', signIn);
+find('#d-out').addEventListener('click', signOut);
+showMine().catch((error) => banner(error.message, 'bad'));
+"""
+
+
 ADMIN_HTML = ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
               "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
               "<title>ccm admin</title><style>" + ADMIN_STYLE + "</style></head><body>"
@@ -10508,6 +11270,15 @@ ADMIN_PAGE_BYTES = ADMIN_HTML.encode()
 ADMIN_CSP = ("default-src 'none'; script-src " + _csp_hash(ADMIN_SCRIPT) + "; style-src "
              + _csp_hash(ADMIN_STYLE) + "; connect-src 'self'; img-src 'self' data:; "
              "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+
+DASH_HTML = ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+             "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
+             "<title>ccm usage</title><style>" + ADMIN_STYLE + "</style></head><body>"
+             + DASH_BODY + "<script>" + DASH_SCRIPT + "</script></body></html>")
+DASH_PAGE_BYTES = DASH_HTML.encode()
+DASH_CSP = ("default-src 'none'; script-src " + _csp_hash(DASH_SCRIPT) + "; style-src "
+            + _csp_hash(ADMIN_STYLE) + "; connect-src 'self'; img-src 'self' data:; "
+            "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
 
 
 # --- 15b. Admin API -------------------------------------------------------------------------
@@ -10657,6 +11428,9 @@ class Admin:
     def __init__(self, app: Any, token: str) -> None:
         self.app = app                     # the App: its config, upstreams, recorder, counters
         self.token = token
+        self.usage = UsageApi(app)
+        self.logins = AdminLogins(app)
+        self.dashboard = ClientDashboard(app)
 
     @property
     def cfg(self) -> Config:
@@ -10677,7 +11451,13 @@ class Admin:
             ("GET", "/api/overview"): self.admin_overview, ("GET", "/api/health"): self.admin_overview,
             ("GET", "/api/requests"): self.admin_requests,
             ("GET", "/api/session"): self.admin_session,
+            **self.usage.routes(), **self.logins.routes(), **self.dashboard.routes(),
         }
+
+    @property
+    def public(self) -> set[tuple[str, str]]:
+        """The routes outside the admin token (the client dashboard's own cookie guards them)."""
+        return set(self.dashboard.routes())
 
     # ---- guards ------------------------------------------------------------------------
     def _host_ok(self, req: Request) -> bool:
@@ -10687,12 +11467,15 @@ class Admin:
         return bool(_LOOPBACK_HOSTS.match(req.headers.get("host", "")))
 
     def guard(self, req: Request) -> None:
-        """DNS rebinding (Host), the admin token (cookie or Bearer), and CSRF (Origin)."""
+        """DNS rebinding (Host), the admin token (cookie or Bearer), and CSRF (Origin). The
+        client dashboard's routes skip the admin token only: their handlers check the client
+        cookie (ClientDashboard.client_of)."""
         host = req.headers.get("host", "")
         if not self._host_ok(req):
             raise ProxyError(403, f"Host {host!r} is not allowed (the admin page answers "
                              "loopback names only)", "permission_error")
-        if not self._admin_token_ok(req):
+        dashboard = req.path == "/dashboard" or req.path.startswith("/dashboard/")
+        if not dashboard and not self._admin_token_ok(req):
             raise ProxyError(401, "admin token required: run `python ccm.py admin` for the URL, "
                              "or send Authorization: Bearer <token>")
         origin = req.headers.get("origin")
@@ -10712,8 +11495,7 @@ class Admin:
         return False
 
     def _json(self, data: Any, status: int = 200) -> Response:
-        return Response(status, [("content-type", "application/json"), *ADMIN_HEADERS],
-                        dumps(data).encode())
+        return _json_response(data, status)
 
     # ---- page --------------------------------------------------------------------------
     async def page(self, req: Request) -> Response:
@@ -10735,11 +11517,7 @@ class Admin:
 
     # ---- config ------------------------------------------------------------------------
     async def admin_config(self, req: Request) -> Response:
-        return self._json(dict(config_json(self.cfg.raw), _meta={
-            "path": self.cfg.path, "provider_types": {
-                t: {"base_url": pt.base_url, "family": pt.family, "auth": pt.auth}
-                for t, pt in PROVIDER_TYPES.items()},
-            "warnings": self.cfg.warnings}))
+        return self._json(dict(config_json(self.cfg.raw), _meta=config_meta(self.cfg)))
 
     async def admin_providers(self, req: Request) -> Response:
         return self._json(config_json(self.cfg.raw).get("providers") or [])
@@ -10758,13 +11536,7 @@ class Admin:
         return self._save(merge_config_json(merge_patch(masked, patch), self.cfg.raw))
 
     def _body_obj(self, req: Request) -> Json:
-        try:
-            data = json.loads(req.body or b"{}")
-        except ValueError as exc:
-            raise ProxyError(400, f"body is not valid JSON: {exc}")
-        if not isinstance(data, dict):
-            raise ProxyError(400, "body must be a JSON object")
-        return data
+        return _body_of(req)
 
     def _save(self, raw: Json) -> Response:
         """Validate, write atomically (with config.toml.bak), then apply live."""
@@ -10872,11 +11644,7 @@ class Admin:
     # ---- status ------------------------------------------------------------------------
     async def admin_overview(self, req: Request) -> Response:
         by_route = {k[6:]: v for k, v in self.app.counters.items() if k.startswith("route.")}
-        by_provider: dict[str, Json] = {}
-        for entry in self.app.recorder.recent:
-            p = by_provider.setdefault(entry["provider"] or "(none)", {"requests": 0, "errors": 0})
-            p["requests"] += 1
-            p["errors"] += entry["status"] >= 400
+        by_provider = attempts_by_provider(self.app.recorder.recent)
         return self._json({
             "version": __version__, "uptime_s": round(time.time() - self.app.started, 1),
             "config_path": self.cfg.path, "listen": f"{self.cfg.server.host}:{self.cfg.server.port}",
@@ -10899,6 +11667,469 @@ class Admin:
                     return self._json(entry)
             raise ProxyError(404, f"no recent request {query['id']!r}", "not_found_error")
         return self._json(list(reversed(self.app.recorder.recent)))
+
+
+def _query(req: Request) -> dict[str, str]:
+    """The query string, percent-decoded; the last value of a repeated name wins."""
+    return dict(urllib.parse.parse_qsl(req.query, keep_blank_values=True))
+
+
+def _cookie(req: Request, name: str) -> str:
+    for part in req.headers.get("cookie", "").split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name:
+            return value
+    return ""
+
+
+def _json_response(data: Any, status: int = 200, headers: list[tuple[str, str]] = ()) -> Response:
+    return Response(status, [("content-type", "application/json"), *ADMIN_HEADERS, *headers],
+                    dumps(data).encode())
+
+
+def _body_of(req: Request) -> Json:
+    try:
+        data = json.loads(req.body or b"{}")
+    except ValueError as exc:
+        raise ProxyError(400, f"body is not valid JSON: {exc}")
+    if not isinstance(data, dict):
+        raise ProxyError(400, "body must be a JSON object")
+    return data
+
+
+def _csv_response(text: str, filename: str) -> Response:
+    return Response(200, [("content-type", "text/csv; charset=utf-8"), *ADMIN_HEADERS,
+                          ("content-disposition", f'attachment; filename="{filename}"')],
+                    text.encode())
+
+
+def _html_response(page: bytes, csp: str) -> Response:
+    return Response(200, [("content-type", "text/html; charset=utf-8"), *ADMIN_HEADERS,
+                          ("content-security-policy", csp)], page)
+
+
+# ---- usage and credits (the Usage tab; section 13's ledger queries) --------------------------
+
+LEDGER_OFF = "the usage ledger is disabled ([usage] enabled = false), so there is no usage to show"
+_PAGE_FILTERS = {"client": "client", "provider": "provider", "route": "route",
+                 "model": "routed_model", "routed_model": "routed_model",
+                 "actual_model": "actual_model", "session_id": "session_id", "status": "status"}
+
+
+def since_of(text: str, now: float | None = None) -> float:
+    """`today` (local midnight), a duration (`7d`) or a date, as section 13's parse_since."""
+    if text.strip().lower() == "today":
+        day = datetime.datetime.fromtimestamp(time.time() if now is None else now)
+        return day.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+    try:
+        return parse_since(text, now)
+    except ValueError as exc:
+        raise ProxyError(400, str(exc).replace("--since", "since"))
+
+
+def recent_filters(query: dict[str, str]) -> Json:
+    """The Usage tab's filters as recent_requests' (model is the routed ccm model)."""
+    out: Json = {}
+    for name, column in _PAGE_FILTERS.items():
+        value = query.get(name, "").strip()
+        if not value:
+            continue
+        if column == "status":
+            if not value.isdigit():
+                raise ProxyError(400, f"status: expected a number, got {value!r}")
+            out[column] = int(value)
+        else:
+            out[column] = value
+    if query.get("since"):
+        out["since"] = since_of(query["since"])
+    return out
+
+
+class UsageApi:
+    """GET /api/usage, GET /api/usage/requests, GET and POST /api/credits."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app                     # its ledger (None when disabled) and credits
+
+    def routes(self) -> dict[tuple[str, str], Callable[[Request], Awaitable[Any]]]:
+        return {("GET", "/api/usage"): self.usage, ("GET", "/api/usage/requests"): self.requests,
+                ("GET", "/api/credits"): self.balances, ("POST", "/api/credits"): self.top_up}
+
+    async def usage(self, req: Request) -> Response:
+        """?since=today|7d|...&group_by=model|provider|route|client|day&client=&format=json|csv"""
+        q = _query(req)
+        ledger = self.app.ledger
+        if ledger is None:
+            return _json_response({"enabled": False, "message": LEDGER_OFF})
+        since = since_of(q.get("since") or "30d")
+        result = await asyncio.to_thread(ledger.usage, since, q.get("group_by") or "model",
+                                         q.get("client") or None)
+        if q.get("format") == "csv":
+            return _csv_response(to_csv(result), f"usage-by-{result['group_by']}.csv")
+        return _json_response({"enabled": True, **result})
+
+    async def requests(self, req: Request) -> Response:
+        """The newest ledger rows: ?client=&provider=&route=&model=&status=&limit=&format="""
+        q = _query(req)
+        ledger = self.app.ledger
+        if ledger is None:
+            return _json_response({"enabled": False, "message": LEDGER_OFF, "requests": []})
+        limit = int(q["limit"]) if q.get("limit", "").isdigit() else 100
+        rows = await asyncio.to_thread(ledger.recent, min(limit, 1000), recent_filters(q))
+        if q.get("format") == "csv":
+            return _csv_response(to_csv(rows), "requests.csv")
+        return _json_response({"enabled": True, "requests": rows})
+
+    async def balances(self, req: Request) -> Response:
+        return _json_response({"enabled": self.app.ledger is not None,
+                               "balances": self.app.credits.balances()})
+
+    async def top_up(self, req: Request) -> Response:
+        """{name, amount, note}: amount in USD, negative to take credits back."""
+        body = _body_of(req)
+        name, amount = body.get("name"), body.get("amount")
+        if not isinstance(name, str) or not name:
+            raise ProxyError(400, "name: required (a [[clients]] name)")
+        if isinstance(amount, str):
+            with contextlib.suppress(ValueError):
+                amount = float(amount)
+        if not isinstance(amount, (int, float)) or isinstance(amount, bool):
+            raise ProxyError(400, "amount: expected a number of USD")
+        note = str(body.get("note") or "top-up (admin page)")[:200]
+        balance = await asyncio.to_thread(self.app.credits.top_up, name, float(amount), note)
+        return _json_response({"client": name, "balance_usd": round(balance, 10)})
+
+
+# ---- subscription logins from the page (PROTOCOL.md §10; the flows are section 11b's) --------
+
+LOGIN_PENDING_S = 600.0                 # a started login (its PKCE verifier) lives 10 minutes
+_PASTE_KINDS = ("claude", "claude-console")     # Anthropic's page shows `code#state` to paste
+_LIST_FIELDS = ("expires_at", "oauth_type", "key_type", "project_id", "account_id")
+
+
+@dataclass(slots=True)
+class PendingLogin:
+    """A login started from the page, in memory only: the paste flow's PKCE verifier and state,
+    or the callback flow's task. Nothing of it is sent to the page but the authorize URL."""
+    id: str
+    kind: str
+    entry: OAuthEntry
+    started: float
+    verifier: str = field(default="", repr=False)
+    state: str = field(default="", repr=False)
+    url: str = ""
+    task: asyncio.Task[Any] | None = field(default=None, repr=False)
+    error: str = ""
+    done: bool = False
+
+    def view(self) -> Json:
+        flow = "paste" if self.kind in _PASTE_KINDS else "callback"
+        status = "done" if self.done else "failed" if self.error else "waiting"
+        return {"flow": flow, "status": status, "error": self.error, "url": self.url}
+
+
+class AdminLogins:
+    """The Logins tab: GET /api/logins (status and quota, never a token) and POST
+    /api/logins/{start,finish,logout}. The OAuth itself is section 11b's."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.pending: dict[str, PendingLogin] = {}
+
+    def routes(self) -> dict[tuple[str, str], Callable[[Request], Awaitable[Any]]]:
+        return {("GET", "/api/logins"): self.list, ("POST", "/api/logins/start"): self.start,
+                ("POST", "/api/logins/finish"): self.finish,
+                ("POST", "/api/logins/logout"): self.logout}
+
+    @property
+    def store(self) -> TokenStore:
+        return self.app.up.credentials.oauth.store
+
+    def _oauth_providers(self) -> dict[str, Provider]:
+        """Token-store id -> the configured `auth_type = "oauth"` provider using it."""
+        return {oauth_id(p): p for p in self.app.cfg.providers.values() if p.auth_type == "oauth"}
+
+    def _entry(self, id_: str, kind: str) -> OAuthEntry:
+        p = self._oauth_providers().get(id_)
+        return oauth_entry(kind, provider_overrides(p) if p else None)
+
+    async def list(self, req: Request) -> Response:
+        self._expire()
+        listed = {row["id"]: row for row in self.store.list()}
+        provs = self._oauth_providers()
+        ids = list(dict.fromkeys([*provs, *listed]))
+        rows = await asyncio.gather(*(self._row(i, listed.get(i), provs.get(i)) for i in ids))
+        kinds = {k: {"label": e.label, "warning": e.warning or "",
+                     "flow": "paste" if k in _PASTE_KINDS else "callback"}
+                 for k, e in OAUTH_PROVIDERS.items()}
+        return _json_response({"logins": list(rows), "kinds": kinds, "store": self.store.path})
+
+    async def _row(self, id_: str, listed: Json | None, p: Provider | None) -> Json:
+        kind = resolve_kind(id_, listed)
+        entry = self._entry(id_, kind)
+        left = parse_expiry(listed.get("expires_at")) - time.time() if listed else 0.0
+        status = ("not logged in" if listed is None else "api key"
+                  if listed.get("key_type") == "api_key" else "expired" if left <= 0 else "valid")
+        full = self.store.get(id_) if listed is not None else None
+        quota = None
+        if full and status == "valid" and entry.quota_kind and entry.quota_url:
+            quota = await fetch_quota(entry.quota_kind, full, self.app.up.client, entry.quota_url)
+        pending = self.pending.get(id_)
+        return {"id": id_, "provider": p.name if p else None, "kind": kind, "label": entry.label,
+                "flow": "paste" if kind in _PASTE_KINDS else "callback",
+                "warning": entry.warning or "", "status": status,
+                "account": account_label(full) if full else None,
+                "minutes_left": int(left // 60) if status == "valid" else None, "quota": quota,
+                **{k: listed.get(k) for k in _LIST_FIELDS if listed},
+                "pending": pending.view() if pending else None}
+
+    def _target(self, body: Json) -> tuple[str, str]:
+        """(store id, login kind) of a start: a configured oauth provider's id or a stored one."""
+        id_ = body.get("id")
+        if not isinstance(id_, str) or not id_:
+            raise ProxyError(400, "id: required (the login's token-store id)")
+        if id_ not in self._oauth_providers() and self.store.get(id_) is None:
+            raise ProxyError(404, f"no provider with auth_type = \"oauth\" uses the login {id_!r}",
+                             "not_found_error")
+        kind = body.get("kind")
+        if isinstance(kind, str) and kind:
+            kind = OAUTH_ALIASES.get(kind, kind)
+            if kind not in OAUTH_PROVIDERS:
+                raise ProxyError(400, f"kind: {kind!r} is not one of {', '.join(OAUTH_PROVIDERS)}")
+            return id_, kind
+        return id_, resolve_kind(id_, self.store.get(id_))
+
+    async def start(self, req: Request) -> Response:
+        """The paste flow answers the authorize URL; the callback flow also starts the localhost
+        listener (section 11b's CallbackServer) and the page polls GET /api/logins."""
+        body = _body_of(req)
+        id_, kind = self._target(body)
+        self._cancel(id_)
+        entry = self._entry(id_, kind)
+        if kind in _PASTE_KINDS:
+            verifier, challenge = pkce_pair()
+            state = _b64url(secrets.token_bytes(24))
+            url = authorize_url(entry, challenge, state, entry.redirect_uri)
+            pending = PendingLogin(id_, kind, entry, time.monotonic(), verifier, state, url)
+        else:
+            pending = await self._start_callback(id_, kind, entry, _port_of(body))
+        self.pending[id_] = pending
+        return _json_response({"id": id_, "kind": kind, "warning": entry.warning or "",
+                               **pending.view()})
+
+    async def _start_callback(self, id_: str, kind: str, entry: OAuthEntry,
+                              port: int | None) -> PendingLogin:
+        pending = PendingLogin(id_, kind, entry, time.monotonic())
+        opened = asyncio.Event()
+
+        def open_url(url: str) -> None:          # the flow "opens a browser": the page does
+            pending.url = url
+            opened.set()
+        pending.task = asyncio.create_task(self._run_callback(pending, port, open_url))
+        waiter = asyncio.create_task(opened.wait())
+        await asyncio.wait({pending.task, waiter}, timeout=10,
+                           return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if not pending.url:
+            pending.task.cancel()
+            raise ProxyError(502, f"{id_}: the login could not start: "
+                             f"{pending.error or 'the callback listener did not start'}")
+        return pending
+
+    async def _run_callback(self, pending: PendingLogin, port: int | None,
+                            open_url: Callable[[str], None]) -> None:
+        http = self.app.up.client
+
+        def quiet(text: str) -> None:
+            return None
+        try:
+            if pending.kind == "openai-codex":
+                rec = await login_codex_browser(pending.entry, http, port=1455 if port is None
+                                                else port, open_url=open_url, out=quiet,
+                                                timeout_s=LOGIN_PENDING_S)
+            else:
+                rec = await login_google(pending.entry, http, port=port or 0, open_url=open_url,
+                                         out=quiet, timeout_s=LOGIN_PENDING_S)
+            self._keep(pending.id, pending.kind, rec)
+            pending.done = True
+        except ProxyError as exc:            # OAuthError among them: never a token in it
+            pending.error = exc.message
+        except OSError as exc:               # the callback port is taken
+            pending.error = f"cannot listen for the browser redirect ({exc.strerror or exc})"
+
+    async def finish(self, req: Request) -> Response:
+        """The paste flow's second half: `code#state` exchanged with the kept PKCE verifier."""
+        body = _body_of(req)
+        id_ = str(body.get("id") or "")
+        self._expire()
+        pending = self.pending.get(id_)
+        if pending is None or not pending.verifier:
+            raise ProxyError(404, f"no login of {id_!r} is waiting for a pasted code (start it "
+                             "again: a started login is kept 10 minutes)", "not_found_error")
+        code = _split_pasted(str(body.get("code") or ""), pending.state, pending.kind)
+        http = self.app.up.client
+        tokens = await _token_request(pending.entry, http, {
+            "grant_type": "authorization_code", "code": code, "state": pending.state,
+            "redirect_uri": pending.entry.redirect_uri, "code_verifier": pending.verifier})
+        rec = _record_from_tokens(pending.kind, tokens)
+        if pending.kind == "claude-console":
+            rec = await _console_api_key(pending.entry, http, rec)
+        self.pending.pop(id_, None)
+        self._keep(id_, pending.kind, rec)
+        return _json_response({"ok": True, "id": id_, "account": account_label(rec),
+                               "expires_at": rec["expires_at"]})
+
+    async def logout(self, req: Request) -> Response:
+        """Forget a stored login (the provider's session itself is not revoked)."""
+        id_ = str(_body_of(req).get("id") or "")
+        self._cancel(id_)
+        if not self.store.delete(id_):
+            raise ProxyError(404, f"no login named {id_!r} in {self.store.path}", "not_found_error")
+        self._forget(id_)
+        return _json_response({"ok": True, "id": id_})
+
+    def _keep(self, id_: str, kind: str, rec: Json) -> None:
+        self.store.put(id_, {**rec, "oauth_type": kind})
+        self._forget(id_)
+        _log.info("login %s (%s) stored from the admin page", id_, kind)
+
+    def _forget(self, id_: str) -> None:
+        """The request path's cached record: the next request reads the store again."""
+        self.app.up.credentials.oauth._cache.pop(id_, None)
+
+    def _cancel(self, id_: str) -> None:
+        pending = self.pending.pop(id_, None)
+        if pending is not None and pending.task is not None:
+            pending.task.cancel()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for id_, pending in list(self.pending.items()):
+            if now - pending.started > LOGIN_PENDING_S:
+                self._cancel(id_)
+
+
+def _port_of(body: Json) -> int | None:
+    """The callback port a test or a tunnel asks for; None: the flow's own (1455, or any)."""
+    port = body.get("port")
+    if port is None:
+        return None
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise ProxyError(400, f"port: expected 0-65535, got {port!r}")
+    return port
+
+
+# ---- the client dashboard (GET /dashboard: a [[clients]] key holder's own view) -------------
+
+DASH_COOKIE = "ccm_client"
+DASH_SESSION_S = 8 * 3600
+_CLIENT_ROW_FIELDS = ("ts", "request_id", "requested_model", "routed_model", "status",
+                      "input_tokens", "output_tokens", "cache_read_tokens", "cost_usd",
+                      "latency_total_ms", "stream")
+
+
+class ClientDashboard:
+    """The client's own page: its key, pasted once, becomes an HttpOnly cookie holding a signed
+    opaque session id (never the key); the session maps to the client name in memory."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.secret = secrets.token_bytes(32)
+        self.sessions: dict[str, tuple[str, float]] = {}    # session id -> (client, expiry)
+
+    def routes(self) -> dict[tuple[str, str], Callable[[Request], Awaitable[Any]]]:
+        """Outside the admin token (Admin.guard lets /dashboard* through): the client cookie."""
+        return {("GET", "/dashboard"): self.page, ("POST", "/dashboard/login"): self.login,
+                ("POST", "/dashboard/logout"): self.logout, ("GET", "/dashboard/api/me"): self.me}
+
+    def _sign(self, sid: str) -> str:
+        return sid + "." + hmac.new(self.secret, sid.encode(), hashlib.sha256).hexdigest()
+
+    def client_of(self, req: Request) -> str | None:
+        """The signed-in client, or None (no cookie, a forged one, expired, or removed)."""
+        value = _cookie(req, DASH_COOKIE)
+        sid = value.partition(".")[0]
+        if not sid or not hmac.compare_digest(self._sign(sid).encode(), value.encode()):
+            return None
+        client, expires = self.sessions.get(sid, ("", 0.0))
+        if expires < time.time() or client not in self.app.credits.clients:
+            self.sessions.pop(sid, None)
+            return None
+        return client
+
+    async def page(self, req: Request) -> Response:
+        return _html_response(DASH_PAGE_BYTES, DASH_CSP)
+
+    async def login(self, req: Request) -> Response:
+        key = _body_of(req).get("key")
+        client = self.app.credits.authenticate(key.strip()) if isinstance(key, str) else None
+        if not client:
+            raise ProxyError(401, "that is not a client key of this ccm")
+        now = time.time()
+        for sid, (_, expires) in list(self.sessions.items()):
+            if expires < now:
+                del self.sessions[sid]
+        sid = secrets.token_urlsafe(24)
+        self.sessions[sid] = (client, now + DASH_SESSION_S)
+        cookie = (f"{DASH_COOKIE}={self._sign(sid)}; HttpOnly; SameSite=Strict; Path=/dashboard; "
+                  f"Max-Age={DASH_SESSION_S}")
+        return _json_response({"client": client}, headers=[("set-cookie", cookie)])
+
+    async def logout(self, req: Request) -> Response:
+        self.sessions.pop(_cookie(req, DASH_COOKIE).partition(".")[0], None)
+        cookie = f"{DASH_COOKIE}=; HttpOnly; SameSite=Strict; Path=/dashboard; Max-Age=0"
+        return _json_response({"ok": True}, headers=[("set-cookie", cookie)])
+
+    async def me(self, req: Request) -> Response:
+        """Balance, 30 days of usage by day and model, recent requests, the usable models."""
+        client = self.client_of(req)
+        if client is None:
+            raise ProxyError(401, "sign in with your client key")
+        balance = next((b for b in self.app.credits.balances() if b["client"] == client), None)
+        out: Json = {"client": client, "models": list(self.app.cfg.models), "balance": balance,
+                     "enabled": self.app.ledger is not None}
+        if self.app.ledger is not None:
+            out.update(await asyncio.to_thread(self._usage, self.app.ledger, client))
+        return _json_response(out)
+
+    @staticmethod
+    def _usage(ledger: Ledger, client: str) -> Json:
+        since = time.time() - 30 * 86400
+        rows = ledger.recent(25, {"client": client})
+        return {"by_day": ledger.usage(since, "day", client),
+                "by_model": ledger.usage(since, "model", client),
+                "recent": [{k: row.get(k) for k in _CLIENT_ROW_FIELDS} for row in rows]}
+
+
+def attempts_by_provider(entries: Iterable[Json]) -> dict[str, Json]:
+    """Requests and errors per provider, each attempt credited to the provider that answered
+    it (a failover's first provider keeps its error, the second its success)."""
+    out: dict[str, Json] = {}
+    for entry in entries:
+        for attempt in entry.get("attempts") or []:
+            counts = out.setdefault(attempt.get("provider") or "(none)", {"requests": 0, "errors": 0})
+            counts["requests"] += 1
+            counts["errors"] += bool(attempt.get("error")) or (attempt.get("status") or 0) >= 400
+    return out
+
+
+def config_meta(cfg: Config) -> Json:
+    """What the page needs beside the config: provider types, warnings, unset `$VAR` keys,
+    the [server] defaults (the Settings tab's placeholders)."""
+    return {"path": cfg.path, "warnings": cfg.warnings, "log_levels": list(LOG_LEVELS),
+            "provider_types": {t: {"base_url": pt.base_url, "family": pt.family, "auth": pt.auth}
+                               for t, pt in PROVIDER_TYPES.items()},
+            # a `$VAR` key whose variable is unset: the provider has no key at all (section 6)
+            "missing_env": {p.name: p.missing_env for p in cfg.providers.values()
+                            if p.missing_env and not p.keys()},
+            "server_defaults": _server_defaults()}
+
+
+def _server_defaults() -> Json:
+    """What each [server] key is when the file leaves it out (the Settings tab's placeholders)."""
+    d = ServerCfg()
+    return {k: getattr(d, k) for k in (*_SERVER_KEYS, *_TIMEOUT_KEYS)
+            if k not in ("api_key", "admin_token")}
 
 
 def _body_headers(req: Request) -> dict[str, str]:

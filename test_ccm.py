@@ -7144,7 +7144,8 @@ def test_admin_every_route_requires_the_token(ccm_server: Any, fake_upstream: An
             assert c.app.admin_token not in r.text
             r = client.get(path + "?token=wrong-token-000000000000")
             assert r.status_code == 401 and "set-cookie" not in r.headers
-        routes = [k for k in c.app.admin_table if k not in {("GET", "/"), ("GET", "/admin")}]
+        routes = [k for k in c.app.admin_table
+                  if k not in {("GET", "/"), ("GET", "/admin")} | c.app.admin.public]
         assert len(routes) >= 12
         for method, path in routes:
             r = client.request(method, path, content=b"{}" if method != "GET" else None,
@@ -7411,6 +7412,618 @@ def test_admin_claude_code_mux_router_form_and_restart(fake_upstream, ccm_server
         f.write("\nbroken = [\n")
     assert c.client.post("/api/restart", headers=h).status_code == 400
     assert "m3" in c.app.cfg.models
+
+
+# --- the Usage, Logins, Settings and client dashboard additions ---------------------------
+# (appended to section 15; uses the fixtures above: ccm_server, fake_upstream, admin_page,
+# loop_thread, bearer, read_toml, read_bytes, provider_row)
+
+
+CLIENT_A_KEY = "sk-ccm-client-alice-0123456789"
+
+
+def clients_cfg(up: FakeUpstream, credits: float = 1.0) -> str:
+    """simple_cfg plus one metered client and a price for real-model, so costs are known."""
+    return (simple_cfg(up) + f'[[clients]]\nname = "alice"\nkey = "{CLIENT_A_KEY}"\n'
+            f'credits = {credits}\n\n[prices."real-model"]\ninput = 3.0\noutput = 15.0\n')
+
+
+def as_client(c: CCM, key: str = CLIENT_A_KEY) -> httpx.Response:
+    return c.client.post("/v1/messages", json=BASIC_REQ, headers={"x-api-key": key})
+
+
+def ledger_requests(c: CCM, n: int) -> Json:
+    """The usage report once the ledger's writer committed at least n rows (it batches)."""
+    def ready() -> bool:
+        r = c.client.get("/api/usage?since=1d", headers=bearer(c))
+        return r.status_code == 200 and r.json()["total"]["requests"] >= n
+    assert wait_for(ready, 15), "the ledger did not commit the requests"
+    return c.client.get("/api/usage?since=1d", headers=bearer(c)).json()
+
+
+class FakeOAuth:
+    """A token endpoint (JSON or form bodies), a quota endpoint, on 127.0.0.1; records every
+    request. Tokens are JWT-shaped so account_label finds the email."""
+
+    def __init__(self, lt: LoopThread) -> None:
+        self.lt = lt
+        self.seen: list[Seen] = []
+        self.issued = 0
+        self.server = lt.run(asyncio.start_server(self._conn, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def access_token(self, n: int) -> str:
+        claims = base64.urlsafe_b64encode(json.dumps({"email": "user@example.test"}).encode())
+        return f"eyJhbGciOiJub25lIn0.{claims.decode().rstrip('=')}.secret-access-{n:04d}"
+
+    async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            method, target, _ = lines[0].split(" ", 2)
+            headers = {k.strip().lower(): v.strip() for k, _, v in
+                       (line.partition(":") for line in lines[1:] if line)}
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            seen = Seen(method, target, headers, body)
+            self.seen.append(seen)
+            status, reply = self._route(seen)
+            payload = json.dumps(reply).encode()
+            writer.write((f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n"
+                          f"content-length: {len(payload)}\r\nconnection: close\r\n\r\n").encode()
+                         + payload)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def _route(self, seen: Seen) -> tuple[int, Any]:
+        if seen.path == "/token":
+            self.issued += 1
+            return 200, {"access_token": self.access_token(self.issued), "expires_in": 3600,
+                         "refresh_token": f"secret-refresh-{self.issued:04d}"}
+        if seen.path == "/usage":
+            return 200, {"five_hour": {"utilization": 42.0, "resets_at": "2030-01-01T00:00:00Z"},
+                         "seven_day": {"utilization": 87.0, "resets_at": None}}
+        return 404, {"error": "not_found"}
+
+    def token_bodies(self) -> list[Seen]:
+        return [s for s in self.seen if s.path == "/token"]
+
+    def close(self) -> None:
+        async def shut() -> None:
+            self.server.close()
+        self.lt.run(shut())
+
+
+@pytest.fixture
+def fake_oauth(loop_thread: LoopThread) -> Iterator[FakeOAuth]:
+    fake = FakeOAuth(loop_thread)
+    yield fake
+    fake.close()
+
+
+def oauth_cfg(up: FakeUpstream, fake: FakeOAuth) -> str:
+    """A Claude login (paste flow) and a ChatGPT login (callback flow), endpoints on the fake."""
+    return (simple_cfg(up)
+            + '[[providers]]\nname = "claude-max"\nprovider_type = "anthropic"\n'
+              f'auth_type = "oauth"\noauth_provider = "claude"\ntoken_url = "{fake.url("/token")}"\n'
+              f'quota_url = "{fake.url("/usage")}"\nmodels = []\n\n'
+            + '[[providers]]\nname = "codex"\nprovider_type = "openai"\nauth_type = "oauth"\n'
+              f'oauth_provider = "codex"\ntoken_url = "{fake.url("/token")}"\nmodels = []\n\n')
+
+
+def login_row(c: CCM, id_: str) -> Json:
+    r = c.client.get("/api/logins", headers=bearer(c))
+    assert r.status_code == 200, r.text
+    return next(row for row in r.json()["logins"] if row["id"] == id_)
+
+
+NEW_ADMIN_ROUTES = [("GET", "/api/usage"), ("GET", "/api/usage/requests"), ("GET", "/api/credits"),
+                    ("POST", "/api/credits"), ("GET", "/api/logins"),
+                    ("POST", "/api/logins/start"), ("POST", "/api/logins/finish"),
+                    ("POST", "/api/logins/logout")]
+
+
+@pytest.mark.parametrize("method,path", NEW_ADMIN_ROUTES, ids=[p for _, p in NEW_ADMIN_ROUTES])
+def test_admin_new_endpoints_need_token_and_same_origin(
+        ccm_server: Any, fake_upstream: Any, method: str, path: str) -> None:
+    c = ccm_server(clients_cfg(fake_upstream("anthropic")))
+    body = b"{}" if method == "POST" else None
+    r = c.client.request(method, path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    if method == "POST":
+        r = c.client.request(method, path, content=body,
+                             headers=bearer(c, origin="http://evil.example"))
+        assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+    r = c.client.request(method, path, content=body, headers=bearer(c, host="evil.example"))
+    assert r.status_code == 403
+    assert (method, path) in c.app.admin_table and (method, path) not in c.app.admin.public
+
+
+def test_admin_usage_api_groups_filters_and_csv(ccm_server: Any, fake_upstream: Any) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(clients_cfg(up, credits=10))
+    assert as_client(c).status_code == 200
+    assert as_client(c).status_code == 200
+    assert c.client.post("/v1/messages", json=BASIC_REQ, headers={"x-api-key": "wrong"}).status_code == 401
+    report = ledger_requests(c, 3)
+    assert report["enabled"] is True and report["group_by"] == "model"
+    assert report["total"]["requests"] == 3 and report["total"]["errors"] == 1
+    assert report["total"]["input_tokens"] == 22 and report["total"]["output_tokens"] == 6
+    h = bearer(c)
+    by = {g: c.client.get(f"/api/usage?since=7d&group_by={g}", headers=h).json()
+          for g in ("model", "provider", "route", "client", "day")}
+    assert {x["key"]: x["requests"] for x in by["provider"]["groups"]} == {"p1": 2, "": 1}
+    assert {x["key"]: x["requests"] for x in by["client"]["groups"]} == {"alice": 2, "": 1}
+    assert {x["key"]: x["requests"] for x in by["route"]["groups"]}["default"] == 2
+    assert by["model"]["groups"][0]["key"] == "real-model"
+    assert by["model"]["groups"][0]["cost_usd"] == pytest.approx(2 * (11 * 3 + 3 * 15) / 1e6)
+    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    assert [x["key"] for x in by["day"]["groups"]] == [today]
+    assert c.client.get("/api/usage?since=today", headers=h).json()["total"]["requests"] == 3
+    r = c.client.get("/api/usage?since=7d&group_by=provider&format=csv", headers=h)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    lines = r.text.strip().splitlines()
+    assert lines[0].startswith("key,requests,errors") and lines[-1].startswith("TOTAL,3,1")
+    assert c.client.get("/api/usage?group_by=colour", headers=h).status_code == 400
+    assert c.client.get("/api/usage?since=yesterdayish", headers=h).status_code == 400
+
+    rows = c.client.get("/api/usage/requests?provider=p1&status=200", headers=h).json()["requests"]
+    assert len(rows) == 2 and {r["client"] for r in rows} == {"alice"}
+    assert rows[0]["attempts"][0]["provider"] == "p1"
+    refused = c.client.get("/api/usage/requests?status=401", headers=h).json()["requests"]
+    assert len(refused) == 1 and refused[0]["provider"] == ""
+    assert c.client.get("/api/usage/requests?model=m&client=alice", headers=h).json()["requests"]
+    assert c.client.get("/api/usage/requests?client=nobody", headers=h).json()["requests"] == []
+    assert c.client.get("/api/usage/requests?status=ok", headers=h).status_code == 400
+    r = c.client.get("/api/usage/requests?client=alice&format=csv", headers=h)
+    assert r.status_code == 200 and len(r.text.strip().splitlines()) == 3
+    assert CLIENT_A_KEY not in r.text and PROVIDER_KEY not in r.text
+
+
+def test_admin_credits_api_top_up_and_errors(ccm_server: Any, fake_upstream: Any) -> None:
+    c = ccm_server(clients_cfg(fake_upstream("anthropic"), credits=2))
+    h = bearer(c)
+    got = c.client.get("/api/credits", headers=h).json()
+    assert got["enabled"] is True
+    assert [(b["client"], b["balance_usd"], b["metered"]) for b in got["balances"]] == [("alice", 2.0, True)]
+    r = c.client.post("/api/credits", json={"name": "alice", "amount": 5.5, "note": "invoice 7"},
+                      headers=h)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"client": "alice", "balance_usd": 7.5}
+    assert c.client.get("/api/credits", headers=h).json()["balances"][0]["balance_usd"] == 7.5
+    assert c.app.ledger.transactions("alice")[-1]["note"] == "invoice 7"
+    assert c.client.post("/api/credits", json={"name": "bob", "amount": 1}, headers=h).status_code == 404
+    assert c.client.post("/api/credits", json={"name": "alice", "amount": "x"}, headers=h).status_code == 400
+    assert c.client.post("/api/credits", json={"name": "alice", "amount": 0}, headers=h).status_code == 400
+    assert c.client.post("/api/credits", json={"amount": 1}, headers=h).status_code == 400
+
+
+def test_admin_usage_api_says_when_the_ledger_is_off(ccm_server: Any, fake_upstream: Any) -> None:
+    c = ccm_server(simple_cfg(fake_upstream("anthropic")) + "[usage]\nenabled = false\n")
+    h = bearer(c)
+    r = c.client.get("/api/usage", headers=h)
+    assert r.status_code == 200 and r.json()["enabled"] is False and "disabled" in r.json()["message"]
+    assert c.client.get("/api/usage/requests", headers=h).json()["enabled"] is False
+    assert c.client.get("/api/credits", headers=h).json()["enabled"] is False
+
+
+def test_admin_overview_credits_each_attempt_to_its_provider(
+        ccm_server: Any, fake_upstream: Any) -> None:
+    a, b = fake_upstream("anthropic"), fake_upstream("anthropic")
+    c = ccm_server(two_cfg(a.base_url, b.base_url))
+    a.script(Reply(status=529, json={"type": "error", "error": {"type": "overloaded_error",
+                                                               "message": "busy"}}))
+    assert c.client.post("/v1/messages", json=BASIC_REQ).status_code == 200     # p1 fails, p2 answers
+    assert c.client.post("/v1/messages", json=BASIC_REQ).status_code == 200     # p1 answers
+    by = c.client.get("/api/overview", headers=bearer(c)).json()["by_provider"]
+    assert by == {"p1": {"requests": 2, "errors": 1}, "p2": {"requests": 1, "errors": 0}}
+
+
+def test_admin_config_meta_names_unset_env_keys(ccm_server: Any, fake_upstream: Any,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CCM_TEST_UNSET_KEY", raising=False)
+    up = fake_upstream("anthropic")
+    c = ccm_server(simple_cfg(up) + provider_toml("p2", "openai", up.base_url, key="$CCM_TEST_UNSET_KEY"))
+    meta = c.client.get("/api/config/json", headers=bearer(c)).json()["_meta"]
+    assert meta["missing_env"] == {"p2": ["CCM_TEST_UNSET_KEY"]}
+    assert meta["server_defaults"]["api_timeout_ms"] == ccm.ServerCfg().api_timeout_ms
+    assert "api_key" not in meta["server_defaults"] and "info" in meta["log_levels"]
+
+
+def test_admin_test_api_simulated_failure_records_two_attempts(
+        ccm_server: Any, fake_upstream: Any) -> None:
+    a, b = fake_upstream("anthropic"), fake_upstream("anthropic")
+    c = ccm_server(two_cfg(a.base_url, b.base_url))
+    r = c.client.post("/api/test", json={"model": "m", "message": "hi", "stream": False,
+                                         "simulate_failure": ["p1"]}, headers=bearer(c))
+    assert r.status_code == 200, r.text
+    rec = c.client.get("/api/requests?id=" + r.headers["x-ccm-request-id"], headers=bearer(c)).json()
+    assert [(t["provider"], t["status"]) for t in rec["attempts"]] == [("p1", 503), ("p2", 200)]
+    assert "simulated" in rec["attempts"][0]["error"]
+    assert a.seen == [] and len(b.seen) == 1
+    assert c.app.up.health.snapshot().get("p1", {"state": "closed"})["state"] == "closed"
+
+
+def test_admin_logins_paste_flow_quota_and_logout(
+        ccm_server: Any, fake_upstream: Any, fake_oauth: FakeOAuth) -> None:
+    c = ccm_server(oauth_cfg(fake_upstream("anthropic"), fake_oauth))
+    h = bearer(c)
+    row = login_row(c, "claude")
+    assert row["provider"] == "claude-max" and row["status"] == "not logged in"
+    assert row["flow"] == "paste" and row["warning"] == ccm.CLAUDE_TERMS_WARNING
+    r = c.client.post("/api/logins/finish", json={"id": "claude", "code": "x#y"}, headers=h)
+    assert r.status_code == 404                          # nothing started
+    r = c.client.post("/api/logins/start", json={"id": "nobody"}, headers=h)
+    assert r.status_code == 404
+    r = c.client.post("/api/logins/start", json={"id": "claude"}, headers=h)
+    assert r.status_code == 200, r.text
+    started = r.json()
+    assert started["flow"] == "paste" and started["warning"] == ccm.CLAUDE_TERMS_WARNING
+    q = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(started["url"]).query))
+    assert q["code_challenge_method"] == "S256" and q["code"] == "true"
+    r = c.client.post("/api/logins/finish", json={"id": "claude", "code": "abc#not-the-state"},
+                      headers=h)
+    assert r.status_code == 400 and "state mismatch" in r.json()["error"]["message"]
+    assert fake_oauth.token_bodies() == []
+    r = c.client.post("/api/logins/finish", json={"id": "claude", "code": f"abc#{q['state']}"},
+                      headers=h)
+    assert r.status_code == 200, r.text
+    assert r.json()["account"] == "user@example.test"
+    sent = fake_oauth.token_bodies()[0].json
+    assert sent["code"] == "abc" and sent["state"] == q["state"]
+    digest = hashlib.sha256(sent["code_verifier"].encode()).digest()
+    assert base64.urlsafe_b64encode(digest).rstrip(b"=").decode() == q["code_challenge"]
+    stored = c.app.up.credentials.oauth.store.get("claude")
+    assert stored["access_token"] == fake_oauth.access_token(1) and stored["oauth_type"] == "claude"
+    got = c.client.get("/api/logins", headers=h)
+    assert "secret-access" not in got.text and "secret-refresh" not in got.text
+    row = login_row(c, "claude")
+    assert row["status"] == "valid" and row["account"] == "user@example.test"
+    assert [(w["name"], w["used_percent"]) for w in row["quota"]["windows"]] == [
+        ("five_hour", 42.0), ("seven_day", 87.0)]
+    usage_calls = [s for s in fake_oauth.seen if s.path == "/usage"]
+    assert usage_calls[-1].headers["authorization"] == f"Bearer {fake_oauth.access_token(1)}"
+    r = c.client.post("/api/logins/finish", json={"id": "claude", "code": f"abc#{q['state']}"},
+                      headers=h)
+    assert r.status_code == 404                          # a verifier is used once
+    assert c.client.post("/api/logins/logout", json={"id": "claude"}, headers=h).status_code == 200
+    assert c.app.up.credentials.oauth.store.get("claude") is None
+    assert login_row(c, "claude")["status"] == "not logged in"
+    assert c.client.post("/api/logins/logout", json={"id": "claude"}, headers=h).status_code == 404
+
+
+def test_admin_logins_callback_flow_stores_the_login(
+        ccm_server: Any, fake_upstream: Any, fake_oauth: FakeOAuth) -> None:
+    c = ccm_server(oauth_cfg(fake_upstream("anthropic"), fake_oauth))
+    h = bearer(c)
+    assert login_row(c, "codex")["flow"] == "callback"
+    r = c.client.post("/api/logins/start", json={"id": "codex", "port": 0}, headers=h)
+    assert r.status_code == 200, r.text
+    assert r.json()["flow"] == "callback" and r.json()["status"] == "waiting"
+    q = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(r.json()["url"]).query))
+    redirect = q["redirect_uri"].replace("localhost", "127.0.0.1")
+    assert urllib.parse.urlsplit(redirect).path == "/auth/callback"
+    assert login_row(c, "codex")["pending"]["status"] == "waiting"
+    with loopback_client() as browser_side:
+        got = browser_side.get(redirect, params={"code": "cb-code", "state": q["state"]})
+    assert got.status_code == 200
+    assert wait_for(lambda: login_row(c, "codex")["status"] == "valid", 10)
+    assert login_row(c, "codex")["pending"]["status"] == "done"
+    form = fake_oauth.token_bodies()[0].form
+    assert form["code"] == "cb-code" and form["grant_type"] == "authorization_code"
+    assert c.app.up.credentials.oauth.store.get("codex")["oauth_type"] == "openai-codex"
+
+
+def test_admin_logins_callback_state_mismatch_fails_the_login(
+        ccm_server: Any, fake_upstream: Any, fake_oauth: FakeOAuth) -> None:
+    c = ccm_server(oauth_cfg(fake_upstream("anthropic"), fake_oauth))
+    r = c.client.post("/api/logins/start", json={"id": "codex", "port": 0}, headers=bearer(c))
+    q = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(r.json()["url"]).query))
+    with loopback_client() as browser_side:
+        got = browser_side.get(q["redirect_uri"].replace("localhost", "127.0.0.1"),
+                               params={"code": "cb-code", "state": "forged"})
+    assert got.status_code == 400
+    assert wait_for(lambda: (login_row(c, "codex")["pending"] or {}).get("status") == "failed", 10)
+    assert "state mismatch" in login_row(c, "codex")["pending"]["error"]
+    assert fake_oauth.token_bodies() == [] and login_row(c, "codex")["status"] == "not logged in"
+
+
+def dash_cookie(r: httpx.Response) -> str:
+    return r.headers["set-cookie"].split(";")[0].split("=", 1)[1]
+
+
+def test_dashboard_sign_in_cookie_and_own_view(ccm_server: Any, fake_upstream: Any) -> None:
+    c = ccm_server(clients_cfg(fake_upstream("anthropic"), credits=3))
+    assert as_client(c).status_code == 200
+    ledger_requests(c, 1)
+    with httpx.Client(base_url=c.base_url, trust_env=False, timeout=30) as client:
+        page = client.get("/dashboard")                  # no admin token needed
+        assert page.status_code == 200 and page.content == ccm.DASH_PAGE_BYTES
+        csp = page.headers["content-security-policy"]
+        script = re.findall(r"<script>(.*?)</script>", page.text, re.S)[0]
+        digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+        assert f"'sha256-{digest}'" in csp and "frame-ancestors 'none'" in csp
+        assert client.get("/dashboard/api/me").status_code == 401
+        assert client.post("/dashboard/login", json={"key": "wrong"}).status_code == 401
+        assert client.post("/dashboard/login", json={"key": c.app.admin_token}).status_code == 401
+        r = client.post("/dashboard/login", json={"key": CLIENT_A_KEY},
+                        headers={"origin": "http://evil.example"})
+        assert r.status_code == 403 and "set-cookie" not in r.headers
+        r = client.get("/dashboard", headers={"host": "evil.example"})
+        assert r.status_code == 403
+        r = client.post("/dashboard/login", json={"key": CLIENT_A_KEY})
+        assert r.status_code == 200 and r.json() == {"client": "alice"}
+        cookie = r.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/dashboard" in cookie
+        assert CLIENT_A_KEY not in cookie and CLIENT_A_KEY[-8:] not in cookie
+        session = dash_cookie(r)
+        me = client.get("/dashboard/api/me", headers={"cookie": f"ccm_client={session}"})
+        assert me.status_code == 200, me.text
+        mine = me.json()
+        assert mine["client"] == "alice" and mine["models"] == ["m"]
+        assert mine["balance"]["balance_usd"] < 3 and mine["balance"]["metered"] is True
+        assert mine["by_day"]["total"]["requests"] == 1 and len(mine["recent"]) == 1
+        assert "attempts" not in mine["recent"][0] and CLIENT_A_KEY not in me.text
+        sid, _, mac = session.partition(".")
+        forged = f"{sid}.{'0' * len(mac)}"
+        assert client.get("/dashboard/api/me", headers={"cookie": f"ccm_client={forged}"}).status_code == 401
+        # the client cookie opens nothing of the admin API
+        assert client.get("/api/usage", headers={"cookie": f"ccm_client={session}"}).status_code == 401
+        r = client.post("/dashboard/logout", headers={"cookie": f"ccm_client={session}"})
+        assert r.status_code == 200 and "Max-Age=0" in r.headers["set-cookie"]
+        assert client.get("/dashboard/api/me", headers={"cookie": f"ccm_client={session}"}).status_code == 401
+
+
+def test_dashboard_unit_since_and_filters() -> None:
+    noon = datetime.datetime(2030, 5, 6, 12, 30).timestamp()
+    assert ccm.since_of("today", noon) == datetime.datetime(2030, 5, 6).timestamp()
+    assert ccm.since_of("2h", noon) == noon - 7200
+    assert ccm.recent_filters({"model": "m", "status": "200", "client": ""}) == {
+        "routed_model": "m", "status": 200}
+    with pytest.raises(ccm.ProxyError):
+        ccm.recent_filters({"status": "2xx"})
+    entries = [{"attempts": [{"provider": "a", "status": 0, "error": "refused"},
+                             {"provider": "b", "status": 200, "error": ""}]},
+               {"attempts": []}]
+    assert ccm.attempts_by_provider(entries) == {"a": {"requests": 1, "errors": 1},
+                                                 "b": {"requests": 1, "errors": 0}}
+
+
+# --- the new tabs in a browser ---------------------------------------------------------------
+
+
+def shots_dir(tmp_path: Any) -> pathlib.Path:
+    """Where screenshots go: $CCM_SCREENSHOTS (to look at them), else the test's tmp_path."""
+    path = pathlib.Path(os.environ.get("CCM_SCREENSHOTS") or tmp_path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_admin_browser_usage_tab_draws_charts(
+        ccm_server: Any, fake_upstream: Any, admin_page: Any) -> None:
+    c = ccm_server(clients_cfg(fake_upstream("anthropic"), credits=5))
+    for _ in range(3):
+        assert as_client(c).status_code == 200
+    ledger_requests(c, 3)
+    a = admin_page(c)
+    page = a.page
+    a.tab("Usage")
+    charts = page.locator("#tab-usage figure.chart svg")
+    expect(charts).to_have_count(2)
+    assert page.locator("#tab-usage figure.chart svg rect.bar").count() == 60   # 30 days, twice
+    heights = page.locator("#tab-usage figure.chart svg rect.bar").evaluate_all(
+        "(bars) => bars.map((bar) => Number(bar.getAttribute('height')))")
+    assert heights[29] > 0 and heights[59] > 0 and sum(1 for x in heights if x > 0) == 2
+    expect(page.locator("#tab-usage")).to_contain_text("3 requests")
+    expect(page.locator("#u-recent tbody tr")).to_have_count(3)
+    page.locator("#u-f-status").fill("500")
+    page.get_by_role("button", name="Filter").click()
+    expect(page.locator("#u-recent tbody tr td.mute")).to_have_text("nothing yet")
+    page.locator("#u-topup-amount").fill("2.5")
+    page.get_by_role("button", name="Top up").click()
+    expect(page.locator("#banner")).to_contain_text("alice: balance")
+    assert c.app.ledger.transactions("alice")[-1]["amount_usd"] == 2.5
+    assert a.errors == []
+
+
+def test_admin_browser_usage_tab_says_ledger_is_off(
+        ccm_server: Any, fake_upstream: Any, admin_page: Any) -> None:
+    c = ccm_server(simple_cfg(fake_upstream("anthropic")) + "[usage]\nenabled = false\n")
+    a = admin_page(c)
+    a.tab("Usage")
+    expect(a.page.locator("#usage-off")).to_contain_text("disabled")
+    assert a.errors == []
+
+
+def test_admin_browser_test_tab_simulated_failure_shows_two_attempts(
+        ccm_server: Any, fake_upstream: Any, admin_page: Any, tmp_path: Any) -> None:
+    first, second = fake_upstream("anthropic"), fake_upstream("anthropic")
+    c = ccm_server(two_cfg(first.base_url, second.base_url))
+    a = admin_page(c)
+    page = a.page
+    a.tab("Test")
+    page.locator("#t-model").fill("m")
+    page.get_by_label("simulate failure of p1").check()
+    page.locator("#t-send").click()
+    attempts = page.locator("#t-attempts li")
+    expect(attempts).to_have_count(2)
+    expect(attempts.nth(0)).to_contain_text("p1")
+    expect(attempts.nth(0)).to_contain_text("503")
+    expect(attempts.nth(0)).to_contain_text("simulated failure")
+    expect(attempts.nth(1)).to_contain_text("p2")
+    expect(attempts.nth(1)).to_contain_text("200")
+    expect(page.locator("#t-out")).to_contain_text("hello")
+    assert first.seen == [] and len(second.seen) == 1
+    a.page.screenshot(path=str(shots_dir(tmp_path) / "admin-test-failover-1280.png"), full_page=True)
+    a.tab("Requests")
+    page.locator("#tab-requests tbody tr.click").first.click()
+    expect(page.locator("#req-attempts li")).to_have_count(2)
+    assert a.errors == []
+
+
+def test_admin_browser_requests_tab_marks_refused(
+        ccm_server: Any, fake_upstream: Any, admin_page: Any) -> None:
+    c = ccm_server(simple_cfg(fake_upstream("anthropic")))
+    assert c.client.post("/v1/messages", json={"model": "x"}).status_code == 400
+    a = admin_page(c)
+    a.tab("Requests")
+    row = a.page.locator("#tab-requests tbody tr.click").first
+    expect(row.locator(".refused")).to_have_text("refused")
+    expect(row).to_contain_text("x → -")
+    assert a.errors == []
+
+
+def test_admin_browser_settings_saves_log_level_with_backup(
+        ccm_server: Any, fake_upstream: Any, admin_page: Any) -> None:
+    c = ccm_server(simple_cfg(fake_upstream("anthropic"), extra_server='api_key = "proxy-key-abcdef-123456"'))
+    path = c.cfg.path
+    original = read_bytes(path)
+    a = admin_page(c)
+    page = a.page
+    a.tab("Settings")
+    expect(page.locator("#s-port")).to_have_attribute("readonly", "")
+    page.locator("#s-log_level").select_option("warning")
+    page.locator("#s-api_timeout_ms").fill("123000")
+    page.locator("#s-auto_map_regex").fill("([")
+    expect(page.locator("#s-err-auto_map_regex")).to_contain_text("invalid regex")
+    expect(page.locator("#save")).to_be_disabled()
+    page.locator("#s-auto_map_regex").fill("^claude-")
+    expect(page.locator("#save")).to_be_enabled()
+    page.locator("#save").click()
+    expect(page.locator("#banner")).to_contain_text("Configuration saved and applied")
+    doc = read_toml(path)
+    assert doc["server"]["log_level"] == "warning"
+    assert doc["server"]["timeouts"]["api_timeout_ms"] == 123000
+    assert doc["server"]["api_key"] == "proxy-key-abcdef-123456"          # the mask was restored
+    assert read_bytes(path + ".bak") == original
+    assert c.app.cfg.server.log_level == "warning" and c.app.cfg.server.api_timeout_ms == 123000
+    assert "proxy-key-abcdef-123456" not in page.content()
+    ccm.setup_logging("info")                            # the save set the process's level
+    with open(path, "a") as f:
+        f.write('\n[[models]]\nname = "m9"\n[[models.mappings]]\nprovider = "p1"\n')
+    page.locator("#s-reload").click()
+    expect(page.locator("#banner")).to_contain_text("Configuration reloaded")
+    assert "m9" in c.app.cfg.models
+    assert a.errors == []
+
+
+def test_admin_browser_providers_fit_390px_and_mark_unset_env(
+        ccm_server: Any, fake_upstream: Any, admin_page: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CCM_TEST_UNSET_KEY", raising=False)
+    up = fake_upstream("anthropic")
+    long_url = up.base_url + "/a/rather/long/path/that/would/overflow/a/phone/screen/v1"
+    c = ccm_server(simple_cfg(up) + provider_toml("p2-with-a-long-name", "openai", long_url,
+                                                  key="$CCM_TEST_UNSET_KEY"))
+    a = admin_page(c, width=390, height=800)
+    a.tab("Providers")
+    expect(provider_row(a, "p2-with-a-long-name")).to_contain_text("$CCM_TEST_UNSET_KEY not set")
+    assert a.page.evaluate("document.documentElement.scrollWidth") <= 390
+    for name in ("Overview", "Logins", "Settings", "Test", "Usage", "Requests"):
+        a.tab(name)
+        a.page.wait_for_load_state("networkidle")
+        assert a.page.evaluate("document.documentElement.scrollWidth") <= 390, name
+    assert a.errors == []
+
+
+def test_admin_browser_logins_tab_paste_flow(
+        ccm_server: Any, fake_upstream: Any, fake_oauth: FakeOAuth, admin_page: Any) -> None:
+    c = ccm_server(oauth_cfg(fake_upstream("anthropic"), fake_oauth))
+    a = admin_page(c)
+    page = a.page
+    a.tab("Logins")
+    row = page.locator("#tab-logins tbody tr").filter(has_text="claude-max")
+    expect(row).to_contain_text("not logged in")
+    row.get_by_role("button", name="Log in").click()
+    expect(page.locator("#login-warning")).to_have_text(ccm.CLAUDE_TERMS_WARNING)
+    assert fake_oauth.seen == [] and not c.app.admin.logins.pending     # nothing started yet
+    page.get_by_role("button", name="I accept, continue").click()
+    url = page.locator("#login-url").get_attribute("href")
+    state = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))["state"]
+    page.locator("#login-code").fill(f"pasted-code#{state}")
+    page.locator("#login-finish").click()
+    expect(page.locator("#banner")).to_contain_text("Logged in: claude (user@example.test)")
+    row = page.locator("#tab-logins tbody tr").filter(has_text="claude-max")
+    expect(row).to_contain_text("valid")
+    expect(row).to_contain_text("five_hour 42%")
+    assert "secret-access" not in page.content()
+    row.get_by_role("button", name="Log out").click()
+    expect(page.locator("#banner")).to_contain_text("Logged out: claude")
+    assert c.app.up.credentials.oauth.store.get("claude") is None
+    assert a.errors == []
+
+
+def test_client_dashboard_browser_sign_in_shows_balance(
+        ccm_server: Any, fake_upstream: Any, browser: Browser) -> None:
+    c = ccm_server(clients_cfg(fake_upstream("anthropic"), credits=4))
+    assert as_client(c).status_code == 200
+    ledger_requests(c, 1)
+    ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+    errors: list[str] = []
+    try:
+        page = ctx.new_page()
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(c.base_url + "/dashboard")
+        expect(page.locator("#signin")).to_be_visible()
+        page.locator("#d-key").fill("not-a-key")
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.locator("#banner")).to_contain_text("not a client key")
+        page.locator("#d-key").fill(CLIENT_A_KEY)
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.locator("#who")).to_have_text("alice")
+        balance = c.app.ledger.balance("alice")
+        expect(page.locator("#mine .stat").first).to_contain_text(f"${balance:.4f}")
+        expect(page.locator("#mine figure.chart svg")).to_have_count(2)
+        expect(page.locator("#mine")).to_contain_text("Models you may use")
+        assert CLIENT_A_KEY not in page.content()
+        cookies = {ck["name"]: ck for ck in ctx.cookies()}
+        assert cookies["ccm_client"]["httpOnly"] and cookies["ccm_client"]["sameSite"] == "Strict"
+        page.reload()                                    # the session cookie signs in again
+        expect(page.locator("#who")).to_have_text("alice")
+        page.get_by_role("button", name="Sign out").click()
+        expect(page.locator("#signin")).to_be_visible()
+        assert errors == []
+    finally:
+        ctx.close()
+
+
+@pytest.mark.parametrize("width", [1280, 390], ids=["wide", "narrow"])
+def test_admin_screenshots_of_new_tabs(ccm_server: Any, fake_upstream: Any, fake_oauth: FakeOAuth,
+                                       admin_page: Any, browser: Browser, tmp_path: Any,
+                                       width: int) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(oauth_cfg(up, fake_oauth) + f'[[clients]]\nname = "alice"\nkey = "{CLIENT_A_KEY}"\n'
+                   'credits = 5\n\n[prices."real-model"]\ninput = 3.0\noutput = 15.0\n')
+    for _ in range(2):
+        assert as_client(c).status_code == 200
+    ledger_requests(c, 2)
+    out = shots_dir(tmp_path)
+    a = admin_page(c, width=width, height=800)
+    for name in ("Overview", "Providers", "Logins", "Settings", "Test", "Usage", "Requests"):
+        a.tab(name)
+        a.page.wait_for_load_state("networkidle")
+        if name == "Usage":
+            expect(a.page.locator("#tab-usage figure.chart")).to_have_count(2)
+        shot = out / f"admin-{name.lower()}-{width}.png"
+        a.page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 0
+        assert a.page.evaluate("document.documentElement.scrollWidth") <= width, name
+    ctx = browser.new_context(viewport={"width": width, "height": 800})
+    try:
+        page = ctx.new_page()
+        page.goto(c.base_url + "/dashboard")
+        page.locator("#d-key").fill(CLIENT_A_KEY)
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.locator("#mine figure.chart")).to_have_count(2)
+        page.screenshot(path=str(out / f"dashboard-{width}.png"), full_page=True)
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+    finally:
+        ctx.close()
+    assert a.errors == []
 
 
 # ============================================================================================
