@@ -12185,6 +12185,37 @@ async def _encoding_ready() -> None:
         await asyncio.get_running_loop().run_in_executor(None, COUNTER.encoding)
 
 
+QUOTA_REFRESH_S = 300.0          # how often /health asks providers for quota
+
+
+class LoginStatus:
+    """Stored subscription logins (never a token) with the quota their provider publishes,
+    fetched in the background at most every QUOTA_REFRESH_S, so /health never waits."""
+
+    def __init__(self) -> None:
+        self.quota: dict[str, Json | None] = {}
+        self.fetched = -QUOTA_REFRESH_S
+
+    def snapshot(self, up: Upstreams, cfg: Config) -> Json:
+        logins = {r["id"]: {"kind": resolve_kind(r["id"], r), "account": account_label(r),
+                            "expires_at": r.get("expires_at"), "quota": self.quota.get(r["id"])}
+                  for r in up.credentials.oauth.store.list()}
+        if logins and time.monotonic() - self.fetched > QUOTA_REFRESH_S:
+            self.fetched = time.monotonic()
+            overrides = {oauth_id(p): provider_overrides(p) for p in cfg.providers.values()}
+            task = asyncio.get_running_loop().create_task(self._fetch(up, list(logins), overrides))
+            _BACKGROUND.add(task)
+            task.add_done_callback(_BACKGROUND.discard)
+        return logins
+
+    async def _fetch(self, up: Upstreams, ids: list[str], overrides: dict[str, Json]) -> None:
+        for id_ in ids:
+            rec = up.credentials.oauth.store.get(id_) or {}
+            entry = oauth_entry(resolve_kind(id_, rec), overrides.get(id_))
+            if entry.quota_kind and entry.quota_url and rec.get("access_token"):
+                self.quota[id_] = await fetch_quota(entry.quota_kind, rec, up.client, entry.quota_url)
+
+
 async def _chat_stream(chunks: AsyncIterator[bytes], model: str) -> AsyncIterator[bytes]:
     conv = ChatChunks(model)
     try:
@@ -12210,6 +12241,7 @@ class App:
         self.on_config: Callable[[Config], None] | None = None
         self.on_reload: Callable[[], bool] | None = None
         self.no_count: dict[str, float] = {}
+        self.logins = LoginStatus()
         self.started = time.time()
         self.counters: collections.Counter[str] = collections.Counter()
         self.recorder = Recorder(self.counters)
@@ -12350,7 +12382,8 @@ class App:
                 "providers": {name: {"enabled": p.enabled, "type": p.provider_type,
                                      **breakers.get(name, {"state": "closed"})}
                               for name, p in self.cfg.providers.items()},
-                "counters": dict(sorted((self.counters + self.up.health.counters).items()))}
+                "counters": dict(sorted((self.counters + self.up.health.counters).items())),
+                "logins": self.logins.snapshot(self.up, self.cfg)}
         return Response(200, [("content-type", "application/json")], dumps(body).encode())
 
     # ---- count_tokens ------------------------------------------------------------------

@@ -8606,6 +8606,44 @@ def test_app_chat_completions_tool_round_trip_and_errors(fake_upstream: Any, ccm
     assert "no-such-model-zzz" in str(ei.value)
 
 
+def test_app_health_shows_logins_and_quota_never_a_token(ccm_server: Any, tmp_path: Any) -> None:
+    import http.server
+    seen: list[str] = []
+
+    class Quota(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:                       # ChatGPT's wham/usage shape
+            seen.append(self.headers.get("authorization", ""))
+            body = json.dumps({"plan_type": "plus", "rate_limit": {"primary_window": {
+                "used_percent": 42, "limit_window_seconds": 18000, "reset_at": 2000000000}}}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a: Any) -> None:
+            pass
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quota)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        token = "tok-secret-abcdefghijklmnop"
+        store = ccm.TokenStore()
+        store.put("openai-codex", {"provider_id": "openai-codex", "access_token": token,
+                                   "refresh_token": "r-secret-0123456789", "expires_at": "2099-01-01T00:00:00Z"})
+        c = ccm_server('[router]\ndefault = "m"\n[[providers]]\nname = "chatgpt"\nprovider_type = "openai"\n'
+                       'auth_type = "oauth"\noauth_provider = "openai-codex"\n'
+                       f'quota_url = "http://127.0.0.1:{srv.server_port}/wham/usage"\n'
+                       '[[models]]\nname = "m"\n[[models.mappings]]\nprovider = "chatgpt"\nactual_model = "gpt-5-codex"\n')
+        def quota() -> Any:
+            return c.client.get("/health").json()["logins"]["openai-codex"]["quota"]
+        assert wait_for(lambda: quota() is not None, 10)
+        health = c.client.get("/health").text
+        assert json.loads(health)["logins"]["openai-codex"]["quota"]["plan"] == "plus"
+        assert token not in health and "r-secret" not in health and seen == [f"Bearer {token}"]
+    finally:
+        srv.shutdown()
+
+
 # ============================================================================================
 # 17. Service plumbing
 # ============================================================================================
