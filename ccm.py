@@ -14599,6 +14599,7 @@ def _args_import(p: argparse.ArgumentParser) -> None:
 _OPS_ARGS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "start": _args_start, "restart": _args_start, "status": _args_status, "logs": _args_logs,
     "ui": _args_ui, "code": _args_code, "env": _args_env, "statusline": _client_args,
+    "stop": _client_args, "reload": _client_args,
     "init": _args_init, "ccm-quickstart": _args_init,
     "doctor": lambda p: p.add_argument("--offline", action="store_true", help="send nothing"),
     "service": lambda p: p.add_argument("action", choices=["install", "uninstall"]),
