@@ -7857,8 +7857,9 @@ async def forward_count(up: Upstreams, req: Request, rt: Route, cfg: Config,
 
 
 # ============================================================================================
-# 13. Recorder
-# Exports: RECENT_REQUESTS, RequestRecord, record_of, Recorder
+# 13. Recorder and usage ledger (sqlite3 WAL; PostgreSQL optional)
+# Exports: RECENT_REQUESTS, RequestRecord, record_of, refused_record, Recorder, session_summary,
+#          LedgerRow, Ledger, Credits, open_ledger, ledger_row, usage queries and exports
 # Uses: 2-12
 # ============================================================================================
 
