@@ -5450,7 +5450,7 @@ class OpenAIAdapter(Adapter):
     def stream(self, c: Call, out: Outbound) -> StreamTranslator:
         tr = OpenAIStream(c.requested, out.state or {}, c.secret, COUNTER.count(c.body)[0],
                           c.body.get("stop_sequences") or [])
-        tr.nonce = new_id("")             # tool ids unique per answer (Claude Code dedupes ids)
+        tr.nonce = c.req.id               # tool ids unique per answer (Claude Code dedupes ids)
         return tr
 
 
@@ -5542,7 +5542,7 @@ class GeminiAdapter(Adapter):
 
     def whole(self, c: Call, out: Outbound, data: Json, raw: bytes) -> tuple[Json, bytes | None]:
         signer, names = out.state
-        msg = from_gemini(data, c.requested, c.secret, signer=signer, names=names, nonce=new_id(""))
+        msg = from_gemini(data, c.requested, c.secret, signer=signer, names=names, nonce=c.req.id)
         if "usageMetadata" not in data:
             _fill_usage(msg, {}, c.body, out)
         return msg, None
@@ -5551,7 +5551,7 @@ class GeminiAdapter(Adapter):
         signer, names = out.state
         tr = GeminiStream(c.requested, c.secret, COUNTER.count(c.body)[0], signer=signer,
                           names=names)
-        tr.nonce = new_id("")             # tool ids unique per answer (Claude Code dedupes ids)
+        tr.nonce = c.req.id               # tool ids unique per answer (Claude Code dedupes ids)
         return tr
 
 
@@ -5584,7 +5584,7 @@ class CodeAssistAdapter(GeminiAdapter):
         signer, names = out.state
         tr = CodeAssistStream(c.requested, c.secret, COUNTER.count(c.body)[0], signer=signer,
                               names=names)
-        tr.nonce = new_id("")
+        tr.nonce = c.req.id
         return tr
 
 
@@ -5796,38 +5796,6 @@ class KeyPool:
         now = time.monotonic()
         return sum(self.cool_until.get((p.name, k), 0) > now for k in p.keys())
 
-
-class KeyPool:
-    """Rotates a provider's keys; a key that got 429 or 401 cools down while the others work."""
-
-    def __init__(self) -> None:
-        self.turn: collections.Counter[str] = collections.Counter()
-        self.cool_until: dict[tuple[str, str], float] = {}
-
-    def pick(self, p: Provider) -> str | None:
-        keys = p.keys()
-        if len(keys) <= 1:
-            return keys[0] if keys else None
-        now = time.monotonic()
-        start = self.turn[p.name]
-        self.turn[p.name] += 1
-        for k in range(len(keys)):
-            key = keys[(start + k) % len(keys)]
-            if self.cool_until.get((p.name, key), 0) <= now:
-                return key
-        return min(keys, key=lambda key: self.cool_until.get((p.name, key), 0))
-
-    def cool(self, p: Provider, key: str | None, seconds: float) -> None:
-        if key and len(p.keys()) > 1:
-            self.cool_until[(p.name, key)] = time.monotonic() + seconds
-
-    def has_fresh(self, p: Provider) -> bool:
-        now = time.monotonic()
-        return sum(self.cool_until.get((p.name, k), 0) <= now for k in p.keys()) >= 1
-
-    def cooling(self, p: Provider) -> int:
-        now = time.monotonic()
-        return sum(self.cool_until.get((p.name, k), 0) > now for k in p.keys())
 
 
 # --- 11a. Google Application Default Credentials for vertex-ai (PROTOCOL.md §9) -------------
@@ -7540,7 +7508,8 @@ class Failover:
         if "text/event-stream" in resp.headers.get("content-type", ""):
             msg, relayed = adapter.whole_sse(call, out, raw), None
         else:
-            msg, relayed = adapter.whole(call, out, _json_object(p, raw, adapter, resp.headers), raw)
+            msg, relayed = adapter.whole(call, out, _json_object(p, raw, adapter, resp.headers,
+                                                                resp.status_code), raw)
         headers = [("content-type", "application/json"), self._route_header(ex, call.target),
                    *adapter.response_headers(resp.headers)]
         usage = usage_of(msg.get("usage"))
@@ -7746,7 +7715,7 @@ async def relay_stream(first: list[bytes], it: AsyncIterator[bytes], tr: StreamT
         on_end(tr, outcome)
 
 
-def _json_object(p: Provider, raw: bytes, adapter: Adapter, headers: Any) -> Json:
+def _json_object(p: Provider, raw: bytes, adapter: Adapter, headers: Any, status: int = 200) -> Json:
     try:
         data = json.loads(raw)
     except ValueError:
@@ -7754,7 +7723,7 @@ def _json_object(p: Provider, raw: bytes, adapter: Adapter, headers: Any) -> Jso
     if not isinstance(data, dict):          # a truncated or garbled 200 is a failure, not an answer
         raise UpstreamError(502, f"{p.name}: upstream answered with invalid JSON", "api_error",
                             provider=p.name, retryable=True)
-    if data.get("type") == "error" or ("error" in data and not _has_answer(data)):
+    if status < 300 and (data.get("type") == "error" or ("error" in data and not _has_answer(data))):
         # An error inside a 200 is the provider's failure, tried like the status it names.
         raise adapter.error(_status_in(data), raw, headers, p.name)
     return data

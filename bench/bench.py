@@ -1,19 +1,23 @@
 #!/usr/bin/env python3
 """Benchmark ccm: the latency, CPU and memory it adds between a client and an upstream.
 
-    python bench/bench.py            # full run (~1 min on 2 cores)
+    python bench/bench.py            # full run (~1-2 min on 2 cores)
     python bench/bench.py --quick    # smoke run (~15 s)
 
 What it does (everything on 127.0.0.1, stdlib only):
   * starts a fast fake upstream in a subprocess (`bench.py --fake-upstream PORT`): a raw asyncio
-    HTTP/1.1 keep-alive server answering POST /v1/messages (Anthropic JSON or SSE) and
-    POST /v1/chat/completions (OpenAI JSON or chunk stream ending with `data: [DONE]`);
-  * writes a temp config with an Anthropic provider `fa` and an OpenAI provider `fo`, both
-    pointing at the fake, and starts `python ccm.py -c CONFIG serve`;
+    HTTP/1.1 keep-alive server answering POST /v1/messages (Anthropic JSON or SSE),
+    POST /v1/chat/completions (OpenAI JSON or chunk stream ending with `data: [DONE]`) and
+    POST /v1beta/models/M:generateContent / :streamGenerateContent?alt=sse (Gemini);
+  * writes a temp config with an Anthropic provider `fa`, an OpenAI provider `fo` and a Gemini
+    provider `fg`, all pointing at the fake, and starts `python ccm.py -c CONFIG serve`;
   * sends a ~30 KB Claude Code request (3 system blocks, 15 tools, tool_use/tool_result turns)
     with a minimal raw asyncio keep-alive client, once straight to the fake and once through
-    ccm, for four paths (anthropic json/stream, openai-translated json/stream), at c=1
-    (interleaved direct/ccm) and c=16;
+    ccm, for six paths (anthropic json/stream, openai- and gemini-translated json/stream), at
+    c=1 (interleaved direct/ccm) and c=16;
+  * compares the usage ledger on (`[usage] database` in the temp dir, every path goes through
+    this ccm) with a second ccm whose config says `[usage] enabled = false`, on the anthropic
+    json path, and after SIGTERM counts the ledger's rows against the requests ccm answered;
   * reports p50/p99 latency, the latency ccm adds, ccm's requests/s at c=16, ccm's CPU per
     request (/proc/PID/stat utime+stime) and ccm's RSS (VmRSS/VmHWM).
 
@@ -25,11 +29,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import itertools
 import json
 import os
 import platform
 import re
 import signal
+import sqlite3
 import socket
 import subprocess
 import sys
@@ -49,6 +55,8 @@ TEXT_PIECES = [
     " token,", " so I will fix the loop bound in `tokenize()` and re-run the tests.",
 ]
 USAGE_IN, USAGE_OUT, USAGE_CACHE = 7012, 120, 6500
+GEMINI_MODEL = "gemini-bench"
+GEMINI_AGENT = "google-genai-sdk/1.30.0 gl-python/3.12.3"   # the direct Gemini client's user-agent
 MAX_HEAD = 64 * 1024
 REQUEST_TIMEOUT_S = 30.0                      # one request through ccm; longer counts as an error
 
@@ -146,6 +154,37 @@ def openai_answer(model: str, stream: bool) -> list[bytes]:
     return _sse_response(events)
 
 
+def gemini_answer(model: str, stream: bool) -> list[bytes]:
+    """generateContent's GenerateContentResponse, or streamGenerateContent?alt=sse: one
+    `data:` event per text piece (CRLF-separated, as Google sends them), the last one with
+    finishReason and usageMetadata."""
+    texts = _texts_for(model)
+    usage = {"promptTokenCount": USAGE_IN, "candidatesTokenCount": USAGE_OUT,
+             "totalTokenCount": USAGE_IN + USAGE_OUT, "cachedContentTokenCount": USAGE_CACHE,
+             "promptTokensDetails": [{"modality": "TEXT", "tokenCount": USAGE_IN}]}
+    base = {"modelVersion": model, "responseId": "bench0000000000000001"}
+
+    def candidate(text: str, last: bool) -> dict[str, Any]:
+        c: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"}, "index": 0}
+        if last:
+            c["finishReason"] = "STOP"
+        return c
+    if not stream:
+        return _json_response(dict(base, candidates=[candidate("".join(texts), True)],
+                                   usageMetadata=usage))
+    events = []
+    for i, t in enumerate(texts):
+        obj: dict[str, Any] = {"candidates": [candidate(t, i == len(texts) - 1)]}
+        if i == len(texts) - 1:
+            obj["usageMetadata"] = usage
+        events.append(b"data: " + json.dumps(dict(obj, **base), separators=(",", ":")).encode()
+                      + b"\r\n\r\n")
+    return _sse_response(events)
+
+
+_GEMINI_PATH = re.compile(r"/v1beta/models/([A-Za-z0-9._-]{1,100}):(generateContent|streamGenerateContent)")
+
+
 class FakeUpstream(asyncio.Protocol):
     """One keep-alive connection of the fake upstream; answers are precomputed per model."""
     cache: dict[tuple[str, str, bool], list[bytes]] = {}
@@ -185,33 +224,51 @@ class FakeUpstream(asyncio.Protocol):
                 return
             body = bytes(self.buf[end + 4:end + 4 + n])
             del self.buf[:end + 4 + n]
-            for w in self.answer(method, target.partition("?")[0], headers, body):
+            for w in self.answer(method, target, headers, body):
                 self.transport.write(w)
             if headers.get("connection", "").lower() == "close":
                 self.transport.close()
                 return
 
-    def answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> list[bytes]:
+    def answer(self, method: str, target: str, headers: dict[str, str], body: bytes) -> list[bytes]:
         st = self.stats
+        path, _, query = target.partition("?")
         if method == "GET" and path == "/__stats":
             return _json_response(st)
-        if method != "POST" or path not in ("/v1/messages", "/v1/chat/completions"):
+        gem = _GEMINI_PATH.fullmatch(path)
+        if method != "POST" or not (gem or path in ("/v1/messages", "/v1/chat/completions")):
             return _json_response({"error": {"type": "not_found_error", "message": path}},
                                   "404 Not Found")
+        if gem and (gem.group(2) == "streamGenerateContent") != ("alt=sse" in query.split("&")):
+            return _json_response({"error": {"code": 400, "status": "INVALID_ARGUMENT",
+                                             "message": f"fake upstream: {target} needs alt=sse "
+                                                        "exactly when streaming"}},
+                                  "400 Bad Request")
         st["requests"] += 1
         if path == "/v1/messages":
             ok = headers.get("x-api-key") == PROVIDER_KEY and "authorization" not in headers
+        elif gem:
+            ok = (headers.get("x-goog-api-key") == PROVIDER_KEY and "authorization" not in headers
+                  and "x-api-key" not in headers and "key=" not in query)
         else:
             ok = headers.get("authorization") == f"Bearer {PROVIDER_KEY}"
         if not ok:
             st["bad_auth"] += 1
+            if gem:                                  # a Google API error (google.rpc.Status)
+                return _json_response({"error": {"code": 401, "status": "UNAUTHENTICATED",
+                                                 "message": "fake upstream: wrong credential "
+                                                            f"headers {sorted(headers)}"}},
+                                      "401 Unauthorized")
             return _json_response({"type": "error", "error": {
                 "type": "authentication_error",
                 "message": f"fake upstream: wrong credential headers {sorted(headers)}"}},
                 "401 Unauthorized")
-        m = _MODEL_RE.search(body)
-        model = m.group(1).decode() if m else "?"
-        stream = _STREAM_RE.search(body) is not None
+        if gem:                                      # Gemini: the model is in the URL
+            model, stream = gem.group(1), gem.group(2) == "streamGenerateContent"
+        else:
+            m = _MODEL_RE.search(body)
+            model = m.group(1).decode() if m else "?"
+            stream = _STREAM_RE.search(body) is not None
         agent = headers.get("user-agent", "").split("/")[0] or "-"
         key = f"{path} {model} {'stream' if stream else 'json'} {agent}"
         st["by_key"][key] = st["by_key"].get(key, 0) + 1
@@ -219,8 +276,8 @@ class FakeUpstream(asyncio.Protocol):
         ck = (path, model, stream)
         out = self.cache.get(ck)
         if out is None:
-            out = self.cache[ck] = (anthropic_answer if path == "/v1/messages"
-                                    else openai_answer)(model, stream)
+            out = self.cache[ck] = (gemini_answer if gem else anthropic_answer
+                                    if path == "/v1/messages" else openai_answer)(model, stream)
         return out
 
 
@@ -250,6 +307,10 @@ def run_fake_upstream(port: int) -> int:
 
 class HTTPFailure(Exception):
     pass
+
+
+# POST requests that got a response head, by server port: how many rows ccm's ledger must hold.
+ANSWERED: dict[int, int] = {}
 
 
 @dataclass
@@ -318,6 +379,8 @@ class Conn:
                     self.reconnects += 1
                     continue                         # closed while idle: resend once
                 raise HTTPFailure(f"connection closed before a response ({exc!r})")
+            if data.startswith(b"POST "):
+                ANSWERED[self.port] = ANSWERED.get(self.port, 0) + 1
             return await self._read_rest(head)
         raise HTTPFailure("unreachable")
 
@@ -525,6 +588,33 @@ def openai_equivalent(body: dict[str, Any], model: str) -> dict[str, Any]:
     return out
 
 
+def gemini_equivalent(body: dict[str, Any]) -> dict[str, Any]:
+    """The generateContent body a Gemini client would send for the same conversation
+    (written here independently of ccm's translator; the model is in the URL)."""
+    system = "\n\n".join(b["text"] for b in body["system"]
+                         if not b["text"].startswith("x-anthropic-billing-header:"))
+    names: dict[str, str] = {}
+    contents: list[dict[str, Any]] = []
+    for m in body["messages"]:
+        parts: list[dict[str, Any]] = []
+        for b in m["content"]:
+            if b["type"] == "text":
+                parts.append({"text": b["text"]})
+            elif b["type"] == "tool_use":
+                names[b["id"]] = b["name"]
+                parts.append({"functionCall": {"name": b["name"], "args": b["input"]}})
+            elif b["type"] == "tool_result":
+                parts.append({"functionResponse": {"name": names.get(b["tool_use_id"], "tool"),
+                                                   "response": {"output": b["content"]}}})
+        contents.append({"role": "model" if m["role"] == "assistant" else "user", "parts": parts})
+    decls = [{"name": t["name"], "description": t["description"],
+              "parametersJsonSchema": {k: v for k, v in t["input_schema"].items() if k != "$schema"}}
+             for t in body["tools"]]
+    return {"contents": contents, "systemInstruction": {"parts": [{"text": system}]},
+            "tools": [{"functionDeclarations": decls}],
+            "generationConfig": {"maxOutputTokens": body["max_tokens"]}}
+
+
 # ============================================================================================
 # Response checks
 # ============================================================================================
@@ -552,7 +642,7 @@ def check_reply(kind: str, rep: Reply, want_model: str, via_ccm: bool, want_echo
     if via_ccm and "x-ccm-route" not in rep.headers:
         return f"no x-ccm-route header (headers: {sorted(rep.headers)})"
     try:
-        if kind == "anthropic json" or (kind == "openai json" and via_ccm):
+        if kind == "anthropic json" or (kind in ("openai json", "gemini json") and via_ccm):
             msg = json.loads(rep.body)
             got = "".join(b.get("text", "") for b in msg.get("content", []) if b.get("type") == "text")
             if msg.get("type") != "message" or got != text:
@@ -566,6 +656,17 @@ def check_reply(kind: str, rep: Reply, want_model: str, via_ccm: bool, want_echo
             msg = json.loads(rep.body)
             if msg["choices"][0]["message"]["content"] != text:
                 return f"wrong completion: {rep.body[:300]!r}"
+        elif kind == "gemini json":
+            cand = json.loads(rep.body)["candidates"][0]
+            got = "".join(p.get("text", "") for p in cand["content"]["parts"])
+            if got != text or cand.get("finishReason") != "STOP":
+                return f"wrong generateContent answer: {rep.body[:300]!r}"
+        elif kind == "gemini stream" and not via_ccm:
+            evs = _events(rep.body)
+            cands = [json.loads(d)["candidates"][0] for _, d in evs]
+            got = "".join(p.get("text", "") for c in cands for p in c["content"]["parts"])
+            if got != text or not cands or cands[-1].get("finishReason") != "STOP":
+                return f"wrong streamed answer {got!r}: {rep.body[-300:]!r}"
         elif kind == "openai stream" and not via_ccm:
             evs = _events(rep.body)
             if not evs or evs[-1][1] != "[DONE]":
@@ -610,6 +711,8 @@ def quick_ok(kind: str, rep: Reply, via_ccm: bool) -> bool:
     tail = rep.body[-64:]
     if kind == "openai stream" and not via_ccm:
         return tail.endswith(b"data: [DONE]\n\n")
+    if kind == "gemini stream" and not via_ccm:
+        return rep.body.endswith(b"}\r\n\r\n") and b'"finishReason":"STOP"' in rep.body[-600:]
     return b"message_stop" in tail and b"event: error" not in rep.body
 
 
@@ -674,6 +777,7 @@ def module_idle_rss(tmpdir: str) -> float:
     cfg = os.path.join(tmpdir, "idle.toml")
     with open(cfg, "w") as f:
         f.write(f'[server]\nport = {port}\nlog_level = "warn"\n[router]\ndefault = "m"\n'
+                f'[usage]\ndatabase = "{os.path.join(tmpdir, "idle-usage.db")}"\n'
                 '[[providers]]\nname = "a"\nprovider_type = "anthropic"\n'
                 '[[models]]\nname = "m"\n[[models.mappings]]\nprovider = "a"\n')
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
@@ -709,11 +813,16 @@ def pct(sorted_ms: list[float], q: float) -> float:
 
 @dataclass
 class Target:
-    name: str                 # "direct" | "ccm"
+    name: str                 # "direct" | "ccm" | "ccm ledger off"
     port: int
     req: bytes
     want_model: str           # model the upstream must have received
     want_echo: str            # model the client must see in the answer
+    pid: int = 0              # the ccm process behind port (0: direct to the fake)
+
+    @property
+    def via_ccm(self) -> bool:
+        return self.name != "direct"
 
 
 @dataclass
@@ -730,6 +839,18 @@ class RunResult:
 
     def p(self, q: float) -> float:
         return pct(sorted(self.lat), q)
+
+    def add(self, other: RunResult) -> None:
+        """Fold another run of the same target into this one (alternating rounds)."""
+        self.lat += other.lat
+        self.errors += other.errors
+        self.first_error = self.first_error or other.first_error
+        self.wall += other.wall
+        self.cpu_ccm += other.cpu_ccm
+        self.cpu_fake += other.cpu_fake
+        self.cpu_client += other.cpu_client
+        self.reconnects += other.reconnects
+        self.upstream_conns += other.upstream_conns
 
     @property
     def n(self) -> int:
@@ -753,7 +874,7 @@ class Bench:
             res.first_error = res.first_error or f"{t.name}: {exc}"
             return
         res.lat.append((time.perf_counter() - t0) * 1000)
-        if not quick_ok(kind, rep, t.name == "ccm"):
+        if not quick_ok(kind, rep, t.via_ccm):
             res.errors += 1
             res.first_error = res.first_error or \
                 f"{t.name}: status {rep.status}, body tail {rep.body[-300:]!r}"
@@ -767,7 +888,7 @@ class Bench:
                 except HTTPFailure as exc:
                     self.problems.append(f"{kind} {t.name}: {exc}")
                     return
-                why = check_reply(kind, rep, t.want_model, t.name == "ccm", t.want_echo)
+                why = check_reply(kind, rep, t.want_model, t.via_ccm, t.want_echo)
                 if why:
                     self.problems.append(f"{kind} via {t.name}: {why}")
                     return
@@ -775,46 +896,61 @@ class Bench:
         finally:
             conn.close()
 
-    async def _meters(self) -> tuple[float, float, float, int]:
+    async def _meters(self, pid: int) -> tuple[float, float, float, int]:
         c = os.times()
         conns = (await self.stats())["connections"]
-        return cpu_seconds(self.ccm_pid), cpu_seconds(self.fake_pid), c.user + c.system, conns
+        return (cpu_seconds(pid) if pid else 0.0), cpu_seconds(self.fake_pid), c.user + c.system, conns
 
-    async def _close_meters(self, res: RunResult, start: tuple[float, ...], t0: float) -> None:
+    async def _close_meters(self, res: RunResult, pid: int, start: tuple[float, ...], t0: float,
+                            settle_s: float = 0.0) -> None:
+        """settle_s: wait before reading the CPU meters (not the wall clock) so that work ccm
+        does after the last answer (the ledger's commit, at most LEDGER_FLUSH_S later) counts;
+        the run waited as long before its first meters, so no earlier commit counts."""
         res.wall = time.perf_counter() - t0
-        end = await self._meters()
+        if settle_s:
+            await asyncio.sleep(settle_s)
+        end = await self._meters(pid)
         res.cpu_ccm, res.cpu_fake, res.cpu_client, res.upstream_conns = \
             (e - s for e, s in zip(end, start))
 
-    async def c1(self, kind: str, direct: Target, ccm: Target, n: int) -> tuple[RunResult, RunResult]:
-        """Concurrency 1, direct and ccm interleaved (ABBA) so both see the same conditions."""
-        cd, cc = Conn(direct.port), Conn(ccm.port)
-        rd, rc = RunResult(), RunResult()
+    async def c1(self, kind: str, targets: list[Target], n: int,
+                 settle_s: float = 0.0) -> list[RunResult]:
+        """Concurrency 1, the targets interleaved (every order in turn: ABBA for two) so all see
+        the same conditions. CPU and upstream connections are metered for the targets via ccm
+        (each ccm process serves only its own target)."""
+        conns = [Conn(t.port) for t in targets]
+        results = [RunResult() for _ in targets]
         scratch = RunResult()
+        orders = list(itertools.permutations(range(len(targets))))
         try:
-            for _ in range(2):                       # open both connections untimed
-                await self.call(cd, direct, kind, scratch)
-                await self.call(cc, ccm, kind, scratch)
-            start = await self._meters()
+            for _ in range(2):                       # open every connection untimed
+                for conn, t in zip(conns, targets):
+                    await self.call(conn, t, kind, scratch)
+            await asyncio.sleep(settle_s)            # the untimed calls' ledger rows commit now
+            starts = [await self._meters(t.pid) for t in targets]
             t0 = time.perf_counter()
             for i in range(n):
-                pair = ((cd, direct, rd), (cc, ccm, rc))
-                for conn, t, res in (pair if i % 2 == 0 else pair[::-1]):
-                    await self.call(conn, t, kind, res)
-            await self._close_meters(rc, start, t0)
-            rd.reconnects, rc.reconnects = cd.reconnects, cc.reconnects
+                for j in orders[i % len(orders)]:
+                    await self.call(conns[j], targets[j], kind, results[j])
+            wall = time.perf_counter() - t0
+            for res, t, start in zip(results, targets, starts):
+                if t.via_ccm:
+                    await self._close_meters(res, t.pid, start, t0, settle_s)
+                    settle_s = 0.0                   # one wait covers every process
+            for res, conn in zip(results, conns):
+                res.reconnects, res.wall = conn.reconnects, wall
         finally:
-            cd.close()
-            cc.close()
+            for conn in conns:
+                conn.close()
         self._setup_errors(kind, 1, scratch)
-        return rd, rc
+        return results
 
     def _setup_errors(self, kind: str, conc: int, scratch: RunResult) -> None:
         if scratch.errors:
             self.problems.append(f"{kind} c={conc}: {scratch.errors} errors while opening "
                                  f"connections (untimed), first: {scratch.first_error}")
 
-    async def cn(self, kind: str, t: Target, n: int, conc: int) -> RunResult:
+    async def cn(self, kind: str, t: Target, n: int, conc: int, settle_s: float = 0.0) -> RunResult:
         conns = [Conn(t.port) for _ in range(conc)]
         res, scratch = RunResult(), RunResult()
         left = [n]
@@ -828,10 +964,11 @@ class Bench:
         try:
             await asyncio.gather(*(self.call(c, t, kind, scratch) for c in conns))
             await asyncio.gather(*(self.call(c, t, kind, scratch) for c in conns))
-            start = await self._meters()
+            await asyncio.sleep(settle_s)            # the untimed calls' ledger rows commit now
+            start = await self._meters(t.pid)
             t0 = time.perf_counter()
             await asyncio.gather(*(worker(c) for c in conns))
-            await self._close_meters(res, start, t0)
+            await self._close_meters(res, t.pid, start, t0, settle_s)
             res.reconnects = sum(c.reconnects for c in conns)
         finally:
             for c in conns:
@@ -850,12 +987,16 @@ class Bench:
 from procs import die_with_parent as _die_with_parent, free_port, stop, wait_http  # noqa: E402
 
 
-def write_config(path: str, port: int, fake: int) -> None:
+def write_config(path: str, port: int, fake: int, usage_db: str, ledger: bool) -> None:
     with open(path, "w") as f:
         f.write(f"""[server]
 host = "127.0.0.1"
 port = {port}
 log_level = "warn"
+
+[usage]
+enabled = {'true' if ledger else 'false'}
+database = "{usage_db}"
 
 [router]
 default = "m"
@@ -872,6 +1013,12 @@ provider_type = "openai"
 base_url = "http://127.0.0.1:{fake}/v1"
 api_key = "{PROVIDER_KEY}"
 
+[[providers]]
+name = "fg"
+provider_type = "gemini"
+base_url = "http://127.0.0.1:{fake}"
+api_key = "{PROVIDER_KEY}"
+
 [[models]]
 name = "m"
 [[models.mappings]]
@@ -885,6 +1032,13 @@ name = "o"
 priority = 1
 provider = "fo"
 actual_model = "gpt-bench"
+
+[[models]]
+name = "g"
+[[models.mappings]]
+priority = 1
+provider = "fg"
+actual_model = "{GEMINI_MODEL}"
 """)
 
 
@@ -892,21 +1046,38 @@ actual_model = "gpt-bench"
 # Main
 # ============================================================================================
 
-PATHS = ["anthropic json", "anthropic stream", "openai json", "openai stream"]
+PATHS = ["anthropic json", "anthropic stream", "openai json", "openai stream", "gemini json",
+         "gemini stream"]
+LEDGER_PATH = "anthropic json"                # the path the ledger on/off comparison uses
+LEDGER_SETTLE_S = 1.2     # > ccm's LEDGER_FLUSH_S (1 s): each metered window holds its own commits
 TARGET_ADDED_P50_MS = 1.0
 TARGET_CPU_MS = 1.0
 TARGET_IDLE_RSS_MB = 30.0
 
 
-def targets_for(kind: str, fake: int, ccm: int) -> tuple[Target, Target]:
+def targets_for(kind: str, fake: int, ccm: int, pid: int,
+                name: str = "ccm") -> tuple[Target, Target]:
     stream = kind.endswith("stream")
     if kind.startswith("anthropic"):
         body = json.dumps(claude_code_body("claude-opus-4-8", stream)).encode()
         path = "/v1/messages?beta=true"
         direct = Target("direct", fake, build_request(fake, path, claude_code_headers(PROVIDER_KEY), body),
                         "claude-opus-4-8", "claude-opus-4-8")
-        via = Target("ccm", ccm, build_request(ccm, path, claude_code_headers(CLIENT_KEY), body),
-                     "bench-model", "bench-model")
+        via = Target(name, ccm, build_request(ccm, path, claude_code_headers(CLIENT_KEY), body),
+                     "bench-model", "bench-model", pid)
+        return direct, via
+    if kind.startswith("gemini"):
+        ant = claude_code_body("g", stream)
+        action = ":streamGenerateContent?alt=sse" if stream else ":generateContent"
+        gheaders = {"accept": "*/*", "content-type": "application/json",
+                    "x-goog-api-key": PROVIDER_KEY, "user-agent": GEMINI_AGENT,
+                    "x-goog-api-client": GEMINI_AGENT, "connection": "keep-alive"}
+        direct = Target("direct", fake, build_request(
+            fake, f"/v1beta/models/{GEMINI_MODEL}{action}", gheaders,
+            json.dumps(gemini_equivalent(ant)).encode()), GEMINI_MODEL, GEMINI_MODEL)
+        via = Target(name, ccm, build_request(ccm, "/v1/messages?beta=true",
+                                              claude_code_headers(CLIENT_KEY), json.dumps(ant).encode()),
+                     GEMINI_MODEL, "g", pid)
         return direct, via
     ant = claude_code_body("o", stream)
     obody = json.dumps(openai_equivalent(ant, "gpt-bench")).encode()
@@ -915,9 +1086,9 @@ def targets_for(kind: str, fake: int, ccm: int) -> tuple[Target, Target]:
                 "connection": "keep-alive"}
     direct = Target("direct", fake, build_request(fake, "/v1/chat/completions", oheaders, obody),
                     "gpt-bench", "gpt-bench")
-    via = Target("ccm", ccm, build_request(ccm, "/v1/messages?beta=true",
-                                           claude_code_headers(CLIENT_KEY), json.dumps(ant).encode()),
-                 "gpt-bench", "o")
+    via = Target(name, ccm, build_request(ccm, "/v1/messages?beta=true",
+                                          claude_code_headers(CLIENT_KEY), json.dumps(ant).encode()),
+                 "gpt-bench", "o", pid)
     return direct, via
 
 
@@ -926,17 +1097,113 @@ def ccm_digest() -> str:
         return hashlib.sha256(f.read()).hexdigest()[:12]
 
 
+def _direct_key(stats_key: str) -> bool:
+    """A fake-upstream counter key of a direct (baseline) request, by its user-agent."""
+    return stats_key.endswith((" OpenAI", " " + GEMINI_AGENT.split("/")[0]))
+
+
+def _ms(r: RunResult, q: float = .5) -> float:
+    return r.p(q)
+
+
+def _cpu_ms(r: RunResult) -> float:
+    return r.cpu_ccm * 1000 / r.n if r.n else float("nan")
+
+
+def report_ledger(lrows: LedgerRows, sent_on: int, rows_on: int, why_on: str, off_db: str,
+                  settle_s: float) -> None:
+    w = print
+    w(f"usage ledger on the request path ({LEDGER_PATH}; the same ccm config with `[usage] "
+      f"enabled = false` in a second process;")
+    fence = (f"its window fenced by {settle_s:g} s waits for the ledger's commits" if settle_s
+             else "no commit fences with --quick: +-1 commit per window")
+    w(f"c=1 direct/on/off interleaved, c=16 alternating rounds; CPU includes the ledger's writer "
+      f"thread, {fence}):")
+    hdr = (f"  {'c':>2} {'ledger':<6} {'direct p50':>10} {'ccm p50':>8} {'added p50':>9} "
+           f"{'ccm p99':>8} {'ccm CPU':>8} {'ccm rps':>8} {'errors':>6}")
+    w(hdr)
+    for c, rd, ron, roff in lrows:
+        for name, r in (("on", ron), ("off", roff)):
+            rps = f"{r.n / r.wall:.0f}" if c > 1 and r.wall else ""
+            w(f"  {c:>2} {name:<6} {_ms(rd):>10.3f} {_ms(r):>8.3f} {_ms(r) - _ms(rd):>9.3f} "
+              f"{_ms(r, .99):>8.3f} {_cpu_ms(r):>8.3f} {rps:>8} {rd.errors + r.errors:>6}")
+    w("  ledger on minus off: " + "; ".join(
+        f"c={c} CPU {_cpu_ms(ron) - _cpu_ms(roff):+.3f} ms/request, p50 {_ms(ron) - _ms(roff):+.3f} ms"
+        for c, rd, ron, roff in lrows))
+    verdict = "OK" if rows_on == sent_on and not why_on else "MISMATCH"
+    w(f"  after SIGTERM: {rows_on} rows in the ledger-on ccm's usage.db for {sent_on} requests "
+      f"it answered (every path, warm-ups included) -> {verdict}{' ' + why_on if why_on else ''}; "
+      f"the ledger-off ccm's database {'exists (!)' if os.path.exists(off_db) else 'was never created'}")
+
+
 def body_len(req: bytes) -> int:
     return len(req) - req.index(b"\r\n\r\n") - 4
 
 
-async def run(args: argparse.Namespace, fake_port: int, ccm_port: int, fake_pid: int,
-              ccm_pid: int, health: dict[str, Any], alive: Any) -> int:
+@dataclass
+class CCMProc:
+    """One ccm process of the bench: the ledger-on one every path goes through, or the
+    ledger-off one of the ledger comparison."""
+    name: str
+    port: int
+    usage_db: str
+    proc: subprocess.Popen[Any] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc is not None else 0
+
+    def alive(self) -> int | None:
+        """None while running, else the exit status."""
+        return self.proc.poll() if self.proc is not None else -1
+
+
+LedgerRows = list[tuple[int, RunResult, RunResult, RunResult]]   # c, direct, ledger on, ledger off
+
+
+async def ledger_phase(b: Bench, on: CCMProc, off: CCMProc, n1: int, n16: int, warm: int,
+                       rounds: int, settle_s: float) -> LedgerRows:
+    """LEDGER_PATH through the ledger-on and the ledger-off ccm: at c=1 interleaved with the
+    direct baseline, at c=16 in alternating rounds (direct, on, off, then off, on, direct).
+    CPU windows are fenced by settle_s on both sides (0 with --quick: then a window may hold
+    one ledger commit too many or too few)."""
+    direct, via_on = targets_for(LEDGER_PATH, b.fake_port, on.port, on.pid)
+    _, via_off = targets_for(LEDGER_PATH, b.fake_port, off.port, off.pid, "ccm ledger off")
+    await b.warm(LEDGER_PATH, via_off, warm)
+    out: LedgerRows = [(1, *await b.c1(LEDGER_PATH, [direct, via_on, via_off], n1, settle_s))]
+    acc = {t.name: RunResult() for t in (direct, via_on, via_off)}
+    for r in range(rounds):
+        order = (direct, via_on, via_off) if r % 2 == 0 else (via_off, via_on, direct)
+        for t in order:
+            acc[t.name].add(await b.cn(LEDGER_PATH, t, n16 // rounds, 16,
+                                       settle_s if t.via_ccm else 0.0))
+    out.append((16, acc[direct.name], acc[via_on.name], acc[via_off.name]))
+    return out
+
+
+def ledger_rows(db: str) -> tuple[int, str]:
+    """(rows in the requests table, '' or why they could not be counted)."""
+    if not os.path.exists(db):
+        return 0, f"{db} does not exist"
+    try:
+        con = sqlite3.connect(db, timeout=10)
+        try:
+            return con.execute("SELECT COUNT(*) FROM requests").fetchone()[0], ""
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        return 0, f"{db}: {exc!r}"
+
+
+async def run(args: argparse.Namespace, fake_port: int, fake_pid: int, on: CCMProc,
+              off: CCMProc, health: dict[str, Any]) -> int:
     quick = args.quick
     n1, n16, warm = (40, 200, 20) if quick else (400, 2000, 20)
-    b = Bench(fake_port, ccm_port, fake_pid, ccm_pid)
+    ccm_pid = on.pid
+    b = Bench(fake_port, on.port, fake_pid, ccm_pid)
     mem_idle = mem_mb(ccm_pid)
     smaps_idle = smaps_mb(ccm_pid)
+    mem_idle_off = mem_mb(off.pid)
     cpu_idle0 = cpu_seconds(ccm_pid)
     mem_after: dict[str, dict[str, float]] = {}
     rows: list[tuple[str, int, RunResult, RunResult]] = []
@@ -944,22 +1211,33 @@ async def run(args: argparse.Namespace, fake_port: int, ccm_port: int, fake_pid:
     upstream_expected: dict[str, int] = {}
     t_start = time.perf_counter()
     for kind in PATHS:
-        if alive() is not None:
+        if on.alive() is not None:
             break                                    # ccm is gone; reported below
-        direct, via = targets_for(kind, fake_port, ccm_port)
+        sent0 = ANSWERED.get(on.port, 0)
+        direct, via = targets_for(kind, fake_port, on.port, ccm_pid)
         sizes[kind] = (body_len(direct.req), body_len(via.req))
         await b.warm(kind, direct, warm)
         await b.warm(kind, via, warm)
-        rd, rc = await b.c1(kind, direct, via, n1)
+        rd, rc = await b.c1(kind, [direct, via], n1)
         rows.append((kind, 1, rd, rc))
         rd16 = await b.cn(kind, direct, n16, 16)
         rc16 = await b.cn(kind, via, n16, 16)
         rows.append((kind, 16, rd16, rc16))
         mem_after[kind] = mem_mb(ccm_pid)
-        upstream_expected[kind] = warm + 2 + n1 + 2 * 16 + n16   # via-ccm requests sent
+        upstream_expected[kind] = ANSWERED.get(on.port, 0) - sent0   # via-ccm requests sent
+    lrows: LedgerRows = []
+    if on.alive() is None and off.alive() is None:
+        sent0 = ANSWERED.get(on.port, 0) + ANSWERED.get(off.port, 0)
+        lrows = await ledger_phase(b, on, off, n1, n16, warm, *((1, 0.0) if quick
+                                                                 else (2, LEDGER_SETTLE_S)))
+        upstream_expected[LEDGER_PATH] += ANSWERED.get(on.port, 0) + ANSWERED.get(off.port, 0) - sent0
     elapsed = time.perf_counter() - t_start
     stats = await b.stats()
     mem_end = mem_mb(ccm_pid)
+    exit_on, exit_off = on.alive(), off.alive()     # before the stop below
+    stop(on.proc)                                    # SIGTERM: ccm flushes its ledger
+    sent_on = ANSWERED.get(on.port, 0)
+    rows_on, why_on = ledger_rows(on.usage_db)
 
     # ---------------------------------------------------------------- report
     w = print
@@ -974,8 +1252,9 @@ async def run(args: argparse.Namespace, fake_port: int, ccm_port: int, fake_pid:
     w("bodies (bytes sent): " + "; ".join(
         f"{k}: direct {d:,} / to ccm {c:,}" for k, (d, c) in sizes.items()))
     up_sizes = stats.get("last_body_bytes", {})
-    w("bodies ccm sent upstream: " + "; ".join(f"{k}: {v:,}" for k, v in sorted(up_sizes.items())
-                                               if "bench-model" in k or "gpt-bench" in k))
+    w("bodies ccm sent upstream: " + "; ".join(
+        f"{k}: {v:,}" for k, v in sorted(up_sizes.items())
+        if any(m in k for m in ("bench-model", "gpt-bench", GEMINI_MODEL)) and not _direct_key(k)))
     w("")
     hdr = (f"{'path':<17} {'c':>2} {'direct p50':>10} {'p99':>7} {'ccm p50':>8} {'p99':>7} "
            f"{'added p50':>9} {'p99':>7} {'direct rps':>10} {'ccm rps':>8} {'ccm CPU':>8} "
@@ -1006,25 +1285,34 @@ async def run(args: argparse.Namespace, fake_port: int, ccm_port: int, fake_pid:
     w(f"ccm memory (MB): idle after start VmRSS {mem_idle['VmRSS']:.1f} (VmHWM "
       f"{mem_idle['VmHWM']:.1f}; Pss {smaps_idle['Pss']:.1f}, private dirty "
       f"{smaps_idle['Private_Dirty']:.1f}, shared clean {smaps_idle['Shared_Clean']:.1f})")
-    rss_module = module_idle_rss(tempfile.mkdtemp(prefix="ccm-idle-"))
+    with tempfile.TemporaryDirectory(prefix="ccm-idle-") as idle_dir:
+        rss_module = module_idle_rss(idle_dir)
     w(f"  started as `python -m ccm serve` from cached bytecode: idle VmRSS {rss_module:.1f}")
     w(f"  for scale, a bare `python -c ...` here has VmRSS {bare_python_rss([]):.1f}, with -S "
       f"(no site-packages .pth) {bare_python_rss(['-S']):.1f}")
     for kind, m in mem_after.items():
         w(f"  after {kind:<17} VmRSS {m['VmRSS']:6.1f}  VmHWM {m['VmHWM']:6.1f}")
     w(f"  at the end              VmRSS {mem_end['VmRSS']:6.1f}  VmHWM {mem_end['VmHWM']:6.1f}")
+    w(f"  the ledger-off ccm (`[usage] enabled = false`) idle after start: VmRSS "
+      f"{mem_idle_off['VmRSS']:.1f} (VmHWM {mem_idle_off['VmHWM']:.1f})")
     w(f"ccm CPU from start to the first request: {cpu_idle0 * 1000:.0f} ms")
     w("")
     w("upstream calls per request through ccm (1.00 = no retries):")
     by_key = stats.get("by_key", {})
     got_a = sum(v for k, v in by_key.items() if k.startswith("/v1/messages bench-model"))
     got_o = sum(v for k, v in by_key.items() if k.startswith("/v1/chat/completions gpt-bench")
-                and not k.endswith(" OpenAI"))
+                and not _direct_key(k))
+    got_g = sum(v for k, v in by_key.items() if k.startswith(f"/v1beta/models/{GEMINI_MODEL}:")
+                and not _direct_key(k))
     sent_a = upstream_expected.get("anthropic json", 0) + upstream_expected.get("anthropic stream", 0)
     sent_o = upstream_expected.get("openai json", 0) + upstream_expected.get("openai stream", 0)
-    w(f"  anthropic: {got_a / max(sent_a, 1):.2f} ({got_a} upstream / {sent_a} sent); openai: "
-      f"{got_o / max(sent_o, 1):.2f} ({got_o} upstream / {sent_o} sent); "
+    sent_g = upstream_expected.get("gemini json", 0) + upstream_expected.get("gemini stream", 0)
+    w(f"  anthropic: {got_a / max(sent_a, 1):.2f} ({got_a} upstream / {sent_a} sent, both ccm "
+      f"processes); openai: {got_o / max(sent_o, 1):.2f} ({got_o} upstream / {sent_o} sent); "
+      f"gemini: {got_g / max(sent_g, 1):.2f} ({got_g} upstream / {sent_g} sent); "
       f"rejected credentials at the fake: {stats.get('bad_auth')}")
+    w("")
+    report_ledger(lrows, sent_on, rows_on, why_on, off.usage_db, 0.0 if quick else LEDGER_SETTLE_S)
     w("")
     c1 = {kind: (rd, rc) for kind, c, rd, rc in rows if c == 1}
     added = [rc.p(.5) - rd.p(.5) for rd, rc in c1.values()]
@@ -1054,16 +1342,26 @@ async def run(args: argparse.Namespace, fake_port: int, ccm_port: int, fake_pid:
         for note in notes:
             w(f"  {note}")
     problems = list(b.problems)
-    if alive() is not None:
-        problems.append(f"ccm exited during the run with status {alive()}")
-    for kind, c, rd, rc in rows:
-        for name, r in (("direct", rd), ("ccm", rc)):
+    for proc, status in ((on, exit_on), (off, exit_off)):
+        if status is not None:
+            problems.append(f"{proc.name} exited during the run with status {status}")
+    named = [(f"{kind} c={c}", (("direct", rd), ("ccm", rc))) for kind, c, rd, rc in rows]
+    named += [(f"ledger comparison {LEDGER_PATH} c={c}",
+               (("direct", rd), ("ccm", ron), ("ccm ledger off", roff)))
+              for c, rd, ron, roff in lrows]
+    for where, results in named:
+        for name, r in results:
             if r.errors:
-                problems.append(f"{kind} c={c} {name}: {r.errors} errors, first: {r.first_error}")
+                problems.append(f"{where} {name}: {r.errors} errors, first: {r.first_error}")
             if r.reconnects:
-                problems.append(f"{kind} c={c} {name}: {r.reconnects} reconnects (server closed "
+                problems.append(f"{where} {name}: {r.reconnects} reconnects (server closed "
                                 f"a keep-alive connection)")
-    if got_a != sent_a or got_o != sent_o:
+    if why_on or rows_on != sent_on:
+        problems.append(f"the ledger holds {rows_on} rows for {sent_on} requests answered by the "
+                        f"ledger-on ccm {why_on}".rstrip())
+    if os.path.exists(off.usage_db):
+        problems.append(f"the ledger-off ccm created {off.usage_db}")
+    if got_a != sent_a or got_o != sent_o or got_g != sent_g:
         problems.append(f"upstream call counts differ from requests sent: {by_key}")
     if stats.get("bad_auth"):
         problems.append(f"the fake rejected {stats['bad_auth']} requests' credentials")
@@ -1075,49 +1373,66 @@ async def run(args: argparse.Namespace, fake_port: int, ccm_port: int, fake_pid:
     return 1 if problems else 0
 
 
+def start_ccm(p: CCMProc, tmp: str, fake_port: int, ledger: bool) -> str:
+    """Start one ccm process on p.port; '' when it answers /health, else why not."""
+    cfg = os.path.join(tmp, f"{p.name.replace(' ', '-')}.toml")
+    write_config(cfg, p.port, fake_port, p.usage_db, ledger)
+    env = {k: v for k, v in os.environ.items()
+           if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+    log_path = cfg[:-5] + ".stderr"
+    with open(log_path, "wb") as log:
+        p.proc = subprocess.Popen([sys.executable, CCM_PY, "-c", cfg, "serve"], stdin=subprocess.DEVNULL,
+                                  stdout=log, stderr=log, env=env, cwd=tmp,
+                                  preexec_fn=_die_with_parent)
+    try:
+        wait_http(p.port, "/health", p.proc, 20)
+    except RuntimeError as exc:
+        with open(log_path, errors="replace") as f:
+            return f"{p.name} did not come up: {exc}\n{f.read()[-4000:]}"
+    return ""
+
+
+def log_problems(tmp: str, p: CCMProc) -> list[str]:
+    with open(os.path.join(tmp, f"{p.name.replace(' ', '-')}.stderr"), errors="replace") as f:
+        return [f"{p.name}: {ln.rstrip()}" for ln in f
+                if " WARNING " in ln or " ERROR " in ln or "Traceback" in ln]
+
+
 def main_bench(args: argparse.Namespace) -> int:
-    fake = ccm = None
+    fake = None
     tmp = tempfile.TemporaryDirectory(prefix="ccm-bench-")
-    log_path = os.path.join(tmp.name, "ccm.stderr")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    on = CCMProc("ccm", free_port(), os.path.join(tmp.name, "usage.db"))
+    off = CCMProc("ccm ledger off", free_port(), os.path.join(tmp.name, "usage-off.db"))
     rc = 1
     try:
-        fake_port, ccm_port = free_port(), free_port()
+        fake_port = free_port()
         fake = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--fake-upstream",
                                  str(fake_port)], stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
                                 preexec_fn=_die_with_parent)
         wait_http(fake_port, "/__stats", fake, 15)
-        cfg = os.path.join(tmp.name, "config.toml")
-        write_config(cfg, ccm_port, fake_port)
-        env = {k: v for k, v in os.environ.items()
-               if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
-        with open(log_path, "wb") as log:
-            ccm = subprocess.Popen([sys.executable, CCM_PY, "-c", cfg, "serve"], stdin=subprocess.DEVNULL,
-                                   stdout=log, stderr=log, env=env, cwd=tmp.name,
-                                   preexec_fn=_die_with_parent)
-        try:
-            health = wait_http(ccm_port, "/health", ccm, 20)
-        except RuntimeError as exc:
-            print(f"ccm did not come up: {exc}", file=sys.stderr)
-            with open(log_path, errors="replace") as f:
-                sys.stderr.write(f.read()[-4000:])
-            return 1
+        for p, ledger in ((on, True), (off, False)):
+            why = start_ccm(p, tmp.name, fake_port, ledger)
+            if why:
+                print(why, file=sys.stderr)
+                return 1
+        health = wait_http(on.port, "/health", on.proc, 5)
         time.sleep(0.5)                              # let startup settle before the idle reading
         try:
-            rc = asyncio.run(asyncio.wait_for(
-                run(args, fake_port, ccm_port, fake.pid, ccm.pid, health, ccm.poll), timeout=600))
+            rc = asyncio.run(asyncio.wait_for(run(args, fake_port, fake.pid, on, off, health),
+                                              timeout=600))
         except asyncio.TimeoutError:
             print("bench: gave up after 600 s", file=sys.stderr)
             rc = 1
-        with open(log_path, errors="replace") as f:
-            lines = [ln.rstrip() for ln in f if " WARNING " in ln or " ERROR " in ln
-                     or "Traceback" in ln]
+        stop(off.proc)
+        lines = log_problems(tmp.name, on) + log_problems(tmp.name, off)
         print(f"\nccm stderr: {len(lines)} warning/error lines" +
               "".join(f"\n  {ln[:300]}" for ln in lines[:10]))
         if lines:
             rc = 1
     finally:
-        stop(ccm)
+        stop(on.proc)
+        stop(off.proc)
         stop(fake)
         tmp.cleanup()
     return rc
