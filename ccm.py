@@ -5682,26 +5682,29 @@ def scrub(text: str, p: Provider) -> str:
 
 
 @contextlib.asynccontextmanager
-async def upstream_errors(p: Provider, doing: str, timeout_s: float,
+async def upstream_errors(p: Provider | str, doing: str, timeout_s: float,
                           broken_status: int = 529) -> AsyncIterator[None]:
     """The one place transport exceptions become UpstreamError (like httpx's own
-    map_httpcore_exceptions): every upstream call site runs inside it."""
+    map_httpcore_exceptions): every upstream call site runs inside it, the proxy's (a Provider)
+    and the logins' token and quota endpoints (a label)."""
+    name = p if isinstance(p, str) else p.name
     try:
         yield
     except (UpstreamError, asyncio.CancelledError):
         raise
     except (asyncio.TimeoutError, httpx.TimeoutException):
-        raise UpstreamError(504, f"{p.name}: {doing}: nothing within {timeout_s:g} s",
-                            "timeout_error", provider=p.name, retryable=True,
+        raise UpstreamError(504, f"{name}: {doing}: nothing within {timeout_s:g} s",
+                            "timeout_error", provider=name, retryable=True,
                             unreachable=True) from None
     except httpx.ConnectError as exc:
-        raise UpstreamError(529, f"{p.name}: cannot connect ({scrub(str(exc), p)})",
-                            "overloaded_error", provider=p.name, retryable=True,
+        detail = type(exc).__name__ if isinstance(p, str) else scrub(str(exc), p)
+        raise UpstreamError(529, f"{name}: cannot connect ({detail})",
+                            "overloaded_error", provider=name, retryable=True,
                             unreachable=True) from None
     except (httpx.HTTPError, OSError, EOFError) as exc:
         # Only the class name: a protocol error's text can quote a header value, i.e. a key.
-        raise UpstreamError(broken_status, f"{p.name}: {doing} failed ({type(exc).__name__})",
-                            error_type_for(broken_status), provider=p.name,
+        raise UpstreamError(broken_status, f"{name}: {doing} failed ({type(exc).__name__})",
+                            error_type_for(broken_status), provider=name,
                             retryable=True, unreachable=broken_status == 529) from None
 
 
@@ -6456,12 +6459,14 @@ async def _token_request(entry: OAuthEntry, http: httpx.AsyncClient, params: Jso
         params["client_secret"] = entry.client_secret
     host = urllib.parse.urlsplit(entry.token_url).netloc
     try:
-        if entry.token_format == "json":
-            resp = await http.post(entry.token_url, json=params, timeout=OAUTH_HTTP_TIMEOUT_S)
-        else:
-            resp = await http.post(entry.token_url, data=params, timeout=OAUTH_HTTP_TIMEOUT_S)
-    except httpx.HTTPError as exc:
-        raise OAuthError(f"{entry.kind}: cannot reach {host} ({type(exc).__name__})", 502)
+        async with upstream_errors(entry.kind, f"token request to {host}", OAUTH_HTTP_TIMEOUT_S):
+            if entry.token_format == "json":
+                resp = await http.post(entry.token_url, json=params, timeout=OAUTH_HTTP_TIMEOUT_S)
+            else:
+                resp = await http.post(entry.token_url, data=params, timeout=OAUTH_HTTP_TIMEOUT_S)
+    except UpstreamError as exc:
+        raise OAuthError(f"{entry.kind}: cannot reach {host} ({exc.message.split(': ', 1)[-1]})",
+                         502) from None
     if resp.status_code >= 400:
         code = _error_code(resp)
         raise OAuthError(f"{entry.kind}: {host} refused the {params.get('grant_type')} grant "
@@ -6992,9 +6997,10 @@ async def fetch_quota(kind: str, record: Json, http: httpx.AsyncClient, url: str
     if kind == "claude":
         headers["anthropic-beta"] = ANTHROPIC_OAUTH_BETA
     try:
-        resp = await http.get(url, headers=headers, timeout=10)
+        async with upstream_errors(kind, "quota request", 10.0):
+            resp = await http.get(url, headers=headers, timeout=10)
         data = resp.json() if resp.status_code == 200 else None
-    except (httpx.HTTPError, ValueError):
+    except (UpstreamError, ValueError):
         return None
     if not isinstance(data, dict):
         return None

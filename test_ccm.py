@@ -8973,6 +8973,18 @@ def test_oauth_quota_chatgpt_and_claude(fake_auth: FakeAuth) -> None:
     assert ccm.quota_text(chat) == "5h 42% · 168h 87%"
 
 
+def test_upstream_errors_also_map_the_login_endpoints() -> None:
+    entry = ccm.oauth_entry("openai-codex", {"token_url": closed_port_url() + "/oauth/token"})
+
+    async def go() -> None:
+        async with httpx.AsyncClient(trust_env=False) as http:
+            assert await ccm.fetch_quota("chatgpt", {"access_token": "t"}, http, closed_port_url()) is None
+            await ccm._token_request(entry, http, {"grant_type": "refresh_token", "refresh_token": "r-secret-1"})
+    with pytest.raises(ccm.OAuthError) as ei:
+        asyncio.run(go())
+    assert "cannot connect (ConnectError)" in ei.value.message and "r-secret" not in ei.value.message
+
+
 # ============================================================================================
 # 12. Failover and relay
 # ============================================================================================
