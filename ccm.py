@@ -116,6 +116,7 @@ CONNECT_TIMEOUT_MS = 10_000
 FIRST_BYTE_TIMEOUT_MS = 300_000
 IDLE_TIMEOUT_MS = 300_000
 LONG_CONTEXT_THRESHOLD_TOKENS = 60_000
+CUSTOM_ROUTER_TIMEOUT_MS = 200       # how long a request waits for router.custom
 ANTHROPIC_VERSION = "2023-06-01"
 HIGH_WATER_BYTES = 64 * 1024
 PIPELINE_BUFFER_BYTES = 256 * 1024
@@ -352,10 +353,11 @@ def error_response(exc: BaseException) -> Response:
 
 # ============================================================================================
 # 5. Helpers
-# Exports: dumps, mask_secret, expand_env, atomic_write, state_dir, new_id
+# Exports: _log, dumps, mask_secret, expand_env, atomic_write, state_dir, new_id
 # Uses: 2, 4
 # ============================================================================================
 
+_log = logging.getLogger("ccm")
 _ENV_RE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
 _ID_ALPHABET = string.ascii_letters + string.digits
 
@@ -495,6 +497,8 @@ class RouterCfg:
     think_trigger: str = "plan"
     auto_map_regex: str = "^claude-"
     background_regex: str = "(?i)claude.*haiku"
+    custom: str | None = None          # a Python file with route(request, context)
+    custom_timeout_ms: int = CUSTOM_ROUTER_TIMEOUT_MS
 
 
 @dataclass(slots=True)
@@ -535,6 +539,9 @@ class Config:
     usage: Any = None                  # UsageCfg ([usage]); None only before parse_config
     prices: dict[str, Any] = field(default_factory=dict)    # actual model -> Price
     clients: list[Any] = field(default_factory=list)        # [[clients]] (ClientCfg)
+    projects: list[Any] = field(default_factory=list)       # [[projects]] (Project), longest first
+    custom_router: Any = None          # CustomRouter for router.custom
+    fallback_provider: str | None = None   # [litellm]: serves models no [[models]] entry names
 
 
 # Per-provider and per-mapping translation options (issue: OpenAI-compatible providers).
@@ -670,26 +677,30 @@ def _parse_server(ck: _Checker, raw: Json) -> ServerCfg:
     return cfg
 
 
-def _parse_router(ck: _Checker, raw: Json) -> RouterCfg:
-    t = ck.table(raw, "router")
-    known = [*_ROUTER_MODEL_KEYS, "long_context_threshold", "think_trigger", "auto_map_regex",
-             "background_regex"]
-    ck.unknown(t, known, "router")
-    cfg = RouterCfg()
-    for key in _ROUTER_MODEL_KEYS + ("think_trigger", "auto_map_regex", "background_regex"):
-        value = ck.typed(t, key, (str,), "router")
+_ROUTER_KEYS = (*_ROUTER_MODEL_KEYS, "long_context_threshold", "think_trigger", "auto_map_regex",
+                "background_regex", "custom", "custom_timeout_ms")
+
+
+def _parse_router(ck: _Checker, raw: Json, base: RouterCfg | None = None,
+                  where: str = "router") -> RouterCfg:
+    """[router], or a project's [projects.router] over the global one (keys it sets win)."""
+    t = ck.table(raw, where)
+    ck.unknown(t, _ROUTER_KEYS, where)
+    cfg = dataclasses.replace(base) if base else RouterCfg()
+    for key in _ROUTER_MODEL_KEYS + ("think_trigger", "auto_map_regex", "background_regex", "custom"):
+        value = ck.typed(t, key, (str,), where)
         if value is not None:
-            value = ck.expand(value, f"router.{key}")
+            value = ck.expand(value, f"{where}.{key}")
             if value or not key.endswith("regex"):   # an empty regex keeps the default (as Rust)
                 setattr(cfg, key, value or None)
-    value = ck.typed(t, "long_context_threshold", (int,), "router")
-    if value is not None:
-        if value <= 0:
-            ck.errors.append("router.long_context_threshold: must be a positive number of tokens")
-        else:
-            cfg.long_context_threshold = value
+    for key, low in (("long_context_threshold", 1), ("custom_timeout_ms", 1)):
+        value = ck.typed(t, key, (int,), where)
+        if value is not None and value < low:
+            ck.errors.append(f"{where}.{key}: must be a positive number")
+        elif value is not None:
+            setattr(cfg, key, value)
     if cfg.think_trigger not in THINK_TRIGGERS:
-        ck.errors.append(f"router.think_trigger: {cfg.think_trigger!r} is not one of "
+        ck.errors.append(f"{where}.think_trigger: {cfg.think_trigger!r} is not one of "
                          f"{', '.join(THINK_TRIGGERS)}")
     return cfg
 
@@ -748,7 +759,8 @@ def _parse_provider(ck: _Checker, t: Json, where: str) -> Provider | None:
         name=name, provider_type=ptype, base_url=base_url.rstrip("/"), family=family,
         auth_type=auth, api_key=api_key, api_keys=[k for k in keys if k],
         enabled=True if vals["enabled"] is None else vals["enabled"],
-        models=[str(m) for m in ck.expand(vals["models"] or [], f"{where}.models")], headers=headers,
+        models=_str_list(ck, ck.expand(vals["models"] or [], f"{where}.models"), f"{where}.models"),
+        headers=headers,
         oauth_provider=ck.expand(vals["oauth_provider"], f"{where}.oauth_provider"),
         project_id=ck.expand(vals["project_id"], f"{where}.project_id"),
         location=ck.expand(vals["location"], f"{where}.location"), missing_env=missing,
@@ -762,6 +774,13 @@ def _parse_provider(ck: _Checker, t: Json, where: str) -> Provider | None:
         ck.errors.append(f"{where}.project_id: required for provider_type {ptype!r} (the Google "
                          "Cloud project that Vertex AI bills)")
     return p
+
+
+def _str_list(ck: _Checker, value: list[Any], where: str) -> list[str]:
+    if any(not isinstance(v, str) for v in value):
+        ck.errors.append(f"{where}: must be a list of strings")
+        return []
+    return value
 
 
 _BAD_KEY_CHARS = re.compile(r"[\x00-\x20\x7f]")
@@ -1029,11 +1048,196 @@ def _check_usage_clients(ck: _Checker, usage: UsageCfg, clients: list[ClientCfg]
                          "ledger ([usage] enabled = true)")
 
 
+# --- 6c. Coming from other routers: [litellm], custom routers, [[projects]] ----------------
+
+@dataclass(slots=True)
+class Project:
+    """[[projects]]: router keys of their own for requests from one directory tree."""
+    path: str                          # as written (messages and traces)
+    root: str                          # expanded and normalised
+    keys: list[str]                    # the router keys it sets
+    router: RouterCfg
+    cfg: Any = None                    # the Config with this project's router (set by parse_config)
+
+
+class CustomRouter:
+    """router.custom: the user's Python file exposing `route(request, context)`. It is imported
+    when the config loads, re-imported when the file changes, and called off the event loop on
+    a few daemon threads (a hung router cannot block requests or keep ccm from exiting)."""
+    THREADS = 4
+
+    def __init__(self, path: str, timeout_ms: int) -> None:
+        self.path = path
+        self.file = os.path.abspath(os.path.expanduser(path))
+        self.timeout_s = timeout_ms / 1000
+        self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self.fn, self.mtime = self._load()
+
+    def _load(self) -> tuple[Callable[..., Any], int]:
+        """(route function, file mtime); ValueError with the reason otherwise."""
+        try:
+            mtime = os.stat(self.file).st_mtime_ns
+        except OSError as exc:
+            raise ValueError(f"{self.path}: {exc.strerror or exc}") from None
+        name = "ccm_custom_router_" + hashlib.sha256(self.file.encode()).hexdigest()[:12]
+        spec = importlib.util.spec_from_file_location(name, self.file)
+        if spec is None or spec.loader is None:
+            raise ValueError(f"{self.path}: not a Python file")
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:           # the user's code: any failure is a config error
+            raise ValueError(f"{self.path}: importing it raised {type(exc).__name__}: {exc}") from None
+        fn = getattr(module, "route", None)
+        if not callable(fn):
+            raise ValueError(f"{self.path}: defines no function route(request, context)")
+        return fn, mtime
+
+    def current(self) -> Callable[..., Any]:
+        """The route function, re-imported first when the file changed since it was loaded."""
+        with self._load_lock:              # only router threads wait here, never the loop
+            with contextlib.suppress(OSError):
+                if os.stat(self.file).st_mtime_ns != self.mtime:
+                    try:
+                        self.fn, self.mtime = self._load()
+                    except ValueError as exc:
+                        self.mtime = os.stat(self.file).st_mtime_ns
+                        _log.warning("custom router %s; the version loaded before is kept", exc)
+            return self.fn
+
+    def submit(self, raw: bytes, context: Json) -> Any:
+        """Run route(fresh copy of the request, context) on a router thread; a Future."""
+        import concurrent.futures
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._lock:                   # a thread more while every one is busy (or hung)
+            if self._idle == 0 and len(self._threads) < self.THREADS:
+                t = threading.Thread(target=self._work, name="ccm-router", daemon=True)
+                self._threads.append(t)
+                self._idle += 1
+                t.start()
+        self._jobs.put((fut, raw, context))
+        return fut
+
+    def _work(self) -> None:
+        while True:
+            fut, raw, context = self._jobs.get()
+            with self._lock:
+                self._idle -= 1
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(self.current()(json.loads(raw), context))
+                except BaseException as exc:   # the user's code: reported, never fatal
+                    fut.set_exception(exc)
+            with self._lock:
+                self._idle += 1
+
+
+def _load_custom(ck: _Checker, router: RouterCfg, where: str,
+                 known: CustomRouter | None = None) -> CustomRouter | None:
+    if not router.custom:
+        return None
+    if known is not None and known.path == router.custom:
+        return known
+    try:
+        return CustomRouter(router.custom, router.custom_timeout_ms)
+    except ValueError as exc:
+        ck.errors.append(f"{where}.custom: {exc}")
+        return None
+
+
+def _parse_projects(ck: _Checker, raw: Any, router: RouterCfg) -> list[Project]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        ck.errors.append("projects: must be an array of tables ([[projects]])")
+        return []
+    projects = []
+    for i, t in enumerate(raw):
+        where = f"projects[{i}]"
+        t = ck.table(t, where)
+        ck.unknown(t, ["path", "router"], where)
+        path = ck.typed(t, "path", (str,), where)
+        if not path:
+            ck.errors.append(f"{where}.path: required (the project's directory)")
+            continue
+        path = ck.expand(path, f"{where}.path")
+        root = os.path.normpath(os.path.expanduser(path))
+        if not os.path.isabs(root):
+            ck.errors.append(f"{where}.path: {path!r} must be absolute or start with ~")
+        rt = ck.table(t.get("router"), f"{where}.router")
+        projects.append(Project(path, root, [k for k in _ROUTER_KEYS if k in rt],
+                                _parse_router(ck, rt, router, f"{where}.router")))
+    return sorted(projects, key=lambda pr: len(pr.root), reverse=True)
+
+
+def _parse_litellm(ck: _Checker, raw: Any, providers: dict[str, Provider]) -> str | None:
+    """claude-code-mux's legacy [litellm]: an Anthropic-format provider named litellm that serves
+    every model no [[models]] entry names, as the Rust version sent everything to LiteLLM."""
+    if raw is None:
+        return None
+    t = ck.table(raw, "litellm")
+    ck.unknown(t, ["endpoint", "api_key"], "litellm")
+    endpoint = ck.typed(t, "endpoint", (str,), "litellm")
+    if not endpoint:
+        ck.errors.append("litellm.endpoint: required (the LiteLLM proxy's URL)")
+        return None
+    if "litellm" in providers:
+        ck.errors.append("litellm: a provider named 'litellm' already exists; rename it or remove "
+                         "[litellm]")
+        return None
+    url = ck.expand(endpoint, "litellm.endpoint")
+    if not re.match(r"^https?://[^\s/]+", url):
+        ck.errors.append(f"litellm.endpoint: {endpoint!r} is not an http(s) URL")
+        return None
+    t = {"name": "litellm", "provider_type": "anthropic", "base_url": url,
+         **({"api_key": t["api_key"]} if "api_key" in t else {})}
+    p = _parse_provider(ck, t, "litellm")
+    if p is None:
+        return None
+    providers["litellm"] = p
+    ck.warnings.append(f"litellm: claude-code-mux's legacy [litellm] section became provider "
+                       f"'litellm' (Anthropic format at {p.base_url}); models with no [[models]] "
+                       "entry go to it")
+    return "litellm"
+
+
+def _known_model(name: str, models: dict[str, ModelMap], providers: dict[str, Provider],
+                 fallback: str | None) -> bool:
+    return (name.lower() in {m.lower() for m in models} or _explicit_pair(name, providers) is not None
+            or any(name in p.models for p in providers.values()) or fallback is not None)
+
+
+def _check_router(ck: _Checker, router: RouterCfg, where: str, models: dict[str, ModelMap],
+                  providers: dict[str, Provider], fallback: str | None) -> None:
+    for key in _ROUTER_MODEL_KEYS:
+        name = getattr(router, key)
+        if name and not _known_model(name, models, providers, fallback):
+            ck.errors.append(f"{where}.{key}: no model named {name!r} "
+                             f"(configured: {', '.join(models) or 'none'})")
+
+
+def _finish_projects(ck: _Checker, cfg: Config) -> None:
+    """Each project gets the whole config with its own router (and its regexes compiled)."""
+    for i, pr in enumerate(cfg.projects):
+        where = f"projects[{i}].router"
+        _check_router(ck, pr.router, where, cfg.models, cfg.providers, cfg.fallback_provider)
+        pr.cfg = dataclasses.replace(
+            cfg, router=pr.router, projects=[],
+            auto_map_re=ck.regex(pr.router.auto_map_regex, f"{where}.auto_map_regex"),
+            background_re=ck.regex(pr.router.background_regex, f"{where}.background_regex"),
+            custom_router=_load_custom(ck, pr.router, where, cfg.custom_router))
+
+
 def parse_config(raw: Json, path: str = "<config>") -> Config:
-    """Validate a parsed TOML document; raises ConfigError listing every problem (pure)."""
+    """Validate a parsed TOML document; raises ConfigError listing every problem (pure, except
+    that router.custom is imported)."""
     ck = _Checker()
-    ck.unknown(raw, ["server", "router", "providers", "models", "usage", "prices", "clients"],
-               "(top level)")
+    ck.unknown(raw, ["server", "router", "providers", "models", "usage", "prices", "clients",
+                     "projects", "litellm"], "(top level)")
     server = _parse_server(ck, raw.get("server"))
     router = _parse_router(ck, raw.get("router"))
     providers: dict[str, Provider] = {}
@@ -1048,24 +1252,26 @@ def parse_config(raw: Json, path: str = "<config>") -> Config:
         if p.name in providers:
             ck.errors.append(f"providers[{i}].name: duplicate provider name {p.name!r}")
         providers[p.name] = p
+    fallback = _parse_litellm(ck, raw.get("litellm"), providers)
     models = _parse_models(ck, raw.get("models"), providers)
-    for key in _ROUTER_MODEL_KEYS:
-        name = getattr(router, key)
-        if name and name.lower() not in {m.lower() for m in models} and \
-                not _explicit_pair(name, providers):
-            ck.errors.append(f"router.{key}: no model named {name!r} "
-                             f"(configured: {', '.join(models) or 'none'})")
+    _check_router(ck, router, "router", models, providers, fallback)
     auto_re = ck.regex(router.auto_map_regex, "router.auto_map_regex")
     bg_re = ck.regex(router.background_regex, "router.background_regex")
     usage = _parse_usage(ck, raw.get("usage"))
     prices = _parse_prices(ck, raw.get("prices"))
     clients = _parse_clients(ck, raw.get("clients"))
     _check_usage_clients(ck, usage, clients)
+    projects = _parse_projects(ck, raw.get("projects"), router)
+    cfg = Config(server=server, router=router, providers=providers, models=models, path=path,
+                 raw=raw, warnings=ck.warnings, auto_map_re=auto_re, background_re=bg_re,
+                 usage=usage, prices=prices, clients=clients, projects=projects,
+                 custom_router=None if ck.errors else _load_custom(ck, router, "router"),
+                 fallback_provider=fallback)
+    if not ck.errors:
+        _finish_projects(ck, cfg)
     if ck.errors:
         raise ConfigError(path, ck.errors)
-    return Config(server=server, router=router, providers=providers, models=models, path=path,
-                  raw=raw, warnings=ck.warnings, auto_map_re=auto_re, background_re=bg_re,
-                  usage=usage, prices=prices, clients=clients)
+    return cfg
 
 
 def _explicit_pair(name: str, providers: dict[str, Provider]) -> tuple[str, str] | None:
@@ -1517,10 +1723,28 @@ def _resolve(name: str, requested: str, cfg: Config, trace: list[str]) -> list[T
         return [Target(pair[0], pair[1])]
     mm = cfg.models.get(name) or _model_ci(name, cfg)
     if mm is None:
+        legacy = _legacy_targets(name, cfg, trace)
+        if legacy:
+            return legacy
         configured = ", ".join(cfg.models) or "none"
         raise RouteError(f"model {name!r} is not configured in ccm (configured models: "
                          f"{configured}; or use 'provider,model')", trace)
     return [Target(m.provider, m.actual_model or requested, m.options) for m in mm.mappings]
+
+
+def _legacy_targets(name: str, cfg: Config, trace: list[str]) -> list[Target]:
+    """claude-code-mux's lookups for a model without [[models]]: the providers whose `models`
+    list names it (in config order, as a failover chain), else the [litellm] provider."""
+    listed = [p.name for p in cfg.providers.values() if p.enabled and name in p.models]
+    if listed:
+        trace.append(f"model {name!r} has no [[models]] entry; listed by provider(s) "
+                     f"{', '.join(listed)} (legacy models lookup)")
+        return [Target(p, name) for p in listed]
+    if cfg.fallback_provider:
+        trace.append(f"model {name!r} has no [[models]] entry; sent to provider "
+                     f"{cfg.fallback_provider!r} ([litellm])")
+        return [Target(cfg.fallback_provider, name)]
+    return []
 
 
 def _model_ci(name: str, cfg: Config) -> ModelMap | None:
@@ -1541,10 +1765,15 @@ def _pin(targets: list[Target], pin: str, name: str, cfg: Config,
 
 
 def route(body: Json, headers: dict[str, str], cfg: Config,
-          count: Callable[[Json], tuple[int, str]] | None = None, raw_len: int = 0) -> Route:
-    """Choose the model and the ordered provider chain for one request (pure)."""
-    r = cfg.router
+          count: Callable[[Json], tuple[int, str]] | None = None, raw_len: int = 0,
+          choice: Choice | None = None) -> Route:
+    """Choose the model and the ordered provider chain for one request (pure); `choice` is
+    what router.custom answered (ask_custom)."""
     trace: list[str] = []
+    cfg, project = project_for(body, cfg)
+    if project:
+        trace.append(project)
+    r = cfg.router
     requested = body.get("model") if isinstance(body.get("model"), str) else ""
     tag = find_subagent_tag(body)
     if tag:
@@ -1554,6 +1783,10 @@ def route(body: Json, headers: dict[str, str], cfg: Config,
     if _explicit_pair(requested, cfg.providers):
         rule, name = "explicit", requested
         trace.append(f"explicit: model {requested!r} names provider and model")
+    elif choice is not None:
+        trace.append(choice.trace)
+        if choice.model:
+            rule, name = "custom", choice.model
     candidates = [
         ("websearch", r.websearch, lambda: (_has_web_search(body), "a web_search tool is present")),
         ("subagent", None, None),
@@ -1636,6 +1869,120 @@ def _default_model(requested: str, cfg: Config, trace: list[str]) -> str:
         return r.default
     trace.append(f"default: {requested!r} does not match auto_map_regex, used as asked")
     return requested
+
+
+# --- 7c. Projects and the custom router ------------------------------------------------------
+
+# Claude Code states its directory in the system prompt: "Primary working directory: /p" under
+# "# Environment" (current versions), "Working directory: /p" inside <env> (older ones).
+_CWD_RE = re.compile(r"^[ \t>*-]*(?:Primary working directory|Working directory):[ \t]*(\S[^\r\n]*?)"
+                     r"[ \t]*$", re.M)
+_PRIVATE_HEADERS = frozenset({"authorization", "x-api-key", "cookie", "proxy-authorization",
+                              "x-goog-api-key"})
+
+
+def working_directory(body: Json) -> str | None:
+    """The working directory Claude Code's system prompt names, or None."""
+    for text in _texts(body.get("system")):
+        if "orking directory:" in text:
+            m = _CWD_RE.search(text)
+            if m:
+                return m.group(1)
+    return None
+
+
+def _project(body: Json, cfg: Config) -> tuple[Any, str | None]:
+    cwd = working_directory(body) if cfg.projects else None
+    if not cwd:
+        return None, cwd
+    norm = os.path.normpath(cwd)
+    for pr in cfg.projects:                     # longest path first
+        if norm == pr.root or norm.startswith(pr.root.rstrip("/") + "/"):
+            return pr, cwd
+    return None, cwd
+
+
+def project_for(body: Json, cfg: Config) -> tuple[Config, str]:
+    """The config whose router applies (a matching [[projects]] entry's), and the trace line."""
+    pr, cwd = _project(body, cfg)
+    if pr is None:
+        return cfg, ""
+    return pr.cfg, (f"project {pr.path} matches working directory {cwd}: its router sets "
+                    f"{', '.join(pr.keys) or 'nothing'}")
+
+
+@dataclass(slots=True)
+class Choice:
+    """What router.custom answered for one request: a model (or None) and the trace line."""
+    model: str | None
+    trace: str
+
+
+def custom_context(body: Json, headers: dict[str, str], cfg: Config) -> Json:
+    """The `context` a custom router gets: facts about the request and config, no secrets."""
+    pr, cwd = _project(body, cfg)
+    r = (pr.cfg if pr else cfg).router
+    return {"headers": {k: v for k, v in headers.items() if k.lower() not in _PRIVATE_HEADERS},
+            "models": list(cfg.models), "providers": list(cfg.providers),
+            "router": {k: getattr(r, k) for k in _ROUTER_MODEL_KEYS},
+            "working_directory": cwd or working_directory(body), "project": pr.path if pr else None,
+            "session_id": headers.get("x-claude-code-session-id")}
+
+
+def judge_custom(cr: CustomRouter, answer: Any, body: Json, cfg: Config) -> Choice:
+    """A custom router's answer as a Choice; an unusable one falls back to the built-in rules."""
+    if answer is None:
+        return Choice(None, f"custom: {cr.path} returned None, built-in rules used")
+    if not isinstance(answer, str) or not answer.strip():
+        return _custom_failed(cr, f"returned {answer!r}, not a model name, 'provider,model' or None")
+    try:
+        _resolve(answer.strip(), str(body.get("model", "")), cfg, [])
+    except RouteError as exc:
+        return _custom_failed(cr, f"chose {answer!r}, which ccm cannot route ({exc.message})")
+    return Choice(answer.strip(), f"custom: {cr.path} chose {answer.strip()!r}")
+
+
+def _custom_failed(cr: CustomRouter, what: str) -> Choice:
+    _log.warning("custom router %s: %s; built-in rules used", cr.path, what)
+    return Choice(None, f"custom: {cr.path} {what}; built-in rules used")
+
+
+def _custom_for(body: Json, cfg: Config) -> tuple[CustomRouter | None, Config]:
+    eff, _ = project_for(body, cfg)
+    model = body.get("model")
+    if eff.custom_router is None or (isinstance(model, str) and _explicit_pair(model, cfg.providers)):
+        return None, eff
+    return eff.custom_router, eff
+
+
+async def ask_custom(body: Json, raw: bytes, headers: dict[str, str], cfg: Config) -> Choice | None:
+    """Ask router.custom (off the loop, within its time limit); it fails open."""
+    cr, eff = _custom_for(body, cfg)
+    if cr is None:
+        return None
+    fut = cr.submit(raw, custom_context(body, headers, cfg))
+    try:
+        answer = await asyncio.wait_for(asyncio.wrap_future(fut), cr.timeout_s)
+    except asyncio.TimeoutError:
+        return _custom_failed(cr, f"gave no answer within {round(cr.timeout_s * 1000)} ms")
+    except Exception as exc:               # the user's code raised it
+        return _custom_failed(cr, f"raised {type(exc).__name__}: {exc}")
+    return judge_custom(cr, answer, body, eff)
+
+
+def ask_custom_sync(body: Json, raw: bytes, headers: dict[str, str], cfg: Config) -> Choice | None:
+    """ask_custom for the dry run, which has no event loop."""
+    import concurrent.futures
+    cr, eff = _custom_for(body, cfg)
+    if cr is None:
+        return None
+    try:
+        answer = cr.submit(raw, custom_context(body, headers, cfg)).result(cr.timeout_s)
+    except concurrent.futures.TimeoutError:
+        return _custom_failed(cr, f"gave no answer within {round(cr.timeout_s * 1000)} ms")
+    except Exception as exc:               # the user's code raised it
+        return _custom_failed(cr, f"raised {type(exc).__name__}: {exc}")
+    return judge_custom(cr, answer, body, eff)
 
 
 # ============================================================================================
@@ -1860,9 +2207,6 @@ def image_tokens(b64: str) -> int:
     scale = min(1.0, 1568 / max(w, h), math.sqrt(1_150_000 / (w * h)))
     w, h = max(1, int(w * scale)), max(1, int(h * scale))
     return max(1, min(IMAGE_MAX_TOKENS, math.ceil(w * h / 750)))
-
-
-_log = logging.getLogger("ccm")
 
 
 def _load_encoding() -> tuple[Any, str]:
@@ -7167,7 +7511,8 @@ def explain(raw: bytes, headers: dict[str, str], cfg: Config, up: Upstreams | No
     req = Request("POST", "/v1/messages", "beta=true", headers, raw)
     body = _json_body(req)
     validate_messages(body)
-    rt = route(body, headers, cfg, count=COUNTER.count, raw_len=len(raw))
+    choice = ask_custom_sync(body, raw, headers, cfg)
+    rt = route(body, headers, cfg, count=COUNTER.count, raw_len=len(raw), choice=choice)
     if rt.tokens is None:
         rt.tokens, rt.token_method = COUNTER.count(body)
     up = up or Upstreams(cfg)                  # builds requests only; nothing is sent
@@ -12409,9 +12754,12 @@ class App:
             self.credits.check(req.client)         # 402 / 429 before any upstream is called
             body = _json_body(req)
             validate_messages(body)
-            if _needs_counting(cfg, len(req.body)):
+            if _needs_counting(project_for(body, cfg)[0] if cfg.projects else cfg, len(req.body)):
                 await _encoding_ready()
-            rt = route(body, req.headers, cfg, count=COUNTER.count, raw_len=len(req.body))
+            choice = (await ask_custom(body, req.body, req.headers, cfg)
+                      if cfg.custom_router or cfg.projects else None)
+            rt = route(body, req.headers, cfg, count=COUNTER.count, raw_len=len(req.body),
+                       choice=choice)
         except ProxyError as exc:
             self.recorder.finish(refused_record(req, exc, started))
             raise
