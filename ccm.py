@@ -7300,17 +7300,6 @@ class OAuthCredentials:
     def account_id(record: Json) -> str | None:
         return account_id(record)
 
-    @staticmethod
-    def codex_headers(record: Json, session_id: str) -> dict[str, str]:
-        """Headers of the ChatGPT Codex endpoint (PROTOCOL.md §8)."""
-        headers = {"authorization": f"Bearer {record['access_token']}",
-                   "originator": CODEX_ORIGINATOR, "session_id": session_id,
-                   "accept": "text/event-stream"}
-        acct = account_id(record)
-        if acct:
-            headers["chatgpt-account-id"] = acct
-        return headers
-
 
 async def oauth_call(creds: OAuthCredentials, provider_cfg: Any,
                      send: Callable[[str], Awaitable[httpx.Response]]) -> httpx.Response:
@@ -7483,10 +7472,18 @@ class Credentials:
             return await self.google_for(p).token(), {}
         if self._login(p) and not self.passes_client_login(p):
             rec = await self.oauth.record(p)
-            facts = {"account_id": account_id(rec), "project_id": rec.get("project_id"),
-                     "key_type": rec.get("key_type"), "login": resolve_kind(oauth_id(p), rec)}
-            return rec["access_token"], facts
+            return rec["access_token"], self._facts(p, rec)
         return self.pick(p), {}
+
+    def facts(self, p: Provider) -> Json:
+        """What get() would tell the adapter about a held login, from the store (dry runs)."""
+        rec = self.oauth.store.get(oauth_id(p)) if self._login(p) else None
+        return self._facts(p, rec) if rec and not self.passes_client_login(p) else {}
+
+    @staticmethod
+    def _facts(p: Provider, rec: Json) -> Json:
+        return {"account_id": account_id(rec), "project_id": rec.get("project_id"),
+                "key_type": rec.get("key_type"), "login": resolve_kind(oauth_id(p), rec)}
 
     async def refresh(self, p: Provider, rejected: str | None) -> str | None:
         """After a 401: a fresh token (once), or None when refreshing cannot help."""
@@ -7535,7 +7532,7 @@ def explain(raw: bytes, headers: dict[str, str], cfg: Config, up: Upstreams | No
 def _dry_request(up: Upstreams, p: Provider, t: Target, req: Request, rt: Route, cfg: Config) -> Json:
     try:
         call = Call(p, t, req, rt.body, rt.body.get("model", ""), up.credentials.pick(p),
-                    cfg.server.api_key is not None, up.secret)
+                    cfg.server.api_key is not None, up.secret, up.credentials.facts(p))
         adapter = adapter_for(p, t)
         out = adapter.build(call)
         hreq = up.request(out)

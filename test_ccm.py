@@ -8789,9 +8789,9 @@ def test_oauth_credentials_codex_headers_with_account_from_jwt() -> None:
     assert ccm.OAuthCredentials.account_id(rec) == "acct-from-id"
     assert ccm.OAuthCredentials.account_id({"access_token": access}) == "acct-from-access"
     assert ccm.OAuthCredentials.account_id({"access_token": "not.a-jwt"}) is None
-    h = ccm.OAuthCredentials.codex_headers(rec, "sess-1")
-    assert h == {"authorization": f"Bearer {access}", "chatgpt-account-id": "acct-from-id",
-                 "originator": "codex_cli_rs", "session_id": "sess-1", "accept": "text/event-stream"}
+    h = ccm.codex_headers(ccm.account_id(rec), "sess-1")
+    assert h == {"chatgpt-account-id": "acct-from-id", "originator": "codex_cli_rs",
+                 "session_id": "sess-1", "accept": "text/event-stream"}
     assert ccm.account_label(rec) == "a@b.c"
 
 
@@ -14010,8 +14010,12 @@ def test_app_codex_login_no_token_text_in_response_log_or_dry_run(
     write_cfg(tmp_home, pathlib.Path(c.cfg.path).read_text())
     (tmp_home / "req.json").write_text(json.dumps(BASIC_REQ))
     monkeypatch.chdir(tmp_home)
-    code, out, err = run_cli(capsys, "route", "--dry-run", "req.json")
+    code, out, err = run_cli(capsys, "route", "--dry-run", "req.json", "-H",
+                             f"x-claude-code-session-id: {CODEX_SESSION}")
     assert code == 0 and CODEX_PATH in out, err
+    # the dry run shows the headers the Codex endpoint would get, the login's facts included
+    assert f"chatgpt-account-id: {fake_auth.account}" in out and f"session_id: {CODEX_SESSION}" in out
+    assert "originator: codex_cli_rs" in out and "authorization: ****" in out
     assert "refreshed" in caplog.text          # the log was captured: the checks below can fail
     secrets = secrets_of(fake_auth) + [rec["access_token"], rec["refresh_token"], rec["id_token"]]
     for s in secrets:
