@@ -1075,6 +1075,7 @@ class CustomRouter:
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._idle = 0
+        self._said = 0.0                   # when the busy-threads warning was last logged
         self.fn, self.mtime = self._load()
 
     def _load(self) -> tuple[Callable[..., Any], int]:
@@ -1119,6 +1120,11 @@ class CustomRouter:
                 self._threads.append(t)
                 self._idle += 1
                 t.start()
+            elif self._idle == 0 and time.monotonic() - self._said > 60:
+                self._said = time.monotonic()
+                _log.warning("custom router %s: all %d router threads are busy (a call hangs?); "
+                             "requests wait up to %d ms, then use the built-in rules", self.path,
+                             self.THREADS, round(self.timeout_s * 1000))
         self._jobs.put((fut, raw, context))
         return fut
 
@@ -1136,17 +1142,26 @@ class CustomRouter:
                 self._idle += 1
 
 
-def _load_custom(ck: _Checker, router: RouterCfg, where: str,
-                 known: CustomRouter | None = None) -> CustomRouter | None:
+_CUSTOM_ROUTERS: dict[tuple[str, int], CustomRouter] = {}   # reloads reuse threads and module
+
+
+def _load_custom(ck: _Checker, router: RouterCfg, where: str) -> CustomRouter | None:
     if not router.custom:
         return None
-    if known is not None and known.path == router.custom:
-        return known
+    key = (os.path.abspath(os.path.expanduser(router.custom)), router.custom_timeout_ms)
     try:
-        return CustomRouter(router.custom, router.custom_timeout_ms)
+        cr = _CUSTOM_ROUTERS.get(key)
+        if cr is None:
+            cr = _CUSTOM_ROUTERS[key] = CustomRouter(router.custom, router.custom_timeout_ms)
+        elif os.stat(cr.file).st_mtime_ns != cr.mtime:
+            with cr._load_lock:            # a config load reports a broken edit as an error
+                cr.fn, cr.mtime = cr._load()
+        return cr
+    except OSError as exc:
+        ck.errors.append(f"{where}.custom: {router.custom}: {exc.strerror or exc}")
     except ValueError as exc:
         ck.errors.append(f"{where}.custom: {exc}")
-        return None
+    return None
 
 
 def _parse_projects(ck: _Checker, raw: Any, router: RouterCfg) -> list[Project]:
@@ -1229,7 +1244,7 @@ def _finish_projects(ck: _Checker, cfg: Config) -> None:
             cfg, router=pr.router, projects=[],
             auto_map_re=ck.regex(pr.router.auto_map_regex, f"{where}.auto_map_regex"),
             background_re=ck.regex(pr.router.background_regex, f"{where}.background_regex"),
-            custom_router=_load_custom(ck, pr.router, where, cfg.custom_router))
+            custom_router=_load_custom(ck, pr.router, where))
 
 
 def parse_config(raw: Json, path: str = "<config>") -> Config:
@@ -2002,6 +2017,7 @@ IMAGE_DEFAULT_TOKENS = 1600      # when the image size cannot be read from its h
 IMAGE_MAX_TOKENS = 1600          # Anthropic resizes to at most ~1.15 megapixels
 PDF_PAGE_TOKENS = 2000
 CHARS_PER_TOKEN = 4              # the fallback estimate when no encoding can be loaded
+ESTIMATE_BYTES_PER_TOKEN = 4     # request JSON bytes per token, for message_start's estimate
 _CACHE_MIN_CHARS = 48
 
 
@@ -2245,6 +2261,12 @@ def _tiktoken_cached() -> bool:
 
 
 COUNTER = TokenCounter()
+
+
+def estimate_tokens(raw_len: int) -> int:
+    """A request's input tokens without the tokenizer, from its JSON size (message_start only:
+    the provider's own count follows in message_delta)."""
+    return max(1, raw_len // ESTIMATE_BYTES_PER_TOKEN)
 
 
 def count_tokens(body: Json) -> int:
@@ -3089,7 +3111,8 @@ class EventWriter:
         self.secret = secret
         self.label = "upstream"            # the provider's name, for error messages
         self.msg_id = new_id("msg_")
-        self.input_estimate = input_tokens
+        self.input_estimate = input_tokens   # a cheap estimate for message_start
+        self.count_input: Callable[[], int] | None = None   # the tokenizer, if usage is missing
         self.started = False
         self.done = False             # message_stop or error was emitted
         self.failed: UpstreamError | None = None
@@ -3102,6 +3125,11 @@ class EventWriter:
         if not self.done:
             self._fail(exc, out)
         return out
+
+    def local_input(self) -> int:
+        """Input tokens when the upstream reported none: counted (the tokenizer loads only
+        for such a provider), else the estimate."""
+        return self.count_input() if self.count_input else self.input_estimate
 
     def _start(self, out: list[bytes]) -> None:
         if self.started:
@@ -3400,7 +3428,7 @@ class OpenAIStream(EventWriter):
                      and u["cache_read_input_tokens"] == 0):
             # The upstream sent no usage: fill it from ccm's own counts (never zeros).
             out_tokens = self.counter.text("".join(self.out_parts)) if self.out_parts else 0
-            u = {"input_tokens": self.input_estimate, "output_tokens": out_tokens,
+            u = {"input_tokens": self.local_input(), "output_tokens": out_tokens,
                  "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
         return u
 
@@ -4229,12 +4257,17 @@ class GeminiStream(_GeminiReader):
         self.label = "upstream"            # the provider's name, for error messages
         self.decoder = SSEDecoder()
         self.msg_id = new_id("msg_")
-        self.input_estimate = input_tokens
+        self.input_estimate = input_tokens   # a cheap estimate for message_start
+        self.count_input: Callable[[], int] | None = None   # the tokenizer, if usage is missing
         self.started = False
         self.done = False                  # message_stop or error was emitted
         self.failed: UpstreamError | None = None
         self.index = -1
         self.out: list[bytes] = []
+
+    def local_input(self) -> int:
+        """Input tokens when the upstream reported none (see EventWriter.local_input)."""
+        return self.count_input() if self.count_input else self.input_estimate
 
     # ---- public ------------------------------------------------------------------------
     def feed(self, chunk: bytes) -> list[bytes]:
@@ -4336,7 +4369,7 @@ class GeminiStream(_GeminiReader):
         u = gemini_usage(self.usage_meta)
         if not u:                          # the upstream sent none: ccm's own counts
             out_tokens = self.counter.text("".join(self.out_parts)) if self.out_parts else 0
-            u = {"input_tokens": self.input_estimate, "output_tokens": out_tokens,
+            u = {"input_tokens": self.local_input(), "output_tokens": out_tokens,
                  "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
         return u
 
@@ -4971,7 +5004,8 @@ class ResponsesStream(EventWriter):
         self.label = "upstream"            # the provider's name, for error messages
         self.decoder = SSEDecoder()
         self.msg_id, self.upstream_id = new_id("msg_"), ""
-        self.input_estimate = input_tokens
+        self.input_estimate = input_tokens   # a cheap estimate for message_start
+        self.count_input: Callable[[], int] | None = None   # the tokenizer, if usage is missing
         self.started = self.done = self.refused = self.had_tools = False
         self.failed: UpstreamError | None = None
         self.index = -1
@@ -5198,16 +5232,16 @@ class ResponsesStream(EventWriter):
 
     # ---- end ---------------------------------------------------------------------------
     def _usage(self) -> Json:
-        return _usage_or_count(self.usage, self.input_estimate, self.counter, self.out_parts)
+        return _usage_or_count(self.usage, self.local_input, self.counter, self.out_parts)
 
 
-def _usage_or_count(usage: Json, input_estimate: int, counter: TokenCounter,
+def _usage_or_count(usage: Json, input_count: Callable[[], int], counter: TokenCounter,
                     parts: list[str]) -> Json:
     """The upstream's usage, or ccm's own counts when it sent none (never zeros)."""
     u = responses_usage(usage)
     if u and (u["input_tokens"] or u["output_tokens"] or u["cache_read_input_tokens"]):
         return u
-    return {"input_tokens": input_estimate, "output_tokens": counter.text("".join(parts)) if parts
+    return {"input_tokens": input_count(), "output_tokens": counter.text("".join(parts)) if parts
             else 0, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}
 
 
@@ -5648,6 +5682,15 @@ def _fill_usage(msg: Json, data: Json, body: Json, out: Outbound | None = None) 
         out.local_usage = True
 
 
+def _counts(tr: Any, c: Call) -> Any:
+    """A translated stream's token facts: message_start gets a cheap estimate (no tokenizer for
+    ordinary traffic); the tokenizer counts only when the upstream reports no usage."""
+    tr.input_estimate = estimate_tokens(len(c.req.body))
+    tr.count_input = lambda: COUNTER.count(c.body)[0]
+    tr.nonce = c.req.id               # tool ids unique per answer (Claude Code dedupes ids)
+    return tr
+
+
 def relay_headers(headers: Any) -> list[tuple[str, str]]:
     """The upstream response headers an Anthropic-format answer keeps (PROTOCOL.md §7)."""
     return [(k, v) for k, v in headers.items()
@@ -5792,10 +5835,8 @@ class OpenAIAdapter(Adapter):
         return msg, None
 
     def stream(self, c: Call, out: Outbound) -> StreamTranslator:
-        tr = OpenAIStream(c.requested, out.state or {}, c.secret, COUNTER.count(c.body)[0],
-                          c.body.get("stop_sequences") or [])
-        tr.nonce = c.req.id               # tool ids unique per answer (Claude Code dedupes ids)
-        return tr
+        tr = OpenAIStream(c.requested, out.state or {}, c.secret, 0, c.body.get("stop_sequences") or [])
+        return _counts(tr, c)
 
 
 class ResponsesAdapter(Adapter):
@@ -5833,7 +5874,7 @@ class ResponsesAdapter(Adapter):
         return responses_message_from_events(raw, c.requested, out.state or {}, c.secret)
 
     def stream(self, c: Call, out: Outbound) -> StreamTranslator:
-        return ResponsesStream(c.requested, out.state or {}, c.secret, COUNTER.count(c.body)[0])
+        return _counts(ResponsesStream(c.requested, out.state or {}, c.secret), c)
 
 
 def codex_headers(account: str | None, session_id: str | None) -> dict[str, str]:
@@ -5893,10 +5934,7 @@ class GeminiAdapter(Adapter):
 
     def stream(self, c: Call, out: Outbound) -> StreamTranslator:
         signer, names = out.state
-        tr = GeminiStream(c.requested, c.secret, COUNTER.count(c.body)[0], signer=signer,
-                          names=names)
-        tr.nonce = c.req.id               # tool ids unique per answer (Claude Code dedupes ids)
-        return tr
+        return _counts(GeminiStream(c.requested, c.secret, signer=signer, names=names), c)
 
 
 class CodeAssistAdapter(GeminiAdapter):
@@ -5926,10 +5964,7 @@ class CodeAssistAdapter(GeminiAdapter):
 
     def stream(self, c: Call, out: Outbound) -> StreamTranslator:
         signer, names = out.state
-        tr = CodeAssistStream(c.requested, c.secret, COUNTER.count(c.body)[0], signer=signer,
-                              names=names)
-        tr.nonce = c.req.id
-        return tr
+        return _counts(CodeAssistStream(c.requested, c.secret, signer=signer, names=names), c)
 
 
 class VertexAdapter(GeminiAdapter):
@@ -7885,12 +7920,15 @@ class Failover:
                    self._route_header(ex, call.target), *adapter.response_headers(resp.headers)]
 
         def on_end(tr: StreamTranslator, outcome: str) -> None:
-            status = 200 if outcome == "ok" else (tr.failed.status if tr.failed and
-                                                   outcome == "error" else 499)
-            if outcome == "error" and tr.failed is not None and tr.failed.status >= 500:
-                tr.failed.retryable = True                  # a stream that broke mid-way
-                self._settle(p, att, False, tr.failed)
-            ex.finish(status, tr.final_usage(), outcome if outcome != "ok" else "", call.target)
+            failed = tr.failed if outcome == "error" else None
+            status = 200 if outcome == "ok" else failed.status if failed else 499
+            if failed is not None and failed.status >= 500:
+                failed.retryable = True                     # a stream that broke mid-way
+                self._settle(p, att, False, failed)
+            # The log line, recent list and ledger keep the reason the client's `event: error`
+            # gave (an upstream's response.failed message), not the bare outcome "error".
+            error = failed.message if failed else "" if outcome == "ok" else outcome
+            ex.finish(status, tr.final_usage(), error, call.target)
         chunks = relay_stream(first, it, tr, ping_s=ex.cfg.server.ping_interval_s, idle_s=idle_s,
                               provider=p.name, on_end=on_end, close=resp.aclose)
         return StreamResponse(resp.status_code, headers, chunks)
@@ -11675,6 +11713,13 @@ def _unmask(new: Any, old: Any) -> Any:
     return new
 
 
+def _custom_paths(raw: Json) -> list[Any]:
+    """Every router.custom a document sets (the global one and each project's)."""
+    routers = [raw.get("router")] + [p.get("router") for p in raw.get("projects") or []
+                                     if isinstance(p, dict)]
+    return [r.get("custom") if isinstance(r, dict) else None for r in routers]
+
+
 def merge_config_json(new: Json, old_raw: Json) -> Json:
     """The document to write: the page's edit, with masked secrets restored from the file and
     every key the page does not know kept."""
@@ -11859,6 +11904,9 @@ class Admin:
     def _save(self, raw: Json) -> Response:
         """Validate, write atomically (with config.toml.bak), then apply live."""
         path = self.cfg.path
+        if _custom_paths(raw) != _custom_paths(self.cfg.raw):
+            raise ProxyError(400, "router.custom runs Python code, so it is set in the config file "
+                             "only, not from the admin page")
         try:
             text = dump_toml(raw)
             if tomllib.loads(text) != raw:
@@ -12489,12 +12537,10 @@ def _first_model_of(cfg: Config, provider: str) -> str | None:
 
 def _needs_counting(cfg: Config, body_len: int) -> bool:
     """The tokenizer (+40 MB) loads only when a count may be needed: a long-context route that
-    the body's size cannot decide, or a translated provider (usage estimates)."""
+    the body's size cannot decide (translated answers carry the provider's usage)."""
     if COUNTER._loaded:
         return False
-    if cfg.router.long_context and body_len > cfg.router.long_context_threshold:
-        return True
-    return any(not adapter_for(p).passthrough for p in cfg.providers.values())
+    return bool(cfg.router.long_context) and body_len > cfg.router.long_context_threshold
 
 
 async def _encoding_ready() -> None:
@@ -12701,6 +12747,7 @@ class App:
                                      **breakers.get(name, {"state": "closed"})}
                               for name, p in self.cfg.providers.items()},
                 "counters": dict(sorted((self.counters + self.up.health.counters).items())),
+                "tokenizer": COUNTER.method,       # "not loaded" until a count needs it
                 "logins": self.logins.snapshot(self.up, self.cfg)}
         return Response(200, [("content-type", "application/json")], dumps(body).encode())
 

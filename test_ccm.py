@@ -2503,6 +2503,584 @@ def test_routing_server_x_provider_unserved_is_400(fake_upstream: Any, ccm_serve
     assert up.seen == []
 
 
+# --- issue 13: [litellm], providers' `models` lists, router.custom, [[projects]] -------------
+
+
+LITELLM_KEY = "sk-litellm-test-key-0001"
+
+
+LITELLM_WARNING = ("litellm: claude-code-mux's legacy [litellm] section became provider 'litellm' "
+                   "(Anthropic format at http://127.0.0.1:4000); models with no [[models]] entry go to it")
+
+
+def litellm_toml(endpoint: str = "http://127.0.0.1:4000") -> str:
+    return f'[litellm]\nendpoint = "{endpoint}"\napi_key = "{LITELLM_KEY}"\n\n'
+
+
+def legacy_provider_toml(name: str, kind: str, url: str, models: Any, enabled: bool = True) -> str:
+    """A [[providers]] entry with claude-code-mux's per-provider `models` list (TOML from JSON)."""
+    return (f'[[providers]]\nname = "{name}"\nprovider_type = "{kind}"\nbase_url = "{url}"\n'
+            f'api_key = "{PROVIDER_KEY}"\nenabled = {str(enabled).lower()}\n'
+            f'models = {json.dumps(models)}\n\n')
+
+
+def test_routing_litellm_section_becomes_an_anthropic_provider() -> None:
+    cfg = cfg_of(litellm_toml() + '[router]\n')
+    p = cfg.providers["litellm"]
+    assert (p.provider_type, p.family, p.base_url, p.api_key, p.enabled) == \
+        ("anthropic", "anthropic", "http://127.0.0.1:4000", LITELLM_KEY, True)
+    assert cfg.warnings == [LITELLM_WARNING]           # and no "unknown key" warning for it
+    assert cfg_of(litellm_toml("http://127.0.0.1:4000/")).providers["litellm"].base_url == \
+        "http://127.0.0.1:4000"
+
+
+@pytest.mark.parametrize("text, expected", [
+    (provider_toml("litellm", "openai", "http://127.0.0.1:9/v1") + litellm_toml(),
+     "litellm: a provider named 'litellm' already exists"),
+    ('[litellm]\napi_key = "sk-litellm-test-key-0001"\n', "litellm.endpoint: required"),
+], ids=["duplicate-name", "missing-endpoint"])
+def test_routing_litellm_config_errors(text: str, expected: str) -> None:
+    errors = config_errors(text)
+    assert any(e.startswith(expected) for e in errors), errors
+
+
+def test_routing_litellm_warning_printed_by_config_check(capsys: Any, tmp_home: Any) -> None:
+    path = write_cfg(tmp_home, litellm_toml() + '[router]\n')
+    code, out, err = run_cli(capsys, "config", "check")
+    assert code == 0 and "ok" in out, err
+    assert f"ccm: warning: {path}: {LITELLM_WARNING}" in err.splitlines(), err
+    assert LITELLM_KEY not in out + err
+
+
+LEGACY_PROVIDERS = (legacy_provider_toml("oa", "openai", "http://127.0.0.1:9/v1", ["gpt-4o", "shared", "GPT-5"])
+                    + legacy_provider_toml("off", "openai", "http://127.0.0.1:9/v1", ["only-off", "shared"],
+                                           enabled=False)
+                    + legacy_provider_toml("ob", "openai", "http://127.0.0.1:9/v1", ["shared", "gpt-4o-mini"])
+                    + legacy_provider_toml("an", "anthropic", "http://127.0.0.1:9", [])
+                    + model_toml("GPT-4o-Mini", ("an", "via-models")))
+
+
+# (id, model, headers, [litellm] present, targets, a trace line contains)
+LEGACY_LOOKUPS: list[tuple[Any, ...]] = [
+    ("listed-by-one-provider", "gpt-4o", {}, True, [("oa", "gpt-4o")],
+     "model 'gpt-4o' has no [[models]] entry; listed by provider(s) oa (legacy models lookup)"),
+    ("listed-by-two-config-order-disabled-skipped", "shared", {}, True, [("oa", "shared"), ("ob", "shared")],
+     "model 'shared' has no [[models]] entry; listed by provider(s) oa, ob (legacy models lookup)"),
+    ("listed-without-litellm", "shared", {}, False, [("oa", "shared"), ("ob", "shared")],
+     "listed by provider(s) oa, ob (legacy models lookup)"),
+    ("models-entry-beats-lists-case-insensitively", "gpt-4o-mini", {}, True, [("an", "via-models")],
+     "providers in order: an:via-models"),
+    ("explicit-pair-beats-everything", "ob,gpt-4o", {}, True, [("ob", "gpt-4o")], "explicit"),
+    ("explicit-pair-names-litellm", "litellm,anything", {}, True, [("litellm", "anything")], "explicit"),
+    ("x-provider-pins-one-listing-provider", "shared", {"x-provider": "ob"}, True, [("ob", "shared")],
+     "X-Provider: ob"),
+    ("list-match-is-case-sensitive-so-litellm", "gpt-5", {}, True, [("litellm", "gpt-5")], "[litellm]"),
+    ("only-a-disabled-provider-lists-it-so-litellm", "only-off", {}, True, [("litellm", "only-off")],
+     "[litellm]"),
+    ("unlisted-claude-model-without-default-to-litellm", "claude-opus-4-8", {}, True,
+     [("litellm", "claude-opus-4-8")], "[litellm]"),
+]
+
+
+@pytest.mark.parametrize("model, headers, litellm, targets, line", [c[1:] for c in LEGACY_LOOKUPS],
+                         ids=[c[0] for c in LEGACY_LOOKUPS])
+def test_routing_legacy_lookup_order(model: str, headers: dict[str, str], litellm: bool,
+                                     targets: list[tuple[str, str]], line: str) -> None:
+    """explicit pair > [[models]] > providers' `models` lists (config order) > [litellm] > 400."""
+    cfg = cfg_of((litellm_toml() if litellm else "") + '[router]\n\n' + LEGACY_PROVIDERS)
+    rt = ccm.route(req(model=model), dict(headers), cfg)
+    assert [(t.provider, t.model) for t in rt.targets] == targets, rt.trace
+    assert any(line in t for t in rt.trace), rt.trace
+    if "," in model:
+        assert rt.rule == "explicit"
+
+
+@pytest.mark.parametrize("model", ["nowhere", "only-off", "gpt-5"],
+                         ids=["unlisted", "only-a-disabled-provider-lists-it", "listed-in-another-case"])
+def test_routing_legacy_lookup_without_litellm_is_400(model: str) -> None:
+    cfg = cfg_of('[router]\n\n' + LEGACY_PROVIDERS)
+    with pytest.raises(ccm.RouteError) as ei:
+        ccm.route(req(model=model), {}, cfg)
+    assert ei.value.status == 400 and model in ei.value.message
+
+
+@pytest.mark.parametrize("value", ['"gpt-4o"', "[1, 2]", '["gpt-4o", 3]'],
+                         ids=["a-string", "integers", "one-integer"])
+def test_routing_legacy_models_must_be_a_list_of_strings(value: str) -> None:
+    errors = config_errors(PROV + f'api_key = "k"\nmodels = {value}\n')
+    assert any(e.startswith("providers[0].models") for e in errors), errors
+
+
+def test_routing_litellm_end_to_end(fake_upstream: Any, ccm_server: Any) -> None:
+    """A model no [[models]] entry names reaches the [litellm] endpoint, unchanged, with its key."""
+    lite = fake_upstream("anthropic")
+    c = ccm_server(f'[server]\n{NO_RETRY_TIMEOUTS}\n' + litellm_toml(lite.base_url) + '[router]\n\n'
+                   + provider_toml("p1", "anthropic", closed_port_url()) + model_toml("m", ("p1", "real-model")))
+    r = post(c, BASIC_REQ)
+    assert r.status_code == 200, r.text
+    r2, raw = stream_raw(c, BASIC_REQ)
+    assert r2.status_code == 200 and sse_events(raw)[-1][0] == "message_stop"
+    assert len(lite.seen) == 2
+    for seen in lite.seen:
+        assert (seen.method, seen.path.split("?")[0]) == ("POST", "/v1/messages")
+        assert seen.headers["x-api-key"] == LITELLM_KEY and seen.json["model"] == "claude-opus-4-8"
+    h = r.headers["x-ccm-route"]
+    assert "provider=litellm" in h and "upstream_model=claude-opus-4-8" in h, h
+
+
+def test_routing_legacy_models_end_to_end_fail_over_in_config_order(fake_upstream: Any,
+                                                                    ccm_server: Any) -> None:
+    up = fake_upstream("openai")
+    c = ccm_server(f'[server]\n{NO_RETRY_TIMEOUTS}\n[router]\n\n'
+                   + legacy_provider_toml("dead", "openai", closed_port_url() + "/v1", ["gpt-4o"])
+                   + legacy_provider_toml("live", "openai", up.base_url, ["gpt-4o-mini", "gpt-4o"]))
+    r = post(c, dict(BASIC_REQ, model="gpt-4o"))
+    assert r.status_code == 200, r.text
+    [seen] = up.seen
+    assert seen.path == "/v1/chat/completions" and seen.json["model"] == "gpt-4o"
+    assert seen.headers["authorization"] == f"Bearer {PROVIDER_KEY}"
+    assert r.json()["content"] == [{"type": "text", "text": "hello"}]
+    assert "provider=live" in r.headers["x-ccm-route"] and "upstream_model=gpt-4o" in r.headers["x-ccm-route"]
+
+
+# ---- [[projects]]: per-project router keys, matched on Claude Code's working directory --------
+
+
+def cc_system(cwd: str) -> list[Json]:
+    """Current Claude Code's system prompt: the directory under "# Environment" (CLAUDE_CODE.md)."""
+    return [{"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude."},
+            {"type": "text", "text": "You are an interactive CLI tool that helps users with software "
+             "engineering tasks.\n\n# Environment\nYou have been invoked in the following environment: \n"
+             f" - Primary working directory: {cwd}\n - Is a git repository: true\n - Platform: linux\n"
+             " - OS Version: Linux 6.8.0-45-generic\n - You are powered by the model claude-opus-4-8.\n"}]
+
+
+def old_cc_system(cwd: str) -> str:
+    """Older Claude Code: "Working directory:" inside <env>."""
+    return ("You are Claude Code, Anthropic's official CLI for Claude.\n\nHere is useful information "
+            f"about the environment you are running in:\n<env>\nWorking directory: {cwd}\n"
+            "Is directory a git repo: Yes\nPlatform: linux\nOS Version: Linux 6.8.0\n"
+            "Today's date: 2025-12-01\n</env>\n")
+
+
+PROJECT_MODELS = ('[router]\ndefault = "main"\nthink = "thinker"\n\n'
+                  + provider_toml("p1", "anthropic", "http://127.0.0.1:9")
+                  + "".join(model_toml(m, ("p1", f"{m}-actual"))
+                            for m in ("main", "thinker", "cheap", "smart", "wide")))
+
+
+def projects_toml(*projects: tuple[str, dict[str, Any]]) -> str:
+    out = ""
+    for path, router in projects:
+        out += f"[[projects]]\npath = {json.dumps(path)}\n"
+        if router:
+            out += "[projects.router]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in router.items())
+        out += "\n"
+    return out
+
+
+def project_body(where: str, cwd: str, plan: bool = False) -> Json:
+    msgs = [user(PLAN_ON, "plan it")] if plan else [user("hi")]
+    if where == "system":
+        return req(*msgs, system=cc_system(cwd))
+    if where == "env":
+        return req(*msgs, system=old_cc_system(cwd))
+    if where == "string":
+        return req(*msgs, system=f"You are Claude Code.\nPrimary working directory: {cwd}\nPlatform: linux\n")
+    if where == "user":
+        return req(user(f"<system-reminder>\nPrimary working directory: {cwd}\n</system-reminder>", "hi"))
+    return req(*msgs)
+
+
+ACME = ("~/work/acme", {"default": "cheap", "think": "smart"})
+ACME_LINE = "project ~/work/acme matches working directory {cwd}: its router sets default, think"
+
+
+# (id, projects, where the directory is stated, cwd, plan mode, rule, model, project trace line)
+# The trace line: None = no line starting "project ", "any" = one, not checked word for word.
+PROJECT_CASES: list[tuple[Any, ...]] = [
+    ("primary-exact-dir", [ACME], "system", "{h}/work/acme", False, "default", "cheap", ACME_LINE),
+    ("primary-subdir", [ACME], "system", "{h}/work/acme/src/x", False, "default", "cheap", ACME_LINE),
+    ("subdir-with-spaces", [ACME], "system", "{h}/work/acme/my dir", False, "default", "cheap", ACME_LINE),
+    ("older-working-directory-in-env", [ACME], "env", "{h}/work/acme/x", False, "default", "cheap", ACME_LINE),
+    ("primary-line-without-dash", [ACME], "string", "{h}/work/acme", False, "default", "cheap", ACME_LINE),
+    ("component-boundary", [ACME], "system", "{h}/work/acmeX", False, "default", "main", None),
+    ("prefix-of-the-path", [ACME], "system", "{h}/work/ac", False, "default", "main", None),
+    ("parent-dir", [ACME], "system", "{h}/work", False, "default", "main", None),
+    ("longest-wins", [("~/work", {"default": "wide"}), ACME], "system", "{h}/work/acme/x", False,
+     "default", "cheap", ACME_LINE),
+    ("longest-wins-whatever-the-order", [ACME, ("~/work", {"default": "wide"})], "system",
+     "{h}/work/acme/x", False, "default", "cheap", ACME_LINE),
+    ("shorter-when-only-it-matches", [("~/work", {"default": "wide"}), ACME], "system", "{h}/work/other",
+     False, "default", "wide", "project ~/work matches working directory {cwd}: its router sets default"),
+    ("unset-keys-inherited", [("~/work/acme", {"default": "cheap"})], "system", "{h}/work/acme", True,
+     "think", "thinker", "project ~/work/acme matches working directory {cwd}: its router sets default"),
+    ("project-key-overrides-global", [ACME], "system", "{h}/work/acme", True, "think", "smart", ACME_LINE),
+    ("trailing-slash-ignored", [("~/work/acme/", {"default": "cheap"})], "system", "{h}/work/acme", False,
+     "default", "cheap", "any"),
+    ("only-in-a-user-message", [ACME], "user", "{h}/work/acme", False, "default", "main", None),
+    ("no-system-prompt", [ACME], "none", "{h}/work/acme", False, "default", "main", None),
+    ("no-projects-configured", [], "system", "{h}/work/acme", False, "default", "main", None),
+]
+
+
+@pytest.mark.parametrize("projects, where, cwd, plan, rule, model, line", [c[1:] for c in PROJECT_CASES],
+                         ids=[c[0] for c in PROJECT_CASES])
+def test_routing_projects_table(tmp_home: Any, projects: list[Any], where: str, cwd: str, plan: bool,
+                                rule: str, model: str, line: str | None) -> None:
+    cwd = cwd.format(h=tmp_home)
+    cfg = cfg_of(PROJECT_MODELS + projects_toml(*projects))
+    assert cfg.warnings == []                            # [[projects]] is a known top-level key
+    rt = ccm.route(project_body(where, cwd, plan), {}, cfg)
+    assert (rt.rule, rt.model, [(t.provider, t.model) for t in rt.targets]) == \
+        (rule, model, [("p1", f"{model}-actual")]), rt.trace
+    said = [t for t in rt.trace if t.startswith("project ")]
+    if line is None:
+        assert said == [], rt.trace
+    elif line == "any":
+        assert len(said) == 1, rt.trace
+    else:
+        assert said == [line.format(cwd=cwd)], rt.trace
+
+
+def test_routing_projects_other_router_keys_apply(tmp_home: Any) -> None:
+    cfg = cfg_of(PROJECT_MODELS + projects_toml(("~/work/acme", {"think_trigger": "thinking"})))
+    body = req(system=cc_system(f"{tmp_home}/work/acme"), thinking={"type": "enabled", "budget_tokens": 2000})
+    assert ccm.route(body, {}, cfg).rule == "think"
+    assert ccm.route(dict(body, system=cc_system(f"{tmp_home}/other")), {}, cfg).rule == "default"
+
+
+@pytest.mark.parametrize("projects, where, needle", [
+    ('[[projects]]\n[projects.router]\ndefault = "cheap"\n', "projects[0].path", ""),
+    (projects_toml(("~/work/acme", {"default": "nope"})), "projects[0]", "nope"),
+    (projects_toml(("~/a", {"default": "cheap"}), ("~/b", {"think": "nope"})), "projects[1]", "nope"),
+], ids=["missing-path", "unknown-model", "unknown-model-second-project"])
+def test_routing_projects_config_errors(projects: str, where: str, needle: str) -> None:
+    errors = config_errors(PROJECT_MODELS + projects)
+    assert any(e.startswith(where) and needle in e for e in errors), errors
+
+
+def test_routing_projects_unknown_router_key_warns() -> None:
+    cfg = cfg_of(PROJECT_MODELS + projects_toml(("~/work/acme", {"default": "cheap", "fancy": 1})))
+    assert any("projects[0]" in w and "fancy" in w for w in cfg.warnings), cfg.warnings
+
+
+def test_routing_cli_dry_run_shows_the_project_line(cli: Cli) -> None:
+    cli.write_cfg(PROJECT_MODELS + projects_toml(ACME))
+    cwd = f"{cli.home}/work/acme/x"
+    req_file = cli.home / "req.json"
+    req_file.write_text(json.dumps(dict(BASIC_REQ, system=cc_system(cwd))))
+    r = cli("route", "--dry-run", str(req_file))
+    assert r.returncode == 0, r.stderr
+    assert "  - " + ACME_LINE.format(cwd=cwd) in r.stdout.splitlines(), r.stdout
+    assert re.search(r"model:\s*cheap\n", r.stdout) and "cheap-actual" in r.stdout
+
+
+# ---- router.custom: the user's route(request, context) -----------------------------------------
+
+
+CUSTOM_ROUTER = "~/ccm_router.py"
+
+
+def write_router(home: Any, source: str, name: str = "ccm_router.py") -> str:
+    """A custom router file in home (tmp_home is $HOME, so "~/ccm_router.py" names it)."""
+    path = os.path.join(str(home), name)
+    with open(path, "w") as f:
+        f.write(source)
+    return path
+
+
+def router_returning(value: Any) -> str:
+    return f"def route(request, context):\n    return {value!r}\n"
+
+
+def custom_toml(url: str = "http://127.0.0.1:9", extra_router: str = "") -> str:
+    return (f'[server]\n{NO_RETRY_TIMEOUTS}\n[router]\ndefault = "m"\nwebsearch = "ws"\n'
+            f'custom = "{CUSTOM_ROUTER}"\n{extra_router}\n'
+            + provider_toml("p1", "anthropic", url) + provider_toml("p2", "anthropic", url)
+            + model_toml("m", ("p1", "real-model")) + model_toml("other", ("p1", "other-model"))
+            + model_toml("ws", ("p1", "ws-model")) + model_toml("multi", ("p1", "multi-1"), ("p2", "multi-2")))
+
+
+def request_file(home: Any, body: Any) -> str:
+    path = os.path.join(str(home), "req.json")
+    with open(path, "w") as f:
+        json.dump(body, f)
+    return path
+
+
+RAISES = "def route(request, context):\n    raise RuntimeError('router boom')\n"
+
+
+# (id, router source, request fields, route -H args, rule, targets, the custom trace line contains)
+CUSTOM_ANSWERS: list[tuple[Any, ...]] = [
+    ("a-model-name", router_returning("other"), {}, [], "custom", [("p1", "other-model")],
+     "custom: ~/ccm_router.py chose 'other'"),
+    ("provider-comma-model", router_returning("p2,raw-x"), {}, [], "custom", [("p2", "raw-x")],
+     "custom: ~/ccm_router.py chose 'p2,raw-x'"),
+    ("none-built-in-rules", router_returning(None), {}, [], "default", [("p1", "real-model")],
+     "custom: ~/ccm_router.py returned None, built-in rules used"),
+    ("asked-before-websearch", router_returning("other"), {"tools": [WEB]}, [], "custom",
+     [("p1", "other-model")], "chose 'other'"),
+    ("none-then-websearch", router_returning(None), {"tools": [WEB]}, [], "websearch", [("p1", "ws-model")],
+     "returned None, built-in rules used"),
+    ("x-provider-pin-still-applies", router_returning("multi"), {}, ["-H", "X-Provider: p2"], "custom",
+     [("p2", "multi-2")], "chose 'multi'"),
+    ("raises", RAISES, {}, [], "default", [("p1", "real-model")], "built-in rules used"),
+    ("wrong-type", router_returning(42), {}, [], "default", [("p1", "real-model")], "built-in rules used"),
+    ("unknown-model", router_returning("nope"), {}, [], "default", [("p1", "real-model")],
+     "built-in rules used"),
+]
+
+
+@pytest.mark.parametrize("source, fields, hargs, rule, targets, needle", [c[1:] for c in CUSTOM_ANSWERS],
+                         ids=[c[0] for c in CUSTOM_ANSWERS])
+def test_routing_custom_router_answers(capsys: Any, tmp_home: Any, source: str, fields: Json,
+                                       hargs: list[str], rule: str, targets: list[tuple[str, str]],
+                                       needle: str) -> None:
+    write_router(tmp_home, source)
+    write_cfg(tmp_home, custom_toml())
+    code, out, err = run_cli(capsys, "route", "--dry-run", "--json", *hargs,
+                             request_file(tmp_home, dict(BASIC_REQ, **fields)))
+    assert code == 0, err
+    info = json.loads(out)
+    assert (info["rule"], [(p["provider"], p["model"]) for p in info["providers"]]) == (rule, targets), \
+        info["trace"]
+    said = [t for t in info["trace"] if t.startswith("custom: ~/ccm_router.py")]
+    assert len(said) == 1 and needle in said[0], info["trace"]
+
+
+def test_routing_custom_router_not_asked_for_an_explicit_pair(capsys: Any, tmp_home: Any) -> None:
+    asked = tmp_home / "asked"
+    write_router(tmp_home, f"def route(request, context):\n    open({str(asked)!r}, 'w').close()\n"
+                 "    return 'other'\n")
+    write_cfg(tmp_home, custom_toml())
+    code, out, err = run_cli(capsys, "route", "--dry-run", "--json",
+                             request_file(tmp_home, dict(BASIC_REQ, model="p2,raw")))
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["rule"] == "explicit" and [p["provider"] for p in info["providers"]] == ["p2"]
+    assert not asked.exists() and not any(t.startswith("custom") for t in info["trace"])
+    code, out, err = run_cli(capsys, "route", "--dry-run", "--json", request_file(tmp_home, BASIC_REQ))
+    assert code == 0 and json.loads(out)["rule"] == "custom" and asked.exists(), err
+
+
+def test_routing_custom_router_default_timeout_is_200_ms(tmp_home: Any) -> None:
+    write_router(tmp_home, router_returning(None))
+    assert cfg_of(custom_toml()).router.custom_timeout_ms == 200
+    assert cfg_of(custom_toml(extra_router="custom_timeout_ms = 100\n")).router.custom_timeout_ms == 100
+
+
+BAD_ROUTERS = [
+    ("missing-file", None),
+    ("syntax-error", "def route(request, context)\n    return 'm'\n"),
+    ("raises-at-import", "raise ImportError('no such helper')\n"),
+    ("no-route-function", "def choose(request, context):\n    return 'm'\n"),
+    ("route-not-callable", "route = 'm'\n"),
+]
+
+
+@pytest.mark.parametrize("source", [s for _, s in BAD_ROUTERS], ids=[i for i, _ in BAD_ROUTERS])
+def test_routing_custom_router_load_errors_are_config_errors(capsys: Any, tmp_home: Any,
+                                                             source: str | None) -> None:
+    if source is not None:
+        write_router(tmp_home, source)
+    path = write_cfg(tmp_home, custom_toml())
+    with pytest.raises(ccm.ConfigError) as ei:
+        ccm.load_config(path)
+    assert any(e.startswith("router.custom") for e in ei.value.errors), ei.value.errors
+    code, out, err = run_cli(capsys, "config", "check")
+    assert code == 2 and "router.custom" in err and "Traceback" not in out + err
+
+
+def test_routing_custom_router_in_a_project(capsys: Any, tmp_home: Any) -> None:
+    """[projects.router] accepts custom: the project's file is asked, only for that project."""
+    write_router(tmp_home, router_returning("cheap"), "proj_router.py")
+    write_cfg(tmp_home, PROJECT_MODELS + projects_toml(("~/work/acme", {"custom": "~/proj_router.py"})))
+    for cwd, rule, model in [(f"{tmp_home}/work/acme/x", "custom", "cheap"), (f"{tmp_home}/b", "default", "main")]:
+        code, out, err = run_cli(capsys, "route", "--dry-run", "--json",
+                                 request_file(tmp_home, dict(BASIC_REQ, system=cc_system(cwd))))
+        assert code == 0, err
+        info = json.loads(out)
+        assert (info["rule"], info["model"]) == (rule, model), info["trace"]
+
+
+def test_routing_custom_router_end_to_end_chooses_the_model(fake_upstream: Any, ccm_server: Any,
+                                                            tmp_home: Any) -> None:
+    up = fake_upstream("anthropic")
+    write_router(tmp_home, router_returning("other"))
+    c = ccm_server(custom_toml(up.base_url))
+    r = post(c, BASIC_REQ)
+    assert r.status_code == 200, r.text
+    assert up.seen[0].json["model"] == "other-model"
+    assert r.headers["x-ccm-route"].startswith("custom; model=other;"), r.headers["x-ccm-route"]
+
+
+FAILING_ROUTERS = [
+    ("raises", RAISES, ""),
+    ("hangs", "import time\n\n\ndef route(request, context):\n    time.sleep(5)\n    return 'other'\n",
+     "custom_timeout_ms = 100\n"),
+    ("wrong-type", router_returning(["other"]), ""),
+    ("unknown-model", router_returning("nope"), ""),
+]
+
+
+@pytest.mark.parametrize("source, extra", [c[1:] for c in FAILING_ROUTERS], ids=[c[0] for c in FAILING_ROUTERS])
+def test_routing_custom_router_fails_open_with_one_warning(fake_upstream: Any, ccm_server: Any, tmp_home: Any,
+                                                           caplog: pytest.LogCaptureFixture, source: str,
+                                                           extra: str) -> None:
+    caplog.set_level(logging.INFO)
+    up = fake_upstream("anthropic")
+    write_router(tmp_home, source)
+    c = ccm_server(custom_toml(up.base_url, extra))
+    started = time.monotonic()
+    r = post(c, BASIC_REQ)
+    took = time.monotonic() - started
+    assert r.status_code == 200, r.text
+    assert r.headers["x-ccm-route"].startswith("default;") and up.seen[0].json["model"] == "real-model"
+    assert took < 2.0, f"{took:.2f} s: a hung router holds a request for custom_timeout_ms, not 5 s"
+    said = [rec.getMessage() for rec in caplog.records
+            if rec.name == "ccm" and rec.levelno == logging.WARNING and "custom router" in rec.getMessage()]
+    assert len(said) == 1, said
+    assert said[0].startswith("custom router ~/ccm_router.py: ") and \
+        said[0].endswith("; built-in rules used"), said
+
+
+def test_routing_custom_router_hung_call_blocks_no_other_request(fake_upstream: Any, ccm_server: Any,
+                                                                 tmp_home: Any) -> None:
+    """One call hangs in the router (its request waits custom_timeout_ms = 3 s); a request sent
+    meanwhile is answered by the router at once: neither the loop nor the router is held."""
+    up = fake_upstream("anthropic")
+    entered = tmp_home / "hung-call-entered"
+    write_router(tmp_home, "import time\n\n\ndef route(request, context):\n"
+                 "    if request['messages'][0]['content'] == 'hang':\n"
+                 f"        open({str(entered)!r}, 'w').close()\n        time.sleep(5)\n    return 'other'\n")
+    c = ccm_server(custom_toml(up.base_url, "custom_timeout_ms = 3000\n"))
+    slow: dict[str, Any] = {}
+
+    def hung() -> None:
+        with loopback_client() as client:
+            started = time.monotonic()
+            slow["r"] = client.post(c.base_url + "/v1/messages", json=dict(BASIC_REQ, messages=[user("hang")]))
+            slow["took"] = time.monotonic() - started
+    t = threading.Thread(target=hung, daemon=True)
+    t.start()
+    assert wait_for(entered.exists, 10)
+    started = time.monotonic()
+    r = post(c, BASIC_REQ)
+    took = time.monotonic() - started
+    t.join(15)
+    assert r.status_code == 200 and r.headers["x-ccm-route"].startswith("custom;"), r.text
+    assert took < 2.0, f"{took:.2f} s: the request sent while a router call hung waited for it"
+    assert slow["r"].status_code == 200 and slow["r"].headers["x-ccm-route"].startswith("default;")
+    assert 2.5 < slow["took"] < 4.8, slow["took"]     # custom_timeout_ms, not the router's 5 s
+
+
+def test_routing_custom_router_context(fake_upstream: Any, ccm_server: Any, tmp_home: Any) -> None:
+    up = fake_upstream("anthropic")
+    got = tmp_home / "context.json"
+    write_router(tmp_home, "import json\n\n\ndef route(request, context):\n"
+                 f"    with open({str(got)!r}, 'w') as f:\n        json.dump(context, f)\n    return None\n")
+    c = ccm_server(custom_toml(up.base_url) + projects_toml(("~/work/acme", {"default": "m"})))
+    cwd = f"{tmp_home}/work/acme/x"
+    r = post(c, dict(BASIC_REQ, system=cc_system(cwd)), **{
+        "x-api-key": CLIENT_KEY, "authorization": f"Bearer {CLIENT_KEY}", "cookie": "sid=cookie-secret-0001",
+        "x-claude-code-session-id": "sess-42", "X-Custom-Thing": "Yes"})
+    assert r.status_code == 200, r.text
+    text = got.read_text()
+    ctx = json.loads(text)
+    assert set(ctx) >= {"headers", "models", "providers", "router", "working_directory", "project",
+                        "session_id"}, ctx
+    h = ctx["headers"]
+    assert not {"authorization", "x-api-key", "cookie"} & set(h), h
+    assert all(k == k.lower() for k in h) and h["x-custom-thing"] == "Yes", h
+    assert h["anthropic-version"] == "2023-06-01"
+    for secret in (CLIENT_KEY, PROVIDER_KEY, "cookie-secret-0001"):
+        assert secret not in text
+    assert ctx["working_directory"] == cwd
+    assert ctx["project"] in ("~/work/acme", f"{tmp_home}/work/acme")
+    assert ctx["session_id"] == "sess-42"
+    assert isinstance(ctx["models"], list) and sorted(ctx["models"]) == ["m", "multi", "other", "ws"]
+    assert isinstance(ctx["providers"], list) and sorted(ctx["providers"]) == ["p1", "p2"]
+    assert ctx["router"] == {"default": "m", "think": None, "background": None, "websearch": "ws",
+                             "long_context": None, "image": None, "subagent": None}
+    assert post(c, BASIC_REQ).status_code == 200
+    ctx = json.loads(got.read_text())
+    assert (ctx["working_directory"], ctx["project"], ctx["session_id"]) == (None, None, None)
+
+
+def test_routing_custom_router_mutating_the_request_changes_nothing(fake_upstream: Any, ccm_server: Any,
+                                                                    tmp_home: Any) -> None:
+    up = fake_upstream("anthropic")
+    write_router(tmp_home, "def route(request, context):\n    request['model'] = 'p2,hijacked'\n"
+                 "    request['max_tokens'] = 1\n    request['system'] = 'injected'\n"
+                 "    request['messages'][0]['content'] = 'changed by the router'\n"
+                 "    request['messages'].append({'role': 'user', 'content': 'extra'})\n    return None\n")
+    c = ccm_server(custom_toml(up.base_url))
+    for _ in range(2):
+        r = post(c, BASIC_REQ)
+        assert r.status_code == 200 and r.headers["x-ccm-route"].startswith("default;"), r.text
+    for seen in up.seen:
+        body = seen.json
+        assert (body["model"], body["max_tokens"], body.get("system")) == ("real-model", 100, None)
+        assert body["messages"] == [{"role": "user", "content": "hi"}]
+
+
+def test_routing_custom_router_reloaded_when_the_file_changes(fake_upstream: Any, ccm_server: Any,
+                                                              tmp_home: Any,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    up = fake_upstream("anthropic")
+    path = write_router(tmp_home, router_returning("other"))
+    c = ccm_server(custom_toml(up.base_url))
+
+    def upstream_model() -> str:
+        assert post(c, BASIC_REQ).status_code == 200
+        return up.seen[-1].json["model"]
+
+    def rewrite(source: str) -> None:
+        later = os.stat(path).st_mtime + 10            # a new mtime, however coarse the clock
+        write_router(tmp_home, source)
+        os.utime(path, (later, later))
+    assert upstream_model() == "other-model"
+    rewrite(router_returning("multi"))
+    assert wait_for(lambda: upstream_model() == "multi-1", 5)
+    rewrite("def route(request, context):\n    return (\n")   # broken: refused, the last good one kept
+    assert upstream_model() == "multi-1"
+    assert wait_for(lambda: any(rec.levelno == logging.WARNING and "ccm_router.py" in rec.getMessage()
+                                for rec in caplog.records), 5)
+    assert upstream_model() == "multi-1"
+
+
+def test_routing_cli_dry_run_shows_the_custom_router_line(cli: Cli) -> None:
+    write_router(cli.home, router_returning("other"))
+    cli.write_cfg(custom_toml())
+    r = cli("route", "--dry-run", request_file(cli.home, BASIC_REQ))
+    assert r.returncode == 0, r.stderr
+    assert "  - custom: ~/ccm_router.py chose 'other'" in r.stdout.splitlines(), r.stdout
+    assert re.search(r"rule:\s*custom\n", r.stdout) and "other-model" in r.stdout
+
+
+def test_routing_custom_router_reloads_reuse_one_router_and_its_threads(tmp_path: Any) -> None:
+    """Every config load (SIGHUP, admin save, CLI) reuses the router of the same file, so its
+    threads are not leaked; an edit that breaks the file is a config error at the next load."""
+    f = tmp_path / "r.py"
+    f.write_text("def route(r, c):\n    return None\n")
+    raw = tomllib.loads(f'[router]\ndefault = "m"\ncustom = "{f}"\n' + provider_toml("p1", "anthropic", "http://127.0.0.1:9")
+                        + model_toml("m", ("p1", "x")))
+    first = ccm.parse_config(raw)
+    body = {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+    for _ in range(3):
+        cfg = ccm.parse_config(raw)
+        assert cfg.custom_router is first.custom_router
+        assert ccm.ask_custom_sync(body, json.dumps(body).encode(), {}, cfg).model is None
+    assert len(first.custom_router._threads) == 1
+    f.write_text("def route(r, c) -> None:\n    return (\n")
+    os.utime(f, ns=(time.time_ns(), time.time_ns() + 10**9))
+    with pytest.raises(ccm.ConfigError, match="router.custom: .*SyntaxError"):
+        ccm.parse_config(raw)
+
+
 # --- request validation (issue: no surprises) ---------------------------------------------
 
 MALFORMED = [
@@ -6189,7 +6767,8 @@ OA_THINK_TOOLS = [
     oa_chunk(finish="tool_calls"),
     {**OA_BASE, "choices": [], "usage": {"prompt_tokens": 30, "completion_tokens": 9,
                                           "prompt_tokens_details": {"cached_tokens": 4}}}]
-OA_EST = ccm.COUNTER.count(CONFORMANCE_REQUESTS["tools-stream"][0])[0]
+# message_start carries the cheap estimate from the request size (no tokenizer for ordinary traffic)
+OA_EST = ccm.estimate_tokens(len(json.dumps(CONFORMANCE_REQUESTS["tools-stream"][0]).encode()))
 OA_START = ("message_start", {"type": "message_start", "message": {
     "id": "msg_X", "type": "message", "role": "assistant", "content": [], "model": MODEL,
     "stop_reason": None, "stop_sequence": None, "usage": dict(ZERO_USAGE, input_tokens=OA_EST)}})
@@ -7290,6 +7869,24 @@ def test_conformance_stream_eof_before_the_end_is_one_error_event(case: str) -> 
             assert tr.failed.status >= 500, (sid, i, tr.failed.status)
             assert tr.finish_stream() == [] and tr.fail(LATE) == [], (sid, i)
         assert errors >= len(raw) // 2, f"{sid}: most early cuts must be errors ({errors})"
+
+
+def test_conformance_stream_usage_estimate_then_counts_only_without_usage() -> None:
+    """message_start carries the size estimate; the tokenizer counts the input only for an
+    upstream that reports no usage, and the provider's own usage wins otherwise."""
+    fc = family_case("openai")
+    c = conformance_call(fc, "tools-stream")
+    counted: list[int] = []
+    for chunks, want_input in ((OA_THINK_TOOLS, 26), (OA_THINK_TOOLS[:-1], None)):   # 30 - 4 cached
+        tr = ccm.ADAPTERS["openai"].stream(c, ccm.ADAPTERS["openai"].build(c))
+        real = tr.count_input
+        tr.count_input = lambda: counted.append(1) or real()
+        evs = sse_events(b"".join(tr.feed(OPENAI.sse(chunks))) + b"".join(tr.finish_stream()))
+        assert evs[0][1]["message"]["usage"]["input_tokens"] == ccm.estimate_tokens(len(c.req.body))
+        final = [d for e, d in evs if e == "message_delta"][0]["usage"]["input_tokens"]
+        assert final == (want_input if want_input is not None else ccm.COUNTER.count(c.body)[0])
+        assert len(counted) == (0 if want_input is not None else 1)
+    assert ccm.estimate_tokens(len(c.req.body)) != ccm.COUNTER.count(c.body)[0]   # not the tokenizer
 
 
 @pytest.mark.parametrize("case", [c for c in CONFORMING if not FAMILY_CASES[c].ends_at_eof])
@@ -12490,6 +13087,32 @@ def bearer(c: CCM, **extra: str) -> dict[str, str]:
     return {"authorization": f"Bearer {c.app.admin_token}", **extra}
 
 
+def test_admin_api_cannot_set_router_custom(ccm_server: Any, fake_upstream: Any, tmp_path: Any) -> None:
+    """router.custom runs Python code: the admin page may not point it at a file (global or a
+    project's); other edits of a config that has one still save."""
+    mark = tmp_path / "ran"
+    evil = tmp_path / "evil.py"
+    evil.write_text(f"open({str(mark)!r}, 'w').write('x')\ndef route(r, c):\n    return None\n")
+    c = ccm_server(simple_cfg(fake_upstream("anthropic")))
+    before = read_bytes(c.cfg.path)
+    for patch in ({"router": {"custom": str(evil)}},
+                  {"projects": [{"path": str(tmp_path), "router": {"custom": str(evil)}}]}):
+        r = c.client.patch("/api/config", json=patch, headers=bearer(c))
+        assert r.status_code == 400 and "router.custom" in r.json()["error"]["message"], r.text
+        doc = c.client.get("/api/config/json", headers=bearer(c)).json()
+        r = c.client.post("/api/config/json", json={**doc, **patch}, headers=bearer(c))
+        assert r.status_code == 400 and "config file only" in r.json()["error"]["message"]
+    assert read_bytes(c.cfg.path) == before and not mark.exists()
+    ok = tmp_path / "ok.py"
+    ok.write_text("def route(r, c):\n    return None\n")
+    pathlib.Path(c.cfg.path).write_text(read_bytes(c.cfg.path).decode().replace(
+        '[router]\n', f'[router]\ncustom = "{ok}"\n'))
+    assert c.lt.run(_call(c.svc.reload)) is True and c.app.cfg.custom_router is not None
+    r = c.client.patch("/api/config", json={"router": {"long_context_threshold": 1234}}, headers=bearer(c))
+    assert r.status_code == 200, r.text
+    assert c.app.cfg.router.custom == str(ok) and c.app.cfg.router.long_context_threshold == 1234
+
+
 def test_admin_api_invalid_router_default_refused_naming_field(
         ccm_server: Any, fake_upstream: Any) -> None:
     c = ccm_server(simple_cfg(fake_upstream("anthropic")))
@@ -14024,6 +14647,30 @@ def test_app_codex_login_no_token_text_in_response_log_or_dry_run(
             assert s not in text, where
 
 
+CODEX_FAILED_AFTER_REASONING = [*created(), *reasoning_events(0, "rs_f", ["half a thought"], "ENCF"),
+                                rev("response.failed", response={"id": "resp_1", "status": "failed",
+                                    "error": {"code": "server_error", "message": "The model crashed"}})]
+
+
+def test_app_codex_stream_failed_after_reasoning_keeps_its_reason(
+        fake_upstream: Any, ccm_server: Any, fake_auth: FakeAuth, caplog: pytest.LogCaptureFixture) -> None:
+    """Codex opens every answer with a reasoning item, so a response.failed comes after the
+    thinking block has reached Claude Code: it ends as `event: error` (Claude Code prints
+    "API Error: p: The model crashed" and stops), and the log line, recent list and ledger
+    must say why, not just "error"."""
+    caplog.set_level(logging.INFO)
+    c, cx, _ = codex_setup(fake_upstream, ccm_server, fake_auth)
+    cx.script(Reply(events=[rsse(CODEX_FAILED_AFTER_REASONING)]))
+    resp, raw = stream_raw(c, BASIC_REQ, **{"x-claude-code-session-id": CODEX_SESSION})
+    evs = sse_events(raw)
+    assert resp.status_code == 200 and [n for n, _ in evs][2] == "content_block_start"
+    assert evs[-1][0] == "error" and evs[-1][1]["error"]["message"] == "p: The model crashed"
+    assert wait_for(lambda: len(c.app.recent) == 1)
+    entry = c.app.recent[-1]
+    assert entry["status"] == 500 and entry["error"] == "p: The model crashed"
+    assert "error='p: The model crashed'" in caplog.text
+
+
 # ---- Claude subscription: Claude Code's own login passed through, or a ccm-held one ----------
 
 
@@ -14534,6 +15181,34 @@ def test_service_sigterm_drains_and_exits_zero(tmp_path: Any, fake_upstream) -> 
     finally:
         if proc.poll() is None:
             proc.kill()
+        proc.stderr.close()
+
+
+def test_service_translated_traffic_never_loads_the_tokenizer(tmp_path: Any, fake_upstream) -> None:
+    """A day of translated traffic without /context stays near idle: JSON and streamed answers
+    through an OpenAI-format provider leave the tokenizer unloaded; count_tokens loads it."""
+    up = fake_upstream("openai")
+    port, cfg = free_port(), tmp_path / "c.toml"
+    cfg.write_text(simple_cfg(up, "openai").replace("[server]\n", f"[server]\nport = {port}\n")
+                   + '[usage]\nenabled = false\n')
+    env = dict(os.environ, HOME=str(tmp_path), NO_PROXY="*")
+    proc = subprocess.Popen([sys.executable, CCM_PY, "-c", str(cfg), "serve"], cwd=CCM_DIR,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        assert wait_for(lambda: _up(port), 15)
+        base = f"http://127.0.0.1:{port}"
+        client = anthropic.Anthropic(base_url=base, api_key="k", max_retries=0)
+        for _ in range(3):
+            assert client.messages.create(**BASIC_REQ).content[0].text == "hello"
+            with client.messages.stream(**BASIC_REQ) as s:
+                assert s.get_final_message().usage.output_tokens > 0
+        health = httpx.get(f"{base}/health", trust_env=False).json()
+        assert health["tokenizer"] == "not loaded" and health["counters"]["requests"] == 6
+        assert client.messages.count_tokens(model="m", messages=BASIC_REQ["messages"]).input_tokens > 0
+        assert httpx.get(f"{base}/health", trust_env=False).json()["tokenizer"] != "not loaded"
+    finally:
+        proc.terminate()
+        proc.wait(20)
         proc.stderr.close()
 
 
