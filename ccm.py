@@ -40,6 +40,7 @@ import inspect
 import io
 import json
 import logging
+import marshal
 import math
 import mimetypes
 import os
@@ -2368,6 +2369,69 @@ class SSEDecoder:
 # Uses: 2-9
 # ============================================================================================
 
+# --- Translated pieces kept per content: Claude Code sends the same system prompt and 15-20
+# tool definitions on every request, so each family translates and serialises them once.
+
+_SPLICE_MARK = f"\x00ccm-splice-{secrets.token_hex(8)}-"   # unguessable: no client text is one
+
+
+class Translations:
+    """Translated tool lists and system prompts per distinct content (bounded LRU), kept as
+    pre-serialised JSON. The key is the value's marshal bytes (version 2 has no back-
+    references, so equal content gives equal bytes), about 5x cheaper than json.dumps."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.lru: collections.OrderedDict[tuple[str, bytes], tuple[str, bool]] = \
+            collections.OrderedDict()
+        self.size, self.hits, self.misses = size, 0, 0
+
+    def get(self, tag: str, value: Any, make: Callable[[], Any]) -> tuple[str, bool]:
+        """(JSON text of make(), whether it is truthy), made only for content not seen yet."""
+        key = (tag, marshal.dumps(value, 2))
+        hit = self.lru.get(key)
+        if hit is not None:
+            self.hits += 1
+            self.lru.move_to_end(key)
+            return hit
+        made = make()
+        self.misses += 1
+        entry = self.lru[key] = (dumps(made), bool(made))
+        if len(self.lru) > self.size:
+            self.lru.popitem(last=False)
+        return entry
+
+
+TRANSLATIONS = Translations()
+
+
+class Splice:
+    """One upstream body: cached pieces stand in it as placeholders until dumps() puts their
+    JSON text in, so a request's work grows with its new messages, not with the whole body."""
+
+    def __init__(self, cache: Translations = TRANSLATIONS) -> None:
+        self.cache = cache
+        self.parts: list[str] = []
+
+    def piece(self, tag: str, value: Any, make: Callable[[], Any]) -> Any:
+        text, truthy = self.cache.get(tag, value, make)
+        if not truthy:
+            return json.loads(text)            # [] or {}: callers test it, nothing to splice
+        self.parts.append(text)
+        return f"{_SPLICE_MARK}{len(self.parts) - 1}"
+
+    def dumps(self, obj: Any) -> bytes:
+        out = dumps(obj)
+        for i, text in enumerate(self.parts):
+            out = out.replace(dumps(f"{_SPLICE_MARK}{i}"), text, 1)
+        return out.encode()
+
+
+def cached(splice: Splice | None, tag: str, value: Any, make: Callable[[], Any]) -> Any:
+    """make(), or with a Splice, its cached form as a placeholder (tests and dry runs see both
+    paths give the same body)."""
+    return make() if splice is None else splice.piece(tag, value, make)
+
+
 # --- 10a. Anthropic pass-through (PROTOCOL.md §7) ------------------------------------------
 
 _DROP_TO_UPSTREAM = HOP_BY_HOP | {"x-api-key", "authorization", "x-provider", "cookie"}
@@ -2879,14 +2943,23 @@ def _openai_tool_choice(choice: Any, b: _OpenAIRequestBuilder) -> Any:
     return "auto" if kind == "auto" else None
 
 
-def to_openai(body: Json, model: str, opts: Json | None = None) -> tuple[Json, dict[str, str]]:
+def _register_names(body: Json, b: Any) -> None:
+    """The short names of the function tools, as translating them would have registered."""
+    for t in body.get("tools") or []:
+        if isinstance(t, dict) and t.get("type") in (None, "custom"):
+            b.name(str(t.get("name", "")))
+
+
+def to_openai(body: Json, model: str, opts: Json | None = None,
+              splice: Splice | None = None) -> tuple[Json, dict[str, str]]:
     """An Anthropic Messages request as a Chat Completions request, and the short->original
     tool-name map needed to translate the answer back (PROTOCOL.md §3)."""
     opts = opts or {}
     b = _OpenAIRequestBuilder(bool(opts.get("reasoning_echo")), {})
     system = _system_text(body.get("system"))
     if system:
-        b.out.append({"role": "system", "content": system})
+        b.out.append(cached(splice, "openai.system", system,
+                            lambda: {"role": "system", "content": system}))
     for msg in body.get("messages") or []:
         if not isinstance(msg, dict):
             continue
@@ -2896,7 +2969,8 @@ def to_openai(body: Json, model: str, opts: Json | None = None) -> tuple[Json, d
     servers = _server_tools(body, opts)
     if servers:
         req["plugins"] = [{"id": "web", "max_results": int(servers[0].get("max_uses") or 5)}]
-    tools = _openai_tools(body, b)
+    _register_names(body, b)
+    tools = cached(splice, "openai.tools", body.get("tools"), lambda: _openai_tools(body, b))
     if tools:
         req["tools"] = tools
         choice = _openai_tool_choice(body.get("tool_choice"), b)
@@ -3944,7 +4018,8 @@ def _as_blocks(content: Any) -> list[Json]:
     return [b for b in content or [] if isinstance(b, dict)]
 
 
-def to_gemini(body: Json, model: str, opts: Json, secret: bytes, *, signer: str) -> Json:
+def to_gemini(body: Json, model: str, opts: Json, secret: bytes, *, signer: str,
+              splice: Splice | None = None) -> Json:
     """An Anthropic Messages request as a Gemini generateContent body (PROTOCOL.md §5); `signer`
     names provider+model: thought signatures are replayed only to the signer that issued them."""
     opts = opts or {}
@@ -3957,12 +4032,15 @@ def to_gemini(body: Json, model: str, opts: Json, secret: bytes, *, signer: str)
             b.add(msg)
     req: Json = {"contents": b.finish()}
     if b.system:
-        req["systemInstruction"] = {"parts": [{"text": "\n\n".join(b.system)}]}
-    tools = _gemini_tools(body, opts)
+        text = "\n\n".join(b.system)
+        req["systemInstruction"] = cached(splice, "gemini.system", text,
+                                          lambda: {"parts": [{"text": text}]})
+    tools = cached(splice, "gemini.tools", (body.get("tools"), opts), lambda: _gemini_tools(body, opts))
     if tools:
         req["tools"] = tools
     config = _tool_config(body.get("tool_choice"))
-    if config and any("functionDeclarations" in t for t in tools):
+    if config and any(isinstance(t, dict) and t.get("type") in (None, "custom")
+                      for t in body.get("tools") or []):          # function declarations sent
         req["toolConfig"] = config
     req["generationConfig"] = _generation_config(body, opts)
     return req
@@ -4735,7 +4813,8 @@ def _responses_tool_choice(choice: Any, b: _ResponsesInputBuilder, servers: set[
 
 
 def to_responses(body: Json, model: str, opts: Json, secret: bytes, *, codex: bool = False,
-                 session_id: str | None = None) -> tuple[Json, dict[str, str]]:
+                 session_id: str | None = None,
+                 splice: Splice | None = None) -> tuple[Json, dict[str, str]]:
     """An Anthropic Messages request as a Responses request, and the short->original tool-name
     map (PROTOCOL.md §8). codex=True obeys the ChatGPT Codex endpoint's rules."""
     opts = opts or {}
@@ -4753,8 +4832,9 @@ def to_responses(body: Json, model: str, opts: Json, secret: bytes, *, codex: bo
     b.close_calls()
     req: Json = {"model": model, "input": b.out, "store": False}
     if instructions or codex:
-        req["instructions"] = instructions or CODEX_FALLBACK_INSTRUCTIONS
-    _add_tools(req, body, b)
+        text = instructions or CODEX_FALLBACK_INSTRUCTIONS
+        req["instructions"] = cached(splice, "responses.instructions", text, lambda: text)
+    _add_tools(req, body, b, splice)
     _add_sampling(req, body, model, opts, codex)
     req["stream"] = True if codex else bool(body.get("stream"))
     if codex and session_id:
@@ -4763,8 +4843,11 @@ def to_responses(body: Json, model: str, opts: Json, secret: bytes, *, codex: bo
     return req, {short: orig for orig, short in b.names.items()}
 
 
-def _add_tools(req: Json, body: Json, b: _ResponsesInputBuilder) -> None:
-    tools, servers = _responses_tools(body, b)
+def _add_tools(req: Json, body: Json, b: _ResponsesInputBuilder, splice: Splice | None) -> None:
+    _register_names(body, b)
+    tools = cached(splice, "responses.tools", body.get("tools"), lambda: _responses_tools(body, b)[0])
+    servers = {str(t.get("name", "web_search")) for t in body.get("tools") or []
+               if isinstance(t, dict) and str(t.get("type") or "").startswith("web_search")}
     if not tools:
         return                        # no tool_choice without tools (PROTOCOL.md §3)
     req["tools"] = tools
@@ -5819,7 +5902,8 @@ class OpenAIAdapter(Adapter):
 
     def build(self, c: Call) -> Outbound:
         p = c.provider
-        oreq, names = to_openai(c.body, c.target.model, c.opts)
+        sp = Splice()
+        oreq, names = to_openai(c.body, c.target.model, c.opts, sp)
         session = c.req.headers.get("x-claude-code-session-id")
         if session and c.opts.get("prompt_cache_key"):    # keeps the upstream's cache warm
             oreq["prompt_cache_key"] = session
@@ -5827,7 +5911,7 @@ class OpenAIAdapter(Adapter):
                    **dict(PROVIDER_TYPES[p.provider_type].default_headers), **p.headers}
         if c.key:
             headers["authorization"] = f"Bearer {c.key}"
-        return Outbound(p.base_url + "/chat/completions", headers, dumps(oreq).encode(), names)
+        return Outbound(p.base_url + "/chat/completions", headers, sp.dumps(oreq), names)
 
     def whole(self, c: Call, out: Outbound, data: Json, raw: bytes) -> tuple[Json, bytes | None]:
         msg = from_openai(data, c.requested, out.state or {}, c.secret, c.body.get("stop_sequences"))
@@ -5849,15 +5933,16 @@ class ResponsesAdapter(Adapter):
     def build(self, c: Call) -> Outbound:
         p, codex = c.provider, self._codex(c)
         session = c.req.headers.get("x-claude-code-session-id")
+        sp = Splice()
         body, names = to_responses(c.body, c.target.model, c.opts, c.secret, codex=codex,
-                                   session_id=session)
+                                   session_id=session, splice=sp)
         headers = {"content-type": "application/json", "accept-encoding": "identity",
                    **dict(PROVIDER_TYPES[p.provider_type].default_headers), **p.headers}
         if c.key:
             headers["authorization"] = f"Bearer {c.key}"
         if codex:
             headers.update(codex_headers(c.auth.get("account_id"), session))
-        return Outbound(p.base_url + "/responses", headers, dumps(body).encode(), names)
+        return Outbound(p.base_url + "/responses", headers, sp.dumps(body), names)
 
     def error(self, status: int, raw: bytes, headers: Any, provider: str) -> UpstreamError:
         err = responses_error(status, raw, headers, provider)
@@ -5908,10 +5993,15 @@ class GeminiAdapter(Adapter):
         return headers
 
     def build(self, c: Call) -> Outbound:
-        signer = self.signer(c)
-        body = to_gemini(c.body, c.target.model, c.opts, c.secret, signer=signer)
+        signer, sp = self.signer(c), Splice()
+        body = self.wrap(c, to_gemini(c.body, c.target.model, c.opts, c.secret, signer=signer,
+                                      splice=sp))
         return Outbound(self.url(c, bool(c.body.get("stream"))), self.headers(c),
-                        dumps(body).encode(), (signer, gemini_names(c.body)))
+                        sp.dumps(body), (signer, gemini_names(c.body)))
+
+    def wrap(self, c: Call, body: Json) -> Json:
+        """The envelope a generateContent body travels in (Code Assist has one)."""
+        return body
 
     def count_request(self, c: Call) -> Outbound | None:
         body = gemini_count_request(c.body, c.target.model, c.opts, c.secret, signer=self.signer(c))
@@ -5951,10 +6041,8 @@ class CodeAssistAdapter(GeminiAdapter):
             headers["authorization"] = f"Bearer {c.key}"
         return headers
 
-    def build(self, c: Call) -> Outbound:
-        out = super().build(c)
-        wrapped = code_assist_wrap(json.loads(out.body), c.target.model, c.auth.get("project_id") or "")
-        return Outbound(out.url, out.headers, dumps(wrapped).encode(), out.state)
+    def wrap(self, c: Call, body: Json) -> Json:
+        return code_assist_wrap(body, c.target.model, c.auth.get("project_id") or "")
 
     def count_request(self, c: Call) -> Outbound | None:
         return None                                   # counted locally

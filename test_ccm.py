@@ -7871,6 +7871,57 @@ def test_conformance_stream_eof_before_the_end_is_one_error_event(case: str) -> 
         assert errors >= len(raw) // 2, f"{sid}: most early cuts must be errors ({errors})"
 
 
+@pytest.mark.parametrize("case", [c for c in CONFORMING if not (
+    ccm.ADAPTERS[FAMILY_CASES[c].family].passthrough or FAMILY_CASES[c].wire is ANTHROPIC)])
+def test_conformance_tools_and_system_translated_once_per_content(case: str) -> None:
+    """Claude Code repeats its tools and system prompt: the second build of the same content
+    reuses their serialised translation (a cache hit, the same bytes); a change deep inside a
+    schema is a new entry whose body shows the change; a client text shaped like a splice
+    placeholder (without the process's secret mark) passes unchanged."""
+    fc = family_case(case)
+    adapter = ccm.ADAPTERS[fc.family]
+    ccm.TRANSLATIONS.lru.clear()
+    volatile = fc.requests["tools-stream"].volatile          # Code Assist's user_prompt_id
+
+    def build() -> Json:
+        return {k: v for k, v in json.loads(adapter.build(conformance_call(fc, "tools-stream")).body).items()
+                if k not in volatile}
+    first = build()
+    hits = ccm.TRANSLATIONS.hits
+    assert build() == first
+    assert ccm.TRANSLATIONS.hits > hits and len(ccm.TRANSLATIONS.lru) >= 1
+    body, model = CONFORMANCE_REQUESTS["tools-stream"]
+    changed = copy.deepcopy(body)
+    tool = next(t for t in changed["tools"] if t.get("input_schema"))
+    tool["input_schema"].setdefault("properties", {})["deep"] = {"type": "object", "properties": {
+        "inner": {"type": "string", "description": "changed deep inside"}}}
+    fake = "\x00ccm-splice-0000000000000000-0"
+    changed["messages"][0] = {"role": "user", "content": [{"type": "text", "text": fake}]}
+    CONFORMANCE_REQUESTS["changed"] = (changed, model)
+    try:
+        misses = ccm.TRANSLATIONS.misses
+        out = adapter.build(conformance_call(fc, "changed")).body
+    finally:
+        del CONFORMANCE_REQUESTS["changed"]
+    assert ccm.TRANSLATIONS.misses > misses
+    assert b"changed deep inside" in out and json.loads(out)
+    assert "\\u0000ccm-splice-0000000000000000-0" in out.decode()
+
+
+def test_conformance_translations_cache_is_bounded_and_exact() -> None:
+    cache = ccm.Translations(size=3)
+    made: list[int] = []
+    for i in range(5):
+        assert cache.get("t", [{"n": i}], lambda: made.append(i) or [{"m": i}]) == (f'[{{"m":{i}}}]', True)
+    assert len(cache.lru) == 3 and made == [0, 1, 2, 3, 4]
+    assert cache.get("t", [{"n": 4}], lambda: made.append(9) or [])[0] == '[{"m":4}]' and made[-1] == 4
+    assert cache.get("t", [{"n": 4.0}], lambda: [1])[0] == "[1]"      # 4.0 is not 4: other content
+    assert cache.get("u", [{"n": 4}], lambda: [2])[0] == "[2]"        # the tag is part of the key
+    sp = ccm.Splice(cache)
+    doc = {"a": sp.piece("t", [{"n": 4}], lambda: []), "b": sp.piece("e", 0, lambda: [])}
+    assert json.loads(sp.dumps(doc)) == {"a": [{"m": 4}], "b": []}
+
+
 def test_conformance_stream_usage_estimate_then_counts_only_without_usage() -> None:
     """message_start carries the size estimate; the tokenizer counts the input only for an
     upstream that reports no usage, and the provider's own usage wins otherwise."""
