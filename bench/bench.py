@@ -1,25 +1,34 @@
 #!/usr/bin/env python3
-"""Benchmark ccm: the latency, CPU and memory it adds between a client and an upstream.
+"""Benchmark ccm: the latency, CPU and memory it adds between a client and an upstream,
+against a bare httpx relay (the naive floor) on the same exchange.
 
-    python bench/bench.py            # full run (~1-2 min on 2 cores)
-    python bench/bench.py --quick    # smoke run (~15 s)
+    python bench/bench.py            # full run (~3 min on 2 cores)
+    python bench/bench.py --quick    # smoke run (~40 s)
 
-What it does (everything on 127.0.0.1, stdlib only):
+What it does (everything on 127.0.0.1):
   * starts a fast fake upstream in a subprocess (`bench.py --fake-upstream PORT`): a raw asyncio
     HTTP/1.1 keep-alive server answering POST /v1/messages (Anthropic JSON or SSE),
     POST /v1/chat/completions (OpenAI JSON or chunk stream ending with `data: [DONE]`) and
-    POST /v1beta/models/M:generateContent / :streamGenerateContent?alt=sse (Gemini);
+    POST /v1beta/models/M:generateContent / :streamGenerateContent?alt=sse (Gemini); a stream
+    for the model `bench-hold` stops after content_block_start until GET /__release (25 s at
+    most);
+  * starts a bare relay (`bench.py --bare-relay PORT UPSTREAM_PORT`): a stdlib asyncio server
+    and one shared httpx.AsyncClient that forwards method, path, headers and body unchanged
+    and relays status, headers and body (SSE streamed through chunk by chunk);
   * writes a temp config with an Anthropic provider `fa`, an OpenAI provider `fo` and a Gemini
     provider `fg`, all pointing at the fake, and starts `python ccm.py -c CONFIG serve`;
-  * sends a ~30 KB Claude Code request (3 system blocks, 15 tools, tool_use/tool_result turns)
-    with a minimal raw asyncio keep-alive client, once straight to the fake and once through
-    ccm, for six paths (anthropic json/stream, openai- and gemini-translated json/stream), at
-    c=1 (interleaved direct/ccm) and c=16;
-  * compares the usage ledger on (`[usage] database` in the temp dir, every path goes through
-    this ccm) with a second ccm whose config says `[usage] enabled = false`, on the anthropic
-    json path, and after SIGTERM counts the ledger's rows against the requests ccm answered;
-  * reports p50/p99 latency, the latency ccm adds, ccm's requests/s at c=16, ccm's CPU per
-    request (/proc/PID/stat utime+stime) and ccm's RSS (VmRSS/VmHWM).
+  * sends a ~30 KB Claude Code request (3 system blocks, 16 tools with nested schemas,
+    tool_use/tool_result turns) with a minimal raw asyncio keep-alive client straight to the
+    fake, through the bare relay (the direct baseline body) and through ccm, for six paths
+    (anthropic json/stream, openai- and gemini-translated json/stream), at c=1 (interleaved)
+    and c=16; TTFB (first body byte) of the stream paths at c=1;
+  * compares the usage ledger on and off (a second ccm, `[usage] enabled = false`) on the
+    anthropic json path, and after SIGTERM counts the ledger's rows against the requests;
+  * compares `serve --workers 2` with one worker at c=64 (skipped when ccm has no --workers);
+  * starts a fresh ccm for memory: idle, after 1,000 openai json requests (no count_tokens),
+    with 500 concurrent open streams and after they end;
+  * reports p50/p99 latency, the latency ccm and the relay add, requests/s, CPU per request
+    (/proc/PID/stat utime+stime), RSS (VmRSS/VmHWM), and the targets as PASS/FAIL.
 
 Every response is checked (status, model rewrite, text, stream terminator); any mismatch is
 reported verbatim and makes the exit status 1.
@@ -59,6 +68,11 @@ GEMINI_MODEL = "gemini-bench"
 GEMINI_AGENT = "google-genai-sdk/1.30.0 gl-python/3.12.3"   # the direct Gemini client's user-agent
 MAX_HEAD = 64 * 1024
 REQUEST_TIMEOUT_S = 30.0                      # one request through ccm; longer counts as an error
+HOLD_MODEL = "bench-hold"     # the fake sends message_start and content_block_start, then holds
+                              # the stream until released (ccm sends nothing to the client before
+                              # the first content_block_start: until then it can still fail over)
+HOLD_MAX = 2000               # streams the fake holds at once at most
+HOLD_MAX_S = 25.0             # a held stream is released after this long (< REQUEST_TIMEOUT_S)
 
 
 # ============================================================================================
@@ -189,7 +203,29 @@ class FakeUpstream(asyncio.Protocol):
     """One keep-alive connection of the fake upstream; answers are precomputed per model."""
     cache: dict[tuple[str, str, bool], list[bytes]] = {}
     stats: dict[str, Any] = {"requests": 0, "connections": 0, "by_key": {}, "bad_auth": 0,
-                             "last_body_bytes": {}}
+                             "last_body_bytes": {}, "held": 0, "held_max": 0, "released": 0}
+    held: dict[int, tuple[Any, list[bytes]]] = {}    # held streams: id -> (transport, rest)
+    hold_ids = itertools.count()
+
+    def hold(self, rest: list[bytes]) -> None:
+        """Keep the rest of a stream until GET /__release, or HOLD_MAX_S at most."""
+        hid = next(self.hold_ids)
+        self.held[hid] = (self.transport, rest)
+        self.stats["held"] = len(self.held)
+        self.stats["held_max"] = max(self.stats["held_max"], len(self.held))
+        asyncio.get_running_loop().call_later(HOLD_MAX_S, self.release, [hid])
+
+    @classmethod
+    def release(cls, ids: list[int]) -> int:
+        n = 0
+        for hid in ids:
+            transport, rest = cls.held.pop(hid, (None, []))
+            if transport is not None and not transport.is_closing():
+                transport.write(b"".join(rest))
+                n += 1
+        cls.stats["held"] = len(cls.held)
+        cls.stats["released"] += n
+        return n
 
     def connection_made(self, transport: Any) -> None:
         self.stats["connections"] += 1
@@ -235,6 +271,8 @@ class FakeUpstream(asyncio.Protocol):
         path, _, query = target.partition("?")
         if method == "GET" and path == "/__stats":
             return _json_response(st)
+        if method == "GET" and path == "/__release":
+            return _json_response({"released": self.release(list(self.held))})
         gem = _GEMINI_PATH.fullmatch(path)
         if method != "POST" or not (gem or path in ("/v1/messages", "/v1/chat/completions")):
             return _json_response({"error": {"type": "not_found_error", "message": path}},
@@ -278,6 +316,9 @@ class FakeUpstream(asyncio.Protocol):
         if out is None:
             out = self.cache[ck] = (gemini_answer if gem else anthropic_answer
                                     if path == "/v1/messages" else openai_answer)(model, stream)
+        if model == HOLD_MODEL and stream and len(self.held) < HOLD_MAX:
+            self.hold(out[2:])                       # head, message_start, content_block_start go
+            return out[:2]
         return out
 
 
@@ -293,6 +334,98 @@ def run_fake_upstream(port: int) -> int:
             if os.getppid() != parent:
                 break
         server.close()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        asyncio.run(main())
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    return 0
+
+
+# ============================================================================================
+# Bare httpx relay (runs in its own process): the naive floor ccm is compared with
+# ============================================================================================
+
+# Hop-by-hop and framing headers the relay does not copy (RFC 9110 7.6.1); it frames the
+# response itself. Everything else goes through unchanged, both ways.
+_RELAY_SKIP = {b"host", b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+               b"transfer-encoding", b"upgrade", b"content-length"}
+
+
+async def _relay_one(client: Any, upstream: str, head: bytes, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> bool:
+    """Forward one request and relay its response; False when the connection must close."""
+    lines = head[:-4].split(b"\r\n")
+    method, target, _ = lines[0].decode("latin-1").split(" ", 2)
+    headers, n, close = [], 0, False
+    for line in lines[1:]:
+        k, _, v = line.partition(b":")
+        k, v = k.strip().lower(), v.strip()
+        if k == b"content-length":
+            n = int(v)
+        elif k == b"connection":
+            close = v.lower() == b"close"
+        elif k not in _RELAY_SKIP:
+            headers.append((k, v))
+    body = await reader.readexactly(n) if n else b""
+    req = client.build_request(method, upstream + target, headers=headers, content=body)
+    resp = await client.send(req, stream=True)
+    try:
+        out = [b"HTTP/1.1 %d %s\r\n" % (resp.status_code, resp.reason_phrase.encode())]
+        out += [k + b": " + v + b"\r\n" for k, v in resp.headers.raw if k.lower() not in _RELAY_SKIP]
+        if resp.headers.get("content-type", "").startswith("text/event-stream"):
+            writer.write(b"".join(out) + b"transfer-encoding: chunked\r\n\r\n")
+            async for piece in resp.aiter_raw():      # each piece as it arrives
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+        else:
+            data = await resp.aread()
+            writer.write(b"".join(out) + b"content-length: %d\r\n\r\n" % len(data) + data)
+    finally:
+        await resp.aclose()
+    await writer.drain()
+    return not close
+
+
+def run_bare_relay(port: int, upstream_port: int) -> int:
+    import httpx
+
+    async def main() -> None:
+        upstream = f"http://{HOST}:{upstream_port}"
+        client = httpx.AsyncClient(timeout=httpx.Timeout(REQUEST_TIMEOUT_S), trust_env=False,
+                                   limits=httpx.Limits(max_connections=None,
+                                                       max_keepalive_connections=64))
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                for _ in range(10_000_000):          # bounded: requests per connection
+                    try:
+                        head = await reader.readuntil(b"\r\n\r\n")
+                    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+                        return
+                    try:
+                        if not await _relay_one(client, upstream, head, reader, writer):
+                            return
+                    except httpx.HTTPError as exc:
+                        msg = f"bare relay: {exc!r}".encode()
+                        writer.write(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: %d\r\n"
+                                     b"connection: close\r\n\r\n%s" % (len(msg), msg))
+                        return
+            except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+                return
+            finally:
+                writer.close()
+        server = await asyncio.start_server(handle, HOST, port, backlog=1024, limit=MAX_HEAD,
+                                            reuse_address=True)
+        print(f"READY {server.sockets[0].getsockname()[1]}", flush=True)
+        parent = os.getppid()
+        for _ in range(3600):                        # bounded life: 30 min, or until orphaned
+            await asyncio.sleep(0.5)
+            if os.getppid() != parent:
+                break
+        server.close()
+        await client.aclose()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         asyncio.run(main())
@@ -319,6 +452,7 @@ class Reply:
     headers: dict[str, str]
     body: bytes
     frames: int = 0           # chunked frames (how many pieces the server wrote the body in)
+    t_first: float = 0.0      # perf_counter when the first chunk (the first SSE event) arrived
 
 
 class Conn:
@@ -331,6 +465,7 @@ class Conn:
         self.used = False
         self.reconnects = 0
         self.expired = False
+        self.on_first: Any = None   # called when a chunked body's first chunk arrives
 
     async def connect(self) -> None:
         self.close()
@@ -399,6 +534,7 @@ class Conn:
             if headers.get("transfer-encoding", "").lower() == "chunked":
                 body = bytearray()
                 frames = 0
+                t_first = 0.0
                 for frames in range(1_000_000):      # bounded: chunks per response
                     size_line = await r.readuntil(b"\r\n")
                     size = int(size_line.split(b";")[0].strip(), 16)
@@ -409,12 +545,16 @@ class Conn:
                         break
                     chunk = await r.readexactly(size + 2)
                     body += chunk[:-2]
+                    if not frames:
+                        t_first = time.perf_counter()
+                        if self.on_first is not None:
+                            self.on_first()
                 else:
                     raise HTTPFailure("too many chunks")
                 body = bytes(body)
                 if headers.get("connection", "").lower() == "close":
                     self.close()
-                return Reply(status, headers, body, frames)
+                return Reply(status, headers, body, frames, t_first)
             elif "content-length" in headers:
                 body = await r.readexactly(int(headers["content-length"]))
             else:                                    # read to EOF (SSE without framing)
@@ -449,38 +589,64 @@ LOREM = ("When you are working on a software engineering task, read the relevant
          "by running the project's tests or linters. Never guess at APIs: look them up in the "
          "code. Report what you changed and why, concisely, in GitHub-flavored markdown. ")
 
-TOOLS = [
+def _arr(items: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    return {"type": "array", "items": items, **kw}
+
+
+def _obj(props: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    return {"type": "object", "properties": props, "required": required,
+            "additionalProperties": False}
+
+
+_STR, _NUM, _BOOL = {"type": "string"}, {"type": "number"}, {"type": "boolean"}
+
+# Claude Code's 16 tools; a property is a JSON-schema type name or a whole (nested) schema:
+# MultiEdit and TodoWrite take arrays of objects, AskUserQuestion an array of objects that
+# hold an array of objects, WebSearch arrays of strings, several enums.
+TOOLS: list[tuple[str, dict[str, Any]]] = [
     ("Task", {"description": "string", "prompt": "string", "subagent_type": "string"}),
     ("Bash", {"command": "string", "timeout": "number", "description": "string",
               "run_in_background": "boolean"}),
     ("Glob", {"pattern": "string", "path": "string"}),
-    ("Grep", {"pattern": "string", "path": "string", "glob": "string", "output_mode": "string",
+    ("Grep", {"pattern": "string", "path": "string", "glob": "string",
+              "output_mode": {"type": "string", "enum": ["content", "files_with_matches", "count"]},
               "-i": "boolean", "head_limit": "number"}),
     ("ExitPlanMode", {"plan": "string"}),
     ("Read", {"file_path": "string", "offset": "number", "limit": "number"}),
     ("Edit", {"file_path": "string", "old_string": "string", "new_string": "string",
               "replace_all": "boolean"}),
-    ("MultiEdit", {"file_path": "string", "edits": "array"}),
+    ("MultiEdit", {"file_path": "string", "edits": _arr(_obj(
+        {"old_string": _STR, "new_string": _STR, "replace_all": dict(_BOOL, default=False)},
+        ["old_string", "new_string"]), minItems=1)}),
     ("Write", {"file_path": "string", "content": "string"}),
     ("NotebookEdit", {"notebook_path": "string", "cell_id": "string", "new_source": "string",
-                      "edit_mode": "string"}),
-    ("WebFetch", {"url": "string", "prompt": "string"}),
-    ("TodoWrite", {"todos": "array"}),
-    ("WebSearch", {"query": "string", "allowed_domains": "array", "blocked_domains": "array"}),
+                      "cell_type": {"type": "string", "enum": ["code", "markdown"]},
+                      "edit_mode": {"type": "string", "enum": ["replace", "insert", "delete"]}}),
+    ("WebFetch", {"url": {"type": "string", "format": "uri"}, "prompt": "string"}),
+    ("TodoWrite", {"todos": _arr(_obj(
+        {"content": dict(_STR, minLength=1),
+         "status": {"type": "string", "enum": ["pending", "in_progress", "completed"]},
+         "activeForm": dict(_STR, minLength=1)}, ["content", "status", "activeForm"]))}),
+    ("WebSearch", {"query": dict(_STR, minLength=2), "allowed_domains": _arr(_STR),
+                   "blocked_domains": _arr(_STR)}),
     ("BashOutput", {"bash_id": "string", "filter": "string"}),
     ("KillShell", {"shell_id": "string"}),
+    ("AskUserQuestion", {"questions": _arr(_obj(
+        {"question": _STR, "header": _STR,
+         "options": _arr(_obj({"label": _STR, "description": _STR}, ["label", "description"]),
+                         minItems=2, maxItems=4),
+         "multiSelect": _BOOL}, ["question", "header", "options", "multiSelect"]),
+        minItems=1, maxItems=4)}),
 ]
 
 
-def _tool(name: str, props: dict[str, str]) -> dict[str, Any]:
+def _tool(name: str, props: dict[str, Any]) -> dict[str, Any]:
     desc = (f"{name}: performs the {name} operation for the agent. Usage notes: " + LOREM * 3)[:600]
     properties: dict[str, Any] = {}
     for p, typ in props.items():
-        properties[p] = {"type": typ, "description": f"The {p.replace('_', ' ')} to use"}
-        if typ == "array":
-            properties[p]["items"] = {"type": "object", "properties": {
-                "content": {"type": "string"}, "status": {"type": "string",
-                                                          "enum": ["pending", "in_progress", "completed"]}}}
+        schema = {"type": typ} if isinstance(typ, str) else json.loads(json.dumps(typ))
+        schema["description"] = f"The {p.replace('_', ' ')} to use"
+        properties[p] = schema
     return {"name": name, "description": desc, "input_schema": {
         "type": "object", "properties": properties, "required": [next(iter(props))],
         "additionalProperties": False, "$schema": "http://json-schema.org/draft-07/schema#"}}
@@ -489,7 +655,7 @@ def _tool(name: str, props: dict[str, str]) -> dict[str, Any]:
 def claude_code_body(model: str, stream: bool) -> dict[str, Any]:
     prompt = ("You are an interactive CLI tool that helps users with software engineering "
               "tasks. Use the instructions below and the tools available to you to assist "
-              "the user.\n\n# Doing tasks\n" + LOREM * 40)[:8192]
+              "the user.\n\n# Doing tasks\n" + LOREM * 40)[:6656]
     tool_output = "\n".join(f"{i + 1:>6}\t    tokens.append(line[{i}:{i + 7}])  # keep offsets"
                             for i in range(40))[:2048]
     body: dict[str, Any] = {
@@ -732,6 +898,66 @@ def cpu_seconds(pid: int) -> float:
     return (int(rest[11]) + int(rest[12])) / CLK_TCK
 
 
+TREE_PIDS: set[int] = set()   # processes metered with all their descendants (ccm --workers)
+
+
+def proc_tree(pid: int) -> list[int]:
+    """pid and its descendants, found by scanning /proc for PPid (this kernel may lack
+    /proc/PID/task/TID/children)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    out, todo = [], [pid]
+    for _ in range(10_000):                          # bounded walk
+        if not todo:
+            break
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def cpu_of(pid: int) -> float:
+    """CPU seconds of pid, summed over its descendants when it is a supervisor."""
+    if pid in TREE_PIDS:
+        return sum(cpu_seconds(p) for p in proc_tree(pid))
+    return cpu_seconds(pid)
+
+
+def machine_cpu() -> tuple[float, float, float]:
+    """(busy CPU-seconds of the whole machine, of which stolen by the hypervisor, CPU-seconds of
+    this bench and every process it started, exited ones included) since boot."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    busy = (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / CLK_TCK   # user nice system irq softirq steal
+    t = os.times()
+    ours = sum(cpu_seconds(p) for p in proc_tree(os.getpid()) if p != os.getpid())
+    return busy, v[7] / CLK_TCK, ours + t.user + t.system + t.children_user + t.children_system
+
+
+def fd_count(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return -1
+
+
+def maps_mention(pid: int, word: str) -> bool:
+    """Whether a file mapped into pid names word (e.g. tiktoken's extension module)."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return any(word in line for line in f)
+    except OSError:
+        return False
+
+
 def mem_mb(pid: int | str) -> dict[str, float]:
     out = {"VmRSS": float("nan"), "VmHWM": float("nan")}
     try:
@@ -813,21 +1039,23 @@ def pct(sorted_ms: list[float], q: float) -> float:
 
 @dataclass
 class Target:
-    name: str                 # "direct" | "ccm" | "ccm ledger off"
+    name: str                 # "direct" | "bare relay" | "ccm" | "ccm ledger off" | "ccm ..."
     port: int
     req: bytes
     want_model: str           # model the upstream must have received
     want_echo: str            # model the client must see in the answer
-    pid: int = 0              # the ccm process behind port (0: direct to the fake)
+    pid: int = 0              # the relay or ccm process behind port (0: direct to the fake)
 
     @property
     def via_ccm(self) -> bool:
-        return self.name != "direct"
+        """ccm answers in Anthropic's format; direct and the bare relay in the upstream's."""
+        return self.name.startswith("ccm")
 
 
 @dataclass
 class RunResult:
     lat: list[float] = field(default_factory=list)
+    ttfb: list[float] = field(default_factory=list)   # ms to the first chunk, streams only
     errors: int = 0
     first_error: str = ""
     wall: float = 0.0
@@ -843,6 +1071,7 @@ class RunResult:
     def add(self, other: RunResult) -> None:
         """Fold another run of the same target into this one (alternating rounds)."""
         self.lat += other.lat
+        self.ttfb += other.ttfb
         self.errors += other.errors
         self.first_error = self.first_error or other.first_error
         self.wall += other.wall
@@ -874,6 +1103,8 @@ class Bench:
             res.first_error = res.first_error or f"{t.name}: {exc}"
             return
         res.lat.append((time.perf_counter() - t0) * 1000)
+        if rep.t_first:
+            res.ttfb.append((rep.t_first - t0) * 1000)
         if not quick_ok(kind, rep, t.via_ccm):
             res.errors += 1
             res.first_error = res.first_error or \
@@ -899,7 +1130,7 @@ class Bench:
     async def _meters(self, pid: int) -> tuple[float, float, float, int]:
         c = os.times()
         conns = (await self.stats())["connections"]
-        return (cpu_seconds(pid) if pid else 0.0), cpu_seconds(self.fake_pid), c.user + c.system, conns
+        return (cpu_of(pid) if pid else 0.0), cpu_seconds(self.fake_pid), c.user + c.system, conns
 
     async def _close_meters(self, res: RunResult, pid: int, start: tuple[float, ...], t0: float,
                             settle_s: float = 0.0) -> None:
@@ -916,8 +1147,9 @@ class Bench:
     async def c1(self, kind: str, targets: list[Target], n: int,
                  settle_s: float = 0.0) -> list[RunResult]:
         """Concurrency 1, the targets interleaved (every order in turn: ABBA for two) so all see
-        the same conditions. CPU and upstream connections are metered for the targets via ccm
-        (each ccm process serves only its own target)."""
+        the same conditions. CPU and upstream connections are metered for the targets with a
+        process (the relay, ccm: each serves only its own target; upstream connections are
+        counted at the fake, so at c=1 each window holds every relay's)."""
         conns = [Conn(t.port) for t in targets]
         results = [RunResult() for _ in targets]
         scratch = RunResult()
@@ -934,7 +1166,7 @@ class Bench:
                     await self.call(conns[j], targets[j], kind, results[j])
             wall = time.perf_counter() - t0
             for res, t, start in zip(results, targets, starts):
-                if t.via_ccm:
+                if t.pid:
                     await self._close_meters(res, t.pid, start, t0, settle_s)
                     settle_s = 0.0                   # one wait covers every process
             for res, conn in zip(results, conns):
@@ -978,6 +1210,11 @@ class Bench:
 
     async def stats(self) -> dict[str, Any]:
         return json.loads((await self.sconn.request(get_request(self.fake_port, "/__stats"))).body)
+
+    async def release(self) -> int:
+        """Let the fake finish every stream it holds."""
+        rep = await self.sconn.request(get_request(self.fake_port, "/__release"))
+        return json.loads(rep.body)["released"]
 
 
 # ============================================================================================
@@ -1039,6 +1276,13 @@ name = "g"
 priority = 1
 provider = "fg"
 actual_model = "{GEMINI_MODEL}"
+
+[[models]]
+name = "h"
+[[models.mappings]]
+priority = 1
+provider = "fa"
+actual_model = "{HOLD_MODEL}"
 """)
 
 
@@ -1048,11 +1292,19 @@ actual_model = "{GEMINI_MODEL}"
 
 PATHS = ["anthropic json", "anthropic stream", "openai json", "openai stream", "gemini json",
          "gemini stream"]
+TRANSLATED = [k for k in PATHS if not k.startswith("anthropic")]
+STREAMS = [k for k in PATHS if k.endswith("stream")]
 LEDGER_PATH = "anthropic json"                # the path the ledger on/off comparison uses
 LEDGER_SETTLE_S = 1.2     # > ccm's LEDGER_FLUSH_S (1 s): each metered window holds its own commits
-TARGET_ADDED_P50_MS = 1.0
-TARGET_CPU_MS = 1.0
-TARGET_IDLE_RSS_MB = 30.0
+WORKERS_PATH = "anthropic json"               # the path of the --workers comparison
+WORKERS_C = 64
+RSS_PATH = "openai json"                      # the translated requests of the memory phase
+TARGET_CPU_RATIO = 0.8         # ccm CPU per translated request / the bare relay's, c=1 and c=16
+TARGET_TTFB_MS = 0.5           # added TTFB at c=1: ccm's minus the bare relay's
+TARGET_RSS_GROWTH_MB = 10.0    # VmRSS after 1,000 translated requests minus idle
+TARGET_IDLE_MODULE_MB = 30.0   # idle VmRSS as `python -m ccm serve`
+TARGET_IDLE_SCRIPT_MB = 40.0   # idle VmRSS as `python ccm.py serve`
+TARGET_WORKERS_RATIO = 1.7     # --workers 2 rps / one worker's at c=64
 
 
 def targets_for(kind: str, fake: int, ccm: int, pid: int,
@@ -1092,6 +1344,12 @@ def targets_for(kind: str, fake: int, ccm: int, pid: int,
     return direct, via
 
 
+def bare_target(direct: Target, port: int, pid: int) -> Target:
+    """The direct request (the upstream's own body, headers and credential), sent to the bare
+    relay, which forwards it unchanged: the same upstream exchange ccm makes, minus ccm."""
+    return Target("bare relay", port, direct.req, direct.want_model, direct.want_echo, pid)
+
+
 def ccm_digest() -> str:
     with open(CCM_PY, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()[:12]
@@ -1108,6 +1366,14 @@ def _ms(r: RunResult, q: float = .5) -> float:
 
 def _cpu_ms(r: RunResult) -> float:
     return r.cpu_ccm * 1000 / r.n if r.n else float("nan")
+
+
+def _rps(r: RunResult) -> float:
+    return r.n / r.wall if r.wall else float("nan")
+
+
+def _ttfb(r: RunResult, q: float = .5) -> float:
+    return pct(sorted(r.ttfb), q)
 
 
 def report_ledger(lrows: LedgerRows, sent_on: int, rows_on: int, why_on: str, off_db: str,
@@ -1142,12 +1408,13 @@ def body_len(req: bytes) -> int:
 
 @dataclass
 class CCMProc:
-    """One ccm process of the bench: the ledger-on one every path goes through, or the
-    ledger-off one of the ledger comparison."""
+    """One ccm process of the bench: the ledger-on one every path goes through, the ledger-off
+    one of the ledger comparison, the `--workers 2` one, or the fresh one of the memory phase."""
     name: str
     port: int
     usage_db: str
     proc: subprocess.Popen[Any] | None = None
+    extra: list[str] = field(default_factory=list)    # after `serve`, e.g. --workers 2
 
     @property
     def pid(self) -> int:
@@ -1158,7 +1425,22 @@ class CCMProc:
         return self.proc.poll() if self.proc is not None else -1
 
 
+@dataclass
+class Ctx:
+    """The processes and directory of one bench run."""
+    tmp: str
+    fake_port: int
+    fake_pid: int
+    relay_port: int
+    relay_pid: int
+    on: CCMProc
+    off: CCMProc
+    health: dict[str, Any]
+    extra_procs: list[CCMProc] = field(default_factory=list)   # started during run()
+
+
 LedgerRows = list[tuple[int, RunResult, RunResult, RunResult]]   # c, direct, ledger on, ledger off
+Row = tuple[str, int, RunResult, RunResult, RunResult]            # path, c, direct, bare, ccm
 
 
 async def ledger_phase(b: Bench, on: CCMProc, off: CCMProc, n1: int, n16: int, warm: int,
@@ -1195,160 +1477,508 @@ def ledger_rows(db: str) -> tuple[int, str]:
         return 0, f"{db}: {exc!r}"
 
 
-async def run(args: argparse.Namespace, fake_port: int, fake_pid: int, on: CCMProc,
-              off: CCMProc, health: dict[str, Any]) -> int:
-    quick = args.quick
-    n1, n16, warm = (40, 200, 20) if quick else (400, 2000, 20)
-    ccm_pid = on.pid
-    b = Bench(fake_port, on.port, fake_pid, ccm_pid)
-    mem_idle = mem_mb(ccm_pid)
-    smaps_idle = smaps_mb(ccm_pid)
-    mem_idle_off = mem_mb(off.pid)
-    cpu_idle0 = cpu_seconds(ccm_pid)
-    mem_after: dict[str, dict[str, float]] = {}
-    rows: list[tuple[str, int, RunResult, RunResult]] = []
-    sizes: dict[str, tuple[int, int]] = {}
-    upstream_expected: dict[str, int] = {}
-    t_start = time.perf_counter()
+@dataclass
+class PathsOut:
+    rows: list[Row] = field(default_factory=list)
+    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    mem_after: dict[str, dict[str, float]] = field(default_factory=dict)
+    upstream_expected: dict[str, int] = field(default_factory=dict)   # via-ccm requests by path
+
+
+async def paths_phase(b: Bench, ctx: Ctx, n1: int, n16: int, warm: int, out: PathsOut) -> None:
+    """Each path: direct, bare relay and ccm at c=1 interleaved (every order in turn), then
+    each at c=16."""
+    on = ctx.on
     for kind in PATHS:
         if on.alive() is not None:
             break                                    # ccm is gone; reported below
         sent0 = ANSWERED.get(on.port, 0)
-        direct, via = targets_for(kind, fake_port, on.port, ccm_pid)
-        sizes[kind] = (body_len(direct.req), body_len(via.req))
-        await b.warm(kind, direct, warm)
-        await b.warm(kind, via, warm)
-        rd, rc = await b.c1(kind, [direct, via], n1)
-        rows.append((kind, 1, rd, rc))
-        rd16 = await b.cn(kind, direct, n16, 16)
-        rc16 = await b.cn(kind, via, n16, 16)
-        rows.append((kind, 16, rd16, rc16))
-        mem_after[kind] = mem_mb(ccm_pid)
-        upstream_expected[kind] = ANSWERED.get(on.port, 0) - sent0   # via-ccm requests sent
+        direct, via = targets_for(kind, ctx.fake_port, on.port, on.pid)
+        bare = bare_target(direct, ctx.relay_port, ctx.relay_pid)
+        out.sizes[kind] = (body_len(direct.req), body_len(via.req))
+        for t in (direct, bare, via):
+            await b.warm(kind, t, warm)
+        out.rows.append((kind, 1, *await b.c1(kind, [direct, bare, via], n1)))
+        r16 = [await b.cn(kind, t, n16, 16) for t in (direct, bare, via)]
+        out.rows.append((kind, 16, *r16))
+        out.mem_after[kind] = mem_mb(on.pid)
+        out.upstream_expected[kind] = ANSWERED.get(on.port, 0) - sent0
+
+
+# ----------------------------------------------------------------------------- --workers 2
+
+def workers_supported() -> bool:
+    try:
+        out = subprocess.run([sys.executable, CCM_PY, "serve", "--help"], capture_output=True,
+                             text=True, timeout=30, stdin=subprocess.DEVNULL).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "--workers" in out
+
+
+@dataclass
+class WorkersOut:
+    note: str = ""                     # why the comparison did not run ('' when it did)
+    one: RunResult = field(default_factory=RunResult)
+    two: RunResult = field(default_factory=RunResult)
+    pids: list[int] = field(default_factory=list)           # supervisor first
+    cpu_by_pid: dict[int, float] = field(default_factory=dict)
+    rss_by_pid: dict[int, float] = field(default_factory=dict)
+    answered: int = 0                  # POSTs to the multi-worker ccm and the one-worker ccm
+
+
+async def start_workers(ctx: Ctx) -> tuple[CCMProc | None, str]:
+    """`serve --workers 2` on its own port; waits (10 s at most) until the supervisor has two
+    children besides itself."""
+    if not workers_supported():
+        return None, "workers: not supported by this ccm (`serve --help` lists no --workers)"
+    p = CCMProc("ccm workers 2", free_port(), os.path.join(ctx.tmp, "usage-workers.db"),
+                extra=["--workers", "2"])
+    ctx.extra_procs.append(p)
+    why = await asyncio.to_thread(start_ccm, p, ctx.tmp, ctx.fake_port, True)
+    if why:
+        return None, why
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(proc_tree(p.pid)) < 3:   # bounded by the deadline
+        await asyncio.sleep(0.1)
+    TREE_PIDS.add(p.pid)
+    return p, ""
+
+
+async def workers_phase(b: Bench, ctx: Ctx, n: int, rounds: int, warm: int) -> WorkersOut:
+    """WORKERS_PATH at c=64 through the one-worker ccm and the `--workers 2` one, in
+    alternating rounds (1, 2, then 2, 1)."""
+    out = WorkersOut()
+    if ctx.on.alive() is not None:
+        out.note = "workers: skipped (the one-worker ccm is gone)"
+        return out
+    two, out.note = await start_workers(ctx)
+    if two is None:
+        return out
+    sent0 = ANSWERED.get(ctx.on.port, 0)
+    _, t1 = targets_for(WORKERS_PATH, ctx.fake_port, ctx.on.port, ctx.on.pid)
+    _, t2 = targets_for(WORKERS_PATH, ctx.fake_port, two.port, two.pid, two.name)
+    await b.warm(WORKERS_PATH, t2, warm)
+    for r in range(rounds):
+        for t in ((t1, t2) if r % 2 == 0 else (t2, t1)):
+            (out.one if t is t1 else out.two).add(await b.cn(WORKERS_PATH, t, n // rounds, WORKERS_C))
+    out.pids = proc_tree(two.pid)
+    out.cpu_by_pid = {p: cpu_seconds(p) for p in out.pids}
+    out.rss_by_pid = {p: mem_mb(p)["VmRSS"] for p in out.pids}
+    out.answered = ANSWERED.get(ctx.on.port, 0) - sent0 + ANSWERED.get(two.port, 0)
+    return out
+
+
+def pid_running(pid: int) -> bool:
+    """Running or sleeping, not gone and not a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def stop_tree(p: CCMProc, problems: list[str]) -> None:
+    """SIGTERM the supervisor; its workers must be gone 5 s later (else they are killed, by
+    pid, and reported)."""
+    pids = proc_tree(p.pid) if p.alive() is None else []
+    stop(p.proc)
+    deadline = time.monotonic() + 5
+    left = pids[1:]
+    while left and time.monotonic() < deadline:     # bounded by the deadline
+        left = [q for q in left if pid_running(q)]
+        time.sleep(0.05)
+    for q in left:
+        problems.append(f"{p.name}: worker pid {q} still running 5 s after SIGTERM to the supervisor")
+        try:
+            os.kill(q, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+# ----------------------------------------------------------------------------- memory
+
+@dataclass
+class RssOut:
+    n_req: int = 0
+    n_streams: int = 0
+    idle: dict[str, float] = field(default_factory=dict)
+    after: dict[str, float] = field(default_factory=dict)        # after n_req RSS_PATH requests
+    streams: dict[str, float] = field(default_factory=dict)      # with n_streams open
+    after_streams: dict[str, float] = field(default_factory=dict)
+    fds: tuple[int, int, int] = (-1, -1, -1)                     # idle, after, with streams
+    tiktoken: bool = False             # tiktoken mapped after the translated requests
+    done: int = 0                      # RSS_PATH requests answered and right
+    first_event: int = 0               # streams whose first event reached the client
+    held: int = 0                      # streams the fake held when RSS was read
+    ok_streams: int = 0                # streams complete and right after the release
+    hold_answered: int = 0             # stream requests that got a response head
+    openai_answered: int = 0
+
+
+async def hold_streams(b: Bench, p: CCMProc, n: int, out: RssOut) -> None:
+    """n concurrent streams through p, held open by the fake after message_start; RSS is read
+    when all n are open (or after 20 s), then the fake releases them and each is checked."""
+    req = build_request(p.port, "/v1/messages?beta=true", claude_code_headers(CLIENT_KEY),
+                        json.dumps(claude_code_body("h", True)).encode())
+    firsts = [0]
+
+    def first() -> None:
+        firsts[0] += 1
+
+    async def one(conn: Conn) -> Reply | str:
+        try:
+            return await conn.request(req)
+        except HTTPFailure as exc:
+            return str(exc)
+    conns = [Conn(p.port) for _ in range(n)]
+    for c in conns:
+        c.on_first = first
+    tasks: list[asyncio.Task[Reply | str]] = []
+    try:
+        for i in range(0, n, 50):                    # connect in batches: no SYN-queue overflow
+            tasks += [asyncio.create_task(one(c)) for c in conns[i:i + 50]]
+            await asyncio.sleep(0.02)
+        deadline = time.monotonic() + 20             # for the fake to hold all n
+        while time.monotonic() < deadline:           # bounded by the deadline
+            out.held = (await b.stats()).get("held", 0)
+            if out.held >= n:
+                break
+            await asyncio.sleep(0.1)
+        deadline = time.monotonic() + 5              # then for ccm to relay their first events
+        while firsts[0] < n and time.monotonic() < deadline:   # bounded by the deadline
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        out.first_event = firsts[0]
+        out.streams = mem_mb(p.pid)
+        out.fds = (*out.fds[:2], fd_count(p.pid))
+        await b.release()
+        reps = await asyncio.gather(*tasks)
+    finally:
+        for c in conns:
+            c.close()
+    whys = [rep if isinstance(rep, str) else check_reply("anthropic stream", rep, HOLD_MODEL,
+                                                         True, HOLD_MODEL) for rep in reps]
+    out.ok_streams = whys.count("")
+    bad = [why for why in whys if why]
+    if bad:
+        b.problems.append(f"held streams via {p.name}: {len(bad)} of {n} not right, first: "
+                          f"{bad[0]}")
+
+
+async def rss_phase(b: Bench, ctx: Ctx, n_req: int, n_streams: int, settle_s: float) -> RssOut:
+    """A fresh ccm: idle RSS, then n_req RSS_PATH requests at c=1 (no count_tokens call),
+    every reply checked, then n_streams concurrent held streams."""
+    out = RssOut(n_req=n_req, n_streams=n_streams)
+    p = CCMProc("ccm memory", free_port(), os.path.join(ctx.tmp, "usage-memory.db"))
+    ctx.extra_procs.append(p)
+    why = await asyncio.to_thread(start_ccm, p, ctx.tmp, ctx.fake_port, True)
+    if why:
+        b.problems.append(why)
+        return out
+    await asyncio.sleep(0.5)                         # let startup settle before the idle reading
+    out.idle, fd_idle = mem_mb(p.pid), fd_count(p.pid)
+    _, via = targets_for(RSS_PATH, ctx.fake_port, p.port, p.pid, p.name)
+    conn = Conn(p.port)
+    try:
+        for _ in range(n_req):
+            try:
+                rep = await conn.request(via.req)
+            except HTTPFailure as exc:
+                b.problems.append(f"memory phase {RSS_PATH} via {p.name}: {exc}")
+                break
+            why = check_reply(RSS_PATH, rep, via.want_model, True, via.want_echo)
+            if why:
+                b.problems.append(f"memory phase {RSS_PATH} via {p.name}: {why}")
+                break
+            out.done += 1
+    finally:
+        conn.close()
+    out.openai_answered = ANSWERED.get(p.port, 0)
+    await asyncio.sleep(settle_s)                    # the ledger's last commit lands first
+    out.after, out.tiktoken = mem_mb(p.pid), maps_mention(p.pid, "tiktoken")
+    out.fds = (fd_idle, fd_count(p.pid), -1)
+    if p.alive() is None:
+        await hold_streams(b, p, n_streams, out)
+        await asyncio.sleep(settle_s)
+        out.after_streams = mem_mb(p.pid)
+    out.hold_answered = ANSWERED.get(p.port, 0) - out.openai_answered
+    return out
+
+
+# ----------------------------------------------------------------------------- reports
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and b == b else float("nan")
+
+
+def report_paths(rows: list[Row], frames: dict[tuple[str, str], float]) -> None:
+    w = print
+    hdr = (f"{'path':<17} {'c':>2} {'direct p50':>10} {'p99':>7} | {'bare +p50':>9} {'+p99':>7} | "
+           f"{'ccm +p50':>8} {'+p99':>7} | {'rps direct':>10} {'bare':>5} {'ccm':>5} | "
+           f"{'CPU bare':>8} {'ccm':>6} {'ccm/bare':>8} | {'up-conn':>7} {'errors':>6}")
+    w("latency in ms; +p50/+p99 = the relay's or ccm's percentile minus direct's (the latency it")
+    w("adds); rps at c=16; CPU = ms of the process's utime+stime per request it relayed; up-conn")
+    w("= new TCP connections to the upstream per ccm request (0 = keep-alive reused)")
+    w(hdr)
+    w("-" * len(hdr))
+    for kind, c, rd, rb, rc in rows:
+        rps = (f"{_rps(rd):>10.0f} {_rps(rb):>5.0f} {_rps(rc):>5.0f}" if c > 1
+               else f"{'':>10} {'':>5} {'':>5}")
+        w(f"{kind:<17} {c:>2} {rd.p(.5):>10.3f} {rd.p(.99):>7.3f} | {rb.p(.5) - rd.p(.5):>9.3f} "
+          f"{rb.p(.99) - rd.p(.99):>7.3f} | {rc.p(.5) - rd.p(.5):>8.3f} {rc.p(.99) - rd.p(.99):>7.3f} | "
+          f"{rps} | {_cpu_ms(rb):>8.3f} {_cpu_ms(rc):>6.3f} {_ratio(_cpu_ms(rc), _cpu_ms(rb)):>7.2f}x | "
+          f"{rc.upstream_conns / max(rc.n, 1):>7.2f} {rd.errors + rb.errors + rc.errors:>6}")
+    w("")
+    w("where the CPU went during the c=16 runs (ms per request):")
+    for kind, c, rd, rb, rc in rows:
+        if c == 16 and rc.n and rb.n:
+            w(f"  {kind:<17} via ccm: ccm {_cpu_ms(rc):6.3f}, fake {rc.cpu_fake * 1000 / rc.n:5.3f}, "
+              f"client {rc.cpu_client * 1000 / rc.n:5.3f}, ccm busy {100 * rc.cpu_ccm / rc.wall:3.0f}% "
+              f"| via bare: relay {_cpu_ms(rb):6.3f}, fake {rb.cpu_fake * 1000 / rb.n:5.3f}, client "
+              f"{rb.cpu_client * 1000 / rb.n:5.3f}, relay busy {100 * rb.cpu_ccm / rb.wall:3.0f}%")
+    w("chunked frames per stream response (upstream / bare relay / ccm): " + "; ".join(
+        f"{k} {frames.get((k, 'direct'), 0)}/{frames.get((k, 'bare relay'), 0)}/"
+        f"{frames.get((k, 'ccm'), 0)}" for k in STREAMS))
+
+
+def report_ttfb(rows: list[Row]) -> None:
+    w = print
+    w("TTFB at c=1 (ms from sending the request to the first body chunk, the first SSE event;")
+    w("added = minus direct):")
+    hdr = (f"  {'path':<17} {'direct p50':>10} {'bare p50':>8} {'ccm p50':>8} {'bare added':>10} "
+           f"{'ccm added':>9} {'ccm-bare':>8} | {'p99 direct':>10} {'bare':>7} {'ccm':>7}")
+    w(hdr)
+    for kind, c, rd, rb, rc in rows:
+        if c == 1 and kind in STREAMS:
+            w(f"  {kind:<17} {_ttfb(rd):>10.3f} {_ttfb(rb):>8.3f} {_ttfb(rc):>8.3f} "
+              f"{_ttfb(rb) - _ttfb(rd):>10.3f} {_ttfb(rc) - _ttfb(rd):>9.3f} "
+              f"{_ttfb(rc) - _ttfb(rb):>8.3f} | {_ttfb(rd, .99):>10.3f} {_ttfb(rb, .99):>7.3f} "
+              f"{_ttfb(rc, .99):>7.3f}")
+
+
+def report_workers(wo: WorkersOut, nproc: int) -> None:
+    w = print
+    if wo.note:
+        w(wo.note)
+        return
+    r1, r2 = wo.one, wo.two
+    w(f"--workers 2 vs one worker ({WORKERS_PATH}, c={WORKERS_C}, alternating rounds; CPU summed "
+      f"over the supervisor and its workers):")
+    for name, r in (("1 worker", r1), ("2 workers", r2)):
+        w(f"  {name:<9} {_rps(r):6.0f} rps  p50 {r.p(.5):7.2f} ms  p99 {r.p(.99):7.2f} ms  ccm CPU "
+          f"{_cpu_ms(r):6.3f} ms/request  fake {r.cpu_fake * 1000 / max(r.n, 1):5.3f}  client "
+          f"{r.cpu_client * 1000 / max(r.n, 1):5.3f}  errors {r.errors}")
+    w(f"  ratio {_ratio(_rps(r2), _rps(r1)):.2f}x; processes (supervisor first): " + ", ".join(
+        f"pid {p} CPU {wo.cpu_by_pid.get(p, 0):.1f} s RSS {wo.rss_by_pid.get(p, 0):.1f} MB"
+        for p in wo.pids))
+    w(f"  this machine has {nproc} cores{' (2 cores: the fake upstream and the bench client share them with both workers, so the ratio is a floor)' if nproc <= 2 else ''}")
+
+
+def report_memory(mem_idle: dict[str, float], smaps_idle: dict[str, float], rss_module: float,
+                  po: PathsOut, mem_end: dict[str, float], mem_idle_off: dict[str, float],
+                  ro: RssOut) -> None:
+    w = print
+    w(f"ccm memory (MB): idle after start VmRSS {mem_idle['VmRSS']:.1f} (VmHWM "
+      f"{mem_idle['VmHWM']:.1f}; Pss {smaps_idle['Pss']:.1f}, private dirty "
+      f"{smaps_idle['Private_Dirty']:.1f}, shared clean {smaps_idle['Shared_Clean']:.1f})")
+    w(f"  started as `python -m ccm serve` from cached bytecode: idle VmRSS {rss_module:.1f}")
+    w(f"  for scale, a bare `python -c ...` here has VmRSS {bare_python_rss([]):.1f}, with -S "
+      f"(no site-packages .pth) {bare_python_rss(['-S']):.1f}")
+    for kind, m in po.mem_after.items():
+        w(f"  after {kind:<17} VmRSS {m['VmRSS']:6.1f}  VmHWM {m['VmHWM']:6.1f}")
+    w(f"  at the end              VmRSS {mem_end['VmRSS']:6.1f}  VmHWM {mem_end['VmHWM']:6.1f}")
+    w(f"  the ledger-off ccm (`[usage] enabled = false`) idle after start: VmRSS "
+      f"{mem_idle_off['VmRSS']:.1f} (VmHWM {mem_idle_off['VmHWM']:.1f})")
+    nan = float("nan")
+    g = lambda m, k="VmRSS": m.get(k, nan)               # noqa: E731
+    w(f"a fresh ccm (`python ccm.py serve`, ledger on) for memory alone: idle VmRSS {g(ro.idle):.1f}"
+      f" ({ro.fds[0]} fds)")
+    w(f"  after {ro.done} {RSS_PATH} requests at c=1 (no count_tokens; tiktoken "
+      f"{'LOADED' if ro.tiktoken else 'not loaded'}): VmRSS {g(ro.after):.1f} "
+      f"(+{g(ro.after) - g(ro.idle):.1f}), VmHWM {g(ro.after, 'VmHWM'):.1f}, {ro.fds[1]} fds")
+    w(f"  with {ro.n_streams} concurrent streams open ({ro.first_event} had their first event, the "
+      f"fake held {ro.held}): VmRSS {g(ro.streams):.1f} (+{g(ro.streams) - g(ro.after):.1f} over the "
+      f"previous line, {(g(ro.streams) - g(ro.after)) * 1024 / max(ro.n_streams, 1):.0f} KB per "
+      f"stream), {ro.fds[2]} fds")
+    w(f"  after they ended ({ro.ok_streams} complete and right): VmRSS {g(ro.after_streams):.1f}, "
+      f"VmHWM {g(ro.after_streams, 'VmHWM'):.1f}")
+
+
+def report_targets(rows: list[Row], mem_idle: dict[str, float], rss_module: float, ro: RssOut,
+                   wo: WorkersOut, nproc: int) -> None:
+    w = print
+
+    def verdict(ok: bool) -> str:
+        return "PASS" if ok else "FAIL"               # comparisons with nan are False: FAIL
+    by = {(kind, c): (rd, rb, rc) for kind, c, rd, rb, rc in rows}
+    w("targets:")
+    cells, oks = [], []
+    for kind in TRANSLATED:
+        for c in (1, 16):
+            if (kind, c) in by:
+                _, rb, rc = by[(kind, c)]
+                r = _ratio(_cpu_ms(rc), _cpu_ms(rb))
+                oks.append(r <= TARGET_CPU_RATIO)
+                cells.append(f"{kind} c={c} {_cpu_ms(rc):.2f}/{_cpu_ms(rb):.2f}={r:.2f}x")
+    w(f"  ccm CPU per translated request <= {TARGET_CPU_RATIO:g}x the bare relay's (ccm/bare ms): "
+      + ", ".join(cells) + f"  -> {verdict(bool(oks) and all(oks))}")
+    w("    (not a target: anthropic pass-through " + ", ".join(
+        f"{kind} c={c} {_cpu_ms(by[(kind, c)][2]):.2f}/{_cpu_ms(by[(kind, c)][1]):.2f}="
+        f"{_ratio(_cpu_ms(by[(kind, c)][2]), _cpu_ms(by[(kind, c)][1])):.2f}x"
+        for kind in PATHS if kind.startswith("anthropic") for c in (1, 16) if (kind, c) in by) + ")")
+    cells, oks = [], []
+    for kind in STREAMS:
+        if (kind, 1) in by:
+            rd, rb, rc = by[(kind, 1)]
+            ca, ba = _ttfb(rc) - _ttfb(rd), _ttfb(rb) - _ttfb(rd)
+            oks.append(ca - ba <= TARGET_TTFB_MS)
+            cells.append(f"{kind} ccm {ca:+.3f} vs bare {ba:+.3f} ({ca - ba:+.3f})")
+    w(f"  added TTFB p50 at c=1 within {TARGET_TTFB_MS:g} ms of the bare relay's: " + ", ".join(cells)
+      + f"  -> {verdict(bool(oks) and all(oks))}")
+    grow = ro.after.get("VmRSS", float("nan")) - ro.idle.get("VmRSS", float("nan"))
+    ok = grow <= TARGET_RSS_GROWTH_MB and ro.done == ro.n_req
+    w(f"  RSS after {ro.done:,} translated requests ({RSS_PATH}, no count_tokens) within "
+      f"{TARGET_RSS_GROWTH_MB:g} MB of idle: idle {ro.idle.get('VmRSS', float('nan')):.1f}, after "
+      f"{ro.after.get('VmRSS', float('nan')):.1f} ({grow:+.1f}; tiktoken "
+      f"{'loaded' if ro.tiktoken else 'not loaded'})  -> {verdict(ok)}")
+    w(f"  idle RSS <= {TARGET_IDLE_MODULE_MB:g} MB as `python -m ccm`: {rss_module:.1f}  -> "
+      f"{verdict(rss_module <= TARGET_IDLE_MODULE_MB)}; <= {TARGET_IDLE_SCRIPT_MB:g} MB as "
+      f"`python ccm.py`: {mem_idle['VmRSS']:.1f}  -> {verdict(mem_idle['VmRSS'] <= TARGET_IDLE_SCRIPT_MB)}")
+    if wo.note:
+        w(f"  --workers 2 >= {TARGET_WORKERS_RATIO:g}x one worker's rps at c={WORKERS_C}: "
+          f"{wo.note.removeprefix('workers: ')}  -> SKIP")
+    else:
+        r = _ratio(_rps(wo.two), _rps(wo.one))
+        w(f"  --workers 2 >= {TARGET_WORKERS_RATIO:g}x one worker's rps at c={WORKERS_C} "
+          f"({WORKERS_PATH}): {_rps(wo.one):.0f} -> {_rps(wo.two):.0f} rps = {r:.2f}x  -> "
+          f"{verdict(r >= TARGET_WORKERS_RATIO)}" + (f" (nproc {nproc}: the fake upstream and the "
+                                                     "bench client share the same 2 cores, so this "
+                                                     "is a floor)" if nproc <= 2 else ""))
+
+
+def upstream_counts(stats: dict[str, Any], po: PathsOut, wo: WorkersOut,
+                    ro: RssOut) -> tuple[list[tuple[str, int, int]], str]:
+    """(family, upstream calls the fake counted, requests sent through ccm) for every family,
+    and a line for the report. Bare-relay and direct calls have other models or user-agents."""
+    by_key = stats.get("by_key", {})
+    ue = po.upstream_expected
+
+    def got(prefix: str) -> int:
+        return sum(v for k, v in by_key.items() if k.startswith(prefix) and not _direct_key(k))
+    fams = [("anthropic", got("/v1/messages bench-model"),
+             ue.get("anthropic json", 0) + ue.get("anthropic stream", 0) + wo.answered),
+            ("openai", got("/v1/chat/completions gpt-bench"),
+             ue.get("openai json", 0) + ue.get("openai stream", 0) + ro.openai_answered),
+            ("gemini", got(f"/v1beta/models/{GEMINI_MODEL}:"),
+             ue.get("gemini json", 0) + ue.get("gemini stream", 0)),
+            ("held streams", got(f"/v1/messages {HOLD_MODEL}"), ro.hold_answered)]
+    line = "; ".join(f"{f}: {g / max(s, 1):.2f} ({g} upstream / {s} sent)" for f, g, s in fams)
+    return fams, line + f"; rejected credentials at the fake: {stats.get('bad_auth')}"
+
+
+async def run(args: argparse.Namespace, ctx: Ctx) -> int:
+    quick = args.quick
+    n1, n16, warm = (40, 200, 10) if quick else (400, 1200, 20)
+    n_workers, workers_rounds = (256, 1) if quick else (1600, 2)   # per target, over the rounds
+    n_rss, n_streams = (200, 100) if quick else (1000, 500)
+    on, off = ctx.on, ctx.off
+    nproc = len(os.sched_getaffinity(0))
+    b = Bench(ctx.fake_port, on.port, ctx.fake_pid, on.pid)
+    mem_idle, smaps_idle, mem_idle_off = mem_mb(on.pid), smaps_mb(on.pid), mem_mb(off.pid)
+    cpu_idle0 = cpu_seconds(on.pid)
+    machine0 = machine_cpu()
+    t_start = time.perf_counter()
+    po = PathsOut()
+    await paths_phase(b, ctx, n1, n16, warm, po)
     lrows: LedgerRows = []
     if on.alive() is None and off.alive() is None:
         sent0 = ANSWERED.get(on.port, 0) + ANSWERED.get(off.port, 0)
         lrows = await ledger_phase(b, on, off, n1, n16, warm, *((1, 0.0) if quick
                                                                  else (2, LEDGER_SETTLE_S)))
-        upstream_expected[LEDGER_PATH] += ANSWERED.get(on.port, 0) + ANSWERED.get(off.port, 0) - sent0
+        po.upstream_expected[LEDGER_PATH] = (po.upstream_expected.get(LEDGER_PATH, 0) +
+                                             ANSWERED.get(on.port, 0) + ANSWERED.get(off.port, 0)
+                                             - sent0)
+    wo = await workers_phase(b, ctx, n_workers, workers_rounds, warm)
+    exits = {p.name: p.alive() for p in ctx.extra_procs}   # before the stop below
+    for p in ctx.extra_procs:
+        stop_tree(p, b.problems)                     # its workers must go with it
+    ro = await rss_phase(b, ctx, n_rss, n_streams, 0.3 if quick else LEDGER_SETTLE_S)
     elapsed = time.perf_counter() - t_start
+    busy, steal, ours = (e - s0 for e, s0 in zip(machine_cpu(), machine0))
     stats = await b.stats()
-    mem_end = mem_mb(ccm_pid)
-    exit_on, exit_off = on.alive(), off.alive()     # before the stop below
-    stop(on.proc)                                    # SIGTERM: ccm flushes its ledger
-    sent_on = ANSWERED.get(on.port, 0)
+    mem_end = mem_mb(on.pid)
+    exits.update({p.name: p.alive() for p in (on, off, *ctx.extra_procs[len(exits):])})
+    for p in (on, *ctx.extra_procs):
+        stop_tree(p, b.problems)                     # SIGTERM: ccm flushes its ledger
     rows_on, why_on = ledger_rows(on.usage_db)
 
-    # ---------------------------------------------------------------- report
     w = print
     w("")
     w(f"ccm benchmark ({'--quick' if quick else 'full'}): {elapsed:.1f} s of measuring")
     w(f"python {platform.python_version()} ({platform.python_implementation()}) | nproc "
-      f"{len(os.sched_getaffinity(0))} (cpu_count {os.cpu_count()}) | {platform.system()} "
-      f"{platform.release()} | ccm {health.get('version', '?')} (ccm.py sha256 {ccm_digest()}) | "
-      f"/proc tick {1000 / CLK_TCK:g} ms")
-    w(f"requests: c=1 {n1} per target, direct/ccm interleaved; c=16 {n16} per target; "
+      f"{nproc} (cpu_count {os.cpu_count()}) | {platform.system()} {platform.release()} | ccm "
+      f"{ctx.health.get('version', '?')} (ccm.py sha256 {ccm_digest()}) | /proc tick "
+      f"{1000 / CLK_TCK:g} ms")
+    w(f"machine load during the run: other processes used {busy - ours:.0f} CPU-s "
+      f"({100 * (busy - ours) / max(elapsed * nproc, 1e-9):.0f}% of the {nproc} cores; "
+      f"hypervisor steal {steal:.0f} s), the bench and its processes {ours:.0f} CPU-s; "
+      f"load average now {os.getloadavg()[0]:.2f}")
+    w(f"targets compared: direct (to the fake), bare relay (`bench.py --bare-relay`: asyncio "
+      f"streams + one httpx.AsyncClient, the direct body forwarded unchanged), ccm")
+    w(f"requests: c=1 {n1} per target, direct/bare/ccm interleaved; c=16 {n16} per target; "
       f"warm-up {warm} per target per path")
     w("bodies (bytes sent): " + "; ".join(
-        f"{k}: direct {d:,} / to ccm {c:,}" for k, (d, c) in sizes.items()))
-    up_sizes = stats.get("last_body_bytes", {})
+        f"{k}: direct and bare {d:,} / to ccm {c:,}" for k, (d, c) in po.sizes.items()))
     w("bodies ccm sent upstream: " + "; ".join(
-        f"{k}: {v:,}" for k, v in sorted(up_sizes.items())
+        f"{k}: {v:,}" for k, v in sorted(stats.get("last_body_bytes", {}).items())
         if any(m in k for m in ("bench-model", "gpt-bench", GEMINI_MODEL)) and not _direct_key(k)))
     w("")
-    hdr = (f"{'path':<17} {'c':>2} {'direct p50':>10} {'p99':>7} {'ccm p50':>8} {'p99':>7} "
-           f"{'added p50':>9} {'p99':>7} {'direct rps':>10} {'ccm rps':>8} {'ccm CPU':>8} "
-           f"{'up-conn':>7} {'errors':>6}")
-    w("latency in ms; ccm CPU = ms of ccm utime+stime per request through ccm; up-conn = new TCP")
-    w("connections ccm opened to the upstream per request (0 = keep-alive reused)")
-    w(hdr)
-    w("-" * len(hdr))
-    for kind, c, rd, rc in rows:
-        drps = rd.n / rd.wall if c > 1 and rd.wall else float("nan")
-        crps = rc.n / rc.wall if c > 1 and rc.wall else float("nan")
-        cpu = rc.cpu_ccm * 1000 / rc.n if rc.n else float("nan")
-        w(f"{kind:<17} {c:>2} {rd.p(.5):>10.3f} {rd.p(.99):>7.3f} {rc.p(.5):>8.3f} "
-          f"{rc.p(.99):>7.3f} {rc.p(.5) - rd.p(.5):>9.3f} {rc.p(.99) - rd.p(.99):>7.3f} "
-          f"{'' if c == 1 else f'{drps:.0f}':>10} {'' if c == 1 else f'{crps:.0f}':>8} "
-          f"{cpu:>8.3f} {rc.upstream_conns / max(rc.n, 1):>7.2f} {rd.errors + rc.errors:>6}")
+    report_paths(po.rows, b.frames)
     w("")
-    w("where the CPU went during the c=16 runs through ccm (ms per request):")
-    for kind, c, rd, rc in rows:
-        if c == 16 and rc.n:
-            w(f"  {kind:<17} ccm {rc.cpu_ccm * 1000 / rc.n:6.3f} | fake upstream "
-              f"{rc.cpu_fake * 1000 / rc.n:6.3f} | bench client {rc.cpu_client * 1000 / rc.n:6.3f}"
-              f" | ccm busy {100 * rc.cpu_ccm / rc.wall:3.0f}% of one core")
-    w("chunked frames per stream response (the upstream sends one per SSE event): " + "; ".join(
-        f"{k}: upstream {b.frames.get((k, 'direct'), 0)}, relayed by ccm {b.frames.get((k, 'ccm'), 0)}"
-        for k in PATHS if k.endswith("stream")))
+    report_ttfb(po.rows)
     w("")
-    w(f"ccm memory (MB): idle after start VmRSS {mem_idle['VmRSS']:.1f} (VmHWM "
-      f"{mem_idle['VmHWM']:.1f}; Pss {smaps_idle['Pss']:.1f}, private dirty "
-      f"{smaps_idle['Private_Dirty']:.1f}, shared clean {smaps_idle['Shared_Clean']:.1f})")
     with tempfile.TemporaryDirectory(prefix="ccm-idle-") as idle_dir:
         rss_module = module_idle_rss(idle_dir)
-    w(f"  started as `python -m ccm serve` from cached bytecode: idle VmRSS {rss_module:.1f}")
-    w(f"  for scale, a bare `python -c ...` here has VmRSS {bare_python_rss([]):.1f}, with -S "
-      f"(no site-packages .pth) {bare_python_rss(['-S']):.1f}")
-    for kind, m in mem_after.items():
-        w(f"  after {kind:<17} VmRSS {m['VmRSS']:6.1f}  VmHWM {m['VmHWM']:6.1f}")
-    w(f"  at the end              VmRSS {mem_end['VmRSS']:6.1f}  VmHWM {mem_end['VmHWM']:6.1f}")
-    w(f"  the ledger-off ccm (`[usage] enabled = false`) idle after start: VmRSS "
-      f"{mem_idle_off['VmRSS']:.1f} (VmHWM {mem_idle_off['VmHWM']:.1f})")
+    report_memory(mem_idle, smaps_idle, rss_module, po, mem_end, mem_idle_off, ro)
     w(f"ccm CPU from start to the first request: {cpu_idle0 * 1000:.0f} ms")
     w("")
-    w("upstream calls per request through ccm (1.00 = no retries):")
-    by_key = stats.get("by_key", {})
-    got_a = sum(v for k, v in by_key.items() if k.startswith("/v1/messages bench-model"))
-    got_o = sum(v for k, v in by_key.items() if k.startswith("/v1/chat/completions gpt-bench")
-                and not _direct_key(k))
-    got_g = sum(v for k, v in by_key.items() if k.startswith(f"/v1beta/models/{GEMINI_MODEL}:")
-                and not _direct_key(k))
-    sent_a = upstream_expected.get("anthropic json", 0) + upstream_expected.get("anthropic stream", 0)
-    sent_o = upstream_expected.get("openai json", 0) + upstream_expected.get("openai stream", 0)
-    sent_g = upstream_expected.get("gemini json", 0) + upstream_expected.get("gemini stream", 0)
-    w(f"  anthropic: {got_a / max(sent_a, 1):.2f} ({got_a} upstream / {sent_a} sent, both ccm "
-      f"processes); openai: {got_o / max(sent_o, 1):.2f} ({got_o} upstream / {sent_o} sent); "
-      f"gemini: {got_g / max(sent_g, 1):.2f} ({got_g} upstream / {sent_g} sent); "
-      f"rejected credentials at the fake: {stats.get('bad_auth')}")
+    fams, line = upstream_counts(stats, po, wo, ro)
+    w("upstream calls per request through ccm (1.00 = no retries): " + line)
     w("")
-    report_ledger(lrows, sent_on, rows_on, why_on, off.usage_db, 0.0 if quick else LEDGER_SETTLE_S)
+    report_ledger(lrows, ANSWERED.get(on.port, 0), rows_on, why_on, off.usage_db,
+                  0.0 if quick else LEDGER_SETTLE_S)
     w("")
-    c1 = {kind: (rd, rc) for kind, c, rd, rc in rows if c == 1}
-    added = [rc.p(.5) - rd.p(.5) for rd, rc in c1.values()]
-    cpu_all = [rc.cpu_ccm * 1000 / rc.n if rc.n else float("nan") for _, _, _, rc in rows]
+    report_workers(wo, nproc)
+    w("")
+    report_targets(po.rows, mem_idle, rss_module, ro, wo, nproc)
+    problems = collect_problems(b, ctx, po, lrows, wo, exits, fams, stats, rows_on, why_on)
+    notes = [f"{kind} c={c}: ccm opened {rc.upstream_conns} new upstream connections for {rc.n} "
+             f"requests (keep-alive to the upstream not reused)"
+             for kind, c, rd, rb, rc in po.rows if rc.n and rc.upstream_conns / rc.n > 0.05]
+    for title, lines in (("NOTES", notes), ("PROBLEMS", problems)):
+        if lines:
+            w("")
+            w(f"{title}:")
+            for ln in lines:
+                w(f"  {ln}")
+    return 1 if problems else 0
 
-    def verdict(values: list[float], limit: float) -> str:
-        return "PASS" if values and all(v < limit for v in values) else "FAIL"   # nan fails
-    w("targets:")
-    w(f"  p50 added latency at c=1 < {TARGET_ADDED_P50_MS:g} ms : " + ", ".join(
-        f"{k} {rc.p(.5) - rd.p(.5):.3f}" for k, (rd, rc) in c1.items()) +
-      f"  -> {verdict(added, TARGET_ADDED_P50_MS)}")
-    w(f"  ccm CPU < {TARGET_CPU_MS:g} ms/request          : " + ", ".join(
-        f"{kind} c={c} {v:.2f}" for (kind, c, _, _), v in zip(rows, cpu_all)) +
-      f"  -> {verdict(cpu_all, TARGET_CPU_MS)}")
-    w(f"  idle RSS < {TARGET_IDLE_RSS_MB:g} MB                 : python ccm.py {mem_idle['VmRSS']:.1f}"
-      f"  -> {verdict([mem_idle['VmRSS']], TARGET_IDLE_RSS_MB)}; python -m ccm {rss_module:.1f}"
-      f"  -> {verdict([rss_module], TARGET_IDLE_RSS_MB)}")
 
-    notes = []
-    for kind, c, rd, rc in rows:
-        if rc.n and rc.upstream_conns / rc.n > 0.05:
-            notes.append(f"{kind} c={c}: ccm opened {rc.upstream_conns} new upstream connections for "
-                         f"{rc.n} requests (keep-alive to the upstream not reused)")
-    if notes:
-        w("")
-        w("NOTES:")
-        for note in notes:
-            w(f"  {note}")
+def collect_problems(b: Bench, ctx: Ctx, po: PathsOut, lrows: LedgerRows, wo: WorkersOut,
+                     exits: dict[str, int | None], fams: list[tuple[str, int, int]],
+                     stats: dict[str, Any], rows_on: int, why_on: str) -> list[str]:
     problems = list(b.problems)
-    for proc, status in ((on, exit_on), (off, exit_off)):
-        if status is not None:
-            problems.append(f"{proc.name} exited during the run with status {status}")
-    named = [(f"{kind} c={c}", (("direct", rd), ("ccm", rc))) for kind, c, rd, rc in rows]
+    problems += [f"{name} exited during the run with status {st}" for name, st in exits.items()
+                 if st is not None]
+    named = [(f"{kind} c={c}", (("direct", rd), ("bare relay", rb), ("ccm", rc)))
+             for kind, c, rd, rb, rc in po.rows]
     named += [(f"ledger comparison {LEDGER_PATH} c={c}",
                (("direct", rd), ("ccm", ron), ("ccm ledger off", roff)))
               for c, rd, ron, roff in lrows]
+    if not wo.note:
+        named.append((f"workers {WORKERS_PATH} c={WORKERS_C}", (("ccm", wo.one),
+                                                                ("ccm workers 2", wo.two))))
     for where, results in named:
         for name, r in results:
             if r.errors:
@@ -1356,21 +1986,22 @@ async def run(args: argparse.Namespace, fake_port: int, fake_pid: int, on: CCMPr
             if r.reconnects:
                 problems.append(f"{where} {name}: {r.reconnects} reconnects (server closed "
                                 f"a keep-alive connection)")
+    sent_on = ANSWERED.get(ctx.on.port, 0)
     if why_on or rows_on != sent_on:
         problems.append(f"the ledger holds {rows_on} rows for {sent_on} requests answered by the "
                         f"ledger-on ccm {why_on}".rstrip())
-    if os.path.exists(off.usage_db):
-        problems.append(f"the ledger-off ccm created {off.usage_db}")
-    if got_a != sent_a or got_o != sent_o or got_g != sent_g:
-        problems.append(f"upstream call counts differ from requests sent: {by_key}")
+    for p in ctx.extra_procs:                        # each has its own ledger
+        rows, why = ledger_rows(p.usage_db)
+        if p.pid and (why or rows != ANSWERED.get(p.port, 0)):
+            problems.append(f"{p.name}: its ledger holds {rows} rows for "
+                            f"{ANSWERED.get(p.port, 0)} requests answered {why}".rstrip())
+    if os.path.exists(ctx.off.usage_db):
+        problems.append(f"the ledger-off ccm created {ctx.off.usage_db}")
+    if any(g != s for _, g, s in fams):
+        problems.append(f"upstream call counts differ from requests sent: {stats.get('by_key')}")
     if stats.get("bad_auth"):
         problems.append(f"the fake rejected {stats['bad_auth']} requests' credentials")
-    if problems:
-        w("")
-        w("PROBLEMS:")
-        for p in problems:
-            w(f"  {p}")
-    return 1 if problems else 0
+    return problems
 
 
 def start_ccm(p: CCMProc, tmp: str, fake_port: int, ledger: bool) -> str:
@@ -1381,9 +2012,9 @@ def start_ccm(p: CCMProc, tmp: str, fake_port: int, ledger: bool) -> str:
            if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
     log_path = cfg[:-5] + ".stderr"
     with open(log_path, "wb") as log:
-        p.proc = subprocess.Popen([sys.executable, CCM_PY, "-c", cfg, "serve"], stdin=subprocess.DEVNULL,
-                                  stdout=log, stderr=log, env=env, cwd=tmp,
-                                  preexec_fn=_die_with_parent)
+        p.proc = subprocess.Popen([sys.executable, CCM_PY, "-c", cfg, "serve", *p.extra],
+                                  stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                                  cwd=tmp, preexec_fn=_die_with_parent)
     try:
         wait_http(p.port, "/health", p.proc, 20)
     except RuntimeError as exc:
@@ -1393,24 +2024,45 @@ def start_ccm(p: CCMProc, tmp: str, fake_port: int, ledger: bool) -> str:
 
 
 def log_problems(tmp: str, p: CCMProc) -> list[str]:
-    with open(os.path.join(tmp, f"{p.name.replace(' ', '-')}.stderr"), errors="replace") as f:
-        return [f"{p.name}: {ln.rstrip()}" for ln in f
-                if " WARNING " in ln or " ERROR " in ln or "Traceback" in ln]
+    try:
+        with open(os.path.join(tmp, f"{p.name.replace(' ', '-')}.stderr"), errors="replace") as f:
+            return [f"{p.name}: {ln.rstrip()}" for ln in f
+                    if " WARNING " in ln or " ERROR " in ln or "Traceback" in ln]
+    except OSError:
+        return []
+
+
+def raise_fd_limit(want: int = 8192) -> None:
+    """500 held streams need ~1,000 descriptors in ccm (client and upstream side); children
+    inherit the limit."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, new), hard))
+
+
+def spawn_helper(flag: str, *ports: int) -> subprocess.Popen[Any]:
+    return subprocess.Popen([sys.executable, os.path.abspath(__file__), flag, *map(str, ports)],
+                            stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                            preexec_fn=_die_with_parent)
 
 
 def main_bench(args: argparse.Namespace) -> int:
-    fake = None
+    fake = relay = None
+    raise_fd_limit()
     tmp = tempfile.TemporaryDirectory(prefix="ccm-bench-")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     on = CCMProc("ccm", free_port(), os.path.join(tmp.name, "usage.db"))
     off = CCMProc("ccm ledger off", free_port(), os.path.join(tmp.name, "usage-off.db"))
+    ctx: Ctx | None = None
     rc = 1
     try:
-        fake_port = free_port()
-        fake = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--fake-upstream",
-                                 str(fake_port)], stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                                preexec_fn=_die_with_parent)
+        fake_port, relay_port = free_port(), free_port()
+        fake = spawn_helper("--fake-upstream", fake_port)
         wait_http(fake_port, "/__stats", fake, 15)
+        relay = spawn_helper("--bare-relay", relay_port, fake_port)
+        wait_http(relay_port, "/__stats", relay, 15)   # forwarded to the fake
         for p, ledger in ((on, True), (off, False)):
             why = start_ccm(p, tmp.name, fake_port, ledger)
             if why:
@@ -1418,21 +2070,22 @@ def main_bench(args: argparse.Namespace) -> int:
                 return 1
         health = wait_http(on.port, "/health", on.proc, 5)
         time.sleep(0.5)                              # let startup settle before the idle reading
+        ctx = Ctx(tmp.name, fake_port, fake.pid, relay_port, relay.pid, on, off, health)
         try:
-            rc = asyncio.run(asyncio.wait_for(run(args, fake_port, fake.pid, on, off, health),
-                                              timeout=600))
+            rc = asyncio.run(asyncio.wait_for(run(args, ctx), timeout=900))
         except asyncio.TimeoutError:
-            print("bench: gave up after 600 s", file=sys.stderr)
+            print("bench: gave up after 900 s", file=sys.stderr)
             rc = 1
         stop(off.proc)
-        lines = log_problems(tmp.name, on) + log_problems(tmp.name, off)
+        lines = [ln for p in (on, off, *ctx.extra_procs) for ln in log_problems(tmp.name, p)]
         print(f"\nccm stderr: {len(lines)} warning/error lines" +
               "".join(f"\n  {ln[:300]}" for ln in lines[:10]))
         if lines:
             rc = 1
     finally:
-        stop(on.proc)
-        stop(off.proc)
+        for p in (on, off, *(ctx.extra_procs if ctx else [])):
+            stop_tree(p, [])
+        stop(relay)
         stop(fake)
         tmp.cleanup()
     return rc
@@ -1440,12 +2093,16 @@ def main_bench(args: argparse.Namespace) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description="Benchmark ccm against a fake upstream on 127.0.0.1.")
-    ap.add_argument("--quick", action="store_true", help="10x fewer requests (smoke run)")
+    ap.add_argument("--quick", action="store_true", help="about 10x fewer requests (smoke run)")
     ap.add_argument("--fake-upstream", type=int, metavar="PORT",
                     help="(internal) run the fake upstream on PORT")
+    ap.add_argument("--bare-relay", type=int, nargs=2, metavar=("PORT", "UPSTREAM_PORT"),
+                    help="(internal) run the bare httpx relay on PORT, forwarding to UPSTREAM_PORT")
     args = ap.parse_args()
     if args.fake_upstream is not None:
         return run_fake_upstream(args.fake_upstream)
+    if args.bare_relay is not None:
+        return run_bare_relay(*args.bare_relay)
     return main_bench(args)
 
 
