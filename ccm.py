@@ -15125,5 +15125,23 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+_AS_MODULE = "import sys; sys.path.insert(0, sys.argv.pop(1)); import ccm; sys.exit(ccm.main())"
+
+
+def _serve_as_module() -> None:
+    """`python ccm.py serve`: CPython keeps a script's whole syntax tree (about 30 MB for this
+    file) until the script returns, so a long-running serve re-executes itself (same pid, same
+    interpreter options and arguments) importing ccm as a module, whose tree is freed as soon
+    as it is compiled (and whose bytecode is cached where Python may write it)."""
+    if __spec__ is not None or "serve" not in sys.argv[1:] or os.environ.get("CCM_NO_REEXEC"):
+        return
+    options = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
+    here = os.path.dirname(os.path.abspath(__file__))
+    with contextlib.suppress(OSError):
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, *options, "-c", _AS_MODULE, here, *sys.argv[1:]])
+
+
 if __name__ == "__main__":
+    _serve_as_module()
     sys.exit(main())

@@ -15263,6 +15263,26 @@ def test_service_translated_traffic_never_loads_the_tokenizer(tmp_path: Any, fak
         proc.stderr.close()
 
 
+def test_service_script_serve_runs_as_the_imported_module(tmp_path: Any, fake_upstream) -> None:
+    """`python ccm.py serve` re-executes itself in place (same pid, interpreter options and
+    arguments) importing ccm, so the script's syntax tree is not kept for the daemon's life."""
+    port, cfg = free_port(), tmp_path / "c.toml"
+    cfg.write_text(simple_cfg(fake_upstream("anthropic")).replace("[server]\n", f"[server]\nport = {port}\n"))
+    proc = subprocess.Popen([sys.executable, "-X", "utf8", CCM_PY, "-c", str(cfg), "serve"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=dict(os.environ, HOME=str(tmp_path), NO_PROXY="*"))
+    try:
+        assert wait_for(lambda: _up(port), 15)
+        argv = pathlib.Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[:-1]
+        assert argv[1:3] == [b"-X", b"utf8"] and argv[3] == b"-c" and b"import ccm" in argv[4]
+        assert argv[5:] == [CCM_DIR.encode(), b"-c", str(cfg).encode(), b"serve"]
+        assert httpx.get(f"http://127.0.0.1:{port}/health", trust_env=False).json()["status"] == "ok"
+    finally:
+        proc.terminate()
+        assert proc.wait(20) == 0
+        proc.stderr.close()
+
+
 def _up(port: int) -> bool:
     try:
         return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1, trust_env=False).status_code == 200
