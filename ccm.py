@@ -9878,8 +9878,10 @@ class HTTPProtocol(asyncio.Protocol):
             self.transport.close()
 
 
-async def start_server(app: Any, cfg: ServerCfg, sock: Any = None) -> Server:
-    """Listen on cfg.host:cfg.port (or an already bound socket)."""
+async def start_server(app: Any, cfg: ServerCfg, sock: Any = None,
+                       reuse_port: bool = False) -> Server:
+    """Listen on cfg.host:cfg.port (or an already bound socket); reuse_port for workers that
+    share the port (SO_REUSEPORT: the kernel spreads connections over them)."""
     server = Server(app, cfg)
     loop = asyncio.get_running_loop()
     if sock is not None:
@@ -9887,7 +9889,8 @@ async def start_server(app: Any, cfg: ServerCfg, sock: Any = None) -> Server:
                                                          backlog=1024)
     else:
         server.asyncio_server = await loop.create_server(
-            lambda: HTTPProtocol(server), cfg.host, cfg.port, backlog=1024, reuse_address=True)
+            lambda: HTTPProtocol(server), cfg.host, cfg.port, backlog=1024, reuse_address=True,
+            reuse_port=reuse_port or None)
     return server
 
 
@@ -12691,6 +12694,7 @@ class App:
         self.ledger = ledger
         self.credits = Credits(cfg.clients, ledger)
         self.on_config: Callable[[Config], None] | None = None
+        self.worker: Json | None = None    # which of N workers this is (Service sets it)
         self.on_reload: Callable[[], bool] | None = None
         self.no_count: dict[str, float] = {}
         self.logins = LoginStatus()
@@ -12836,6 +12840,7 @@ class App:
                               for name, p in self.cfg.providers.items()},
                 "counters": dict(sorted((self.counters + self.up.health.counters).items())),
                 "tokenizer": COUNTER.method,       # "not loaded" until a count needs it
+                **({"worker": self.worker} if self.worker else {}),   # serve --workers N
                 "logins": self.logins.snapshot(self.up, self.cfg)}
         return Response(200, [("content-type", "application/json")], dumps(body).encode())
 
@@ -12992,6 +12997,7 @@ class PidInfo:
     config: str = ""
     started: float = 0.0
     log: str = ""
+    workers: int = 1                  # `serve --workers N`: restart keeps it
 
 
 @dataclass(slots=True)
@@ -13025,7 +13031,7 @@ def log_path(cfg_path: str) -> str:
 def write_pidfile(cfg_path: str, info: PidInfo) -> None:
     """The daemon's record, atomically (readers never see half a file)."""
     data = {"pid": info.pid, "host": info.host, "port": info.port, "config": info.config,
-            "started": info.started, "log": info.log}
+            "started": info.started, "log": info.log, "workers": info.workers}
     atomic_write(pidfile_path(cfg_path), (json.dumps(data) + "\n").encode(), 0o644)
 
 
@@ -13042,7 +13048,8 @@ def read_pidfile(cfg_path: str) -> PidInfo | None:
         d = json.loads(text)
         return PidInfo(pid=int(d["pid"]), host=str(d.get("host") or DEFAULT_HOST),
                        port=int(d.get("port") or DEFAULT_PORT), config=str(d.get("config") or ""),
-                       started=float(d.get("started") or 0), log=str(d.get("log") or ""))
+                       started=float(d.get("started") or 0), log=str(d.get("log") or ""),
+                       workers=int(d.get("workers") or 1))
     except (ValueError, KeyError, TypeError):
         return None
 
@@ -13182,7 +13189,7 @@ def _open_log(path: str) -> Any:
 
 
 def start_daemon(cfg_path: str, host: str | None = None, port: int | None = None,
-                 quiet: bool = False) -> int:
+                 quiet: bool = False, workers: int = 1) -> int:
     """Start `ccm serve` in the background (own session, stdin closed, log in ccm.log) and
     wait until it answers /health; 0 when running (already or now), 1 with one clear line."""
     ensure_config(cfg_path)
@@ -13201,14 +13208,14 @@ def start_daemon(cfg_path: str, host: str | None = None, port: int | None = None
     if port_in_use(host, port):
         return _fail(f"port {port} on {host} is already in use by another program; stop it, or "
                      f"run `ccm start --port N` (or set server.port in {cfg_path})")
-    proc = _spawn_serve(cfg_path, host, port)
-    return _await_start(proc, cfg_path, cfg, host, port, quiet)
+    proc = _spawn_serve(cfg_path, host, port, workers)
+    return _await_start(proc, cfg_path, cfg, host, port, quiet, workers)
 
 
-def _spawn_serve(cfg_path: str, host: str, port: int) -> subprocess.Popen[bytes]:
+def _spawn_serve(cfg_path: str, host: str, port: int, workers: int) -> subprocess.Popen[bytes]:
     log = log_path(cfg_path)
     cmd = [sys.executable, _ccm_file(), "--config", cfg_path, "serve", "--host", host,
-           "--port", str(port), "--log-file", log]
+           "--port", str(port), "--log-file", log, *(["--workers", str(workers)] if workers > 1 else [])]
     os.makedirs(state_dir(cfg_path), mode=0o700, exist_ok=True)
     with _open_log(log) as out:           # catches what happens before the log is set up
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
@@ -13216,7 +13223,7 @@ def _spawn_serve(cfg_path: str, host: str, port: int) -> subprocess.Popen[bytes]
 
 
 def _await_start(proc: subprocess.Popen[bytes], cfg_path: str, cfg: Config, host: str,
-                 port: int, quiet: bool) -> int:
+                 port: int, quiet: bool, workers: int = 1) -> int:
     url = f"http://{_client_host(host)}:{port}"
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -13225,7 +13232,7 @@ def _await_start(proc: subprocess.Popen[bytes], cfg_path: str, cfg: Config, host
                          f"`ccm logs` ({log_path(cfg_path)})")
         if fetch_health(url, 0.5) is not None:
             write_pidfile(cfg_path, PidInfo(proc.pid, host, port, cfg_path, time.time(),
-                                            log_path(cfg_path)))
+                                            log_path(cfg_path), workers))
             if not quiet:
                 print(f"ccm started (pid {proc.pid}) at {url}\n  export ANTHROPIC_BASE_URL={url}")
             return 0
@@ -13324,9 +13331,34 @@ class Service:
                           "hold one in ccm)", p.name)
         self.server: Server | None = None
         self.stopped = asyncio.Event()
+        self.role: WorkerRole | None = None      # set when this process is one of N workers
 
     async def start(self, sock: Any = None) -> None:
-        self.server = await start_server(self.app, self.cfg.server, sock)
+        role = self.role
+        self.server = await start_server(self.app, self.cfg.server, sock, reuse_port=role is not None)
+        if role is not None:
+            self.app.worker = {"index": role.index, "workers": role.count, "pid": os.getpid()}
+            self.app.on_config = self._saved
+            self.app.on_reload = self._restart
+            if role.ready_fd >= 0:                 # the supervisor waits for every worker
+                os.write(role.ready_fd, b"1")
+                os.close(role.ready_fd)
+
+    def _saved(self, cfg: Config) -> None:
+        """An admin-page save in a worker: applied here, then every worker reloads the file."""
+        self.apply(cfg)
+        self._tell_supervisor()
+
+    def _restart(self) -> bool:
+        ok = self.reload()
+        if ok:
+            self._tell_supervisor()
+        return ok
+
+    def _tell_supervisor(self) -> None:
+        if self.role is not None:
+            with contextlib.suppress(OSError):
+                os.kill(self.role.supervisor, signal.SIGHUP)
 
     @property
     def port(self) -> int:
@@ -13382,8 +13414,9 @@ class Service:
         self.stopped.set()
 
 
-async def _serve(cfg: Config) -> int:
+async def _serve(cfg: Config, role: WorkerRole | None = None) -> int:
     svc = Service(cfg)
+    svc.role = role
     try:
         await svc.start()
     except OSError as exc:
@@ -13400,14 +13433,16 @@ async def _serve(cfg: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
     loop.add_signal_handler(signal.SIGHUP, svc.reload)
+    if role is not None:                   # the supervisor writes the pidfile and tells systemd
+        _log.info("worker %d of %d listening (pid %d)", role.index + 1, role.count, os.getpid())
+        release_memory()
+        await svc.stopped.wait()
+        return 0
     pid = pidfile_path(cfg.path)
     with contextlib.suppress(OSError):
         write_pidfile(cfg.path, PidInfo(os.getpid(), cfg.server.host, svc.port, cfg.path,
                                         time.time(), ""))
-    url = f"http://{cfg.server.host}:{svc.port}"
-    _log.info("ccm %s listening on %s (config %s)", __version__, url, cfg.path)
-    print(f"ccm {__version__} listening on {url}\n  export ANTHROPIC_BASE_URL={url}\n"
-          f"  admin page: {_admin_url(cfg, svc.port)}", file=sys.stderr)
+    _say_listening(cfg, svc.port)
     notify_ready()                        # systemd Type=notify: the port is open
     release_memory()
     try:
@@ -13419,9 +13454,210 @@ async def _serve(cfg: Config) -> int:
     return 0
 
 
+def _say_listening(cfg: Config, port: int, workers: int = 1) -> None:
+    url = f"http://{cfg.server.host}:{port}"
+    more = f", {workers} workers" if workers > 1 else ""
+    _log.info("ccm %s listening on %s (config %s%s)", __version__, url, cfg.path, more)
+    print(f"ccm {__version__} listening on {url}\n  export ANTHROPIC_BASE_URL={url}\n"
+          f"  admin page: {_admin_url(cfg, port)}", file=sys.stderr)
+
+
+# --- 17b. Workers: `serve --workers N` under a supervisor ----------------------------------
+
+WORKER_START_TIMEOUT_S = 30.0
+WORKER_CRASH_WINDOW_S = 5.0      # a worker that dies sooner than this after starting crashed
+WORKER_CRASH_LIMIT = 3           # crashes in a row after which the supervisor gives up
+
+
+_AS_MODULE = "import sys; sys.path.insert(0, sys.argv.pop(1)); import ccm; sys.exit(ccm.main())"
+
+
+def _interpreter_options() -> list[str]:
+    """This interpreter's own options (-X, -W, ...), for the processes ccm runs of itself."""
+    orig = sys.orig_argv
+    if __spec__ is None:
+        return orig[1:len(orig) - len(sys.argv)]
+    return orig[1:orig.index(_AS_MODULE) - 1] if _AS_MODULE in orig else []
+
+
+def _serve_as_module() -> None:
+    """`python ccm.py serve`: CPython keeps a script's whole syntax tree (about 30 MB for this
+    file) until the script returns, so a long-running serve re-executes itself (same pid, same
+    interpreter options and arguments) importing ccm as a module, whose tree is freed as soon
+    as it is compiled (and whose bytecode is cached where Python may write it)."""
+    if __spec__ is not None or "serve" not in sys.argv[1:] or os.environ.get("CCM_NO_REEXEC"):
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    with contextlib.suppress(OSError):
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, *_interpreter_options(), "-c", _AS_MODULE, here,
+                                  *sys.argv[1:]])
+
+
+@dataclass(slots=True)
+class WorkerRole:
+    """What a worker process knows of its supervisor (the hidden `serve --worker` option)."""
+    index: int
+    count: int
+    supervisor: int
+    ready_fd: int = -1
+
+    @classmethod
+    def parse(cls, spec: str) -> WorkerRole:
+        index, count, supervisor, fd = (int(x) for x in spec.split("/"))
+        return cls(index, count, supervisor, fd)
+
+
+def _die_with(parent: int) -> None:
+    """A worker gets SIGTERM (a graceful stop) when its supervisor dies, even by SIGKILL."""
+    with contextlib.suppress(Exception):  # Linux prctl(PR_SET_PDEATHSIG); elsewhere nothing
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    if os.getppid() != parent:             # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def probe_port(host: str, port: int) -> int:
+    """The port workers will share, after checking nothing listens there (SO_REUSEPORT alone
+    would let ccm split a port with another program); for port 0, a free one."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(addr)
+        return s.getsockname()[1]
+
+
+class Supervisor:
+    """N worker processes serve one port with SO_REUSEPORT, so the kernel spreads connections
+    over N cores. The supervisor restarts a worker that dies, passes SIGHUP, SIGTERM and SIGINT
+    to all, copies their log lines into its own stderr (so one process owns the rotating log),
+    writes the pidfile and tells systemd once every worker listens. Breakers, key-pool turns
+    and the recent-requests list are per worker; the ledger and credits are shared through the
+    database; an admin-page save in one worker makes every worker reload the file."""
+
+    def __init__(self, cfg: Config, count: int, debug: bool) -> None:
+        self.cfg, self.count, self.debug = cfg, count, debug
+        self.procs: dict[int, tuple[int, subprocess.Popen[bytes], float]] = {}
+        self.stopping = False
+        self.crashes = 0
+        self.status = 0
+        self.port = cfg.server.port
+
+    def run(self) -> int:
+        host = self.cfg.server.host
+        try:
+            self.port = probe_port(host, self.cfg.server.port)
+        except OSError as exc:
+            print(f"ccm: error: cannot listen on {host}:{self.cfg.server.port}: {exc.strerror}",
+                  file=sys.stderr)
+            return 1
+        load_admin_token(self.cfg)        # made once here: every worker must share them
+        load_secret(self.cfg.path)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._stop)
+        signal.signal(signal.SIGHUP, self._forward)
+        read_fd, write_fd = os.pipe()
+        for i in range(self.count):
+            self._spawn(i, write_fd)
+        os.close(write_fd)
+        ready = self._await_ready(read_fd)
+        os.close(read_fd)
+        if ready:
+            self._running()
+        else:
+            self.status = 1
+            self._stop()
+        while self.procs:
+            self._reap()
+        with contextlib.suppress(OSError):
+            os.unlink(pidfile_path(self.cfg.path))
+        _log.info("stopped")
+        return self.status
+
+    def _running(self) -> None:
+        with contextlib.suppress(OSError):
+            write_pidfile(self.cfg.path, PidInfo(os.getpid(), self.cfg.server.host, self.port,
+                                                 self.cfg.path, time.time(), "", self.count))
+        _say_listening(self.cfg, self.port, self.count)
+        notify_ready()
+
+    def _spawn(self, index: int, ready_fd: int = -1) -> None:
+        role = f"{index}/{self.count}/{os.getpid()}/{ready_fd}"
+        cmd = [sys.executable, *_interpreter_options(), "-c", _AS_MODULE, os.path.dirname(_ccm_file()),
+               "--config", self.cfg.path, *(["--debug"] if self.debug else []), "serve",
+               "--host", self.cfg.server.host, "--port", str(self.port), "--worker", role]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, pass_fds=(ready_fd,) if ready_fd >= 0 else ())
+        self.procs[proc.pid] = (index, proc, time.monotonic())
+        threading.Thread(target=self._copy, args=(proc.stdout,), name="ccm-worker-log",
+                         daemon=True).start()
+
+    @staticmethod
+    def _copy(pipe: Any) -> None:
+        """A worker's output, line by line, into the supervisor's stderr (the rotating log)."""
+        for line in iter(pipe.readline, b""):
+            sys.stderr.write(line.decode("utf-8", "replace"))
+            sys.stderr.flush()
+        pipe.close()
+
+    def _await_ready(self, read_fd: int) -> bool:
+        """True once every worker said it listens; False if one exits first or time runs out."""
+        import select
+        got, deadline = 0, time.monotonic() + WORKER_START_TIMEOUT_S
+        while got < self.count and time.monotonic() < deadline:
+            if any(proc.poll() is not None for _, proc, _ in self.procs.values()):
+                _log.error("a worker exited while starting; see the lines above")
+                return False
+            if select.select([read_fd], [], [], 0.1)[0]:
+                got += len(os.read(read_fd, self.count))
+        return got >= self.count
+
+    def _stop(self, *_: Any) -> None:
+        if not self.stopping:
+            _log.info("stopping: %d workers drain their in-flight requests", len(self.procs))
+        self.stopping = True
+        self._signal(signal.SIGTERM)
+
+    def _forward(self, *_: Any) -> None:
+        _log.info("SIGHUP: every worker reloads %s", self.cfg.path)
+        self._signal(signal.SIGHUP)
+
+    def _signal(self, sig: int) -> None:
+        for _, proc, _ in list(self.procs.values()):
+            with contextlib.suppress(OSError):
+                proc.send_signal(sig)
+
+    def _reap(self) -> None:
+        """Wait for a worker to exit; restart it unless ccm is stopping or it keeps crashing."""
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            self.procs.clear()
+            return
+        entry = self.procs.pop(pid, None)
+        if entry is None:
+            return
+        index, proc, started = entry
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if self.stopping:
+            return
+        self.crashes = self.crashes + 1 if time.monotonic() - started < WORKER_CRASH_WINDOW_S else 0
+        if self.crashes >= WORKER_CRASH_LIMIT:
+            _log.error("worker %d (pid %d) exited with status %d, %d times in a row soon after "
+                       "starting; stopping", index + 1, pid, proc.returncode, self.crashes)
+            self.status = 1
+            self._stop()
+            return
+        _log.warning("worker %d (pid %d) exited with status %d; starting it again",
+                     index + 1, pid, proc.returncode)
+        self._spawn(index)
+
+
 def run_server(cfg_path: str, host: str | None = None, port: int | None = None,
-               debug: bool = False) -> int:
-    """Load the config (writing the default on first run) and serve until SIGTERM/SIGINT."""
+               debug: bool = False, workers: int = 1, role: WorkerRole | None = None) -> int:
+    """Load the config (writing the default on first run) and serve until SIGTERM/SIGINT;
+    workers > 1 runs that many worker processes under a Supervisor."""
     ensure_config(cfg_path)
     cfg = load_config(cfg_path)
     if host:
@@ -13429,12 +13665,16 @@ def run_server(cfg_path: str, host: str | None = None, port: int | None = None,
     if port is not None:
         cfg.server.port = port
     setup_logging("debug" if debug else cfg.server.log_level)
-    for w in cfg.warnings:
+    for w in cfg.warnings if role is None else ():      # the supervisor said them
         _log.warning("config: %s", w)
-    if not _LOOPBACK_HOSTS.match(cfg.server.host) and not (cfg.server.api_key or cfg.clients):
+    if role is None and not _LOOPBACK_HOSTS.match(cfg.server.host) and not (cfg.server.api_key or cfg.clients):
         _log.warning("listening on %s without server.api_key or [[clients]]: anyone who can reach "
                      "this address can use your providers; set server.api_key", cfg.server.host)
-    return asyncio.run(_serve(cfg))
+    if workers > 1:
+        return Supervisor(cfg, workers, debug).run()
+    if role is not None:
+        _die_with(role.supervisor)
+    return asyncio.run(_serve(cfg, role))
 
 
 # ============================================================================================
@@ -13594,6 +13834,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="listen address (default from config)")
     p.add_argument("--port", type=_port, help="listen port (default from config, 13456)")
     p.add_argument("--log-file", help="write the log to this file, rotated at 5 MB x 3")
+    p.add_argument("--workers", type=_workers, default=1,
+                   help="worker processes sharing the port (SO_REUSEPORT), one per core")
+    p.add_argument("--worker", help=argparse.SUPPRESS)      # set by the supervisor
     p = _cmd(sub, "route", cmd_route, "Explain where a request would be routed, without sending it.",
              "python ccm.py route --dry-run request.json")
     p.add_argument("--dry-run", action="store_true", required=True, help="do not touch the network")
@@ -13656,7 +13899,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if getattr(args, "log_file", None):
         stream = RotatingLog(args.log_file, int(os.environ.get("CCM_LOG_MAX_BYTES") or LOG_MAX_BYTES))
         sys.stderr = sys.stdout = stream   # type: ignore[assignment]  setup_logging reads it
-    return run_server(config_path(args.config), args.host, args.port, args.debug)
+    role = WorkerRole.parse(args.worker) if args.worker else None
+    return run_server(config_path(args.config), args.host, args.port, args.debug,
+                      1 if role else args.workers, role)
+
+
+def _workers(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers from 1 to 64")
+    return n
 
 
 def _read_request_file(name: str) -> bytes:
@@ -13797,7 +14052,7 @@ def _port_arg(args: argparse.Namespace) -> int | None:
 
 def cmd_start(args: argparse.Namespace) -> int:
     """Start ccm in the background; log in ccm.log beside the config."""
-    return start_daemon(config_path(args.config), args.host, args.port)
+    return start_daemon(config_path(args.config), args.host, args.port, workers=args.workers or 1)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -13811,8 +14066,9 @@ def cmd_restart(args: argparse.Namespace) -> int:
     info = read_pidfile(path)
     host = args.host or (info.host if info and info.started else None)
     port = args.port if args.port is not None else (info.port if info and info.started else None)
+    workers = args.workers or (info.workers if info and info.started else 1)
     rc = stop_daemon(path, quiet=True)
-    return rc or start_daemon(path, host, port)
+    return rc or start_daemon(path, host, port, workers=workers)
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -14991,6 +15247,8 @@ def add_ops_commands(sub: Any) -> None:
 def _args_start(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="listen address (default from config)")
     p.add_argument("--port", type=_port, help="listen port (default from config)")
+    p.add_argument("--workers", type=_workers, default=None,
+                   help="worker processes sharing the port (restart keeps the number start had)")
 
 
 def _args_status(p: argparse.ArgumentParser) -> None:
@@ -15123,23 +15381,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ccm: error: {type(exc).__name__}: {exc} (run with --debug for a traceback)",
               file=sys.stderr)
         return 1
-
-
-_AS_MODULE = "import sys; sys.path.insert(0, sys.argv.pop(1)); import ccm; sys.exit(ccm.main())"
-
-
-def _serve_as_module() -> None:
-    """`python ccm.py serve`: CPython keeps a script's whole syntax tree (about 30 MB for this
-    file) until the script returns, so a long-running serve re-executes itself (same pid, same
-    interpreter options and arguments) importing ccm as a module, whose tree is freed as soon
-    as it is compiled (and whose bytecode is cached where Python may write it)."""
-    if __spec__ is not None or "serve" not in sys.argv[1:] or os.environ.get("CCM_NO_REEXEC"):
-        return
-    options = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
-    here = os.path.dirname(os.path.abspath(__file__))
-    with contextlib.suppress(OSError):
-        sys.stdout.flush()
-        os.execv(sys.executable, [sys.executable, *options, "-c", _AS_MODULE, here, *sys.argv[1:]])
 
 
 if __name__ == "__main__":

@@ -15283,6 +15283,71 @@ def test_service_script_serve_runs_as_the_imported_module(tmp_path: Any, fake_up
         proc.stderr.close()
 
 
+def _worker_pids(port: int, connections: int = 24) -> set[int]:
+    """The worker pids that answer /health over that many new connections."""
+    pids = set()
+    for _ in range(connections):
+        with httpx.Client(trust_env=False, timeout=5) as h:       # a new connection each
+            pids.add(h.get(f"http://127.0.0.1:{port}/health").json()["worker"]["pid"])
+    return pids
+
+
+def test_service_workers_share_the_port_restart_reload_and_stop(tmp_path: Any, fake_upstream) -> None:
+    """`serve --workers 2`: both workers answer on one port (SO_REUSEPORT), a killed worker is
+    started again, SIGHUP and an admin-page save reach every worker, a port in use is one
+    clear error, and SIGTERM stops them all with exit status 0."""
+    up = fake_upstream("anthropic")
+    port, cfg = free_port(), tmp_path / "c.toml"
+    cfg.write_text(simple_cfg(up).replace("[server]\n", f"[server]\nport = {port}\n"))
+    env = dict(os.environ, HOME=str(tmp_path), NO_PROXY="*")
+    proc = subprocess.Popen([sys.executable, CCM_PY, "-c", str(cfg), "serve", "--workers", "2"],
+                            cwd=CCM_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        assert wait_for(lambda: _up(port), 20)
+        pids = _worker_pids(port)
+        assert len(pids) == 2 and proc.pid not in pids
+        client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="k", max_retries=0)
+        assert client.messages.create(**BASIC_REQ).content[0].text == "hello"
+        info = json.loads(pathlib.Path(ccm.pidfile_path(str(cfg))).read_text())
+        assert info["pid"] == proc.pid and info["workers"] == 2
+        again = subprocess.run([sys.executable, CCM_PY, "-c", str(cfg), "serve", "--workers", "2"],
+                               cwd=CCM_DIR, capture_output=True, text=True, env=env, timeout=30)
+        assert again.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in again.stderr
+        dead = min(pids)
+        os.kill(dead, signal.SIGKILL)
+        assert wait_for(lambda: len((now := _worker_pids(port))) == 2 and dead not in now, 20)
+        cfg.write_text(cfg.read_text().replace('"real-model"', '"other-model"'))
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1.5)
+        for _ in range(8):
+            with httpx.Client(trust_env=False) as h:
+                r = h.post(f"http://127.0.0.1:{port}/v1/messages", json=BASIC_REQ,
+                           headers={"anthropic-version": "2023-06-01"})
+            assert r.status_code == 200
+        assert {s.json["model"] for s in up.seen[-8:]} == {"other-model"}
+        token = (tmp_path / "admin_token").read_text().strip()   # one token for every worker
+        with httpx.Client(trust_env=False) as h:
+            r = h.patch(f"http://127.0.0.1:{port}/api/config", json={"router": {"long_context_threshold": 4321}},
+                        headers={"authorization": f"Bearer {token}"})
+        assert r.status_code == 200, r.text
+        time.sleep(1.5)
+        seen = set()
+        for _ in range(24):
+            with httpx.Client(trust_env=False) as h:
+                doc = h.get(f"http://127.0.0.1:{port}/api/config/json",
+                            headers={"authorization": f"Bearer {token}"}).json()
+                seen.add(doc["router"]["long_context_threshold"])
+        assert seen == {4321}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+        err = proc.stderr.read().decode()
+        proc.stderr.close()
+    assert code == 0, err
+    assert "exited with status -9; starting it again" in err and "every worker reloads" in err
+    assert not _up(port) and not os.path.exists(ccm.pidfile_path(str(cfg)))
+
+
 def _up(port: int) -> bool:
     try:
         return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1, trust_env=False).status_code == 200
@@ -15953,6 +16018,23 @@ def test_cli_restart_keeps_the_started_address(cli: Cli) -> None:
     new = cli.pidinfo()
     assert new.pid != old.pid and new.port == port and not ccm.pid_alive(old.pid)
     assert cli("status").returncode == 0
+
+
+def test_cli_start_workers_and_restart_keeps_them(cli: Cli) -> None:
+    port = free_port()
+    cli.write_cfg(passthrough_toml(port))
+    assert cli("start", "--workers", "2").returncode == 0
+    old = cli.pidinfo()
+    assert old.workers == 2 and httpx.get(f"http://127.0.0.1:{port}/health", trust_env=False
+                                          ).json()["worker"]["workers"] == 2
+    r = cli("restart")
+    assert r.returncode == 0, r.stderr
+    new = cli.pidinfo()
+    assert new.pid != old.pid and new.workers == 2 and not ccm.pid_alive(old.pid)
+    health = httpx.get(f"http://127.0.0.1:{port}/health", trust_env=False).json()
+    assert health["worker"]["workers"] == 2
+    assert cli("stop").returncode == 0 and not ccm.pid_alive(new.pid)
+    assert cli("start", "--workers", "0").returncode == 2
 
 
 def test_cli_reload_applies_a_new_config(cli: Cli) -> None:
