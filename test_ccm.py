@@ -15518,7 +15518,7 @@ def test_cli_serve_first_run_writes_default_config(capsys: Any, tmp_home: Any,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     served: list[Any] = []
 
-    async def fake_serve(cfg: Any) -> int:      # everything up to listening is real
+    async def fake_serve(cfg: Any, role: Any = None) -> int:   # everything up to listening is real
         served.append(cfg)
         return 0
     monkeypatch.setattr(ccm, "_serve", fake_serve)
