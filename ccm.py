@@ -422,7 +422,9 @@ def state_dir(cfg_path: str) -> str:
 
 
 def new_id(prefix: str, n: int = 24) -> str:
-    return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(n))
+    """prefix + n random base62 characters, from one urandom call (secrets.choice costs one
+    system call a character, ~70 a request)."""
+    return prefix + "".join(_ID_ALPHABET[b % 62] for b in os.urandom(n))
 
 
 def _header_list_get(headers: Iterable[tuple[str, str]], name: str) -> str | None:
@@ -8493,9 +8495,24 @@ def normalise_model(model: str) -> str:
     return _DATE_SUFFIX.sub("", name)
 
 
+_PRICE_CACHE: dict[tuple[int, str], tuple[dict[str, Any], Price | None]] = {}
+
+
 def price_for(model: str, prices: dict[str, Price]) -> Price | None:
-    """The price of a model: the exact name, else its normalised name, else the longest listed
-    prefix of the normalised name that ends at a '-', '.', '_', ':' or '@'."""
+    """The price of a model (remembered per price table and model: a day's traffic names a
+    handful of models; the table is kept with the answer, so a reused id cannot match)."""
+    key = (id(prices), model)
+    hit = _PRICE_CACHE.get(key)
+    if hit is None or hit[0] is not prices:
+        if len(_PRICE_CACHE) > 1024:
+            _PRICE_CACHE.clear()
+        hit = _PRICE_CACHE[key] = (prices, _find_price(model, prices))
+    return hit[1]
+
+
+def _find_price(model: str, prices: dict[str, Price]) -> Price | None:
+    """The exact name, else its normalised name, else the longest listed prefix of the
+    normalised name that ends at a '-', '.', '_', ':' or '@'."""
     if not model:
         return None
     for name in (model, model.lower(), normalise_model(model)):
