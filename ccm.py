@@ -32,6 +32,7 @@ import dataclasses
 import datetime
 import email.utils
 import fcntl
+import functools
 import gc
 import getpass
 import hashlib
@@ -2678,6 +2679,7 @@ _REASONING_MODEL_RE = re.compile(r"^(o\d|gpt-5)", re.I)
 _BILLING = "x-anthropic-billing-header:"
 
 
+@functools.lru_cache(maxsize=1024)       # the same 15-20 tool names on every request
 def short_tool_name(name: str) -> str:
     """A legal OpenAI function name; long or illegal names get a reversible hashed form."""
     if _TOOL_NAME_RE.match(name):
@@ -7636,14 +7638,56 @@ class _Dialer:
         await asyncio.sleep(seconds)
 
 
+def _assign_once(pool: Any) -> list[Any]:
+    """httpcore 1.0's AsyncConnectionPool._assign_requests_to_connections in one pass, each
+    idle connection handed to one request. httpcore's own (encode/httpcore#1035, #1110, both
+    open) counts is_idle() over every connection for each idle one at every request and
+    release, and hands one idle connection to every queued request: all but one then fail
+    with ConnectionNotAvailable and scan again (2.5 extra scans a request at c=16). A
+    connection given to a request that has not started on it yet is spoken for: not reused,
+    not closed as surplus. Returns the connections to close, as httpcore's does."""
+    closing, kept = [], []
+    for conn in pool._connections:
+        if not conn.is_closed():
+            (closing if conn.has_expired() else kept).append(conn)
+    taken = {id(r.connection) for r in pool._requests if r.connection is not None}
+    idle = [c for c in kept if c.is_idle() and id(c) not in taken]
+    surplus = max(0, len(idle) - pool._max_keepalive_connections)
+    closing += idle[:surplus]
+    idle = idle[surplus:]
+    kept = [c for c in kept if c not in closing]
+    free = [c for c in kept if c.is_available() and id(c) not in taken]
+    for request in [r for r in pool._requests if r.is_queued()]:
+        origin = request.request.url.origin
+        conn = next((c for c in free if c.can_handle_request(origin)), None)
+        if conn is None and len(kept) >= pool._max_connections and idle:
+            old = idle.pop(0)              # make room: close the longest-idle connection
+            kept.remove(old)
+            free = [c for c in free if c is not old]
+            closing.append(old)
+        if conn is None and len(kept) < pool._max_connections:
+            conn = pool.create_connection(origin)
+            kept.append(conn)
+        if conn is not None:
+            if conn.is_idle():             # HTTP/1.1: one request at a time
+                free = [c for c in free if c is not conn]
+            request.assign_to_connection(conn)
+    pool._connections = kept
+    return closing
+
+
 def _dial_with_asyncio(client: httpx.AsyncClient) -> None:
     """Every pool of the client (the direct one and each proxy's from the environment) dials
-    with _Dialer. httpx takes no network backend, so this sets the attribute httpcore's pools
-    keep it in; an httpx or httpcore that renamed either keeps its own backend."""
+    with _Dialer and assigns with _assign_once. httpx takes no network backend and httpcore
+    no assigner, so this sets the pools' own attributes; an httpx or httpcore that renamed
+    them keeps its own, and an httpcore past 1.0 keeps its own assigner."""
+    own_assigner = not httpcore.__version__.startswith("1.0.")
     for transport in [client._transport, *client._mounts.values()]:
         pool = getattr(transport, "_pool", None)
         if pool is not None and hasattr(pool, "_network_backend"):
             pool._network_backend = _DIALER
+        if pool is not None and hasattr(pool, "_assign_requests_to_connections") and not own_assigner:
+            pool._assign_requests_to_connections = lambda pool=pool: _assign_once(pool)
 
 
 _DIALER = _Dialer()
