@@ -7656,7 +7656,7 @@ def _assign_once(pool: Any) -> list[Any]:
     closing += idle[:surplus]
     idle = idle[surplus:]
     kept = [c for c in kept if c not in closing]
-    free = [c for c in kept if c.is_available() and id(c) not in taken]
+    free = [c for c in kept if c.is_available() and not (c.is_idle() and id(c) in taken)]
     for request in [r for r in pool._requests if r.is_queued()]:
         origin = request.request.url.origin
         conn = next((c for c in free if c.can_handle_request(origin)), None)
@@ -7671,6 +7671,7 @@ def _assign_once(pool: Any) -> list[Any]:
         if conn is not None:
             if conn.is_idle():             # HTTP/1.1: one request at a time
                 free = [c for c in free if c is not conn]
+                idle = [c for c in idle if c is not conn]
             request.assign_to_connection(conn)
     pool._connections = kept
     return closing
@@ -7682,11 +7683,13 @@ def _dial_with_asyncio(client: httpx.AsyncClient) -> None:
     no assigner, so this sets the pools' own attributes; an httpx or httpcore that renamed
     them keeps its own, and an httpcore past 1.0 keeps its own assigner."""
     own_assigner = not httpcore.__version__.startswith("1.0.")
-    for transport in [client._transport, *client._mounts.values()]:
+    mounts = getattr(client, "_mounts", {})
+    for transport in [getattr(client, "_transport", None), *mounts.values()]:
         pool = getattr(transport, "_pool", None)
         if pool is not None and hasattr(pool, "_network_backend"):
             pool._network_backend = _DIALER
-        if pool is not None and hasattr(pool, "_assign_requests_to_connections") and not own_assigner:
+        if pool is not None and not own_assigner and \
+                hasattr(pool, "_assign_requests_to_connections"):
             pool._assign_requests_to_connections = lambda pool=pool: _assign_once(pool)
 
 
@@ -7732,7 +7735,8 @@ class Upstreams:
                                     keepalive_expiry=30),
                 trust_env=True, mounts=loopback, follow_redirects=False)
             _dial_with_asyncio(self._client)
-            self._defaults = [(k.decode("latin-1").lower(), k, v) for k, v in self._client.headers.raw]
+            self._defaults = [(k.decode("latin-1").lower(), k, v)
+                              for k, v in self._client.headers.raw]
             self._timeouts = self._client.timeout.as_dict()
         return self._client
 
@@ -7752,7 +7756,8 @@ class Upstreams:
                 self._urls.clear()
             url = self._urls[out.url] = httpx.URL(out.url)
         given = {k.lower() for k in out.headers}
-        headers: list[tuple[Any, Any]] = [(k, v) for low, k, v in self._defaults if low not in given]
+        headers: list[tuple[Any, Any]] = [(k, v) for low, k, v in self._defaults
+                                          if low not in given]
         headers += out.headers.items()
         timeouts = self._timeouts if connect_s is None else \
             {"connect": connect_s, "read": None, "write": 60.0, "pool": connect_s}
@@ -7786,7 +7791,8 @@ class Upstreams:
 
     async def read(self, p: Provider, resp: httpx.Response, timeout_s: float) -> bytes:
         """A streamed response's whole body."""
-        async with upstream_errors(p, "reading the response", timeout_s), asyncio.timeout(timeout_s):
+        async with upstream_errors(p, "reading the response", timeout_s), \
+                asyncio.timeout(timeout_s):
             return await resp.aread()
 
 
