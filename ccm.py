@@ -13190,7 +13190,8 @@ class App:
 
 # ============================================================================================
 # 17. Service plumbing
-# Exports: setup_logging, load_secret, release_memory, run_server, Service
+# Exports: setup_logging, load_secret, release_memory, trim_heap, run_server, Service,
+#          Supervisor, WorkerRole, probe_port
 # Uses: 2-16
 # ============================================================================================
 
