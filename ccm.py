@@ -7725,6 +7725,9 @@ class Upstreams:
                 # a request; absent, each failed import searches sys.path again. None in
                 # sys.modules fails it at once, and httpcore then assumes asyncio.
                 sys.modules.setdefault("sniffio", None)
+            # httpcore imports trio when it is installed (+3.7 MB) though ccm runs on asyncio
+            # only; None in sys.modules makes httpcore treat it as absent.
+            sys.modules.setdefault("trio", None)
             loopback = {f"all://{h}": None for h in ("127.0.0.1", "localhost", "[::1]")}
             # keep-alive: Claude Code runs a handful of requests at once (subagents, haiku
             # calls); httpcore scans every pooled connection for every idle one at each
