@@ -365,15 +365,20 @@ _ENV_RE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*
 _ID_ALPHABET = string.ascii_letters + string.digits
 
 
-def dumps(obj: Any) -> str:
-    """Compact JSON as the Anthropic API writes it."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, default=_json_default)
-
-
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, (datetime.date, datetime.time)):
         return obj.isoformat()             # TOML dates in a config shown as JSON
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+# One encoder for every call: json.dumps with any option builds a new JSONEncoder each time,
+# and a translated stream serialises 30 events a request.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=_json_default)
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON as the Anthropic API writes it."""
+    return _ENCODER.encode(obj)
 
 
 def mask_secret(value: str | None) -> str:
