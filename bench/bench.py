@@ -322,18 +322,23 @@ class FakeUpstream(asyncio.Protocol):
         return out
 
 
+async def _serve_until_orphaned(server: Any) -> None:
+    """Say READY with the port, then serve until the bench (the parent) is gone; bounded."""
+    print(f"READY {server.sockets[0].getsockname()[1]}", flush=True)
+    parent = os.getppid()
+    for _ in range(3600):                            # bounded life: 30 min, or until orphaned
+        await asyncio.sleep(0.5)
+        if os.getppid() != parent:
+            break
+    server.close()
+
+
 def run_fake_upstream(port: int) -> int:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(FakeUpstream, HOST, port, backlog=1024,
                                           reuse_address=True)
-        print(f"READY {server.sockets[0].getsockname()[1]}", flush=True)
-        parent = os.getppid()
-        for _ in range(3600):                        # bounded life: 30 min, or until orphaned
-            await asyncio.sleep(0.5)
-            if os.getppid() != parent:
-                break
-        server.close()
+        await _serve_until_orphaned(server)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         asyncio.run(main())
@@ -418,13 +423,7 @@ def run_bare_relay(port: int, upstream_port: int) -> int:
                 writer.close()
         server = await asyncio.start_server(handle, HOST, port, backlog=1024, limit=MAX_HEAD,
                                             reuse_address=True)
-        print(f"READY {server.sockets[0].getsockname()[1]}", flush=True)
-        parent = os.getppid()
-        for _ in range(3600):                        # bounded life: 30 min, or until orphaned
-            await asyncio.sleep(0.5)
-            if os.getppid() != parent:
-                break
-        server.close()
+        await _serve_until_orphaned(server)
         await client.aclose()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
