@@ -1078,7 +1078,7 @@ class CustomRouter:
 
     def __init__(self, path: str, timeout_ms: int) -> None:
         self.path = path
-        self.file = os.path.abspath(os.path.expanduser(path))
+        self.file = self.file_of(path)
         self.timeout_s = timeout_ms / 1000
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()
@@ -1086,7 +1086,12 @@ class CustomRouter:
         self._threads: list[threading.Thread] = []
         self._idle = 0
         self._said = 0.0                   # when the busy-threads warning was last logged
+        self._broken = 0                   # the mtime of an edit that failed to import
         self.fn, self.mtime = self._load()
+
+    @staticmethod
+    def file_of(path: str) -> str:
+        return os.path.abspath(os.path.expanduser(path))
 
     def _load(self) -> tuple[Callable[..., Any], int]:
         """(route function, file mtime); ValueError with the reason otherwise."""
@@ -1108,17 +1113,29 @@ class CustomRouter:
             raise ValueError(f"{self.path}: defines no function route(request, context)")
         return fn, mtime
 
+    def refresh(self, again: bool = True) -> None:
+        """Re-import the file if it changed since it was loaded; a broken edit raises
+        ValueError (or OSError) and the version loaded before stays. again=False skips an
+        edit already found broken (requests do not re-import it each time)."""
+        with self._load_lock:              # only router threads and config loads wait here
+            mtime = os.stat(self.file).st_mtime_ns
+            if mtime == self.mtime or (mtime == self._broken and not again):
+                return
+            try:
+                self.fn, self.mtime = self._load()
+            except ValueError:
+                self._broken = mtime
+                raise
+
     def current(self) -> Callable[..., Any]:
-        """The route function, re-imported first when the file changed since it was loaded."""
-        with self._load_lock:              # only router threads wait here, never the loop
-            with contextlib.suppress(OSError):
-                if os.stat(self.file).st_mtime_ns != self.mtime:
-                    try:
-                        self.fn, self.mtime = self._load()
-                    except ValueError as exc:
-                        self.mtime = os.stat(self.file).st_mtime_ns
-                        _log.warning("custom router %s; the version loaded before is kept", exc)
-            return self.fn
+        """The route function, refreshed first (a broken edit is one warning here)."""
+        try:
+            self.refresh(again=False)
+        except OSError:
+            pass
+        except ValueError as exc:
+            _log.warning("custom router %s; the version loaded before is kept", exc)
+        return self.fn
 
     def submit(self, raw: bytes, context: Json) -> Any:
         """Run route(fresh copy of the request, context) on a router thread; a Future."""
@@ -1158,14 +1175,13 @@ _CUSTOM_ROUTERS: dict[tuple[str, int], CustomRouter] = {}   # reloads reuse thre
 def _load_custom(ck: _Checker, router: RouterCfg, where: str) -> CustomRouter | None:
     if not router.custom:
         return None
-    key = (os.path.abspath(os.path.expanduser(router.custom)), router.custom_timeout_ms)
+    key = (CustomRouter.file_of(router.custom), router.custom_timeout_ms)
     try:
         cr = _CUSTOM_ROUTERS.get(key)
         if cr is None:
             cr = _CUSTOM_ROUTERS[key] = CustomRouter(router.custom, router.custom_timeout_ms)
-        elif os.stat(cr.file).st_mtime_ns != cr.mtime:
-            with cr._load_lock:            # a config load reports a broken edit as an error
-                cr.fn, cr.mtime = cr._load()
+        else:
+            cr.refresh()                   # a config load reports a broken edit as an error
         return cr
     except OSError as exc:
         ck.errors.append(f"{where}.custom: {router.custom}: {exc.strerror or exc}")
@@ -1791,13 +1807,14 @@ def _pin(targets: list[Target], pin: str, name: str, cfg: Config,
 
 def route(body: Json, headers: dict[str, str], cfg: Config,
           count: Callable[[Json], tuple[int, str]] | None = None, raw_len: int = 0,
-          choice: Choice | None = None) -> Route:
+          choice: Choice | None = None, scope: Scope | None = None) -> Route:
     """Choose the model and the ordered provider chain for one request (pure); `choice` is
-    what router.custom answered (ask_custom)."""
+    what router.custom answered (ask_custom), `scope` the request's project_for if known."""
     trace: list[str] = []
-    cfg, project = project_for(body, cfg)
-    if project:
-        trace.append(project)
+    scope = scope or project_for(body, cfg)
+    if scope.project:
+        trace.append(scope.trace)
+    cfg = scope.cfg
     r = cfg.router
     requested = body.get("model") if isinstance(body.get("model"), str) else ""
     tag = find_subagent_tag(body)
@@ -1916,24 +1933,30 @@ def working_directory(body: Json) -> str | None:
     return None
 
 
-def _project(body: Json, cfg: Config) -> tuple[Any, str | None]:
+@dataclass(slots=True)
+class Scope:
+    """Which router one request meets: the config whose router applies (a matching
+    [[projects]] entry's, else the global one), that project, and the stated directory."""
+    cfg: Config
+    project: Any = None                # Project, or None
+    cwd: str | None = None
+
+    @property
+    def trace(self) -> str:
+        pr = self.project
+        return (f"project {pr.path} matches working directory {self.cwd}: its router sets "
+                f"{', '.join(pr.keys) or 'nothing'}") if pr else ""
+
+
+def project_for(body: Json, cfg: Config) -> Scope:
+    """The request's Scope, matched once (the longest [[projects]] path that holds its
+    working directory, at a path-component boundary)."""
     cwd = working_directory(body) if cfg.projects else None
-    if not cwd:
-        return None, cwd
-    norm = os.path.normpath(cwd)
-    for pr in cfg.projects:                     # longest path first
+    norm = os.path.normpath(cwd) if cwd else ""
+    for pr in cfg.projects if cwd else ():      # longest path first
         if norm == pr.root or norm.startswith(pr.root.rstrip("/") + "/"):
-            return pr, cwd
-    return None, cwd
-
-
-def project_for(body: Json, cfg: Config) -> tuple[Config, str]:
-    """The config whose router applies (a matching [[projects]] entry's), and the trace line."""
-    pr, cwd = _project(body, cfg)
-    if pr is None:
-        return cfg, ""
-    return pr.cfg, (f"project {pr.path} matches working directory {cwd}: its router sets "
-                    f"{', '.join(pr.keys) or 'nothing'}")
+            return Scope(pr.cfg, pr, cwd)
+    return Scope(cfg, None, cwd)
 
 
 @dataclass(slots=True)
@@ -1943,14 +1966,13 @@ class Choice:
     trace: str
 
 
-def custom_context(body: Json, headers: dict[str, str], cfg: Config) -> Json:
+def custom_context(body: Json, headers: dict[str, str], cfg: Config, scope: Scope) -> Json:
     """The `context` a custom router gets: facts about the request and config, no secrets."""
-    pr, cwd = _project(body, cfg)
-    r = (pr.cfg if pr else cfg).router
     return {"headers": {k: v for k, v in headers.items() if k.lower() not in _PRIVATE_HEADERS},
             "models": list(cfg.models), "providers": list(cfg.providers),
-            "router": {k: getattr(r, k) for k in _ROUTER_MODEL_KEYS},
-            "working_directory": cwd or working_directory(body), "project": pr.path if pr else None,
+            "router": {k: getattr(scope.cfg.router, k) for k in _ROUTER_MODEL_KEYS},
+            "working_directory": scope.cwd or working_directory(body),
+            "project": scope.project.path if scope.project else None,
             "session_id": headers.get("x-claude-code-session-id")}
 
 
@@ -1972,42 +1994,48 @@ def _custom_failed(cr: CustomRouter, what: str) -> Choice:
     return Choice(None, f"custom: {cr.path} {what}; built-in rules used")
 
 
-def _custom_for(body: Json, cfg: Config) -> tuple[CustomRouter | None, Config]:
-    eff, _ = project_for(body, cfg)
+def _custom_error(cr: CustomRouter, exc: Exception) -> Choice:
+    """A timeout, or what the user's code raised (asyncio's and concurrent.futures' timeouts
+    are both TimeoutError)."""
+    if isinstance(exc, TimeoutError):
+        return _custom_failed(cr, f"gave no answer within {round(cr.timeout_s * 1000)} ms")
+    return _custom_failed(cr, f"raised {type(exc).__name__}: {exc}")
+
+
+def _custom_for(body: Json, cfg: Config, scope: Scope) -> CustomRouter | None:
+    """The scope's custom router, unless the request names provider and model itself."""
     model = body.get("model")
-    if eff.custom_router is None or (isinstance(model, str) and _explicit_pair(model, cfg.providers)):
-        return None, eff
-    return eff.custom_router, eff
+    if isinstance(model, str) and _explicit_pair(model, cfg.providers):
+        return None
+    return scope.cfg.custom_router
 
 
-async def ask_custom(body: Json, raw: bytes, headers: dict[str, str], cfg: Config) -> Choice | None:
+async def ask_custom(body: Json, raw: bytes, headers: dict[str, str], cfg: Config,
+                     scope: Scope) -> Choice | None:
     """Ask router.custom (off the loop, within its time limit); it fails open."""
-    cr, eff = _custom_for(body, cfg)
+    cr = _custom_for(body, cfg, scope)
     if cr is None:
         return None
-    fut = cr.submit(raw, custom_context(body, headers, cfg))
+    fut = cr.submit(raw, custom_context(body, headers, cfg, scope))
     try:
         answer = await asyncio.wait_for(asyncio.wrap_future(fut), cr.timeout_s)
-    except asyncio.TimeoutError:
-        return _custom_failed(cr, f"gave no answer within {round(cr.timeout_s * 1000)} ms")
-    except Exception as exc:               # the user's code raised it
-        return _custom_failed(cr, f"raised {type(exc).__name__}: {exc}")
-    return judge_custom(cr, answer, body, eff)
+    except Exception as exc:               # a timeout, or the user's code raised it
+        return _custom_error(cr, exc)
+    return judge_custom(cr, answer, body, scope.cfg)
 
 
-def ask_custom_sync(body: Json, raw: bytes, headers: dict[str, str], cfg: Config) -> Choice | None:
+def ask_custom_sync(body: Json, raw: bytes, headers: dict[str, str], cfg: Config,
+                    scope: Scope | None = None) -> Choice | None:
     """ask_custom for the dry run, which has no event loop."""
-    import concurrent.futures
-    cr, eff = _custom_for(body, cfg)
+    scope = scope or project_for(body, cfg)
+    cr = _custom_for(body, cfg, scope)
     if cr is None:
         return None
     try:
-        answer = cr.submit(raw, custom_context(body, headers, cfg)).result(cr.timeout_s)
-    except concurrent.futures.TimeoutError:
-        return _custom_failed(cr, f"gave no answer within {round(cr.timeout_s * 1000)} ms")
-    except Exception as exc:               # the user's code raised it
-        return _custom_failed(cr, f"raised {type(exc).__name__}: {exc}")
-    return judge_custom(cr, answer, body, eff)
+        answer = cr.submit(raw, custom_context(body, headers, cfg, scope)).result(cr.timeout_s)
+    except Exception as exc:               # a timeout, or the user's code raised it
+        return _custom_error(cr, exc)
+    return judge_custom(cr, answer, body, scope.cfg)
 
 
 # ============================================================================================
@@ -7893,8 +7921,10 @@ def explain(raw: bytes, headers: dict[str, str], cfg: Config, up: Upstreams | No
     req = Request("POST", "/v1/messages", "beta=true", headers, raw)
     body = _json_body(req)
     validate_messages(body)
-    choice = ask_custom_sync(body, raw, headers, cfg)
-    rt = route(body, headers, cfg, count=COUNTER.count, raw_len=len(raw), choice=choice)
+    scope = project_for(body, cfg)
+    choice = ask_custom_sync(body, raw, headers, cfg, scope)
+    rt = route(body, headers, cfg, count=COUNTER.count, raw_len=len(raw), choice=choice,
+               scope=scope)
     if rt.tokens is None:
         rt.tokens, rt.token_method = COUNTER.count(body)
     up = up or Upstreams(cfg)                  # builds requests only; nothing is sent
@@ -13169,12 +13199,13 @@ class App:
             self.credits.check(req.client)         # 402 / 429 before any upstream is called
             body = _json_body(req)
             validate_messages(body)
-            if _needs_counting(project_for(body, cfg)[0] if cfg.projects else cfg, len(req.body)):
+            scope = project_for(body, cfg)         # matched once for every step below
+            if _needs_counting(scope.cfg, len(req.body)):
                 await _encoding_ready()
-            choice = (await ask_custom(body, req.body, req.headers, cfg)
-                      if cfg.custom_router or cfg.projects else None)
+            choice = await ask_custom(body, req.body, req.headers, cfg, scope) \
+                if scope.cfg.custom_router else None
             rt = route(body, req.headers, cfg, count=COUNTER.count, raw_len=len(req.body),
-                       choice=choice)
+                       choice=choice, scope=scope)
         except ProxyError as exc:
             self.recorder.finish(refused_record(req, exc, started))
             raise
