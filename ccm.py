@@ -3213,7 +3213,17 @@ def _openai_stream_error(chunk: Json, label: str) -> UpstreamError:
     return UpstreamError(mapped, f"{label}: {err.get('message') or 'stream error'}", etype)
 
 
-class EventWriter:
+class InputCount:
+    """A translated stream's input tokens: a cheap estimate for message_start (the adapter sets
+    it), and the tokenizer's count only if the upstream reports no usage."""
+    input_estimate: int = 0
+    count_input: Callable[[], int] | None = None
+
+    def local_input(self) -> int:
+        return self.count_input() if self.count_input else self.input_estimate
+
+
+class EventWriter(InputCount):
     """The Anthropic side of every stream translator (PROTOCOL.md §2): message_start then ping,
     strictly sequential blocks (never two open), a signature closing each thinking block, then
     message_delta and message_stop, or one error event and nothing after it."""
@@ -3223,8 +3233,7 @@ class EventWriter:
         self.secret = secret
         self.label = "upstream"            # the provider's name, for error messages
         self.msg_id = new_id("msg_")
-        self.input_estimate = input_tokens   # a cheap estimate for message_start
-        self.count_input: Callable[[], int] | None = None   # the tokenizer, if usage is missing
+        self.input_estimate = input_tokens
         self.started = False
         self.done = False             # message_stop or error was emitted
         self.failed: UpstreamError | None = None
@@ -3237,11 +3246,6 @@ class EventWriter:
         if not self.done:
             self._fail(exc, out)
         return out
-
-    def local_input(self) -> int:
-        """Input tokens when the upstream reported none: counted (the tokenizer loads only
-        for such a provider), else the estimate."""
-        return self.count_input() if self.count_input else self.input_estimate
 
     def _start(self, out: list[bytes]) -> None:
         if self.started:
@@ -4361,7 +4365,7 @@ def from_gemini(data: Json, model: str, secret: bytes, *, signer: str,
 # ---- response: the stream -----------------------------------------------------------------
 
 
-class GeminiStream(_GeminiReader):
+class GeminiStream(_GeminiReader, InputCount):
     """State machine: streamGenerateContent?alt=sse bytes in, Anthropic SSE event bytes out
     (PROTOCOL.md §2, §5). Same interface as OpenAIStream."""
 
@@ -4373,17 +4377,12 @@ class GeminiStream(_GeminiReader):
         self.label = "upstream"            # the provider's name, for error messages
         self.decoder = SSEDecoder()
         self.msg_id = new_id("msg_")
-        self.input_estimate = input_tokens   # a cheap estimate for message_start
-        self.count_input: Callable[[], int] | None = None   # the tokenizer, if usage is missing
+        self.input_estimate = input_tokens
         self.started = False
         self.done = False                  # message_stop or error was emitted
         self.failed: UpstreamError | None = None
         self.index = -1
         self.out: list[bytes] = []
-
-    def local_input(self) -> int:
-        """Input tokens when the upstream reported none (see EventWriter.local_input)."""
-        return self.count_input() if self.count_input else self.input_estimate
 
     # ---- public ------------------------------------------------------------------------
     def feed(self, chunk: bytes) -> list[bytes]:
@@ -5125,8 +5124,7 @@ class ResponsesStream(EventWriter):
         self.label = "upstream"            # the provider's name, for error messages
         self.decoder = SSEDecoder()
         self.msg_id, self.upstream_id = new_id("msg_"), ""
-        self.input_estimate = input_tokens   # a cheap estimate for message_start
-        self.count_input: Callable[[], int] | None = None   # the tokenizer, if usage is missing
+        self.input_estimate = input_tokens
         self.started = self.done = self.refused = self.had_tools = False
         self.failed: UpstreamError | None = None
         self.index = -1
@@ -13821,11 +13819,10 @@ def _serve_as_module() -> None:
     as it is compiled (and whose bytecode is cached where Python may write it)."""
     if __spec__ is not None or "serve" not in sys.argv[1:] or os.environ.get("CCM_NO_REEXEC"):
         return
-    here = os.path.dirname(os.path.abspath(__file__))
     with contextlib.suppress(OSError):
         sys.stdout.flush()
-        os.execv(sys.executable, [sys.executable, *_interpreter_options(), "-c", _AS_MODULE, here,
-                                  *sys.argv[1:]])
+        os.execv(sys.executable, [sys.executable, *_interpreter_options(), "-c", _AS_MODULE,
+                                  os.path.dirname(_ccm_file()), *sys.argv[1:]])
 
 
 @dataclass(slots=True)
